@@ -1,0 +1,128 @@
+"""The `summarizer` command: `serve` runs the server, `summarize` sends articles to one."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from . import __version__
+from . import config as config_module
+from .errors import SummarizerError
+
+log = logging.getLogger("summarizer")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="summarizer", description="A gRPC service that writes a summary and a headline "
+                                       "for every news article.")
+    parser.add_argument("--version", action="version", version=f"summarizer {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser(
+        "serve", help="run the gRPC server",
+        description="Run the gRPC server. Every flag can also be set by its environment "
+                    "variable; flags win.")
+    config_module.add_arguments(serve)
+
+    send = commands.add_parser(
+        "summarize", help="summarise articles with a running server; prints JSON Lines",
+        description="Send articles to a running server and print one JSON object per article. "
+                    "Inputs: plain text files (one article each, id = file name), JSON Lines "
+                    "files (*.jsonl, objects with 'id' and 'text'), or '-' for stdin (JSON Lines "
+                    "if it starts with '{', else one plain-text article).")
+    send.add_argument("inputs", nargs="*", default=["-"], metavar="FILE",
+                      help="input files, or - for stdin (default)")
+    send.add_argument("--server", default="localhost:50051", help="host:port of the server")
+    send.add_argument("--timeout", type=float, default=300.0,
+                      help="seconds each call may take (default 300)")
+    send.add_argument("--batch", type=int, default=16, help="articles per call (default 16)")
+    send.add_argument("--outputs", choices=("both", "summary", "headline"), default="both")
+    for name in ("summary-max-tokens", "summary-min-tokens", "headline-max-tokens",
+                 "headline-min-tokens", "num-beams", "max-input-tokens"):
+        send.add_argument(f"--{name}", type=int, default=0, help="0: server default")
+    return parser
+
+
+def _read_inputs(paths: Sequence[str]) -> Iterator[tuple[str, str]]:
+    for path in paths:
+        if path == "-":
+            text = sys.stdin.read()
+            if text.lstrip().startswith("{"):
+                yield from _jsonl(text.splitlines(), "stdin")
+            else:
+                yield "stdin", text
+        elif path.endswith((".jsonl", ".ndjson")):
+            with open(path, encoding="utf-8") as handle:
+                yield from _jsonl(handle, path)
+        else:
+            yield Path(path).stem, Path(path).read_text(encoding="utf-8")
+
+
+def _jsonl(lines: Iterator[str] | list[str], source: str) -> Iterator[tuple[str, str]]:
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            yield str(record.get("id", f"{source}:{number}")), record["text"]
+        except (ValueError, KeyError, AttributeError):
+            raise SummarizerError(f"{source}:{number}: expected a JSON object with a 'text' "
+                                  "field") from None
+
+
+def _summarize(args: argparse.Namespace) -> int:
+    import grpc
+
+    from .client import SummarizerClient, make_options
+
+    options = make_options(
+        summary_max_tokens=args.summary_max_tokens, summary_min_tokens=args.summary_min_tokens,
+        headline_max_tokens=args.headline_max_tokens,
+        headline_min_tokens=args.headline_min_tokens, num_beams=args.num_beams,
+        outputs=args.outputs, max_input_tokens=args.max_input_tokens)
+    with SummarizerClient(args.server, timeout_s=args.timeout) as client:
+        try:
+            for result in client.summarize_batches(_read_inputs(args.inputs), args.batch, options):
+                print(json.dumps(result.to_dict(), ensure_ascii=False), flush=True)
+        except grpc.RpcError as error:
+            print(f"summarizer: error: {error.code().name}: {error.details()}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .server import run
+
+    settings = config_module.from_arguments(args)
+    if not settings.model:
+        raise SummarizerError("no model given: pass --model (a directory, hub id or manifest "
+                              "name) or set SUMMARIZER_MODEL")
+    logging.basicConfig(level=settings.log_level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.log_level != "DEBUG":
+        for noisy in ("transformers", "huggingface_hub", "httpx"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
+    asyncio.run(run(settings))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        return _summarize(args)
+    except SummarizerError as error:
+        print(f"summarizer: error: {error.message}", file=sys.stderr)
+        return 2
+    except (OSError, UnicodeDecodeError) as error:
+        print(f"summarizer: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

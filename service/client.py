@@ -1,0 +1,89 @@
+"""A small synchronous client for the Summarizer service (used by `summarizer summarize`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import grpc
+
+from .gen.summarizer.v1 import summarizer_pb2 as pb
+from .gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
+
+
+@dataclass(frozen=True)
+class Result:
+    id: str
+    summary: str
+    headline: str
+    input_tokens: int
+    truncated: bool
+    summary_tokens: int
+    headline_tokens: int
+
+    @classmethod
+    def from_pb(cls, message: pb.ArticleResult) -> Result:
+        return cls(id=message.id, summary=message.summary, headline=message.headline,
+                   input_tokens=message.input_tokens, truncated=message.truncated,
+                   summary_tokens=message.summary_tokens, headline_tokens=message.headline_tokens)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_OUTPUTS = {"both": pb.OUTPUTS_BOTH, "summary": pb.OUTPUTS_SUMMARY,
+            "headline": pb.OUTPUTS_HEADLINE}
+
+
+def make_options(*, summary_max_tokens: int = 0, summary_min_tokens: int = 0,
+                 headline_max_tokens: int = 0, headline_min_tokens: int = 0, num_beams: int = 0,
+                 outputs: str = "both", max_input_tokens: int = 0) -> pb.GenerationOptions:
+    """Generation options; 0 leaves a field to the server's default."""
+    return pb.GenerationOptions(
+        summary_max_tokens=summary_max_tokens, summary_min_tokens=summary_min_tokens,
+        headline_max_tokens=headline_max_tokens, headline_min_tokens=headline_min_tokens,
+        num_beams=num_beams, outputs=_OUTPUTS[outputs], max_input_tokens=max_input_tokens)
+
+
+class SummarizerClient:
+    def __init__(self, target: str, *, timeout_s: float | None = 300.0,
+                 max_message_bytes: int = 64 * 1024 * 1024) -> None:
+        self.timeout_s = timeout_s
+        self._channel = grpc.insecure_channel(target, options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes)])
+        self._stub = pb_grpc.SummarizerStub(self._channel)
+
+    def __enter__(self) -> SummarizerClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def summarize(self, articles: Sequence[tuple[str, str]],
+                  options: pb.GenerationOptions | None = None) -> list[Result]:
+        """Summarise (id, text) pairs in one call; results in the same order."""
+        request = pb.SummarizeRequest(
+            articles=[pb.Article(id=article_id, text=text) for article_id, text in articles],
+            options=options)
+        response = self._stub.Summarize(request, timeout=self.timeout_s)
+        return [Result.from_pb(r) for r in response.results]
+
+    def summarize_batches(self, articles: Iterable[tuple[str, str]], batch_size: int,
+                          options: pb.GenerationOptions | None = None) -> Iterator[Result]:
+        """Summarise any number of articles, `batch_size` per call, yielding results in order."""
+        batch: list[tuple[str, str]] = []
+        for article in articles:
+            batch.append(article)
+            if len(batch) >= batch_size:
+                yield from self.summarize(batch, options)
+                batch = []
+        if batch:
+            yield from self.summarize(batch, options)
+
+    def model_info(self) -> pb.ModelInfo:
+        return self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout_s)

@@ -1,0 +1,203 @@
+"""All server settings, in one object.
+
+Every field of `Settings` is documented here and is settable three ways, strongest first: a command
+line flag (`--max-batch-size`), an environment variable (`SUMMARIZER_MAX_BATCH_SIZE`), the default.
+Environment variables are read here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+ENV_PREFIX = "SUMMARIZER_"
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def _setting(default: Any, help: str, *, choices: tuple[str, ...] | None = None,
+             env: tuple[str, ...] = ()) -> Any:
+    """A settings field with its help text, allowed values and extra environment variable names."""
+    return field(default=default, metadata={"help": help, "choices": choices, "env": env})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Server configuration. Defaults suit a CPU machine; see README "Configuration"."""
+
+    # --- model ---
+    model: str = _setting(
+        "", "Summary model: a local checkpoint directory, a hub id, or a manifest name from models/.")
+    headline_model: str = _setting(
+        "", "Separate headline model (directory, hub id or manifest name); empty: the summary model "
+            "also writes headlines.")
+    revision: str = _setting("", "Hub revision (branch, tag or commit) for hub ids; empty: default.")
+    family: str = _setting(
+        "", "Force the manifest family (bart, t5, pegasus, ...) instead of detecting it from the "
+            "checkpoint's model_type.")
+    offline: bool = _setting(
+        False, "Never contact the model hub; load from local files and the hub cache only. "
+               "Also turned on by HF_HUB_OFFLINE=1.", env=("HF_HUB_OFFLINE",))
+    engine: str = _setting("torch", "Inference engine.", choices=("torch",))
+    device: str = _setting("auto", "Where the model runs: auto (cuda when available), cpu, cuda, "
+                                   "cuda:N.")
+    dtype: str = _setting("auto", "Weights' data type; auto: float32 on CPU, bfloat16 on GPUs "
+                                  "that support it, else float16.",
+                          choices=("auto", "float32", "bfloat16", "float16"))
+    threads: int = _setting(0, "CPU threads for inference; 0: the engine's default (all cores).")
+    warmup: bool = _setting(True, "Run a warm-up generation before reporting SERVING.")
+
+    # --- generation defaults (0: the model family's manifest default) ---
+    max_input_tokens: int = _setting(
+        0, "Input window in tokens; longer articles are truncated. 0: the family default, capped "
+           "by the model's position limit.")
+    summary_prefix: str | None = _setting(
+        None, "Text put before the article for summaries (e.g. 'summarize: '); unset: family "
+              "default.")
+    headline_prefix: str | None = _setting(
+        None, "Text put before the article for headlines; unset: family default.")
+    summary_max_tokens: int = _setting(0, "Default maximum summary length in tokens.")
+    summary_min_tokens: int = _setting(0, "Default minimum summary length in tokens.")
+    headline_max_tokens: int = _setting(0, "Default maximum headline length in tokens.")
+    headline_min_tokens: int = _setting(0, "Default minimum headline length in tokens.")
+    num_beams: int = _setting(0, "Default beam width.")
+
+    # --- batching ---
+    max_batch_size: int = _setting(8, "Most articles generated together in one batch.")
+    max_wait_ms: float = _setting(
+        10.0, "When the model is idle, how long the first queued article may wait for others to "
+              "join its batch. While the model is busy, articles queue without a timer.")
+    max_batch_tokens: int = _setting(
+        0, "Cap on a batch's padded input tokens (batch size x longest input); 0: no cap.")
+    max_queue: int = _setting(
+        1024, "Most articles waiting for the model; past it calls get RESOURCE_EXHAUSTED.")
+
+    # --- limits ---
+    max_articles_per_request: int = _setting(256, "Most articles in one request.")
+    max_article_chars: int = _setting(100_000, "Most characters in one article's text.")
+    max_message_bytes: int = _setting(16 * 1024 * 1024, "Largest gRPC message received or sent.")
+    max_num_beams: int = _setting(8, "Largest num_beams a request may ask for.")
+    max_new_tokens: int = _setting(512, "Largest summary or headline length a request may ask for.")
+    max_concurrent_rpcs: int = _setting(
+        0, "Most RPCs handled at once; past it gRPC answers RESOURCE_EXHAUSTED. 0: no limit.")
+
+    # --- server ---
+    host: str = _setting("0.0.0.0", "Address to listen on.")
+    port: int = _setting(50051, "Port to listen on; 0 picks a free one.")
+    reflection: bool = _setting(True, "Serve gRPC server reflection (for grpcurl).")
+    grace_period_s: float = _setting(
+        30.0, "On SIGTERM/SIGINT, how long in-flight calls may take to finish.")
+    log_level: str = _setting("INFO", "Log level.",
+                              choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("max_batch_size", "max_queue", "max_articles_per_request",
+                     "max_article_chars", "max_message_bytes", "max_num_beams", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1")
+        for name in ("threads", "max_input_tokens", "summary_max_tokens", "summary_min_tokens",
+                     "headline_max_tokens", "headline_min_tokens", "num_beams",
+                     "max_batch_tokens", "max_concurrent_rpcs", "port"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must not be negative")
+        if self.max_wait_ms < 0 or self.grace_period_s < 0:
+            problems.append("max_wait_ms and grace_period_s must not be negative")
+        for item in fields():
+            choices = item.metadata["choices"]
+            if choices and getattr(self, item.name) not in choices:
+                problems.append(f"{item.name} must be one of {', '.join(choices)}")
+        if problems:
+            raise ConfigError("invalid settings: " + "; ".join(problems))
+
+    @classmethod
+    def load(cls, overrides: Mapping[str, Any] | None = None,
+             environ: Mapping[str, str] | None = None) -> Settings:
+        """Settings from defaults, then the environment, then `overrides` (e.g. parsed flags)."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for item in fields():
+            for var in env_names(item):
+                if var in environ:
+                    values[item.name] = _parse(item, environ[var], var)
+                    break
+        values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+
+def fields() -> tuple[dataclasses.Field, ...]:
+    return dataclasses.fields(Settings)
+
+
+def env_names(item: dataclasses.Field) -> tuple[str, ...]:
+    return (ENV_PREFIX + item.name.upper(), *item.metadata["env"])
+
+
+def flag_name(item: dataclasses.Field) -> str:
+    return "--" + item.name.replace("_", "-")
+
+
+def _value_type(item: dataclasses.Field) -> type:
+    if isinstance(item.default, bool):
+        return bool
+    if isinstance(item.default, (int, float)):
+        return type(item.default)
+    return str
+
+
+def _parse(item: dataclasses.Field, raw: str, source: str) -> Any:
+    kind = _value_type(item)
+    try:
+        if kind is bool:
+            lowered = raw.strip().lower()
+            if lowered in _TRUE:
+                return True
+            if lowered in _FALSE:
+                return False
+            raise ValueError(raw)
+        return kind(raw)
+    except ValueError:
+        raise ConfigError(f"{source}: cannot read {raw!r} as {kind.__name__}") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per setting. Unset flags parse as None so the environment can fill them."""
+    for item in fields():
+        kind = _value_type(item)
+        env = " or ".join(env_names(item))
+        help_text = f"{item.metadata['help']} [env {env}; default {item.default!r}]"
+        if kind is bool:
+            parser.add_argument(flag_name(item), dest=item.name, default=None,
+                                action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            parser.add_argument(flag_name(item), dest=item.name, default=None, type=kind,
+                                choices=item.metadata["choices"], help=help_text)
+
+
+def from_arguments(namespace: argparse.Namespace,
+                   environ: Mapping[str, str] | None = None) -> Settings:
+    names = {item.name for item in fields()}
+    overrides = {k: v for k, v in vars(namespace).items() if k in names}
+    return Settings.load(overrides, environ)
+
+
+def markdown_table() -> str:
+    """The configuration table of the README, generated so that it cannot drift."""
+    rows = ["| flag | environment | default | meaning |", "|---|---|---|---|"]
+    for item in fields():
+        default = "(unset)" if item.default is None else f"`{item.default!r}`"
+        env = ", ".join(f"`{name}`" for name in env_names(item))
+        meaning = item.metadata["help"]
+        if item.metadata["choices"]:
+            meaning += " One of: " + ", ".join(item.metadata["choices"]) + "."
+        rows.append(f"| `{flag_name(item)}` | {env} | {default} | {meaning.replace('|', '/')} |")
+    return "\n".join(rows)

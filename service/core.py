@@ -1,0 +1,237 @@
+"""The application core: checks articles, tokenises them, batches them, assembles results.
+
+Speaks only domain types (no protobuf): the gRPC servicer converts at the edge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from .batcher import Batcher, Job
+from .config import Settings
+from .domain import (ArticleSummary, Generated, GenerationParams, Limits, PreparedArticle,
+                     RequestedOptions, resolve_options)
+from .engine import Engine
+from .errors import InvalidArgument, QueueFull, SummarizerError, status_for
+from .text import clean_article, has_nul, model_text
+
+log = logging.getLogger(__name__)
+
+MAX_ID_CHARS = 256
+QUEUE_FULL_RETRY_S = 0.05
+
+
+@dataclass(frozen=True)
+class ArticleIn:
+    id: str
+    text: str
+
+
+@dataclass(frozen=True)
+class ArticleFailure:
+    """A per-article failure, reported in-band on streams."""
+
+    id: str
+    code: int
+    message: str
+
+
+class SummarizerCore:
+    def __init__(self, engine: Engine, settings: Settings) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.limits = Limits(max_num_beams=settings.max_num_beams,
+                             max_new_tokens=settings.max_new_tokens)
+        self.batcher: Batcher[PreparedArticle, Generated] = Batcher(
+            self._run_batch, max_batch_size=settings.max_batch_size,
+            max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue,
+            max_batch_tokens=settings.max_batch_tokens)
+        # Tokenisers are not safe to call from several threads at once: one thread does it all.
+        self._prep = ThreadPoolExecutor(max_workers=1, thread_name_prefix="summarizer-prep")
+
+    async def start(self) -> None:
+        await self.batcher.start()
+
+    async def stop(self) -> None:
+        await self.batcher.stop()
+        self._prep.shutdown(wait=True)
+
+    def _run_batch(self, params: GenerationParams,
+                   batch: list[PreparedArticle]) -> list[Generated]:
+        return self.engine.generate(params, batch)
+
+    # ----- checks -----
+    def resolve(self, options: RequestedOptions) -> GenerationParams:
+        return resolve_options(options, self.engine.defaults, self.limits)
+
+    def check_count(self, articles: Sequence[ArticleIn]) -> None:
+        if not articles:
+            raise InvalidArgument("articles", "the request has no articles")
+        limit = self.settings.max_articles_per_request
+        if len(articles) > limit:
+            raise InvalidArgument(
+                "articles", f"{len(articles)} articles, over the limit of {limit} per request; "
+                            "split the request or use SummarizeStream")
+
+    def check_ids(self, articles: Sequence[ArticleIn], *, required: bool,
+                  taken: set[str] | frozenset[str] = frozenset()) -> None:
+        seen: set[str] = set()
+        for index, article in enumerate(articles):
+            if required and not article.id:
+                raise InvalidArgument("articles.id", "is empty; SummarizeStream matches results "
+                                      "by id, so every article needs one", article_index=index)
+            if len(article.id) > MAX_ID_CHARS:
+                raise InvalidArgument("articles.id", f"is {len(article.id)} characters long, "
+                                      f"over the limit of {MAX_ID_CHARS}", article_index=index)
+            if article.id and (article.id in seen or article.id in taken):
+                raise InvalidArgument("articles.id", f"duplicate id {article.id!r}; ids must be "
+                                      "unique" + (" among the stream's articles in flight"
+                                                  if taken else " within a request"),
+                                      article_index=index, article_id=article.id)
+            seen.add(article.id)
+
+    def clean(self, index: int, article: ArticleIn) -> str:
+        """The article's text as the model will read it, or InvalidArgument saying what is wrong."""
+        def bad(problem: str) -> InvalidArgument:
+            return InvalidArgument("articles.text", problem, article_index=index,
+                                   article_id=article.id)
+
+        limit = self.settings.max_article_chars
+        if len(article.text) > limit:
+            raise bad(f"{len(article.text)} characters, over the limit of {limit}")
+        if has_nul(article.text):
+            raise bad("contains NUL characters; send the article as UTF-8 text (UTF-16 or "
+                      "binary data was sent?)")
+        cleaned = model_text(clean_article(article.text))
+        if not cleaned:
+            raise bad("is empty (nothing left after removing whitespace and page furniture)")
+        return cleaned
+
+    # ----- work -----
+    async def _prepare(self, texts: list[str], params: GenerationParams) -> list[PreparedArticle]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._prep, self.engine.prepare, texts, params)
+
+    def _enqueue(self, articles: Sequence[ArticleIn], prepared: list[PreparedArticle],
+                 params: GenerationParams, deadline: float | None
+                 ) -> list[asyncio.Future[ArticleSummary]]:
+        futures = self.batcher.submit(
+            [Job(p, key=params, cost=p.cost, deadline=deadline) for p in prepared])
+        return [self._assemble(article, p, f) for article, p, f in zip(articles, prepared, futures)]
+
+    @staticmethod
+    def _assemble(article: ArticleIn, prepared: PreparedArticle,
+                  generated: asyncio.Future[Generated]) -> asyncio.Future[ArticleSummary]:
+        async def result() -> ArticleSummary:
+            out = await generated
+            return ArticleSummary(id=article.id, summary=out.summary, headline=out.headline,
+                                  input_tokens=prepared.input_tokens, truncated=prepared.truncated,
+                                  summary_tokens=out.summary_tokens,
+                                  headline_tokens=out.headline_tokens)
+
+        task = asyncio.ensure_future(result())
+        # Cancelling the result (caller gone) cancels the queued job too.
+        task.add_done_callback(lambda t: generated.cancel() if t.cancelled() else None)
+        return task
+
+    async def summarize(self, articles: Sequence[ArticleIn], options: RequestedOptions,
+                        deadline: float | None = None) -> list[ArticleSummary]:
+        """All results in request order; any bad article fails the call before any work starts."""
+        self.check_count(articles)
+        self.check_ids(articles, required=False)
+        params = self.resolve(options)
+        texts = [self.clean(i, a) for i, a in enumerate(articles)]
+        futures = self._enqueue(articles, await self._prepare(texts, params), params, deadline)
+        try:
+            return list(await asyncio.gather(*futures))
+        finally:
+            for future in futures:
+                future.cancel()
+
+    async def summarize_stream(
+        self, requests: AsyncIterator[tuple[Sequence[ArticleIn], RequestedOptions]],
+        deadline: float | None = None,
+    ) -> AsyncIterator[ArticleSummary | ArticleFailure]:
+        """Results as they finish. Article-level problems come back as ArticleFailure; a malformed
+        request raises InvalidArgument and ends the stream. At most `max_articles_per_request`
+        articles of one stream are in flight at once: reading waits (HTTP/2 flow control pushes
+        back on the sender) until earlier ones finish."""
+        outbox: asyncio.Queue[ArticleSummary | ArticleFailure | BaseException | None] = (
+            asyncio.Queue())
+        slots = asyncio.Semaphore(self.settings.max_articles_per_request)
+        in_flight: set[str] = set()
+        waiters: set[asyncio.Future] = set()
+
+        async def deliver(article: ArticleIn, future: asyncio.Future[ArticleSummary]) -> None:
+            try:
+                outbox.put_nowait(await future)
+            except SummarizerError as error:
+                code, message = status_for(error)
+                outbox.put_nowait(ArticleFailure(article.id, code.value[0], message))
+            except Exception as error:  # noqa: BLE001 - reported in-band, logged
+                log.exception("article %r failed", article.id)
+                code, message = status_for(error)
+                outbox.put_nowait(ArticleFailure(article.id, code.value[0], message))
+            finally:
+                in_flight.discard(article.id)
+                slots.release()
+
+        async def read() -> None:
+            try:
+                async for articles, options in requests:
+                    self.check_count(articles)
+                    self.check_ids(articles, required=True, taken=in_flight)
+                    params = self.resolve(options)
+                    accepted: list[ArticleIn] = []
+                    texts: list[str] = []
+                    for index, article in enumerate(articles):
+                        try:
+                            texts.append(self.clean(index, article))
+                            accepted.append(article)
+                        except InvalidArgument as error:
+                            outbox.put_nowait(ArticleFailure(article.id, error.code.value[0],
+                                                             error.message))
+                    if not accepted:
+                        continue
+                    for _ in accepted:
+                        await slots.acquire()
+                    in_flight.update(a.id for a in accepted)
+                    futures = await self._submit_waiting(accepted, texts, params, deadline)
+                    for article, future in zip(accepted, futures):
+                        task = asyncio.ensure_future(deliver(article, future))
+                        waiters.add(task)
+                        task.add_done_callback(waiters.discard)
+                if waiters:
+                    await asyncio.gather(*list(waiters))
+                outbox.put_nowait(None)
+            except Exception as error:  # noqa: BLE001 - handed to the stream's consumer
+                outbox.put_nowait(error)
+
+        reader = asyncio.ensure_future(read())
+        try:
+            while (item := await outbox.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            reader.cancel()
+            for task in list(waiters):
+                task.cancel()
+
+    async def _submit_waiting(self, articles: Sequence[ArticleIn], texts: list[str],
+                              params: GenerationParams, deadline: float | None
+                              ) -> list[asyncio.Future[ArticleSummary]]:
+        """Submit for a stream: a full queue means wait (bulk work pushes back, never fails)."""
+        prepared = await self._prepare(texts, params)
+        while True:
+            try:
+                return self._enqueue(articles, prepared, params, deadline)
+            except QueueFull:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
+                await asyncio.sleep(QUEUE_FULL_RETRY_S)

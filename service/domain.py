@@ -1,0 +1,146 @@
+"""Plain data the service works with, free of protobuf and torch."""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+
+from .errors import InvalidArgument
+
+
+class Outputs(enum.Enum):
+    BOTH = "both"
+    SUMMARY = "summary"
+    HEADLINE = "headline"
+
+    @property
+    def summary(self) -> bool:
+        return self is not Outputs.HEADLINE
+
+    @property
+    def headline(self) -> bool:
+        return self is not Outputs.SUMMARY
+
+
+@dataclass(frozen=True)
+class RequestedOptions:
+    """Options as a caller sent them: 0 / None mean "server default"."""
+
+    summary_max_tokens: int = 0
+    summary_min_tokens: int = 0
+    headline_max_tokens: int = 0
+    headline_min_tokens: int = 0
+    num_beams: int = 0
+    outputs: Outputs = Outputs.BOTH
+    max_input_tokens: int = 0
+    length_penalty: float | None = None
+    no_repeat_ngram_size: int | None = None
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Fully resolved options. Hashable: jobs batch together only when these are equal."""
+
+    summary_max_tokens: int
+    summary_min_tokens: int
+    headline_max_tokens: int
+    headline_min_tokens: int
+    num_beams: int
+    outputs: Outputs
+    max_input_tokens: int
+    length_penalty: float | None = None
+    """None: the checkpoint's own generation default."""
+    no_repeat_ngram_size: int | None = None
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_num_beams: int
+    max_new_tokens: int
+
+
+def resolve_options(requested: RequestedOptions, defaults: GenerationParams,
+                    limits: Limits) -> GenerationParams:
+    """Fill server defaults into `requested` and check the result can be generated."""
+
+    def pick(name: str) -> int:
+        value = getattr(requested, name)
+        return value if value else getattr(defaults, name)
+
+    def pick_min(task: str) -> int:
+        # A default minimum never exceeds the maximum a request asked for; only a minimum the
+        # caller set explicitly can be "impossible".
+        value = getattr(requested, f"{task}_min_tokens")
+        return value if value else min(getattr(defaults, f"{task}_min_tokens"),
+                                       pick(f"{task}_max_tokens"))
+
+    params = GenerationParams(
+        summary_max_tokens=pick("summary_max_tokens"),
+        summary_min_tokens=pick_min("summary"),
+        headline_max_tokens=pick("headline_max_tokens"),
+        headline_min_tokens=pick_min("headline"),
+        num_beams=pick("num_beams"),
+        outputs=requested.outputs,
+        # The window can be narrowed per request, never widened.
+        max_input_tokens=min(requested.max_input_tokens or defaults.max_input_tokens,
+                             defaults.max_input_tokens),
+        length_penalty=(defaults.length_penalty if requested.length_penalty is None
+                        else requested.length_penalty),
+        no_repeat_ngram_size=(defaults.no_repeat_ngram_size
+                              if requested.no_repeat_ngram_size is None
+                              else requested.no_repeat_ngram_size),
+    )
+    for task in ("summary", "headline"):
+        low = getattr(params, f"{task}_min_tokens")
+        high = getattr(params, f"{task}_max_tokens")
+        if high > limits.max_new_tokens:
+            raise InvalidArgument(f"options.{task}_max_tokens",
+                                  f"{high} is over this server's limit of {limits.max_new_tokens}")
+        if low > high:
+            raise InvalidArgument(f"options.{task}_min_tokens",
+                                  f"{low} is more than {task}_max_tokens ({high})")
+    if params.num_beams > limits.max_num_beams:
+        raise InvalidArgument("options.num_beams",
+                              f"{params.num_beams} is over this server's limit of "
+                              f"{limits.max_num_beams}")
+    if params.length_penalty is not None and not math.isfinite(params.length_penalty):
+        raise InvalidArgument("options.length_penalty", "must be a finite number")
+    if params.no_repeat_ngram_size is not None and params.no_repeat_ngram_size > 64:
+        raise InvalidArgument("options.no_repeat_ngram_size", "must be at most 64")
+    return params
+
+
+@dataclass(frozen=True)
+class PreparedArticle:
+    """An article tokenised for the model(s), ready to batch."""
+
+    summary_ids: tuple[int, ...] | None
+    headline_ids: tuple[int, ...] | None
+    input_tokens: int
+    truncated: bool
+
+    @property
+    def cost(self) -> int:
+        return max(len(self.summary_ids or ()), len(self.headline_ids or ()))
+
+
+@dataclass(frozen=True)
+class Generated:
+    """What the engine wrote for one article."""
+
+    summary: str = ""
+    headline: str = ""
+    summary_tokens: int = 0
+    headline_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class ArticleSummary:
+    id: str
+    summary: str
+    headline: str
+    input_tokens: int
+    truncated: bool
+    summary_tokens: int
+    headline_tokens: int

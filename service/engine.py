@@ -1,0 +1,55 @@
+"""The small interface between the service and an inference engine. No torch here.
+
+The service calls `prepare` (tokenise; any thread but one at a time) and `generate` (one worker
+thread) and reads `models` and `defaults`. Tests swap in a fake engine; later engines (e.g.
+CTranslate2) implement the same protocol.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from .domain import Generated, GenerationParams, PreparedArticle
+
+
+@dataclass(frozen=True)
+class ModelDescription:
+    role: str
+    """"summary", "headline" or "summary+headline"."""
+    model_id: str
+    family: str
+    model_type: str
+    max_input_tokens: int
+    summary_prefix: str
+    headline_prefix: str
+    dtype: str
+    device: str
+
+
+class Engine(Protocol):
+    name: str
+    models: Sequence[ModelDescription]
+    defaults: GenerationParams
+    """Options applied where a request leaves them unset; `max_input_tokens` is the window."""
+
+    def prepare(self, texts: Sequence[str], params: GenerationParams) -> list[PreparedArticle]:
+        """Tokenise cleaned article texts for the outputs `params` asks for, cutting to the window."""
+        ...
+
+    def generate(self, params: GenerationParams,
+                 batch: Sequence[PreparedArticle]) -> list[Generated]:
+        """Write the outputs for a batch; one result per article, in order. Blocking."""
+        ...
+
+    def warmup(self) -> None:
+        """Run a small generation so the first real request pays no start-up cost."""
+        ...
+
+
+WARMUP_TEXT = (
+    "The city council voted on Tuesday to expand the bus network, adding three routes that will "
+    "connect the northern suburbs with the hospital and the university. Officials said the new "
+    "services would start in March and cost about two million a year."
+)

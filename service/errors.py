@@ -1,0 +1,75 @@
+"""Domain errors, each carrying the gRPC status code it maps to.
+
+This is the one place where failures meet status codes: the servicer turns any `SummarizerError`
+into its `code` and message, and anything else into INTERNAL with a generic message (the traceback
+goes to the log, never to the caller).
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class SummarizerError(Exception):
+    """Base of every error the service reports on purpose."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(SummarizerError):
+    """The caller sent something unusable; the message names the field and the article."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, field: str, problem: str, *, article_index: int | None = None,
+                 article_id: str = "") -> None:
+        where = ""
+        if article_index is not None:
+            where = f" (article {article_index}" + (f", id {article_id!r}" if article_id else "") + ")"
+        super().__init__(f"{field}{where}: {problem}")
+        self.field = field
+        self.article_index = article_index
+        self.article_id = article_id
+
+
+class QueueFull(SummarizerError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class DeadlineExceeded(SummarizerError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Unavailable(SummarizerError):
+    """The server is starting up or shutting down."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class GenerationFailed(SummarizerError):
+    """The engine raised while generating; the caller sees a generic message."""
+
+    code = grpc.StatusCode.INTERNAL
+
+
+class ConfigError(SummarizerError):
+    """Bad settings: reported on the command line, never over gRPC."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class ModelLoadError(SummarizerError):
+    """The model is missing, not a seq2seq checkpoint, or not loadable safely."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status code and caller-facing message for any exception."""
+    if isinstance(error, SummarizerError):
+        return error.code, error.message
+    return grpc.StatusCode.INTERNAL, "internal error while summarising; see the server log"

@@ -1,0 +1,116 @@
+"""Model manifests: per-family and per-checkpoint defaults, read from the TOML files in `models/`.
+
+`models/families/*.toml` hold what holds for a whole architecture family (task prefixes, input
+window, generation defaults), matched by the checkpoint's `model_type`. `models/*.toml` name
+recommended checkpoints and may override any family value. `--model` accepts a manifest name
+(`distilbart-cnn-12-6`) as well as a hub id or a directory.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.resources
+import tomllib
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Manifest:
+    family: str
+    model_types: tuple[str, ...]
+    max_input_tokens: int
+    summary_prefix: str
+    headline_prefix: str
+    num_beams: int
+    summary_max_tokens: int
+    summary_min_tokens: int
+    headline_max_tokens: int
+    headline_min_tokens: int
+    name: str = ""
+    hub_id: str = ""
+    license: str = ""
+    parameters: str = ""
+
+
+def _manifest_root() -> Path:
+    # In a source checkout (or editable install) the files sit in <repo>/models; an installed
+    # wheel carries them as the package `service.model_manifests`.
+    checkout = Path(__file__).resolve().parent.parent / "models"
+    if (checkout / "families").is_dir():
+        return checkout
+    return Path(str(importlib.resources.files("service.model_manifests")))
+
+
+def _flatten(data: dict[str, Any]) -> dict[str, Any]:
+    flat = {k: v for k, v in data.items() if not isinstance(v, dict)}
+    for task in ("summary", "headline"):
+        for key, value in data.get(task, {}).items():
+            flat[f"{task}_{key}"] = value
+    if "model_types" in flat:
+        flat["model_types"] = tuple(flat["model_types"])
+    known = {f.name for f in fields(Manifest)}
+    unknown = set(flat) - known
+    if unknown:
+        raise ConfigError(f"unknown manifest keys: {', '.join(sorted(unknown))}")
+    return flat
+
+
+@functools.cache
+def _load(root: Path) -> tuple[dict[str, Manifest], dict[str, dict[str, Any]]]:
+    families: dict[str, Manifest] = {}
+    for path in sorted((root / "families").glob("*.toml")):
+        data = _flatten(tomllib.loads(path.read_text(encoding="utf-8")))
+        families[data["family"]] = Manifest(**data)
+    named = {}
+    for path in sorted(root.glob("*.toml")):
+        data = _flatten(tomllib.loads(path.read_text(encoding="utf-8")))
+        if data.get("family") not in families:
+            raise ConfigError(f"manifest {path.name}: unknown family {data.get('family')!r}")
+        named[data["name"]] = data
+    return families, named
+
+
+def families() -> dict[str, Manifest]:
+    return _load(_manifest_root())[0]
+
+
+def named_models() -> dict[str, dict[str, Any]]:
+    return _load(_manifest_root())[1]
+
+
+def lookup(model_ref: str) -> dict[str, Any] | None:
+    """The named manifest `model_ref` refers to, by name or hub id, if any."""
+    for data in named_models().values():
+        if model_ref in (data["name"], data.get("hub_id")):
+            return data
+    return None
+
+
+def source_for(model_ref: str) -> str:
+    """What to load: a manifest name becomes its hub id; anything else is returned as is."""
+    if Path(model_ref).expanduser().exists():
+        return model_ref
+    data = lookup(model_ref)
+    return data["hub_id"] if data else model_ref
+
+
+def manifest_for(model_ref: str, model_type: str, family: str = "") -> Manifest:
+    """Defaults for a checkpoint: the family's, overridden by the checkpoint's named manifest."""
+    all_families = families()
+    named = None if Path(model_ref).expanduser().exists() else lookup(model_ref)
+    if family:
+        if family not in all_families:
+            raise ConfigError(f"unknown family {family!r}; known: {', '.join(sorted(all_families))}")
+        base = all_families[family]
+    elif named:
+        base = all_families[named["family"]]
+    else:
+        base = next((m for m in all_families.values() if model_type in m.model_types),
+                    all_families["generic"])
+    if named:
+        base = replace(base, **{k: v for k, v in named.items() if k != "family"})
+    return base

@@ -1,0 +1,148 @@
+"""Wiring: the gRPC server, health, reflection, model start-up and graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from .config import Settings
+from .core import SummarizerCore
+from .engine import Engine
+from .gen.summarizer.v1 import summarizer_pb2 as pb
+from .gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
+from .servicer import SummarizerServicer
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Summarizer"].full_name
+EngineFactory = Callable[[Settings], Engine]
+T = TypeVar("T")
+
+
+def default_engine_factory(settings: Settings) -> Engine:
+    from .engine_torch import TorchEngine  # torch is imported only when a model is loaded
+
+    return TorchEngine(settings)
+
+
+async def _in_daemon_thread(fn: Callable[[], T], name: str) -> T:
+    """Run blocking `fn` in a daemon thread, so a shutdown during model loading need not wait."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def target() -> None:
+        try:
+            result = fn()
+        except BaseException as error:  # noqa: BLE001 - handed to the awaiting coroutine
+            loop.call_soon_threadsafe(lambda: future.done() or future.set_exception(error))
+        else:
+            loop.call_soon_threadsafe(lambda: future.done() or future.set_result(result))
+
+    threading.Thread(target=target, name=name, daemon=True).start()
+    return await future
+
+
+class SummarizerServer:
+    """The whole service: start() listens at once (health NOT_SERVING), loads and warms the model,
+    then reports SERVING; stop() drains in-flight calls within the grace period."""
+
+    def __init__(self, settings: Settings,
+                 engine_factory: EngineFactory = default_engine_factory) -> None:
+        self.settings = settings
+        self._engine_factory = engine_factory
+        self.servicer = SummarizerServicer()
+        self.health = health.aio.HealthServicer()
+        self.core: SummarizerCore | None = None
+        self.port: int | None = None
+        options = [
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+        self.server = grpc.aio.server(
+            options=options,
+            maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None)
+        pb_grpc.add_SummarizerServicer_to_server(self.servicer, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        if settings.reflection:
+            reflection.enable_server_reflection(
+                (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+
+    async def _set_health(self, status: int) -> None:
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    async def listen(self) -> int:
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        address = f"{self.settings.host}:{self.settings.port}"
+        self.port = self.server.add_insecure_port(address)
+        if not self.port:
+            raise OSError(f"cannot listen on {address}")
+        await self.server.start()
+        log.info("listening on %s:%d (NOT_SERVING until the model is ready)",
+                 self.settings.host, self.port)
+        return self.port
+
+    async def load(self) -> None:
+        started = time.perf_counter()
+        engine = await _in_daemon_thread(lambda: self._engine_factory(self.settings),
+                                         "summarizer-load")
+        loaded = time.perf_counter()
+        if self.settings.warmup:
+            await _in_daemon_thread(engine.warmup, "summarizer-warmup")
+        core = SummarizerCore(engine, self.settings)
+        await core.start()
+        self.core = core
+        self.servicer.core = core
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        described = ", ".join(f"{m.model_id} ({m.role}, {m.family}, {m.dtype} on {m.device})"
+                              for m in engine.models)
+        log.info("SERVING: %s; engine %s; loaded in %.1fs, warmed up in %.1fs", described,
+                 engine.name, loaded - started, time.perf_counter() - loaded)
+
+    async def start(self) -> int:
+        port = await self.listen()
+        await self.load()
+        return port
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        grace_s = self.settings.grace_period_s if grace_s is None else grace_s
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace_s)
+        if self.core is not None:
+            await self.core.stop()
+        log.info("stopped")
+
+
+async def run(settings: Settings, engine_factory: EngineFactory = default_engine_factory) -> None:
+    """Serve until SIGTERM or SIGINT, then drain and return."""
+    loop = asyncio.get_running_loop()
+    stop_requested = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop_requested.set)
+    server = SummarizerServer(settings, engine_factory)
+    await server.listen()
+    loading = asyncio.ensure_future(server.load())
+    stopping = asyncio.ensure_future(stop_requested.wait())
+    try:
+        await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if loading.done():
+            loading.result()  # raises a load error
+            await stopping
+            log.info("shutdown requested; draining in-flight calls (grace %.0fs)",
+                     settings.grace_period_s)
+        else:
+            log.info("shutdown requested while loading the model; exiting")
+            loading.cancel()
+    finally:
+        stopping.cancel()
+        await server.stop()

@@ -1,0 +1,152 @@
+"""The gRPC servicer: protobuf in, domain calls, protobuf out, errors to status codes.
+
+Protobuf types never pass this module; the core never sees them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import NoReturn
+
+import grpc
+
+from . import __version__
+from .core import ArticleFailure, ArticleIn, SummarizerCore
+from .domain import ArticleSummary, GenerationParams, Outputs, RequestedOptions
+from .errors import SummarizerError, Unavailable, status_for
+from .gen.summarizer.v1 import summarizer_pb2 as pb
+from .gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+_OUTPUTS_FROM_PB = {
+    pb.OUTPUTS_UNSPECIFIED: Outputs.BOTH,
+    pb.OUTPUTS_BOTH: Outputs.BOTH,
+    pb.OUTPUTS_SUMMARY: Outputs.SUMMARY,
+    pb.OUTPUTS_HEADLINE: Outputs.HEADLINE,
+}
+_OUTPUTS_TO_PB = {Outputs.BOTH: pb.OUTPUTS_BOTH, Outputs.SUMMARY: pb.OUTPUTS_SUMMARY,
+                  Outputs.HEADLINE: pb.OUTPUTS_HEADLINE}
+
+
+def options_from_pb(options: pb.GenerationOptions) -> RequestedOptions:
+    return RequestedOptions(
+        summary_max_tokens=options.summary_max_tokens,
+        summary_min_tokens=options.summary_min_tokens,
+        headline_max_tokens=options.headline_max_tokens,
+        headline_min_tokens=options.headline_min_tokens,
+        num_beams=options.num_beams,
+        # An enum value this server does not know (a newer client) means "both".
+        outputs=_OUTPUTS_FROM_PB.get(options.outputs, Outputs.BOTH),
+        max_input_tokens=options.max_input_tokens,
+        length_penalty=(options.length_penalty if options.HasField("length_penalty") else None),
+        no_repeat_ngram_size=(options.no_repeat_ngram_size
+                              if options.HasField("no_repeat_ngram_size") else None),
+    )
+
+
+def options_to_pb(params: GenerationParams) -> pb.GenerationOptions:
+    message = pb.GenerationOptions(
+        summary_max_tokens=params.summary_max_tokens,
+        summary_min_tokens=params.summary_min_tokens,
+        headline_max_tokens=params.headline_max_tokens,
+        headline_min_tokens=params.headline_min_tokens,
+        num_beams=params.num_beams,
+        outputs=_OUTPUTS_TO_PB[params.outputs],
+        max_input_tokens=params.max_input_tokens,
+    )
+    if params.length_penalty is not None:
+        message.length_penalty = params.length_penalty
+    if params.no_repeat_ngram_size is not None:
+        message.no_repeat_ngram_size = params.no_repeat_ngram_size
+    return message
+
+
+def articles_from_pb(request: pb.SummarizeRequest) -> list[ArticleIn]:
+    return [ArticleIn(id=a.id, text=a.text) for a in request.articles]
+
+
+def result_to_pb(result: ArticleSummary | ArticleFailure) -> pb.ArticleResult:
+    if isinstance(result, ArticleFailure):
+        return pb.ArticleResult(id=result.id,
+                                error=pb.ArticleError(code=result.code, message=result.message))
+    return pb.ArticleResult(
+        id=result.id, summary=result.summary, headline=result.headline,
+        input_tokens=result.input_tokens, truncated=result.truncated,
+        summary_tokens=result.summary_tokens, headline_tokens=result.headline_tokens)
+
+
+def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+async def abort(context: grpc.aio.ServicerContext, error: Exception) -> NoReturn:
+    """End the call with the status `error` maps to; unexpected errors are logged in full."""
+    code, message = status_for(error)
+    if not isinstance(error, SummarizerError):
+        log.error("unexpected error in a call", exc_info=error)
+    await context.abort(code, message)
+    raise AssertionError("unreachable")  # pragma: no cover - context.abort always raises
+
+
+class SummarizerServicer(pb_grpc.SummarizerServicer):
+    """Answers UNAVAILABLE until the core is attached (model loaded and warmed up)."""
+
+    def __init__(self) -> None:
+        self.core: SummarizerCore | None = None
+
+    def _ready_core(self) -> SummarizerCore:
+        if self.core is None:
+            raise Unavailable("the model is still loading; retry shortly")
+        return self.core
+
+    async def Summarize(self, request: pb.SummarizeRequest,
+                        context: grpc.aio.ServicerContext) -> pb.SummarizeResponse:
+        try:
+            core = self._ready_core()
+            results = await core.summarize(articles_from_pb(request),
+                                           options_from_pb(request.options), deadline_of(context))
+        except Exception as error:  # noqa: BLE001 - mapped to a status code
+            await abort(context, error)
+        return pb.SummarizeResponse(results=[result_to_pb(r) for r in results])
+
+    async def SummarizeStream(self, request_iterator: AsyncIterator[pb.SummarizeRequest],
+                              context: grpc.aio.ServicerContext
+                              ) -> AsyncIterator[pb.ArticleResult]:
+        async def requests() -> AsyncIterator[tuple[list[ArticleIn], RequestedOptions]]:
+            async for request in request_iterator:
+                yield articles_from_pb(request), options_from_pb(request.options)
+
+        try:
+            core = self._ready_core()
+            async for result in core.summarize_stream(requests(), deadline_of(context)):
+                yield result_to_pb(result)
+        except Exception as error:  # noqa: BLE001 - mapped to a status code
+            await abort(context, error)
+
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest,
+                           context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        try:
+            core = self._ready_core()
+        except Unavailable as error:
+            await abort(context, error)
+        engine = core.engine
+        settings = core.settings
+        return pb.ModelInfo(
+            models=[pb.ModelDescription(
+                role=m.role, model_id=m.model_id, family=m.family, model_type=m.model_type,
+                max_input_tokens=m.max_input_tokens, summary_prefix=m.summary_prefix,
+                headline_prefix=m.headline_prefix, dtype=m.dtype, device=m.device)
+                for m in engine.models],
+            engine=engine.name,
+            default_options=options_to_pb(engine.defaults),
+            limits=pb.ServerLimits(
+                max_articles_per_request=settings.max_articles_per_request,
+                max_article_chars=settings.max_article_chars,
+                max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
+                max_num_beams=settings.max_num_beams, max_new_tokens=settings.max_new_tokens),
+            server_version=__version__,
+        )

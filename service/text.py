@@ -1,0 +1,78 @@
+"""Article clean-up before the model sees it, and light tidying of what it writes.
+
+Scraped news text carries debris: non-breaking and zero-width spaces, Windows line ends, and
+"Share it" / "Read more" / "Advertisement" lines. The model should see only the article.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+# Characters that render as nothing and only disturb tokenisers.
+_INVISIBLE = dict.fromkeys(map(ord, "\u200b\ufeff\u00ad\u2060\u180e"), None)
+_LINE_BREAKS = re.compile(r"\r\n|\r|\u2028|\u2029|\x0b|\x0c|\x85")
+_SPACES = re.compile(r"[^\S\n]+")  # any whitespace but newline, incl. NBSP and thin spaces
+_CONTROL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f-\x84\x86-\x9f]")
+
+# A line that is only page furniture, wherever it stands.
+_FURNITURE = re.compile(
+    r"^(?:advertisements?|ad|sponsored(?: content)?|skip advertisement|"
+    r"story continues below(?: this)? advertisement|continue reading below|"
+    r"scroll to continue with content|article continues below)$",
+    re.IGNORECASE,
+)
+# Lines that end scraped pages: removed only as a trailing run, so article text is never touched.
+_TRAILER = re.compile(
+    r"^(?:share(?: (?:it|this|this (?:article|story|post)|on \w+))?|"
+    r"(?:next|previous) (?:story|article|post)\b.*|"
+    r"read (?:more|also|next)\b.*|also read\b.*|see also\b.*|more from\b.*|"
+    r"related(?: (?:articles?|stories|news|posts|content|topics))?|recommended(?: for you)?|"
+    r"follow us\b.*|subscribe\b.*|sign up\b.*|click here\b.*|tags?:.*|topics?:.*|"
+    r"(?:leave a |\d+ )?comments?|print|e-?mail|copyright\b.*|\u00a9.*|all rights reserved\.?|"
+    r"[\W_]+)$",  # lines of only symbols: "* * *", "---", "\u2192"
+    re.IGNORECASE,
+)
+
+
+def has_nul(text: str) -> bool:
+    """True when text holds NUL characters: usually binary or UTF-16 data sent as UTF-8."""
+    return "\x00" in text
+
+
+def clean_article(text: str) -> str:
+    """Normalise Unicode and whitespace and drop page furniture; paragraphs joined by newlines."""
+    text = unicodedata.normalize("NFC", text).translate(_INVISIBLE)
+    text = _LINE_BREAKS.sub("\n", text)
+    text = _CONTROL.sub("", text)
+    lines = [_SPACES.sub(" ", line).strip() for line in text.split("\n")]
+    lines = [line for line in lines if line and not _FURNITURE.match(_bare(line))]
+    while lines and _TRAILER.match(_bare(lines[-1])):
+        lines.pop()
+    return "\n".join(lines)
+
+
+def _bare(line: str) -> str:
+    """The line without decoration around a marker: "Read more >>", "- Advertisement -"."""
+    return line.strip(" -\u2013\u2014|:>\u00bb\u203a.*") or line
+
+
+def model_text(clean: str) -> str:
+    """Text as the model reads it: paragraphs run together (news checkpoints saw no newlines)."""
+    return clean.replace("\n", " ")
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'\u201c\u2018(])")
+
+
+def tidy_headline(text: str) -> str:
+    """A headline is one line: keep the first sentence and drop its final full stop."""
+    text = " ".join(text.split())
+    first = _SENTENCE_END.split(text, maxsplit=1)[0]
+    if first.endswith(".") and not first.endswith(".."):
+        first = first[:-1]
+    return first.strip()
+
+
+def tidy_summary(text: str) -> str:
+    return " ".join(text.split())
