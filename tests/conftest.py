@@ -1,0 +1,43 @@
+"""Shared fixtures: tiny random-weight checkpoints (built once per session) and a live server."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import grpc
+import pytest
+
+from service.config import Settings
+from service.server import SummarizerServer
+from service.tiny import build_tiny_checkpoint
+
+
+@pytest.fixture(scope="session")
+def tiny_bart(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-bart"), "bart")
+
+
+@pytest.fixture(scope="session")
+def tiny_t5(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-t5"), "t5")
+
+
+@pytest.fixture(scope="session")
+def tiny_pegasus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-pegasus"), "pegasus")
+
+
+@contextlib.asynccontextmanager
+async def serving(settings: Settings, engine_factory: Callable) -> AsyncIterator[
+        tuple[SummarizerServer, grpc.aio.Channel]]:
+    """A real server on a free loopback port with a real channel to it."""
+    server = SummarizerServer(settings.replace(host="127.0.0.1", port=0), engine_factory)
+    port = await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        yield server, channel
+    finally:
+        await channel.close()
+        await server.stop(grace_s=1.0)

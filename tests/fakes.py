@@ -1,0 +1,59 @@
+"""A fake engine: deterministic, instant (or held on an event), no torch."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+from service.domain import Generated, GenerationParams, Outputs, PreparedArticle
+from service.engine import ModelDescription
+
+
+class FakeEngine:
+    """Encodes text as code points so results can be traced back to their article.
+
+    The summary is "S:" + the article's first 12 characters, the headline "H:" + its first 6.
+    Set `hold` to make generate() block until it is set again; `batches` records every batch.
+    """
+
+    name = "fake"
+
+    def __init__(self, window: int = 64) -> None:
+        self.defaults = GenerationParams(
+            summary_max_tokens=20, summary_min_tokens=2, headline_max_tokens=8,
+            headline_min_tokens=1, num_beams=2, outputs=Outputs.BOTH, max_input_tokens=window)
+        self.models = [ModelDescription(
+            role="summary+headline", model_id="fake/model", family="bart", model_type="bart",
+            max_input_tokens=window, summary_prefix="", headline_prefix="", dtype="float32",
+            device="cpu")]
+        self.batches: list[list[str]] = []
+        self.hold: threading.Event | None = None
+        self.started = threading.Event()
+        self.fail_on: str | None = None
+        self.warmed_up = False
+
+    def prepare(self, texts: Sequence[str], params: GenerationParams) -> list[PreparedArticle]:
+        out = []
+        for text in texts:
+            ids = tuple(ord(c) for c in text)
+            cut = ids[:params.max_input_tokens]
+            out.append(PreparedArticle(summary_ids=cut, headline_ids=cut, input_tokens=len(cut),
+                                       truncated=len(cut) < len(ids)))
+        return out
+
+    def generate(self, params: GenerationParams,
+                 batch: Sequence[PreparedArticle]) -> list[Generated]:
+        texts = ["".join(map(chr, a.summary_ids)) for a in batch]
+        self.batches.append(texts)
+        self.started.set()
+        if self.hold is not None:
+            self.hold.wait(timeout=30)
+        if self.fail_on is not None and any(self.fail_on in t for t in texts):
+            raise RuntimeError("injected failure")
+        return [Generated(summary=("S:" + t[:12]) if params.outputs.summary else "",
+                          headline=("H:" + t[:6]) if params.outputs.headline else "",
+                          summary_tokens=params.summary_max_tokens,
+                          headline_tokens=params.headline_max_tokens) for t in texts]
+
+    def warmup(self) -> None:
+        self.warmed_up = True

@@ -1,0 +1,332 @@
+"""End to end over a real socket with the fake engine: contract, health, reflection, error codes."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from service.config import Settings
+from service.gen.summarizer.v1 import summarizer_pb2 as pb
+from service.gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
+from service.server import SERVICE_NAME, SummarizerServer
+
+from .conftest import serving
+from .fakes import FakeEngine
+
+BASE = Settings(model="fake/model", max_wait_ms=5)
+
+
+def request(*texts: str, ids: list[str] | None = None, **options: int) -> pb.SummarizeRequest:
+    ids = ids if ids is not None else [f"a{i}" for i in range(len(texts))]
+    return pb.SummarizeRequest(
+        articles=[pb.Article(id=i, text=t) for i, t in zip(ids, texts)],
+        options=pb.GenerationOptions(**options))
+
+
+async def health_status(channel: grpc.aio.Channel, service: str = "") -> int:
+    stub = health_pb2_grpc.HealthStub(channel)
+    reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+    return reply.status
+
+
+async def wait_until(condition, timeout_s: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.01)
+
+
+async def test_summarize_returns_each_article_its_own_result_in_order() -> None:
+    engine = FakeEngine()
+    async with serving(BASE, lambda s: engine) as (_, channel):
+        stub = pb_grpc.SummarizerStub(channel)
+        reply = await stub.Summarize(request("First article text here.", "Second one, longer.",
+                                             "Third."), timeout=10)
+    assert [r.id for r in reply.results] == ["a0", "a1", "a2"]
+    assert [r.summary for r in reply.results] == [
+        "S:First articl", "S:Second one, ", "S:Third."]
+    assert [r.headline for r in reply.results] == ["H:First ", "H:Second", "H:Third."]
+    assert [r.input_tokens for r in reply.results] == [24, 19, 6]
+    assert not any(r.truncated for r in reply.results)
+
+
+async def test_concurrent_callers_are_batched_and_never_crossed() -> None:
+    engine = FakeEngine()
+    engine.hold = threading.Event()
+    settings = BASE.replace(max_batch_size=8, max_wait_ms=50)
+    async with serving(settings, lambda s: engine) as (_, channel):
+        stub = pb_grpc.SummarizerStub(channel)
+        first = asyncio.ensure_future(stub.Summarize(request("warm the worker"), timeout=10))
+        await wait_until(engine.started.is_set)
+        calls = [stub.Summarize(request(f"caller {n} text", f"caller {n} more", ids=["x", "y"]),
+                                timeout=10) for n in range(12)]
+        tasks = [asyncio.ensure_future(c) for c in calls]
+        await asyncio.sleep(0.2)  # let every call reach the queue while the worker is held
+        engine.hold.set()
+        replies = await asyncio.gather(*tasks)
+        await first
+    for n, reply in enumerate(replies):
+        assert [r.id for r in reply.results] == ["x", "y"]
+        assert [r.summary for r in reply.results] == [
+            "S:" + f"caller {n} text"[:12], "S:" + f"caller {n} more"[:12]]
+    sizes = [len(b) for b in engine.batches[1:]]
+    assert sum(sizes) == 24
+    assert max(sizes) == 8  # queued work was cut into full batches
+
+
+async def test_outputs_option_skips_the_other_output() -> None:
+    engine = FakeEngine()
+    async with serving(BASE, lambda s: engine) as (_, channel):
+        stub = pb_grpc.SummarizerStub(channel)
+        only_summary = await stub.Summarize(request("Some text.", outputs=pb.OUTPUTS_SUMMARY))
+        only_headline = await stub.Summarize(request("Some text.", outputs=pb.OUTPUTS_HEADLINE))
+    assert only_summary.results[0].summary and not only_summary.results[0].headline
+    assert only_headline.results[0].headline and not only_headline.results[0].summary
+
+
+async def test_long_article_is_truncated_and_flagged() -> None:
+    engine = FakeEngine(window=10)
+    async with serving(BASE, lambda s: engine) as (_, channel):
+        stub = pb_grpc.SummarizerStub(channel)
+        reply = await stub.Summarize(request("short", "a much longer article text"))
+        narrowed = await stub.Summarize(request("abcdefgh", max_input_tokens=4))
+    assert [(r.input_tokens, r.truncated) for r in reply.results] == [(5, False), (10, True)]
+    assert (narrowed.results[0].input_tokens, narrowed.results[0].truncated) == (4, True)
+
+
+@pytest.mark.parametrize(("req", "needle"), [
+    (pb.SummarizeRequest(), "articles: the request has no articles"),
+    (request("fine", "   \n\t "), "articles.text (article 1, id 'a1'): is empty"),
+    (request("fine", "Advertisement\nRead more"), "articles.text (article 1, id 'a1'): is empty"),
+    (request("a\x00b"), "articles.text (article 0, id 'a0'): contains NUL"),
+    (request("x" * 101), "articles.text (article 0, id 'a0'): 101 characters, over the limit"),
+    (request("one", "two", ids=["d", "d"]), "articles.id (article 1, id 'd'): duplicate id"),
+    (request("text", summary_min_tokens=30, summary_max_tokens=10),
+     "options.summary_min_tokens: 30 is more than summary_max_tokens (10)"),
+    (request("text", headline_min_tokens=9), "options.headline_min_tokens: 9 is more than"),
+    (request("text", num_beams=10000), "options.num_beams: 10000 is over this server's limit"),
+    (request("text", summary_max_tokens=100000), "options.summary_max_tokens: 100000 is over"),
+    (request(*["t"] * 6), "articles: 6 articles, over the limit of 5 per request"),
+    (request("text", ids=["i" * 300]), "articles.id (article 0): is 300 characters long"),
+])
+async def test_bad_input_is_invalid_argument_naming_field_and_article(req, needle) -> None:
+    engine = FakeEngine()
+    settings = BASE.replace(max_article_chars=100, max_articles_per_request=5)
+    async with serving(settings, lambda s: engine) as (_, channel):
+        stub = pb_grpc.SummarizerStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Summarize(req, timeout=10)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert needle in caught.value.details()
+        # Nothing reached the model, and the server keeps serving.
+        assert engine.batches == []
+        ok = await stub.Summarize(request("still fine"), timeout=10)
+        assert ok.results[0].summary == "S:still fine"
+
+
+async def test_oversized_message_is_refused_and_server_keeps_serving() -> None:
+    engine = FakeEngine()
+    async with serving(BASE.replace(max_message_bytes=1024 * 1024), lambda s: engine) as (
+            _, channel):
+        stub = pb_grpc.SummarizerStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Summarize(request("x" * (2 * 1024 * 1024)), timeout=10)
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert (await stub.Summarize(request("ok"), timeout=10)).results[0].summary == "S:ok"
+
+
+async def test_full_queue_answers_resource_exhausted() -> None:
+    engine = FakeEngine()
+    engine.hold = threading.Event()
+    settings = BASE.replace(max_queue=2, max_batch_size=1)
+    async with serving(settings, lambda s: engine) as (server, channel):
+        stub = pb_grpc.SummarizerStub(channel)
+        running = asyncio.ensure_future(stub.Summarize(request("running"), timeout=10))
+        await wait_until(engine.started.is_set)
+        queued = asyncio.ensure_future(stub.Summarize(request("q1", "q2"), timeout=10))
+        await wait_until(lambda: server.core.batcher.queue_depth == 2)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Summarize(request("one too many"), timeout=10)
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "queue is full" in caught.value.details()
+        engine.hold.set()
+        assert len((await queued).results) == 2
+        await running
+
+
+async def test_expired_and_cancelled_requests_are_never_generated() -> None:
+    engine = FakeEngine()
+    engine.hold = threading.Event()
+    async with serving(BASE.replace(max_batch_size=1), lambda s: engine) as (server, channel):
+        stub = pb_grpc.SummarizerStub(channel)
+        running = asyncio.ensure_future(stub.Summarize(request("running"), timeout=10))
+        await wait_until(engine.started.is_set)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Summarize(request("expires in the queue"), timeout=0.3)
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        call = stub.Summarize(request("cancelled in the queue"), timeout=10)
+        await wait_until(lambda: server.core.batcher.queue_depth >= 1)
+        call.cancel()
+        await wait_until(lambda: server.core.batcher.queue_depth == 0)
+        engine.hold.set()
+        await running
+        after = await stub.Summarize(request("after"), timeout=10)
+    assert after.results[0].summary == "S:after"
+    generated = [text for batch in engine.batches for text in batch]
+    assert generated == ["running", "after"]
+
+
+async def test_stream_reports_results_by_id_and_bad_articles_in_band() -> None:
+    engine = FakeEngine()
+    async with serving(BASE, lambda s: engine) as (_, channel):
+        stub = pb_grpc.SummarizerStub(channel)
+
+        async def requests():
+            yield request("stream one", "   ", ids=["s1", "blank"])
+            yield request("stream two", "stream three", ids=["s2", "s3"], num_beams=1)
+
+        results = {r.id: r async for r in stub.SummarizeStream(requests(), timeout=10)}
+    assert set(results) == {"s1", "blank", "s2", "s3"}
+    assert results["s3"].summary == "S:stream three"
+    assert results["blank"].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "articles.text (article 1, id 'blank'): is empty" in results["blank"].error.message
+    assert not results["s1"].HasField("error")
+
+
+async def test_stream_without_ids_ends_with_invalid_argument() -> None:
+    engine = FakeEngine()
+    async with serving(BASE, lambda s: engine) as (_, channel):
+        stub = pb_grpc.SummarizerStub(channel)
+
+        async def requests():
+            yield request("no id here", ids=[""])
+
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for _ in stub.SummarizeStream(requests(), timeout=10):
+                pass
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "articles.id (article 0): is empty" in caught.value.details()
+
+
+async def test_stream_of_many_requests_loses_nothing() -> None:
+    engine = FakeEngine()
+    settings = BASE.replace(max_articles_per_request=4, max_queue=8)
+    async with serving(settings, lambda s: engine) as (_, channel):
+        stub = pb_grpc.SummarizerStub(channel)
+
+        async def requests():
+            for n in range(30):
+                yield request(f"text {n} a", f"text {n} b", ids=[f"{n}a", f"{n}b"])
+
+        results = [r async for r in stub.SummarizeStream(requests(), timeout=30)]
+    assert sorted(r.id for r in results) == sorted(f"{n}{s}" for n in range(30) for s in "ab")
+    for r in results:
+        assert r.summary == f"S:text {r.id[:-1]} {r.id[-1]}"[:14]
+
+
+async def test_health_not_serving_until_loaded_then_serving() -> None:
+    engine = FakeEngine()
+    gate = threading.Event()
+
+    def slow_factory(settings: Settings) -> FakeEngine:
+        gate.wait(timeout=10)
+        return engine
+
+    server = SummarizerServer(BASE.replace(host="127.0.0.1", port=0), slow_factory)
+    port = await server.listen()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        loading = asyncio.ensure_future(server.load())
+        assert await health_status(channel) == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert (await health_status(channel, SERVICE_NAME)
+                == health_pb2.HealthCheckResponse.NOT_SERVING)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await pb_grpc.SummarizerStub(channel).Summarize(request("early"), timeout=5)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        gate.set()
+        await loading
+        assert engine.warmed_up
+        assert await health_status(channel) == health_pb2.HealthCheckResponse.SERVING
+        assert await health_status(channel, SERVICE_NAME) == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        gate.set()
+        await channel.close()
+        await server.stop(grace_s=1)
+
+
+async def test_graceful_stop_drains_in_flight_and_refuses_new_calls() -> None:
+    engine = FakeEngine()
+    engine.hold = threading.Event()
+    server = SummarizerServer(BASE.replace(host="127.0.0.1", port=0), lambda s: engine)
+    port = await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        stub = pb_grpc.SummarizerStub(channel)
+        in_flight = asyncio.ensure_future(stub.Summarize(request("in flight"), timeout=10))
+        await wait_until(engine.started.is_set)
+        stopping = asyncio.ensure_future(server.stop(grace_s=10))
+        await wait_until(lambda: server.health._server_status.get("")  # noqa: SLF001
+                         == health_pb2.HealthCheckResponse.NOT_SERVING)
+        late = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await pb_grpc.SummarizerStub(late).Summarize(request("late"), timeout=5)
+        await late.close()
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        engine.hold.set()
+        reply = await in_flight
+        assert reply.results[0].summary == "S:in flight"
+        await stopping
+    finally:
+        engine.hold.set()
+        await channel.close()
+
+
+async def test_model_info_reports_models_defaults_and_limits() -> None:
+    engine = FakeEngine(window=48)
+    async with serving(BASE.replace(max_articles_per_request=7), lambda s: engine) as (
+            _, channel):
+        info = await pb_grpc.SummarizerStub(channel).GetModelInfo(pb.GetModelInfoRequest())
+    assert info.engine == "fake"
+    assert [(m.model_id, m.role, m.max_input_tokens) for m in info.models] == [
+        ("fake/model", "summary+headline", 48)]
+    assert info.default_options.summary_max_tokens == 20
+    assert info.default_options.num_beams == 2
+    assert info.limits.max_articles_per_request == 7
+    assert info.server_version
+
+
+async def test_reflection_lists_the_services() -> None:
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+        ProtoReflectionDescriptorDatabase)
+
+    engine = FakeEngine()
+    async with serving(BASE, lambda s: engine) as (server, _):
+        def list_services() -> tuple[list[str], list[str]]:
+            with grpc.insecure_channel(f"127.0.0.1:{server.port}") as sync_channel:
+                database = ProtoReflectionDescriptorDatabase(sync_channel)
+                services = list(database.get_services())
+                symbol = database.FindFileContainingSymbol(SERVICE_NAME)
+                return services, [m.name for m in symbol.service[0].method]
+
+        services, methods = await asyncio.to_thread(list_services)
+    assert SERVICE_NAME in services and "grpc.health.v1.Health" in services
+    assert methods == ["Summarize", "SummarizeStream", "GetModelInfo"]
+
+
+async def test_reflection_can_be_turned_off() -> None:
+    engine = FakeEngine()
+    async with serving(BASE.replace(reflection=False), lambda s: engine) as (_, channel):
+        from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        call = stub.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for _ in call:
+                pass
+        assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
