@@ -117,21 +117,19 @@ class Batcher(Generic[P, R]):
     async def stop(self) -> None:
         """Stop taking work, let the running batch finish, fail what is still queued."""
         self._closed = True
+        self._wakeup.set()
         if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            await self._task  # returns once the running batch (if any) has been delivered
             self._task = None
         for group in self._groups:
             for entry in group.entries:
-                if not entry.future.done():
+                if entry.state is _State.QUEUED and not entry.future.done():
+                    entry.state = _State.DROPPED
                     entry.future.set_exception(Unavailable("server is shutting down"))
         self._groups.clear()
         self._queued = 0
         if self._executor is not None:
-            self._executor.shutdown(wait=True)
+            self._executor.shutdown(wait=False)
             self._executor = None
 
     @property
@@ -173,31 +171,35 @@ class Batcher(Generic[P, R]):
     # ----- scheduling -----
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
-        while True:
+        while not self._closed:
             try:
-                key, entries = await self._next_batch()
-                await self._execute(loop, key, entries)
+                batch = await self._next_batch()
+                if batch is not None:
+                    await self._execute(loop, *batch)
             except asyncio.CancelledError:
                 raise
             except Exception:  # the loop must survive anything
                 log.exception("batch scheduler error; continuing")
 
-    async def _next_batch(self) -> tuple[Hashable, list[_Entry]]:
-        while True:
+    async def _next_batch(self) -> tuple[Hashable, list[_Entry]] | None:
+        while not self._closed:
             self._wakeup.clear()
             oldest = self._prune()
             if oldest is None:
                 await self._wakeup.wait()
                 continue
             now = self._clock()
-            key = oldest.job.key
             ready_by = oldest.enqueued_at + self.max_wait_s
-            if now >= ready_by or self._count_for(key) >= self.max_batch_size:
-                return key, self._cut(key)
+            if now >= ready_by:
+                return oldest.job.key, self._cut(oldest.job.key)
+            full = self._full_key(oldest.job.key)
+            if full is not None:
+                return full, self._cut(full)
             try:
                 await asyncio.wait_for(self._wakeup.wait(), timeout=ready_by - now)
             except TimeoutError:
                 pass
+        return None
 
     def _prune(self) -> _Entry | None:
         """Drop finished and expired jobs; return the oldest live job, if any."""
@@ -220,14 +222,20 @@ class Batcher(Generic[P, R]):
                 self._groups.remove(group)
         return oldest
 
-    def _count_for(self, key: Hashable) -> int:
-        return sum(1 for g in self._groups for e in g.entries if e.job.key == key)
+    def _full_key(self, preferred: Hashable) -> Hashable | None:
+        """A key with a full batch queued (the oldest job's key first), or None."""
+        counts: dict[Hashable, int] = collections.Counter(
+            e.job.key for g in self._groups for e in g.entries)
+        if counts.get(preferred, 0) >= self.max_batch_size:
+            return preferred
+        return next((k for k, n in counts.items() if n >= self.max_batch_size), None)
 
     def _cut(self, key: Hashable) -> list[_Entry]:
         """Take up to a batch of `key` jobs, round-robin across groups, within the token cap."""
         batch: list[_Entry] = []
         longest = 0
         full_groups: set[int] = set()
+        served: set[int] = set()
         progress = True
         while progress and len(batch) < self.max_batch_size:
             progress = False
@@ -248,9 +256,14 @@ class Batcher(Generic[P, R]):
                 entry.state = _State.RUNNING
                 self._queued -= 1
                 batch.append(entry)
+                served.add(id(group))
                 longest = new_longest
                 progress = True
-        self._groups = collections.deque(g for g in self._groups if g.entries)
+        # Groups served in this batch go to the back, so the next batch starts with the others:
+        # round-robin carries over from batch to batch.
+        self._groups = collections.deque(
+            [g for g in self._groups if g.entries and id(g) not in served]
+            + [g for g in self._groups if g.entries and id(g) in served])
         return batch
 
     async def _execute(self, loop: asyncio.AbstractEventLoop, key: Hashable,

@@ -34,6 +34,15 @@ def default_engine_factory(settings: Settings) -> Engine:
     return TorchEngine(settings)
 
 
+def _settle(future: asyncio.Future, result: object, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
 async def _in_daemon_thread(fn: Callable[[], T], name: str) -> T:
     """Run blocking `fn` in a daemon thread, so a shutdown during model loading need not wait."""
     loop = asyncio.get_running_loop()
@@ -43,9 +52,9 @@ async def _in_daemon_thread(fn: Callable[[], T], name: str) -> T:
         try:
             result = fn()
         except BaseException as error:  # noqa: BLE001 - handed to the awaiting coroutine
-            loop.call_soon_threadsafe(lambda: future.done() or future.set_exception(error))
+            loop.call_soon_threadsafe(_settle, future, None, error)
         else:
-            loop.call_soon_threadsafe(lambda: future.done() or future.set_result(result))
+            loop.call_soon_threadsafe(_settle, future, result, None)
 
     threading.Thread(target=target, name=name, daemon=True).start()
     return await future

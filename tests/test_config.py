@@ -1,0 +1,57 @@
+"""Settings: one object, flags over environment over defaults, and a README that matches."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from service import config
+from service.config import Settings
+from service.errors import ConfigError
+
+
+def parse(*argv: str, environ: dict[str, str] | None = None) -> Settings:
+    parser = argparse.ArgumentParser()
+    config.add_arguments(parser)
+    return config.from_arguments(parser.parse_args(list(argv)), environ or {})
+
+
+def test_defaults() -> None:
+    settings = parse()
+    assert settings.port == 50051 and settings.max_batch_size == 8 and settings.reflection
+
+
+def test_environment_then_flags() -> None:
+    env = {"SUMMARIZER_MAX_BATCH_SIZE": "4", "SUMMARIZER_MODEL": "org/model",
+           "SUMMARIZER_REFLECTION": "false", "SUMMARIZER_MAX_WAIT_MS": "2.5"}
+    settings = parse(environ=env)
+    assert (settings.max_batch_size, settings.model, settings.reflection,
+            settings.max_wait_ms) == (4, "org/model", False, 2.5)
+    settings = parse("--max-batch-size", "16", "--reflection", environ=env)
+    assert settings.max_batch_size == 16 and settings.reflection
+
+
+def test_hf_hub_offline_turns_offline_on() -> None:
+    assert parse(environ={"HF_HUB_OFFLINE": "1"}).offline
+    assert not parse(environ={"HF_HUB_OFFLINE": "1", "SUMMARIZER_OFFLINE": "0"}).offline
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"SUMMARIZER_PORT": "http"}, "SUMMARIZER_PORT: cannot read 'http' as int"),
+    ({"SUMMARIZER_WARMUP": "maybe"}, "SUMMARIZER_WARMUP: cannot read 'maybe' as bool"),
+    ({"SUMMARIZER_MAX_BATCH_SIZE": "0"}, "max_batch_size must be at least 1"),
+    ({"SUMMARIZER_DTYPE": "int3"}, "dtype must be one of"),
+    ({"SUMMARIZER_MAX_WAIT_MS": "-1"}, "must not be negative"),
+])
+def test_bad_values_are_reported_by_name(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        Settings.load(environ=env)
+
+
+def test_readme_configuration_table_matches_the_settings() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert config.markdown_table() in readme, (
+        "README's configuration table is stale: paste the output of "
+        "`python -c 'from service.config import markdown_table; print(markdown_table())'`")

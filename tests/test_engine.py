@@ -1,0 +1,164 @@
+"""The torch engine on tiny random-weight checkpoints: the machinery, never the prose."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from service.config import Settings
+from service.domain import GenerationParams, Limits, Outputs, RequestedOptions, resolve_options
+from service.engine_torch import TorchEngine
+from service.errors import ModelLoadError
+
+TEXTS = [
+    "The city council said on monday that new bus routes would open in march.",
+    "Prices rose.",
+    "Storm flooding homes residents school children teachers health doctors patients " * 3,
+    "The government election voters president talks week year report market prices fell.",
+]
+LIMITS = Limits(max_num_beams=8, max_new_tokens=512)
+
+
+def params(engine: TorchEngine, **changes) -> GenerationParams:
+    return resolve_options(RequestedOptions(**changes), engine.defaults, LIMITS)
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_bart: Path, tiny_t5: Path, tiny_pegasus: Path) -> dict[str, TorchEngine]:
+    return {name: TorchEngine(Settings(model=str(path), threads=1))
+            for name, path in (("bart", tiny_bart), ("t5", tiny_t5), ("pegasus", tiny_pegasus))}
+
+
+@pytest.mark.parametrize("family", ["bart", "t5", "pegasus"])
+def test_generates_within_the_requested_lengths(engines, family: str) -> None:
+    engine = engines[family]
+    p = params(engine, summary_max_tokens=10, summary_min_tokens=6, headline_max_tokens=5,
+               headline_min_tokens=2, num_beams=2)
+    prepared = engine.prepare(TEXTS, p)
+    results = engine.generate(p, prepared)
+    assert len(results) == len(TEXTS)
+    for result in results:
+        assert 6 <= result.summary_tokens <= 10
+        assert 2 <= result.headline_tokens <= 5
+        assert result.summary and result.headline
+        assert "\n" not in result.headline
+
+
+@pytest.mark.parametrize("family", ["bart", "t5", "pegasus"])
+def test_greedy_results_do_not_change_with_batching(engines, family: str) -> None:
+    engine = engines[family]
+    p = params(engine, summary_max_tokens=12, headline_max_tokens=6, num_beams=1)
+    prepared = engine.prepare(TEXTS, p)
+    together = engine.generate(p, prepared)
+    alone = [engine.generate(p, [article])[0] for article in prepared]
+    assert together == alone
+    # The check is only worth something if different articles give different outputs.
+    assert len({r.summary for r in together}) > 1
+
+
+@pytest.mark.parametrize("family", ["bart", "t5"])
+def test_shared_encoding_gives_the_same_outputs_as_separate_runs(engines, family: str) -> None:
+    engine = engines[family]
+    both = params(engine, summary_max_tokens=8, headline_max_tokens=5, num_beams=3)
+    only_summary = params(engine, summary_max_tokens=8, headline_max_tokens=5, num_beams=3,
+                          outputs=Outputs.SUMMARY)
+    only_headline = params(engine, summary_max_tokens=8, headline_max_tokens=5, num_beams=3,
+                           outputs=Outputs.HEADLINE)
+    combined = engine.generate(both, engine.prepare(TEXTS, both))
+    summaries = engine.generate(only_summary, engine.prepare(TEXTS, only_summary))
+    headlines = engine.generate(only_headline, engine.prepare(TEXTS, only_headline))
+    assert [r.summary for r in combined] == [r.summary for r in summaries]
+    assert [r.headline for r in combined] == [r.headline for r in headlines]
+    assert all(r.headline == "" for r in summaries)
+    assert all(r.summary == "" for r in headlines)
+
+
+@pytest.mark.parametrize("family", ["bart", "t5", "pegasus"])
+def test_long_input_is_cut_to_the_window_keeping_end_of_sequence(engines, family: str) -> None:
+    engine = engines[family]
+    tokenizer = engine.summary.tokenizer
+    p = params(engine, max_input_tokens=20)
+    short, long = engine.prepare(["Prices rose.", TEXTS[2] * 5], p)
+    assert not short.truncated and short.input_tokens < 20
+    assert long.truncated and long.input_tokens == 20 == len(long.summary_ids)
+    assert long.summary_ids[-1] == tokenizer.eos_token_id
+    full = tokenizer(engine.summary.summary_prefix + TEXTS[2] * 5)["input_ids"]
+    assert list(long.summary_ids[:-1]) == full[:19]  # the start is kept, the end is cut
+
+
+def test_window_defaults_to_the_family_manifest_capped_by_positions(engines) -> None:
+    assert engines["t5"].defaults.max_input_tokens == 512  # T5 family manifest
+    assert engines["bart"].defaults.max_input_tokens == 256  # tiny BART's position limit
+    assert engines["t5"].summary.summary_prefix == "summarize: "
+    assert engines["bart"].models[0].role == "summary+headline"
+
+
+def test_a_second_checkpoint_can_write_the_headlines(tiny_bart: Path, tiny_t5: Path) -> None:
+    engine = TorchEngine(Settings(model=str(tiny_bart), headline_model=str(tiny_t5), threads=1))
+    assert [(m.role, m.family) for m in engine.models] == [("summary", "bart"),
+                                                           ("headline", "t5")]
+    p = params(engine, summary_max_tokens=6, headline_max_tokens=4, num_beams=1)
+    prepared = engine.prepare(TEXTS[:2], p)
+    assert prepared[0].summary_ids != prepared[0].headline_ids  # two tokenizers
+    results = engine.generate(p, prepared)
+    assert all(r.summary and r.headline for r in results)
+
+
+def test_settings_override_manifest_defaults(tiny_t5: Path) -> None:
+    engine = TorchEngine(Settings(model=str(tiny_t5), summary_max_tokens=33, num_beams=1,
+                                  headline_prefix="headline: ", max_input_tokens=64))
+    assert engine.defaults.summary_max_tokens == 33
+    assert engine.defaults.num_beams == 1
+    assert engine.defaults.max_input_tokens == 64
+    assert engine.summary.headline_prefix == "headline: "
+
+
+def test_warmup_runs(engines) -> None:
+    engines["bart"].warmup()
+
+
+# ----- loading failures: one clear line, never a traceback wall -----
+
+def test_missing_directory_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        TorchEngine(Settings(model=str(tmp_path / "nope")))
+
+
+def test_directory_without_config_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        TorchEngine(Settings(model=str(tmp_path)))
+
+
+def test_pickled_weights_are_refused(tiny_bart: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "pickled"
+    shutil.copytree(tiny_bart, copy)
+    (copy / "model.safetensors").rename(copy / "pytorch_model.bin")
+    with pytest.raises(ModelLoadError, match="no .safetensors weights"):
+        TorchEngine(Settings(model=str(copy)))
+
+
+def test_broken_weights_are_a_clear_error(tiny_bart: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "broken"
+    shutil.copytree(tiny_bart, copy)
+    (copy / "model.safetensors").write_bytes(b"not really safetensors")
+    with pytest.raises(ModelLoadError, match="cannot load model"):
+        TorchEngine(Settings(model=str(copy)))
+
+
+def test_a_model_that_is_not_seq2seq_is_refused(tiny_bart: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "gpt2"
+    shutil.copytree(tiny_bart, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])
+    (copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="cannot load model"):
+        TorchEngine(Settings(model=str(copy)))
+
+
+def test_unknown_hub_id_offline_is_a_clear_error(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(ModelLoadError, match=r"cannot load model 'nobody/no-such-model'.*offline"):
+        TorchEngine(Settings(model="nobody/no-such-model", offline=True))

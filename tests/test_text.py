@@ -1,0 +1,55 @@
+"""Article clean-up and output tidying."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.text import clean_article, has_nul, model_text, tidy_headline
+
+
+def test_whitespace_and_unicode_are_normalised() -> None:
+    raw = "  Caf\u0065\u0301\u00a0prices\u2009rose\u200b.\r\n\r\n\tSecond\u00a0\u00a0para.  \x07"
+    assert clean_article(raw) == "Caf\u00e9 prices rose.\nSecond para."
+
+
+def test_trailing_scraped_boilerplate_is_removed() -> None:
+    raw = ("Officials said the bridge will reopen.\nTraffic will be diverted until then.\n"
+           "Share it\nNext Story: Markets slide again\nRead more >>\nAdvertisement\n* * *\n")
+    assert clean_article(raw) == ("Officials said the bridge will reopen.\n"
+                                  "Traffic will be diverted until then.")
+
+
+def test_inline_advertisement_lines_go_but_article_sentences_stay() -> None:
+    raw = ("He said he would read more books this year.\n- Advertisement -\n"
+           "Share prices rose.\nRead more about it below, officials said.")
+    # Only whole furniture lines go; a sentence starting "Read more" at the end is a trailer.
+    assert clean_article(raw) == ("He said he would read more books this year.\n"
+                                  "Share prices rose.")
+
+
+@pytest.mark.parametrize("text", ["", "   \n\t", "Advertisement\nShare it\nRead more"])
+def test_nothing_left_means_empty(text: str) -> None:
+    assert clean_article(text) == ""
+
+
+def test_non_latin_scripts_and_emoji_survive() -> None:
+    raw = "東京で新しい駅が開業した。\nالمدينة تفتتح محطة جديدة 🚆"
+    assert clean_article(raw) == raw
+
+
+def test_nul_is_detected() -> None:
+    assert has_nul("a\x00b") and not has_nul("ab")
+
+
+def test_model_text_runs_paragraphs_together() -> None:
+    assert model_text("One.\nTwo.") == "One. Two."
+
+
+@pytest.mark.parametrize(("raw", "headline"), [
+    ("Council expands bus network. It will cost two million.", "Council expands bus network"),
+    ("  Storm hits\ncoast  ", "Storm hits coast"),
+    ("Is this the end?", "Is this the end?"),
+    ("U.S. stocks fall...", "U.S. stocks fall..."),
+])
+def test_headline_is_one_line_first_sentence(raw: str, headline: str) -> None:
+    assert tidy_headline(raw) == headline
