@@ -46,7 +46,56 @@ def _parser() -> argparse.ArgumentParser:
     for name in ("summary-max-tokens", "summary-min-tokens", "headline-max-tokens",
                  "headline-min-tokens", "num-beams", "max-input-tokens"):
         send.add_argument(f"--{name}", type=int, default=0, help="0: server default")
+    fetch = commands.add_parser(
+        "fetch", help="download a checkpoint (safetensors only) for offline use",
+        description="Download a hub id or manifest name into a directory that `serve --model` "
+                    "accepts; used by the Dockerfile to bake a model into the image.")
+    fetch.add_argument("model", help="hub id (org/name) or manifest name from models/")
+    fetch.add_argument("--out", required=True, help="directory to write")
+    fetch.add_argument("--revision", default="", help="branch, tag or commit")
+
+    health = commands.add_parser(
+        "health", help="exit 0 when a server reports SERVING (for container health checks)")
+    health.add_argument("--server", default="127.0.0.1:50051", help="host:port of the server")
+    health.add_argument("--timeout", type=float, default=3.0, help="seconds to wait")
+
+    tiny = commands.add_parser(
+        "make-tiny-model", help="write a tiny random-weight checkpoint (for smoke tests)",
+        description="Write a tiny random-weight checkpoint with its tokenizer. It writes "
+                    "gibberish, but exercises the whole service without any download.")
+    tiny.add_argument("out", help="directory to write")
+    tiny.add_argument("--family", choices=("bart", "t5", "pegasus"), default="bart")
     return parser
+
+
+def _fetch(args: argparse.Namespace) -> int:
+    from .fetch import fetch
+
+    print(fetch(args.model, args.out, args.revision))
+    return 0
+
+
+def _health(args: argparse.Namespace) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(args.server) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=args.timeout)
+        except grpc.RpcError as error:
+            print(f"summarizer: {args.server}: {error.code().name}", file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(status)
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+def _make_tiny_model(args: argparse.Namespace) -> int:
+    from .tiny import build_tiny_checkpoint
+
+    print(build_tiny_checkpoint(args.out, args.family))
+    return 0
 
 
 def _read_inputs(paths: Sequence[str]) -> Iterator[tuple[str, str]]:
@@ -115,9 +164,9 @@ def _serve(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        if args.command == "serve":
-            return _serve(args)
-        return _summarize(args)
+        commands = {"serve": _serve, "summarize": _summarize, "fetch": _fetch,
+                    "health": _health, "make-tiny-model": _make_tiny_model}
+        return commands[args.command](args)
     except SummarizerError as error:
         print(f"summarizer: error: {error.message}", file=sys.stderr)
         return 2

@@ -66,10 +66,42 @@ def _bpe_tokenizer(family: str, vocab_size: int):  # -> PreTrainedTokenizerFast
         model_max_length=512)
 
 
+# Real-size architectures (random weights, same FLOPs as the published checkpoints) for timings.
+PRESETS: dict[str, dict] = {
+    "bart-base": dict(family="bart", d_model=768, encoder_layers=6, decoder_layers=6, heads=12,
+                      ffn=3072, vocab_size=50265, max_positions=1024),
+    "distilbart-cnn-12-6": dict(family="bart", d_model=1024, encoder_layers=12,
+                                decoder_layers=6, heads=16, ffn=4096, vocab_size=50264,
+                                max_positions=1024),
+    "flan-t5-small": dict(family="t5", d_model=512, encoder_layers=8, decoder_layers=8,
+                          heads=6, d_kv=64, ffn=1024, vocab_size=32128,
+                          feed_forward_proj="gated-gelu"),
+}
+
+
 def build_tiny_checkpoint(out_dir: str | Path, family: str = "bart", *, seed: int = 0,
                           vocab_size: int = 400, d_model: int = 32, layers: int = 2,
                           max_positions: int = 256) -> Path:
-    """Write a random-weight `family` checkpoint (safetensors) with its tokenizer to `out_dir`."""
+    """Write a tiny random-weight `family` checkpoint (safetensors) with its tokenizer."""
+    return build_checkpoint(out_dir, family=family, seed=seed, tokenizer_vocab=vocab_size,
+                            d_model=d_model, encoder_layers=layers, decoder_layers=layers,
+                            heads=2, ffn=2 * d_model, max_positions=max_positions,
+                            init_std=0.3)
+
+
+def build_preset_checkpoint(out_dir: str | Path, preset: str, *, seed: int = 0) -> Path:
+    """Write a real-size random-weight checkpoint (see PRESETS) for benchmarks."""
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {', '.join(PRESETS)}")
+    return build_checkpoint(out_dir, seed=seed, tokenizer_vocab=2000, **PRESETS[preset])
+
+
+def build_checkpoint(out_dir: str | Path, *, family: str, seed: int, tokenizer_vocab: int,
+                     d_model: int, encoder_layers: int, decoder_layers: int, heads: int,
+                     ffn: int, vocab_size: int = 0, max_positions: int = 1024, d_kv: int = 0,
+                     feed_forward_proj: str = "relu", init_std: float | None = None) -> Path:
+    """Write a random-weight checkpoint. The model's vocabulary may be larger than the trained
+    tokenizer's (`vocab_size`), so the output layer costs what the real model's does."""
     import torch
     from transformers import (BartConfig, BartForConditionalGeneration, PegasusConfig,
                               PegasusForConditionalGeneration, T5Config,
@@ -79,31 +111,31 @@ def build_tiny_checkpoint(out_dir: str | Path, family: str = "bart", *, seed: in
         raise ValueError(f"family must be one of {', '.join(FAMILIES)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = _bpe_tokenizer(family, vocab_size)
-    vocab = len(tokenizer)
+    tokenizer = _bpe_tokenizer(family, tokenizer_vocab)
+    vocab = max(vocab_size, len(tokenizer))
     torch.manual_seed(seed)
-    heads = 2
+    bart_like = dict(
+        vocab_size=vocab, d_model=d_model, encoder_layers=encoder_layers,
+        decoder_layers=decoder_layers, encoder_attention_heads=heads,
+        decoder_attention_heads=heads, encoder_ffn_dim=ffn, decoder_ffn_dim=ffn,
+        max_position_embeddings=max_positions)
+    if init_std is not None:
+        bart_like["init_std"] = init_std
     if family == "bart":
-        config = BartConfig(
-            vocab_size=vocab, d_model=d_model, encoder_layers=layers, decoder_layers=layers,
-            encoder_attention_heads=heads, decoder_attention_heads=heads,
-            encoder_ffn_dim=2 * d_model, decoder_ffn_dim=2 * d_model,
-            max_position_embeddings=max_positions, pad_token_id=1, bos_token_id=0,
-            eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=2, init_std=0.3)
+        config = BartConfig(**bart_like, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+                            decoder_start_token_id=2, forced_eos_token_id=2)
         model = BartForConditionalGeneration(config)
     elif family == "t5":
         config = T5Config(
-            vocab_size=vocab, d_model=d_model, d_kv=d_model // heads, d_ff=2 * d_model,
-            num_layers=layers, num_decoder_layers=layers, num_heads=heads, pad_token_id=0,
-            eos_token_id=1, decoder_start_token_id=0, initializer_factor=3.0)
+            vocab_size=vocab, d_model=d_model, d_kv=d_kv or d_model // heads, d_ff=ffn,
+            num_layers=encoder_layers, num_decoder_layers=decoder_layers, num_heads=heads,
+            feed_forward_proj=feed_forward_proj, pad_token_id=0, eos_token_id=1,
+            decoder_start_token_id=0,
+            initializer_factor=1.0 if init_std is None else init_std * 10)
         model = T5ForConditionalGeneration(config)
     else:
-        config = PegasusConfig(
-            vocab_size=vocab, d_model=d_model, encoder_layers=layers, decoder_layers=layers,
-            encoder_attention_heads=heads, decoder_attention_heads=heads,
-            encoder_ffn_dim=2 * d_model, decoder_ffn_dim=2 * d_model,
-            max_position_embeddings=max_positions, pad_token_id=0, eos_token_id=1,
-            decoder_start_token_id=0, forced_eos_token_id=1, init_std=0.3)
+        config = PegasusConfig(**bart_like, pad_token_id=0, eos_token_id=1,
+                               decoder_start_token_id=0, forced_eos_token_id=1)
         model = PegasusForConditionalGeneration(config)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)

@@ -182,3 +182,30 @@ def test_serve_without_a_model_says_how_to_give_one() -> None:
     done = subprocess.run([*CLI, "serve"], capture_output=True, text=True, timeout=60, env=env())
     assert done.returncode == 2
     assert "no model given" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_health_command_reports_serving(bart_server: ServerProcess) -> None:
+    done = subprocess.run([*CLI, "health", "--server", bart_server.target],
+                          capture_output=True, text=True, timeout=60, env=env())
+    assert (done.returncode, done.stdout.strip()) == (0, "SERVING")
+    down = subprocess.run([*CLI, "health", "--server", "127.0.0.1:1", "--timeout", "1"],
+                          capture_output=True, text=True, timeout=60, env=env())
+    assert down.returncode == 1 and "UNAVAILABLE" in down.stderr
+
+
+def test_make_tiny_model_writes_a_loadable_checkpoint(tmp_path: Path) -> None:
+    done = subprocess.run([*CLI, "make-tiny-model", str(tmp_path / "m"), "--family", "t5"],
+                          capture_output=True, text=True, timeout=120, env=env())
+    assert done.returncode == 0, done.stderr
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {
+        p.name for p in (tmp_path / "m").iterdir()}
+
+
+def test_fetch_offline_without_cache_is_one_clear_line(tmp_path: Path) -> None:
+    done = subprocess.run([*CLI, "fetch", "distilbart-cnn-12-6", "--out", str(tmp_path / "m")],
+                          capture_output=True, text=True, timeout=120,
+                          env=env(HF_HOME=str(tmp_path / "hf")))
+    assert done.returncode == 2
+    assert done.stderr.startswith("summarizer: error: cannot fetch 'distilbart-cnn-12-6' "
+                                  "(sshleifer/distilbart-cnn-12-6)")
+    assert "Traceback" not in done.stderr

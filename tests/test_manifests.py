@@ -1,0 +1,48 @@
+"""Model manifests: families by model_type, named checkpoints, overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from service import manifests
+from service.errors import ConfigError
+
+
+def test_every_family_manifest_is_complete() -> None:
+    families = manifests.families()
+    assert {"bart", "mbart", "pegasus", "t5", "led", "generic"} <= set(families)
+    for family in families.values():
+        assert family.max_input_tokens > 0 and family.num_beams > 0
+        assert 0 < family.summary_min_tokens <= family.summary_max_tokens
+        assert 0 < family.headline_min_tokens <= family.headline_max_tokens
+
+
+@pytest.mark.parametrize(("model_type", "family", "prefix"), [
+    ("bart", "bart", ""), ("t5", "t5", "summarize: "), ("mt5", "t5", "summarize: "),
+    ("pegasus", "pegasus", ""), ("led", "led", ""), ("marian", "generic", ""),
+])
+def test_family_is_found_by_model_type(model_type: str, family: str, prefix: str) -> None:
+    manifest = manifests.manifest_for("some/checkpoint", model_type)
+    assert (manifest.family, manifest.summary_prefix) == (family, prefix)
+
+
+def test_named_manifest_overrides_its_family() -> None:
+    flan = manifests.manifest_for("google/flan-t5-base", "t5")
+    assert flan.family == "t5" and flan.summary_prefix == "summarize: "
+    assert flan.headline_prefix.startswith("Write a short headline")
+    assert flan.summary_max_tokens == 96 and flan.headline_max_tokens == 24
+    assert flan.license == "apache-2.0"
+
+
+def test_manifest_names_resolve_to_hub_ids(tmp_path: Path) -> None:
+    assert manifests.source_for("distilbart-cnn-12-6") == "sshleifer/distilbart-cnn-12-6"
+    assert manifests.source_for("org/unknown") == "org/unknown"
+    assert manifests.source_for(str(tmp_path)) == str(tmp_path)  # a directory stays a directory
+
+
+def test_forced_family_and_unknown_family() -> None:
+    assert manifests.manifest_for("x/y", "bart", family="t5").summary_prefix == "summarize: "
+    with pytest.raises(ConfigError, match="unknown family 'nope'"):
+        manifests.manifest_for("x/y", "bart", family="nope")
