@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import sys
@@ -138,7 +139,7 @@ def _summarize(args: argparse.Namespace) -> int:
     with SummarizerClient(args.server, timeout_s=args.timeout) as client:
         try:
             for result in client.summarize_batches(_read_inputs(args.inputs), args.batch, options):
-                print(json.dumps(result.to_dict(), ensure_ascii=False), flush=True)
+                print(json.dumps(dataclasses.asdict(result), ensure_ascii=False), flush=True)
         except grpc.RpcError as error:
             print(f"summarizer: error: {error.code().name}: {error.details()}", file=sys.stderr)
             return 1

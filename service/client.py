@@ -3,33 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass
-from typing import Any
 
 import grpc
 
+from .domain import ArticleSummary
 from .gen.summarizer.v1 import summarizer_pb2 as pb
 from .gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
 
 
-@dataclass(frozen=True)
-class Result:
-    id: str
-    summary: str
-    headline: str
-    input_tokens: int
-    truncated: bool
-    summary_tokens: int
-    headline_tokens: int
-
-    @classmethod
-    def from_pb(cls, message: pb.ArticleResult) -> Result:
-        return cls(id=message.id, summary=message.summary, headline=message.headline,
-                   input_tokens=message.input_tokens, truncated=message.truncated,
-                   summary_tokens=message.summary_tokens, headline_tokens=message.headline_tokens)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+def result_from_pb(message: pb.ArticleResult) -> ArticleSummary:
+    return ArticleSummary(id=message.id, summary=message.summary, headline=message.headline,
+                          input_tokens=message.input_tokens, truncated=message.truncated,
+                          summary_tokens=message.summary_tokens,
+                          headline_tokens=message.headline_tokens)
 
 
 _OUTPUTS = {"both": pb.OUTPUTS_BOTH, "summary": pb.OUTPUTS_SUMMARY,
@@ -65,16 +51,16 @@ class SummarizerClient:
         self._channel.close()
 
     def summarize(self, articles: Sequence[tuple[str, str]],
-                  options: pb.GenerationOptions | None = None) -> list[Result]:
+                  options: pb.GenerationOptions | None = None) -> list[ArticleSummary]:
         """Summarise (id, text) pairs in one call; results in the same order."""
         request = pb.SummarizeRequest(
             articles=[pb.Article(id=article_id, text=text) for article_id, text in articles],
             options=options)
         response = self._stub.Summarize(request, timeout=self.timeout_s)
-        return [Result.from_pb(r) for r in response.results]
+        return [result_from_pb(r) for r in response.results]
 
     def summarize_batches(self, articles: Iterable[tuple[str, str]], batch_size: int,
-                          options: pb.GenerationOptions | None = None) -> Iterator[Result]:
+                          options: pb.GenerationOptions | None = None) -> Iterator[ArticleSummary]:
         """Summarise any number of articles, `batch_size` per call, yielding results in order."""
         batch: list[tuple[str, str]] = []
         for article in articles:

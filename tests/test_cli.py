@@ -153,13 +153,13 @@ def test_sigterm_drains_in_flight_work_and_exits_zero(tiny_bart: Path) -> None:
         options = pb.GenerationOptions(summary_min_tokens=60, summary_max_tokens=60,
                                        num_beams=4)
         big = pb.SummarizeRequest(articles=[pb.Article(id=str(n), text=ARTICLE * 3)
-                                            for n in range(32)], options=options)
+                                            for n in range(64)], options=options)
         future = stub.Summarize.future(big, timeout=120)
-        time.sleep(0.5)  # the call is being generated (32 articles, 8 batches)
+        time.sleep(0.3)  # the call is being generated (64 articles, 16 batches)
         assert not future.done()
         server.process.send_signal(signal.SIGTERM)
         reply = future.result()
-        assert len(reply.results) == 32
+        assert len(reply.results) == 64
         assert server.process.wait(timeout=60) == 0
         channel.close()
     finally:

@@ -20,7 +20,7 @@ def parse(*argv: str, environ: dict[str, str] | None = None) -> Settings:
 
 def test_defaults() -> None:
     settings = parse()
-    assert settings.port == 50051 and settings.max_batch_size == 8 and settings.reflection
+    assert settings.port == 50051 and settings.max_batch_size == 6 and settings.reflection
 
 
 def test_environment_then_flags() -> None:
