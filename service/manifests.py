@@ -9,7 +9,6 @@ recommended checkpoints and may override any family value. `--model` accepts a m
 from __future__ import annotations
 
 import functools
-import importlib.resources
 import tomllib
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -38,11 +37,11 @@ class Manifest:
 
 def _manifest_root() -> Path:
     # In a source checkout (or editable install) the files sit in <repo>/models; an installed
-    # wheel carries them as the package `service.model_manifests`.
+    # wheel carries them as the package data directory `service/model_manifests`.
     checkout = Path(__file__).resolve().parent.parent / "models"
     if (checkout / "families").is_dir():
         return checkout
-    return Path(str(importlib.resources.files("service.model_manifests")))
+    return Path(__file__).resolve().parent / "model_manifests"
 
 
 def _flatten(data: dict[str, Any]) -> dict[str, Any]:
@@ -62,6 +61,8 @@ def _flatten(data: dict[str, Any]) -> dict[str, Any]:
 @functools.cache
 def _load(root: Path) -> tuple[dict[str, Manifest], dict[str, dict[str, Any]]]:
     families: dict[str, Manifest] = {}
+    if not (root / "families" / "generic.toml").is_file():
+        raise ConfigError(f"model manifests missing: no families/generic.toml under {root}")
     for path in sorted((root / "families").glob("*.toml")):
         data = _flatten(tomllib.loads(path.read_text(encoding="utf-8")))
         families[data["family"]] = Manifest(**data)

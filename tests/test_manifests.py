@@ -46,3 +46,27 @@ def test_forced_family_and_unknown_family() -> None:
     assert manifests.manifest_for("x/y", "bart", family="t5").summary_prefix == "summarize: "
     with pytest.raises(ConfigError, match="unknown family 'nope'"):
         manifests.manifest_for("x/y", "bart", family="nope")
+
+
+@pytest.mark.slow
+def test_an_installed_wheel_carries_the_manifests(tmp_path: Path) -> None:
+    """Outside a checkout the manifests come from package data; build the wheel and look."""
+    import subprocess
+    import sys
+    import zipfile
+
+    root = Path(__file__).resolve().parent.parent
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                    "-q", "-w", str(tmp_path / "dist"), str(root)], check=True, timeout=300,
+                   capture_output=True)
+    wheel = next((tmp_path / "dist").glob("summarizer-*.whl"))
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(tmp_path / "site")
+    probe = ("from service import manifests; "
+             "print(sorted(manifests.families())); print(sorted(manifests.named_models()))")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120, env={"PYTHONPATH": str(tmp_path / "site")})
+    assert done.returncode == 0, done.stderr
+    families, named = done.stdout.splitlines()
+    assert "'generic'" in families and "'t5'" in families
+    assert "'distilbart-cnn-12-6'" in named
