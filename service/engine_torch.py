@@ -152,6 +152,10 @@ class TorchEngine:
         except ImportError as error:  # pragma: no cover - depends on the install
             raise ModelLoadError("torch is not installed; see README 'Install'") from error
         self._torch = torch
+        if settings.log_level != "DEBUG":
+            import transformers
+
+            transformers.utils.logging.set_verbosity_error()
         if settings.threads:
             torch.set_num_threads(settings.threads)
         self.device = _resolve_device(settings.device, torch)
@@ -265,10 +269,12 @@ class TorchEngine:
     def _run(self, ckpt: _Checkpoint, inputs: dict[str, Any], min_tokens: int, max_tokens: int,
              params: GenerationParams, encoder_outputs: Any, tidy: Any) -> list[tuple[str, int]]:
         config = copy.deepcopy(ckpt.model.generation_config)
+        # The *_new_tokens settings take precedence over a checkpoint's own max/min_length
+        # (BART-CNN ships min_length=56, which would otherwise stretch every headline).
         config.max_length = None
-        config.min_length = 0
+        config.min_length = None
         config.max_new_tokens = max_tokens
-        config.min_new_tokens = min_tokens or None
+        config.min_new_tokens = min_tokens
         config.num_beams = params.num_beams
         config.num_return_sequences = 1
         config.do_sample = False
