@@ -39,8 +39,8 @@ class ServerProcess:
             stderr=subprocess.PIPE, text=True, env=env(**environ))
         self.log: list[str] = []
         self.port = self._wait_for(r"listening on 127\.0\.0\.1:(\d+)")
-        self._reader = threading.Thread(target=self._drain, daemon=True)
-        self._reader.start()
+        self.reader = threading.Thread(target=self._drain, daemon=True)
+        self.reader.start()
 
     def _wait_for(self, pattern: str) -> int:
         for line in self.process.stderr:
@@ -209,3 +209,17 @@ def test_fetch_offline_without_cache_is_one_clear_line(tmp_path: Path) -> None:
     assert done.stderr.startswith("summarizer: error: cannot fetch 'distilbart-cnn-12-6' "
                                   "(sshleifer/distilbart-cnn-12-6)")
     assert "Traceback" not in done.stderr
+
+
+def test_sigterm_during_model_load_exits_promptly(tiny_bart: Path) -> None:
+    server = ServerProcess("--model", str(tiny_bart))
+    try:
+        # "listening" is logged before torch is even imported: the model is surely still loading.
+        server.process.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        assert server.process.wait(timeout=30) == 0
+        assert time.monotonic() - started < 10
+    finally:
+        server.process.kill()
+    server.reader.join(timeout=5)
+    assert "shutdown requested while loading the model" in "".join(server.log)
