@@ -17,13 +17,10 @@ from grpc_reflection.v1alpha import reflection
 from .config import Settings
 from .core import SummarizerCore
 from .engine import Engine
-from .gen.summarizer.v1 import summarizer_pb2 as pb
-from .gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
-from .servicer import SummarizerServicer
+from .servicer import SERVICE_NAME, SummarizerServicer, add_to_server
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Summarizer"].full_name
 EngineFactory = Callable[[Settings], Engine]
 T = TypeVar("T")
 
@@ -80,7 +77,7 @@ class SummarizerServer:
         self.server = grpc.aio.server(
             options=options,
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None)
-        pb_grpc.add_SummarizerServicer_to_server(self.servicer, self.server)
+        add_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if settings.reflection:
             reflection.enable_server_reflection(

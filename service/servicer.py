@@ -11,15 +11,60 @@ from collections.abc import AsyncIterator
 from typing import NoReturn
 
 import grpc
+from google.protobuf.message import DecodeError, Message
 
 from . import __version__
 from .core import ArticleFailure, ArticleIn, SummarizerCore
 from .domain import ArticleSummary, GenerationParams, Outputs, RequestedOptions
-from .errors import SummarizerError, Unavailable, status_for
+from .errors import InvalidArgument, SummarizerError, Unavailable, status_for
 from .gen.summarizer.v1 import summarizer_pb2 as pb
 from .gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Summarizer"].full_name
+
+
+class MalformedRequest:
+    """A request that did not parse, e.g. a string field holding invalid UTF-8. gRPC would
+    answer UNKNOWN before the handler runs; parsing leniently lets us say INVALID_ARGUMENT."""
+
+    def __init__(self, problem: str) -> None:
+        self.problem = problem
+
+
+def _lenient(message_type: type[Message]):  # -> Callable[[bytes], Message | MalformedRequest]
+    def parse(raw: bytes) -> Message | MalformedRequest:
+        try:
+            return message_type.FromString(raw)
+        except DecodeError as error:
+            return MalformedRequest(str(error))
+
+    return parse
+
+
+def _parsed(request: Message | MalformedRequest) -> Message:
+    if isinstance(request, MalformedRequest):
+        raise InvalidArgument("request", f"cannot be parsed ({request.problem}); string fields "
+                                         "must be valid UTF-8")
+    return request
+
+
+def add_to_server(servicer: SummarizerServicer, server: grpc.aio.Server) -> None:
+    """Register like the generated `add_SummarizerServicer_to_server`, with lenient parsing."""
+    handlers = {
+        "Summarize": grpc.unary_unary_rpc_method_handler(
+            servicer.Summarize, request_deserializer=_lenient(pb.SummarizeRequest),
+            response_serializer=pb.SummarizeResponse.SerializeToString),
+        "SummarizeStream": grpc.stream_stream_rpc_method_handler(
+            servicer.SummarizeStream, request_deserializer=_lenient(pb.SummarizeRequest),
+            response_serializer=pb.ArticleResult.SerializeToString),
+        "GetModelInfo": grpc.unary_unary_rpc_method_handler(
+            servicer.GetModelInfo, request_deserializer=_lenient(pb.GetModelInfoRequest),
+            response_serializer=pb.ModelInfo.SerializeToString),
+    }
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 _OUTPUTS_FROM_PB = {
     pb.OUTPUTS_UNSPECIFIED: Outputs.BOTH,
@@ -106,6 +151,7 @@ class SummarizerServicer(pb_grpc.SummarizerServicer):
     async def Summarize(self, request: pb.SummarizeRequest,
                         context: grpc.aio.ServicerContext) -> pb.SummarizeResponse:
         try:
+            request = _parsed(request)
             core = self._ready_core()
             results = await core.summarize(articles_from_pb(request),
                                            options_from_pb(request.options), deadline_of(context))
@@ -117,7 +163,8 @@ class SummarizerServicer(pb_grpc.SummarizerServicer):
                               context: grpc.aio.ServicerContext
                               ) -> AsyncIterator[pb.ArticleResult]:
         async def requests() -> AsyncIterator[tuple[list[ArticleIn], RequestedOptions]]:
-            async for request in request_iterator:
+            async for raw in request_iterator:
+                request = _parsed(raw)
                 yield articles_from_pb(request), options_from_pb(request.options)
 
         try:

@@ -330,3 +330,34 @@ async def test_reflection_can_be_turned_off() -> None:
             async for _ in call:
                 pass
         assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def _raw_request_with_bad_utf8() -> bytes:
+    # SummarizeRequest{articles: [Article{id: "a", text: b"\xff\xfe"}]}, encoded by hand: no
+    # protobuf library will serialise invalid UTF-8 into a string field, but other clients can.
+    article = b"\x0a\x01a" + b"\x12\x02\xff\xfe"
+    return b"\x0a" + bytes([len(article)]) + article
+
+
+async def test_invalid_utf8_on_the_wire_is_invalid_argument() -> None:
+    engine = FakeEngine()
+    async with serving(BASE, lambda s: engine) as (_, channel):
+        summarize = channel.unary_unary("/summarizer.v1.Summarizer/Summarize",
+                                        request_serializer=lambda raw: raw,
+                                        response_deserializer=pb.SummarizeResponse.FromString)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await summarize(_raw_request_with_bad_utf8(), timeout=10)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "request: cannot be parsed" in caught.value.details()
+        assert "UTF-8" in caught.value.details()
+
+        stream = channel.stream_stream("/summarizer.v1.Summarizer/SummarizeStream",
+                                       request_serializer=lambda raw: raw,
+                                       response_deserializer=pb.ArticleResult.FromString)
+        good = request("fine text", ids=["ok"]).SerializeToString()
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for _ in stream(iter([good, _raw_request_with_bad_utf8()]), timeout=10):
+                pass
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        ok = await pb_grpc.SummarizerStub(channel).Summarize(request("still fine"), timeout=10)
+        assert ok.results[0].summary == "S:still fine"
