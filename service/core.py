@@ -139,13 +139,30 @@ class SummarizerCore:
         task.add_done_callback(lambda t: generated.cancel() if t.cancelled() else None)
         return task
 
+    async def _clean_all(self, articles: Sequence[ArticleIn]) -> list[str | InvalidArgument]:
+        """Each article's model text, or what is wrong with it. Runs in the prep thread: cleaning
+        a request of long articles takes long enough to stall the event loop."""
+        def work() -> list[str | InvalidArgument]:
+            out: list[str | InvalidArgument] = []
+            for index, article in enumerate(articles):
+                try:
+                    out.append(self.clean(index, article))
+                except InvalidArgument as error:
+                    out.append(error)
+            return out
+
+        return await asyncio.get_running_loop().run_in_executor(self._prep, work)
+
     async def summarize(self, articles: Sequence[ArticleIn], options: RequestedOptions,
                         deadline: float | None = None) -> list[ArticleSummary]:
         """All results in request order; any bad article fails the call before any work starts."""
         self.check_count(articles)
         self.check_ids(articles, required=False)
         params = self.resolve(options)
-        texts = [self.clean(i, a) for i, a in enumerate(articles)]
+        texts = await self._clean_all(articles)
+        for text in texts:
+            if isinstance(text, InvalidArgument):
+                raise text
         futures = self._enqueue(articles, await self._prepare(texts, params), params, deadline)
         try:
             return list(await asyncio.gather(*futures))
@@ -158,28 +175,32 @@ class SummarizerCore:
         deadline: float | None = None,
     ) -> AsyncIterator[ArticleSummary | ArticleFailure]:
         """Results as they finish. Article-level problems come back as ArticleFailure; a malformed
-        request raises InvalidArgument and ends the stream. At most `max_articles_per_request`
-        articles of one stream are in flight at once: reading waits (HTTP/2 flow control pushes
-        back on the sender) until earlier ones finish."""
+        request raises InvalidArgument and ends the stream.
+
+        Backpressure both ways: every article holds one of `max_articles_per_request` slots from
+        the moment it is read until its result has been handed on (written to the caller). A
+        sender that outpaces the model, or a caller that stops reading, stops the reading of new
+        requests, and HTTP/2 flow control pushes back on the sender."""
         outbox: asyncio.Queue[ArticleSummary | ArticleFailure | BaseException | None] = (
             asyncio.Queue())
         slots = asyncio.Semaphore(self.settings.max_articles_per_request)
         in_flight: set[str] = set()
         waiters: set[asyncio.Future] = set()
 
+        def failure(article_id: str, error: BaseException) -> ArticleFailure:
+            code, message = status_for(error)
+            return ArticleFailure(article_id, code.value[0], message)
+
         async def deliver(article: ArticleIn, future: asyncio.Future[ArticleSummary]) -> None:
             try:
                 outbox.put_nowait(await future)
             except SummarizerError as error:
-                code, message = status_for(error)
-                outbox.put_nowait(ArticleFailure(article.id, code.value[0], message))
+                outbox.put_nowait(failure(article.id, error))
             except Exception as error:  # noqa: BLE001 - reported in-band, logged
                 log.exception("article %r failed", article.id)
-                code, message = status_for(error)
-                outbox.put_nowait(ArticleFailure(article.id, code.value[0], message))
+                outbox.put_nowait(failure(article.id, error))
             finally:
                 in_flight.discard(article.id)
-                slots.release()
 
         async def read() -> None:
             try:
@@ -187,19 +208,16 @@ class SummarizerCore:
                     self.check_count(articles)
                     self.check_ids(articles, required=True, taken=in_flight)
                     params = self.resolve(options)
-                    accepted: list[ArticleIn] = []
-                    texts: list[str] = []
-                    for index, article in enumerate(articles):
-                        try:
-                            texts.append(self.clean(index, article))
-                            accepted.append(article)
-                        except InvalidArgument as error:
-                            outbox.put_nowait(ArticleFailure(article.id, error.code.value[0],
-                                                             error.message))
+                    for _ in articles:
+                        await slots.acquire()
+                    cleaned = await self._clean_all(articles)
+                    accepted = [a for a, t in zip(articles, cleaned) if isinstance(t, str)]
+                    texts = [t for t in cleaned if isinstance(t, str)]
+                    for article, text in zip(articles, cleaned):
+                        if isinstance(text, InvalidArgument):
+                            outbox.put_nowait(failure(article.id, text))
                     if not accepted:
                         continue
-                    for _ in accepted:
-                        await slots.acquire()
                     in_flight.update(a.id for a in accepted)
                     futures = await self._submit_waiting(accepted, texts, params, deadline)
                     for article, future in zip(accepted, futures):
@@ -218,6 +236,7 @@ class SummarizerCore:
                 if isinstance(item, BaseException):
                     raise item
                 yield item
+                slots.release()  # only once the caller has taken the result
         finally:
             reader.cancel()
             for task in list(waiters):

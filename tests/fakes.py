@@ -12,13 +12,15 @@ from service.engine import ModelDescription
 class FakeEngine:
     """Encodes text as code points so results can be traced back to their article.
 
-    The summary is "S:" + the article's first 12 characters, the headline "H:" + its first 6.
+    The summary is "S:" + the article's first 12 characters (+ `summary_padding` dots, for big
+    messages), the headline "H:" + its first 6.
     Set `hold` to make generate() block until it is set again; `batches` records every batch.
     """
 
     name = "fake"
 
-    def __init__(self, window: int = 64) -> None:
+    def __init__(self, window: int = 64, summary_padding: int = 0) -> None:
+        self.summary_padding = summary_padding
         self.defaults = GenerationParams(
             summary_max_tokens=20, summary_min_tokens=2, headline_max_tokens=8,
             headline_min_tokens=1, num_beams=2, outputs=Outputs.BOTH, max_input_tokens=window)
@@ -50,7 +52,8 @@ class FakeEngine:
             self.hold.wait(timeout=30)
         if self.fail_on is not None and any(self.fail_on in t for t in texts):
             raise RuntimeError("injected failure")
-        return [Generated(summary=("S:" + t[:12]) if params.outputs.summary else "",
+        pad = "." * self.summary_padding
+        return [Generated(summary=("S:" + t[:12] + pad) if params.outputs.summary else "",
                           headline=("H:" + t[:6]) if params.outputs.headline else "",
                           summary_tokens=params.summary_max_tokens,
                           headline_tokens=params.headline_max_tokens) for t in texts]

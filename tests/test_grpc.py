@@ -361,3 +361,25 @@ async def test_invalid_utf8_on_the_wire_is_invalid_argument() -> None:
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         ok = await pb_grpc.SummarizerStub(channel).Summarize(request("still fine"), timeout=10)
         assert ok.results[0].summary == "S:still fine"
+
+
+async def test_stream_stops_generating_when_the_caller_stops_reading() -> None:
+    engine = FakeEngine(summary_padding=200_000)  # big results: transport buffers fill fast
+    settings = BASE.replace(max_articles_per_request=4, max_message_bytes=1 << 20)
+    async with serving(settings, lambda s: engine) as (_, channel):
+        stub = pb_grpc.SummarizerStub(channel)
+
+        async def requests():
+            for n in range(200):
+                yield request(f"article {n}", ids=[str(n)])
+
+        call = stub.SummarizeStream(requests(), timeout=30)
+        first = await call.read()
+        assert first.id
+        await asyncio.sleep(0.5)  # the caller stops reading; the server must stop too
+        generated_while_idle = sum(len(b) for b in engine.batches)
+        received = 1
+        while (await call.read()) is not grpc.aio.EOF:
+            received += 1
+    assert generated_while_idle < 60, generated_while_idle  # not all 200
+    assert received == 200  # and nothing was lost once reading resumed
