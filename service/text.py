@@ -22,7 +22,8 @@ _FURNITURE = re.compile(
     r"scroll to continue with content|article continues below)$",
     re.IGNORECASE,
 )
-# Lines that end scraped pages: removed only as a trailing run, so article text is never touched.
+# Lines that end scraped pages: removed only as a trailing run, and only when short and not
+# sentence-like (see _is_trailer), so article text is not touched.
 _TRAILER = re.compile(
     r"^(?:share(?: (?:it|this|this (?:article|story|post)|on \w+))?|"
     r"(?:next|previous) (?:story|article|post)\b.*|"
@@ -47,9 +48,27 @@ def clean_article(text: str) -> str:
     text = _CONTROL.sub("", text)
     lines = [_SPACES.sub(" ", line).strip() for line in text.split("\n")]
     lines = [line for line in lines if line and not _FURNITURE.match(_bare(line))]
-    while lines and _TRAILER.match(_bare(lines[-1])):
+    while lines and _is_trailer(lines[-1]):
         lines.pop()
     return "\n".join(lines)
+
+
+_NOTICE = re.compile(r"^(?:copyright|\u00a9|\(c\))\W*(?:\d{4}|\w+ \d{4})|all rights reserved",
+                     re.IGNORECASE)
+_MAX_TRAILER_WORDS = 10
+
+
+def _is_trailer(line: str) -> bool:
+    """A scraped end-of-page line, not a sentence of the article that happens to start alike
+    ("Copyright holders said ...", "Sign up to vote closes on Friday, officials said.")."""
+    bare = _bare(line)
+    if not _TRAILER.match(bare):
+        return False
+    words = len(line.split())
+    if words > _MAX_TRAILER_WORDS:
+        return False
+    is_sentence = line.rstrip().endswith((".", "!", "?")) and words > 5
+    return not is_sentence or bool(_NOTICE.search(line))
 
 
 def _bare(line: str) -> str:

@@ -22,9 +22,29 @@ def test_trailing_scraped_boilerplate_is_removed() -> None:
 def test_inline_advertisement_lines_go_but_article_sentences_stay() -> None:
     raw = ("He said he would read more books this year.\n- Advertisement -\n"
            "Share prices rose.\nRead more about it below, officials said.")
-    # Only whole furniture lines go; a sentence starting "Read more" at the end is a trailer.
     assert clean_article(raw) == ("He said he would read more books this year.\n"
-                                  "Share prices rose.")
+                                  "Share prices rose.\nRead more about it below, officials said.")
+
+
+@pytest.mark.parametrize("sentence", [
+    "Copyright holders said they would challenge the new rules in court.",
+    "Copyright reform passed the Senate on Tuesday, 61 votes to 39.",
+    "Sign up to vote closes on Friday, officials said.",
+    "More from the inquiry will be published on Sunday.",
+    "Subscribers will pay more from January, the company said.",
+])
+def test_closing_sentences_that_start_like_boilerplate_are_kept(sentence: str) -> None:
+    assert clean_article("The council met.\n" + sentence) == "The council met.\n" + sentence
+    assert clean_article(sentence) == sentence
+
+
+@pytest.mark.parametrize("trailer", [
+    "Sign up for our newsletter.", "\u00a9 2024 Example News. All rights reserved.",
+    "Copyright 2025 Example Media Ltd.", "Follow us on X", "Tags: politics, transport",
+    "Read more: Council budget row", "Related stories", "Share this article", "3 comments",
+])
+def test_short_trailing_lines_are_stripped(trailer: str) -> None:
+    assert clean_article("The council met.\n" + trailer) == "The council met."
 
 
 @pytest.mark.parametrize("text", ["", "   \n\t", "Advertisement\nShare it\nRead more"])
