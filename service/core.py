@@ -46,7 +46,8 @@ class SummarizerCore:
         self.engine = engine
         self.settings = settings
         self.limits = Limits(max_num_beams=settings.max_num_beams,
-                             max_new_tokens=settings.max_new_tokens)
+                             max_new_tokens=min(settings.max_new_tokens,
+                                                engine.max_new_tokens or settings.max_new_tokens))
         self.batcher: Batcher[PreparedArticle, Generated] = Batcher(
             self._run_batch, max_batch_size=settings.max_batch_size,
             max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue,

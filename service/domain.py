@@ -9,6 +9,10 @@ from dataclasses import dataclass
 from .errors import InvalidArgument
 
 
+MAX_LENGTH_PENALTY = 10.0
+"""Beam scores divide by length**penalty: far past this they overflow and mean nothing."""
+
+
 class Outputs(enum.Enum):
     BOTH = "both"
     SUMMARY = "summary"
@@ -104,8 +108,11 @@ def resolve_options(requested: RequestedOptions, defaults: GenerationParams,
         raise InvalidArgument("options.num_beams",
                               f"{params.num_beams} is over this server's limit of "
                               f"{limits.max_num_beams}")
-    if params.length_penalty is not None and not math.isfinite(params.length_penalty):
-        raise InvalidArgument("options.length_penalty", "must be a finite number")
+    if params.length_penalty is not None and not (
+            math.isfinite(params.length_penalty)
+            and abs(params.length_penalty) <= MAX_LENGTH_PENALTY):
+        raise InvalidArgument("options.length_penalty",
+                              f"must be between -{MAX_LENGTH_PENALTY} and {MAX_LENGTH_PENALTY}")
     if params.no_repeat_ngram_size is not None and params.no_repeat_ngram_size > 64:
         raise InvalidArgument("options.no_repeat_ngram_size", "must be at most 64")
     return params

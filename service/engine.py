@@ -33,6 +33,8 @@ class Engine(Protocol):
     models: Sequence[ModelDescription]
     defaults: GenerationParams
     """Options applied where a request leaves them unset; `max_input_tokens` is the window."""
+    max_new_tokens: int | None
+    """The most tokens the model(s) can write (a decoder's position limit); None: no limit."""
 
     def prepare(self, texts: Sequence[str], params: GenerationParams) -> list[PreparedArticle]:
         """Tokenise cleaned article texts for the outputs `params` asks for, cutting to the window."""

@@ -38,6 +38,7 @@ class _Checkpoint:
     headline_prefix: str
     model_type: str
     special_ids: frozenset[int]
+    max_new_tokens: int | None
 
     def encode(self, texts: list[str], window: int) -> list[tuple[tuple[int, ...], bool]]:
         """Token ids per text, cut to `window` while keeping the special tokens at both ends."""
@@ -127,8 +128,13 @@ def load_checkpoint(ref: str, settings: Settings, device: str, dtype: Any) -> _C
     window = settings.max_input_tokens or manifest.max_input_tokens
     position_limit = getattr(config, "max_encoder_position_embeddings", None) or getattr(
         config, "max_position_embeddings", None)
-    if position_limit and config.model_type not in ("t5", "mt5", "umt5", "longt5"):
+    relative_positions = config.model_type in ("t5", "mt5", "umt5", "longt5")
+    if position_limit and not relative_positions:
         window = min(window, position_limit)
+    decoder_limit = getattr(config, "max_decoder_position_embeddings", None) or getattr(
+        config, "max_position_embeddings", None)
+    # The decoder start token takes one position.
+    max_new_tokens = None if relative_positions or not decoder_limit else decoder_limit - 1
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else config.pad_token_id
     if pad_id is None:
         raise ModelLoadError(f"cannot load model {ref!r}: its tokenizer defines no padding token")
@@ -140,6 +146,7 @@ def load_checkpoint(ref: str, settings: Settings, device: str, dtype: Any) -> _C
                          else manifest.headline_prefix),
         model_type=config.model_type,
         special_ids=frozenset(tokenizer.all_special_ids) | {pad_id},
+        max_new_tokens=max_new_tokens,
     )
 
 
@@ -163,6 +170,8 @@ class TorchEngine:
         self.summary = load_checkpoint(settings.model, settings, self.device, dtype)
         self.headline = (load_checkpoint(settings.headline_model, settings, self.device, dtype)
                          if settings.headline_model else self.summary)
+        limits = [c.max_new_tokens for c in (self.summary, self.headline) if c.max_new_tokens]
+        self.max_new_tokens = min(limits) if limits else None
         m = self.summary.manifest
         h = self.headline.manifest
         self.defaults = GenerationParams(

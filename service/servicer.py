@@ -194,6 +194,7 @@ class SummarizerServicer(pb_grpc.SummarizerServicer):
                 max_articles_per_request=settings.max_articles_per_request,
                 max_article_chars=settings.max_article_chars,
                 max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
-                max_num_beams=settings.max_num_beams, max_new_tokens=settings.max_new_tokens),
+                max_num_beams=core.limits.max_num_beams,
+                max_new_tokens=core.limits.max_new_tokens),
             server_version=__version__,
         )

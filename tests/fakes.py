@@ -28,6 +28,7 @@ class FakeEngine:
             role="summary+headline", model_id="fake/model", family="bart", model_type="bart",
             max_input_tokens=window, summary_prefix="", headline_prefix="", dtype="float32",
             device="cpu")]
+        self.max_new_tokens: int | None = None
         self.batches: list[list[str]] = []
         self.hold: threading.Event | None = None
         self.started = threading.Event()

@@ -162,3 +162,8 @@ def test_unknown_hub_id_offline_is_a_clear_error(tmp_path: Path, monkeypatch) ->
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     with pytest.raises(ModelLoadError, match=r"cannot load model 'nobody/no-such-model'.*offline"):
         TorchEngine(Settings(model="nobody/no-such-model", offline=True))
+
+
+def test_output_length_is_capped_by_the_decoder_positions(engines) -> None:
+    assert engines["bart"].max_new_tokens == 255  # tiny BART: 256 positions, one for the start
+    assert engines["t5"].max_new_tokens is None  # relative positions: no hard limit

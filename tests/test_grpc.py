@@ -20,7 +20,7 @@ from .fakes import FakeEngine
 BASE = Settings(model="fake/model", max_wait_ms=5)
 
 
-def request(*texts: str, ids: list[str] | None = None, **options: int) -> pb.SummarizeRequest:
+def request(*texts: str, ids: list[str] | None = None, **options: float) -> pb.SummarizeRequest:
     ids = ids if ids is not None else [f"a{i}" for i in range(len(texts))]
     return pb.SummarizeRequest(
         articles=[pb.Article(id=i, text=t) for i, t in zip(ids, texts)],
@@ -111,6 +111,8 @@ async def test_long_article_is_truncated_and_flagged() -> None:
     (request("text", headline_min_tokens=9), "options.headline_min_tokens: 9 is more than"),
     (request("text", num_beams=10000), "options.num_beams: 10000 is over this server's limit"),
     (request("text", summary_max_tokens=100000), "options.summary_max_tokens: 100000 is over"),
+    (request("text", length_penalty=400.0), "options.length_penalty: must be between -10"),
+    (request("text", length_penalty=float("nan")), "options.length_penalty: must be between"),
     (request(*["t"] * 6), "articles: 6 articles, over the limit of 5 per request"),
     (request("text", ids=["i" * 300]), "articles.id (article 0): is 300 characters long"),
 ])
@@ -288,9 +290,15 @@ async def test_graceful_stop_drains_in_flight_and_refuses_new_calls() -> None:
 
 async def test_model_info_reports_models_defaults_and_limits() -> None:
     engine = FakeEngine(window=48)
+    engine.max_new_tokens = 100  # the decoder's position limit is below the server's 512
     async with serving(BASE.replace(max_articles_per_request=7), lambda s: engine) as (
             _, channel):
-        info = await pb_grpc.SummarizerStub(channel).GetModelInfo(pb.GetModelInfoRequest())
+        stub = pb_grpc.SummarizerStub(channel)
+        info = await stub.GetModelInfo(pb.GetModelInfoRequest())
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Summarize(request("text", summary_max_tokens=101), timeout=10)
+    assert "101 is over this server's limit of 100" in caught.value.details()
+    assert info.limits.max_new_tokens == 100
     assert info.engine == "fake"
     assert [(m.model_id, m.role, m.max_input_tokens) for m in info.models] == [
         ("fake/model", "summary+headline", 48)]
