@@ -46,6 +46,6 @@ ENV SUMMARIZER_MODEL=/models/default \
     HF_HUB_OFFLINE=1
 EXPOSE 50051
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
-    CMD ["summarizer", "health", "--server", "127.0.0.1:50051"]
+    CMD ["summarizer", "health"]
 ENTRYPOINT ["summarizer"]
 CMD ["serve"]

@@ -57,7 +57,9 @@ def _parser() -> argparse.ArgumentParser:
 
     health = commands.add_parser(
         "health", help="exit 0 when a server reports SERVING (for container health checks)")
-    health.add_argument("--server", default="127.0.0.1:50051", help="host:port of the server")
+    health.add_argument("--server", default=None,
+                        help="host:port of the server (default: 127.0.0.1 and the port the "
+                             "settings give, e.g. SUMMARIZER_PORT)")
     health.add_argument("--timeout", type=float, default=3.0, help="seconds to wait")
 
     tiny = commands.add_parser(
@@ -80,12 +82,13 @@ def _health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(args.server) as channel:
+    target = args.server or f"127.0.0.1:{config_module.Settings.load().port}"
+    with grpc.insecure_channel(target) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(), timeout=args.timeout)
         except grpc.RpcError as error:
-            print(f"summarizer: {args.server}: {error.code().name}", file=sys.stderr)
+            print(f"summarizer: {target}: {error.code().name}", file=sys.stderr)
             return 1
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     print(status)

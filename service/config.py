@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .domain import MIN_WINDOW_TOKENS
 from .errors import ConfigError
 
 ENV_PREFIX = "SUMMARIZER_"
@@ -87,7 +89,8 @@ class Settings:
     max_num_beams: int = _setting(8, "Largest num_beams a request may ask for.")
     max_new_tokens: int = _setting(512, "Largest summary or headline length a request may ask for.")
     max_concurrent_rpcs: int = _setting(
-        0, "Most RPCs handled at once; past it gRPC answers RESOURCE_EXHAUSTED. 0: no limit.")
+        0, "Most Summarize/SummarizeStream calls handled at once; past it calls get "
+           "RESOURCE_EXHAUSTED. Health checks never count. 0: no limit.")
 
     # --- server ---
     host: str = _setting("0.0.0.0", "Address to listen on.")
@@ -109,8 +112,14 @@ class Settings:
                      "max_batch_tokens", "max_concurrent_rpcs", "port"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative")
-        if self.max_wait_ms < 0 or self.grace_period_s < 0:
-            problems.append("max_wait_ms and grace_period_s must not be negative")
+        if not (0 <= self.max_wait_ms < math.inf and 0 <= self.grace_period_s < math.inf):
+            problems.append("max_wait_ms and grace_period_s must be finite and not negative")
+        if self.max_articles_per_request > self.max_queue:
+            problems.append(f"max_articles_per_request ({self.max_articles_per_request}) must not "
+                            f"exceed max_queue ({self.max_queue}): such a request could never "
+                            "be queued")
+        if 0 < self.max_input_tokens < MIN_WINDOW_TOKENS:
+            problems.append(f"max_input_tokens must be 0 or at least {MIN_WINDOW_TOKENS}")
         for item in fields():
             choices = item.metadata["choices"]
             if choices and getattr(self, item.name) not in choices:

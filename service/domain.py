@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from .errors import InvalidArgument
 
 
+MIN_WINDOW_TOKENS = 16
+"""The smallest input window allowed: room for a task prefix, special tokens and some text."""
 MAX_LENGTH_PENALTY = 10.0
 """Beam scores divide by length**penalty: far past this they overflow and mean nothing."""
 
@@ -95,6 +97,10 @@ def resolve_options(requested: RequestedOptions, defaults: GenerationParams,
                               if requested.no_repeat_ngram_size is None
                               else requested.no_repeat_ngram_size),
     )
+    if 0 < requested.max_input_tokens < MIN_WINDOW_TOKENS:
+        raise InvalidArgument("options.max_input_tokens",
+                              f"{requested.max_input_tokens} is below the minimum of "
+                              f"{MIN_WINDOW_TOKENS}")
     for task in ("summary", "headline"):
         low = getattr(params, f"{task}_min_tokens")
         high = getattr(params, f"{task}_max_tokens")

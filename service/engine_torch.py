@@ -42,8 +42,10 @@ class _Checkpoint:
 
     def encode(self, texts: list[str], window: int) -> list[tuple[tuple[int, ...], bool]]:
         """Token ids per text, cut to `window` while keeping the special tokens at both ends."""
+        # split_special_tokens: "</s>" or "<pad>" typed in an article is text, not a control token.
         encoded = self.tokenizer(texts, padding=False, truncation=False,
-                                 return_special_tokens_mask=True, verbose=False)
+                                 return_special_tokens_mask=True, split_special_tokens=True,
+                                 verbose=False)
         out = []
         for ids, mask in zip(encoded["input_ids"], encoded["special_tokens_mask"]):
             if len(ids) <= window:

@@ -36,8 +36,14 @@ class InvalidArgument(SummarizerError):
         self.article_id = article_id
 
 
-class QueueFull(SummarizerError):
+class Overloaded(SummarizerError):
+    """Too much work already: retry later, with backoff."""
+
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class QueueFull(Overloaded):
+    pass
 
 
 class DeadlineExceeded(SummarizerError):
@@ -51,7 +57,7 @@ class Unavailable(SummarizerError):
 
 
 class GenerationFailed(SummarizerError):
-    """The engine raised while generating; the caller sees a generic message."""
+    """The engine misbehaved; the details go to the log, the caller sees a generic message."""
 
     code = grpc.StatusCode.INTERNAL
 
@@ -70,6 +76,6 @@ class ModelLoadError(SummarizerError):
 
 def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and caller-facing message for any exception."""
-    if isinstance(error, SummarizerError):
+    if isinstance(error, SummarizerError) and not isinstance(error, GenerationFailed):
         return error.code, error.message
     return grpc.StatusCode.INTERNAL, "internal error while summarising; see the server log"

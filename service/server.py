@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import threading
 import time
@@ -65,7 +66,7 @@ class SummarizerServer:
                  engine_factory: EngineFactory = default_engine_factory) -> None:
         self.settings = settings
         self._engine_factory = engine_factory
-        self.servicer = SummarizerServicer()
+        self.servicer = SummarizerServicer(settings.max_concurrent_rpcs)
         self.health = health.aio.HealthServicer()
         self.core: SummarizerCore | None = None
         self.port: int | None = None
@@ -74,9 +75,7 @@ class SummarizerServer:
             ("grpc.max_send_message_length", settings.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ]
-        self.server = grpc.aio.server(
-            options=options,
-            maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None)
+        self.server = grpc.aio.server(options=options)
         add_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if settings.reflection:
@@ -133,8 +132,15 @@ async def run(settings: Settings, engine_factory: EngineFactory = default_engine
     """Serve until SIGTERM or SIGINT, then drain and return."""
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
+
+    def on_signal() -> None:
+        if stop_requested.is_set():  # a second signal: stop waiting for the drain
+            log.warning("second shutdown signal; exiting without finishing in-flight work")
+            os._exit(1)
+        stop_requested.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop_requested.set)
+        loop.add_signal_handler(sig, on_signal)
     server = SummarizerServer(settings, engine_factory)
     await server.listen()
     loading = asyncio.ensure_future(server.load())

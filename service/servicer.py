@@ -5,9 +5,10 @@ Protobuf types never pass this module; the core never sees them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import NoReturn
 
 import grpc
@@ -16,7 +17,7 @@ from google.protobuf.message import DecodeError, Message
 from . import __version__
 from .core import ArticleFailure, ArticleIn, SummarizerCore
 from .domain import ArticleSummary, GenerationParams, Outputs, RequestedOptions
-from .errors import InvalidArgument, SummarizerError, Unavailable, status_for
+from .errors import InvalidArgument, Overloaded, SummarizerError, Unavailable, status_for
 from .gen.summarizer.v1 import summarizer_pb2 as pb
 from .gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
 
@@ -140,8 +141,22 @@ async def abort(context: grpc.aio.ServicerContext, error: Exception) -> NoReturn
 class SummarizerServicer(pb_grpc.SummarizerServicer):
     """Answers UNAVAILABLE until the core is attached (model loaded and warmed up)."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_concurrent_calls: int = 0) -> None:
         self.core: SummarizerCore | None = None
+        self.max_concurrent_calls = max_concurrent_calls
+        self.active_calls = 0
+
+    @contextlib.contextmanager
+    def _admitted(self) -> Iterator[None]:
+        """Count a summarising call against --max-concurrent-rpcs (health checks never count)."""
+        if self.max_concurrent_calls and self.active_calls >= self.max_concurrent_calls:
+            raise Overloaded(f"more than {self.max_concurrent_calls} calls in progress; retry "
+                             "later")
+        self.active_calls += 1
+        try:
+            yield
+        finally:
+            self.active_calls -= 1
 
     def _ready_core(self) -> SummarizerCore:
         if self.core is None:
@@ -151,10 +166,12 @@ class SummarizerServicer(pb_grpc.SummarizerServicer):
     async def Summarize(self, request: pb.SummarizeRequest,
                         context: grpc.aio.ServicerContext) -> pb.SummarizeResponse:
         try:
-            request = _parsed(request)
-            core = self._ready_core()
-            results = await core.summarize(articles_from_pb(request),
-                                           options_from_pb(request.options), deadline_of(context))
+            with self._admitted():
+                request = _parsed(request)
+                core = self._ready_core()
+                results = await core.summarize(articles_from_pb(request),
+                                               options_from_pb(request.options),
+                                               deadline_of(context))
         except Exception as error:  # noqa: BLE001 - mapped to a status code
             await abort(context, error)
         return pb.SummarizeResponse(results=[result_to_pb(r) for r in results])
@@ -168,9 +185,10 @@ class SummarizerServicer(pb_grpc.SummarizerServicer):
                 yield articles_from_pb(request), options_from_pb(request.options)
 
         try:
-            core = self._ready_core()
-            async for result in core.summarize_stream(requests(), deadline_of(context)):
-                yield result_to_pb(result)
+            with self._admitted():
+                core = self._ready_core()
+                async for result in core.summarize_stream(requests(), deadline_of(context)):
+                    yield result_to_pb(result)
         except Exception as error:  # noqa: BLE001 - mapped to a status code
             await abort(context, error)
 

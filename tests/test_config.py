@@ -43,7 +43,11 @@ def test_hf_hub_offline_turns_offline_on() -> None:
     ({"SUMMARIZER_WARMUP": "maybe"}, "SUMMARIZER_WARMUP: cannot read 'maybe' as bool"),
     ({"SUMMARIZER_MAX_BATCH_SIZE": "0"}, "max_batch_size must be at least 1"),
     ({"SUMMARIZER_DTYPE": "int3"}, "dtype must be one of"),
-    ({"SUMMARIZER_MAX_WAIT_MS": "-1"}, "must not be negative"),
+    ({"SUMMARIZER_MAX_WAIT_MS": "-1"}, "must be finite and not negative"),
+    ({"SUMMARIZER_MAX_WAIT_MS": "inf"}, "must be finite and not negative"),
+    ({"SUMMARIZER_GRACE_PERIOD_S": "nan"}, "must be finite and not negative"),
+    ({"SUMMARIZER_MAX_QUEUE": "8"}, r"max_articles_per_request \(256\) must not exceed max_queue"),
+    ({"SUMMARIZER_MAX_INPUT_TOKENS": "4"}, "max_input_tokens must be 0 or at least 16"),
 ])
 def test_bad_values_are_reported_by_name(env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):

@@ -89,6 +89,18 @@ def test_long_input_is_cut_to_the_window_keeping_end_of_sequence(engines, family
     assert list(long.summary_ids[:-1]) == full[:19]  # the start is kept, the end is cut
 
 
+@pytest.mark.parametrize("family", ["bart", "t5", "pegasus"])
+def test_special_tokens_typed_in_an_article_are_plain_text(engines, family: str) -> None:
+    engine = engines[family]
+    tokenizer = engine.summary.tokenizer
+    (article,) = engine.prepare(["The city </s> council <pad> said <unk> no"], params(engine))
+    ids = list(article.summary_ids)
+    assert ids[-1] == tokenizer.eos_token_id and ids.count(tokenizer.eos_token_id) == 1
+    assert tokenizer.pad_token_id not in ids
+    if family == "bart":  # byte-level BPE knows every character: nothing maps to <unk>
+        assert tokenizer.unk_token_id not in ids
+
+
 def test_window_defaults_to_the_family_manifest_capped_by_positions(engines) -> None:
     assert engines["t5"].defaults.max_input_tokens == 512  # T5 family manifest
     assert engines["bart"].defaults.max_input_tokens == 256  # tiny BART's position limit

@@ -90,13 +90,13 @@ async def test_outputs_option_skips_the_other_output() -> None:
 
 
 async def test_long_article_is_truncated_and_flagged() -> None:
-    engine = FakeEngine(window=10)
+    engine = FakeEngine(window=20)
     async with serving(BASE, lambda s: engine) as (_, channel):
         stub = pb_grpc.SummarizerStub(channel)
         reply = await stub.Summarize(request("short", "a much longer article text"))
-        narrowed = await stub.Summarize(request("abcdefgh", max_input_tokens=4))
-    assert [(r.input_tokens, r.truncated) for r in reply.results] == [(5, False), (10, True)]
-    assert (narrowed.results[0].input_tokens, narrowed.results[0].truncated) == (4, True)
+        narrowed = await stub.Summarize(request("abcdefghijklmnopq", max_input_tokens=16))
+    assert [(r.input_tokens, r.truncated) for r in reply.results] == [(5, False), (20, True)]
+    assert (narrowed.results[0].input_tokens, narrowed.results[0].truncated) == (16, True)
 
 
 @pytest.mark.parametrize(("req", "needle"), [
@@ -112,6 +112,7 @@ async def test_long_article_is_truncated_and_flagged() -> None:
     (request("text", num_beams=10000), "options.num_beams: 10000 is over this server's limit"),
     (request("text", summary_max_tokens=100000), "options.summary_max_tokens: 100000 is over"),
     (request("text", length_penalty=400.0), "options.length_penalty: must be between -10"),
+    (request("text", max_input_tokens=5), "options.max_input_tokens: 5 is below the minimum of 16"),
     (request("text", length_penalty=float("nan")), "options.length_penalty: must be between"),
     (request(*["t"] * 6), "articles: 6 articles, over the limit of 5 per request"),
     (request("text", ids=["i" * 300]), "articles.id (article 0): is 300 characters long"),
@@ -145,7 +146,7 @@ async def test_oversized_message_is_refused_and_server_keeps_serving() -> None:
 async def test_full_queue_answers_resource_exhausted() -> None:
     engine = FakeEngine()
     engine.hold = threading.Event()
-    settings = BASE.replace(max_queue=2, max_batch_size=1)
+    settings = BASE.replace(max_queue=2, max_batch_size=1, max_articles_per_request=2)
     async with serving(settings, lambda s: engine) as (server, channel):
         stub = pb_grpc.SummarizerStub(channel)
         running = asyncio.ensure_future(stub.Summarize(request("running"), timeout=10))
@@ -391,3 +392,32 @@ async def test_stream_stops_generating_when_the_caller_stops_reading() -> None:
             received += 1
     assert generated_while_idle < 60, generated_while_idle  # not all 200
     assert received == 200  # and nothing was lost once reading resumed
+
+
+async def test_call_limit_answers_resource_exhausted_but_never_blocks_health() -> None:
+    engine = FakeEngine()
+    engine.hold = threading.Event()
+    async with serving(BASE.replace(max_concurrent_rpcs=1), lambda s: engine) as (_, channel):
+        stub = pb_grpc.SummarizerStub(channel)
+        running = asyncio.ensure_future(stub.Summarize(request("running"), timeout=10))
+        await wait_until(engine.started.is_set)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Summarize(request("second"), timeout=10)
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "more than 1 calls in progress" in caught.value.details()
+        assert await health_status(channel) == health_pb2.HealthCheckResponse.SERVING
+        engine.hold.set()
+        await running
+        assert (await stub.Summarize(request("third"), timeout=10)).results[0].summary
+
+
+async def test_model_failure_is_internal_with_a_generic_message() -> None:
+    engine = FakeEngine()
+    engine.fail_on = "poison"
+    async with serving(BASE, lambda s: engine) as (_, channel):
+        stub = pb_grpc.SummarizerStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Summarize(request("poison pill"), timeout=10)
+        assert caught.value.code() == grpc.StatusCode.INTERNAL
+        assert caught.value.details() == "internal error while summarising; see the server log"
+        assert (await stub.Summarize(request("healthy"), timeout=10)).results[0].summary
