@@ -41,8 +41,8 @@ class Settings:
             "also writes headlines.")
     revision: str = _setting("", "Hub revision (branch, tag or commit) for hub ids; empty: default.")
     family: str = _setting(
-        "", "Force the manifest family (bart, t5, pegasus, ...) instead of detecting it from the "
-            "checkpoint's model_type.")
+        "", "Force the defaults: a family (bart, t5, pegasus, ...) or a manifest name "
+            "(flan-t5-base), instead of detecting them from the checkpoint.")
     offline: bool = _setting(
         False, "Never contact the model hub; load from local files and the hub cache only. "
                "Also turned on by HF_HUB_OFFLINE=1.", env=("HF_HUB_OFFLINE",))

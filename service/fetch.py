@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .errors import ModelLoadError
-from .manifests import source_for
+from .manifests import source_for, write_marker
 
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.md"]
 
@@ -29,4 +29,5 @@ def fetch(model_ref: str, out_dir: str | Path, revision: str = "") -> Path:
     if not any(out.glob("*.safetensors")):
         raise ModelLoadError(f"{repo_id} publishes no safetensors weights; only safetensors "
                              "are served. Convert it with save_pretrained(safe_serialization=True)")
+    write_marker(out, repo_id)  # so serving the directory still finds the model's manifest
     return out

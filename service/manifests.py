@@ -9,6 +9,7 @@ recommended checkpoints and may override any family value. `--model` accepts a m
 from __future__ import annotations
 
 import functools
+import json
 import tomllib
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -99,13 +100,42 @@ def source_for(model_ref: str) -> str:
     return data["hub_id"] if data else model_ref
 
 
+MARKER_FILE = "summarizer-model.json"
+"""Written by `summarizer fetch` into a snapshot: which hub id (and so which manifest) it holds."""
+
+
+def write_marker(directory: Path, hub_id: str) -> None:
+    (directory / MARKER_FILE).write_text(json.dumps({"hub_id": hub_id}) + "\n", encoding="utf-8")
+
+
+def _named_for(model_ref: str) -> dict[str, Any] | None:
+    directory = Path(model_ref).expanduser()
+    if not directory.exists():
+        return lookup(model_ref)
+    marker = directory / MARKER_FILE
+    if marker.is_file():
+        try:
+            return lookup(json.loads(marker.read_text(encoding="utf-8"))["hub_id"])
+        except (ValueError, KeyError, TypeError):
+            raise ConfigError(f"{marker}: unreadable; delete it or fetch the model again") from None
+    return None
+
+
 def manifest_for(model_ref: str, model_type: str, family: str = "") -> Manifest:
-    """Defaults for a checkpoint: the family's, overridden by the checkpoint's named manifest."""
+    """Defaults for a checkpoint: its family's, overridden by its named manifest, if any.
+
+    The named manifest is found by manifest name or hub id, for a directory by the marker
+    `summarizer fetch` leaves there; `family` may force a family or a manifest name.
+    """
     all_families = families()
-    named = None if Path(model_ref).expanduser().exists() else lookup(model_ref)
+    named = _named_for(model_ref)
+    if family and family not in all_families:
+        named = lookup(family)
+        if named is None:
+            known = sorted(all_families) + sorted(named_models())
+            raise ConfigError(f"unknown family or manifest {family!r}; known: {', '.join(known)}")
+        family = ""
     if family:
-        if family not in all_families:
-            raise ConfigError(f"unknown family {family!r}; known: {', '.join(sorted(all_families))}")
         base = all_families[family]
     elif named:
         base = all_families[named["family"]]

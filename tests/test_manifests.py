@@ -42,10 +42,23 @@ def test_manifest_names_resolve_to_hub_ids(tmp_path: Path) -> None:
     assert manifests.source_for(str(tmp_path)) == str(tmp_path)  # a directory stays a directory
 
 
-def test_forced_family_and_unknown_family() -> None:
+def test_forced_family_or_manifest_and_unknown_family() -> None:
     assert manifests.manifest_for("x/y", "bart", family="t5").summary_prefix == "summarize: "
-    with pytest.raises(ConfigError, match="unknown family 'nope'"):
+    forced = manifests.manifest_for("./local-dir", "t5", family="flan-t5-base")
+    assert forced.headline_prefix.startswith("Write a short headline")
+    with pytest.raises(ConfigError, match="unknown family or manifest 'nope'"):
         manifests.manifest_for("x/y", "bart", family="nope")
+
+
+def test_a_fetched_directory_keeps_its_named_manifest(tmp_path: Path) -> None:
+    assert manifests.manifest_for(str(tmp_path), "t5").headline_prefix == "summarize: "
+    manifests.write_marker(tmp_path, "google/flan-t5-base")  # what `summarizer fetch` leaves
+    manifest = manifests.manifest_for(str(tmp_path), "t5")
+    assert manifest.headline_prefix.startswith("Write a short headline")
+    assert manifest.name == "flan-t5-base"
+    (tmp_path / manifests.MARKER_FILE).write_text("{broken")
+    with pytest.raises(ConfigError, match="unreadable"):
+        manifests.manifest_for(str(tmp_path), "t5")
 
 
 @pytest.mark.slow
