@@ -37,6 +37,7 @@ class _Checkpoint:
     summary_prefix: str
     headline_prefix: str
     model_type: str
+    pad_id: int
     special_ids: frozenset[int]
     max_new_tokens: int | None
 
@@ -147,6 +148,7 @@ def load_checkpoint(ref: str, settings: Settings, device: str, dtype: Any) -> _C
         headline_prefix=(settings.headline_prefix if settings.headline_prefix is not None
                          else manifest.headline_prefix),
         model_type=config.model_type,
+        pad_id=pad_id,
         special_ids=frozenset(tokenizer.all_special_ids) | {pad_id},
         max_new_tokens=max_new_tokens,
     )
@@ -260,11 +262,8 @@ class TorchEngine:
 
     def _pad(self, ckpt: _Checkpoint, rows: Sequence[tuple[int, ...] | None]) -> dict[str, Any]:
         torch = self._torch
-        pad_id = ckpt.tokenizer.pad_token_id
-        if pad_id is None:
-            pad_id = ckpt.model.config.pad_token_id
         width = max(len(r or ()) for r in rows)
-        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        ids = torch.full((len(rows), width), ckpt.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, row in enumerate(rows):
             row = row or ()
