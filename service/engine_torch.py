@@ -18,7 +18,7 @@ from typing import Any
 from .config import Settings
 from .domain import Generated, GenerationParams, Outputs, PreparedArticle
 from .engine import WARMUP_TEXT, ModelDescription
-from .errors import ModelLoadError
+from .errors import ModelLoadError, first_line
 from .manifests import Manifest, manifest_for, source_for
 from .text import tidy_headline, tidy_summary
 
@@ -93,11 +93,6 @@ def _looks_like_path(ref: str) -> bool:
     return ref.startswith(("/", "./", "../", "~")) or ref.count("/") > 1
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0]
-
-
 def load_checkpoint(ref: str, settings: Settings, device: str, dtype: Any) -> _Checkpoint:
     """Load one checkpoint, turning every failure into a one-line ModelLoadError."""
     import transformers
@@ -124,7 +119,7 @@ def load_checkpoint(ref: str, settings: Settings, device: str, dtype: Any) -> _C
         hint = ""
         if settings.offline and not local.exists():
             hint = " (offline: the model must already be in the hub cache, or give a directory)"
-        raise ModelLoadError(f"cannot load model {ref!r}: {_first_line(error)}{hint}") from error
+        raise ModelLoadError(f"cannot load model {ref!r}: {first_line(error)}{hint}") from error
     model.to(device)
     model.eval()
     manifest = manifest_for(ref, config.model_type, settings.family)

@@ -74,6 +74,12 @@ class ModelLoadError(SummarizerError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+def first_line(error: BaseException) -> str:
+    """An exception as one line, for errors reported on the command line."""
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0]
+
+
 def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and caller-facing message for any exception."""
     if isinstance(error, SummarizerError) and not isinstance(error, GenerationFailed):

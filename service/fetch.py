@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .errors import ModelLoadError
+from .errors import ModelLoadError, first_line
 from .manifests import source_for, write_marker
 
 log = logging.getLogger(__name__)
@@ -50,8 +50,8 @@ def fetch(model_ref: str, out_dir: str | Path, revision: str = "") -> Path:
                 snapshot_download(repo_id, revision=pr_revision, local_dir=out,
                                   allow_patterns=["*.safetensors", "*.safetensors.index.json"])
     except Exception as error:  # noqa: BLE001 - every failure becomes one clear line
-        first = (str(error).strip() or type(error).__name__).splitlines()[0]
-        raise ModelLoadError(f"cannot fetch {model_ref!r} ({repo_id}): {first}") from error
+        raise ModelLoadError(
+            f"cannot fetch {model_ref!r} ({repo_id}): {first_line(error)}") from error
     if not any(out.glob("*.safetensors")):
         raise ModelLoadError(f"{repo_id} publishes no safetensors weights; only safetensors "
                              "are served. Convert it with save_pretrained(safe_serialization=True)")
