@@ -41,6 +41,14 @@ async def wait_until(condition, timeout_s: float = 5.0) -> None:
         await asyncio.sleep(0.01)
 
 
+async def occupy_worker(stub: pb_grpc.SummarizerStub, engine: FakeEngine,
+                        text: str) -> asyncio.Future:
+    """Start a call and return once the (held) fake engine is generating it."""
+    call = asyncio.ensure_future(stub.Summarize(request(text), timeout=10))
+    await wait_until(engine.started.is_set)
+    return call
+
+
 async def test_summarize_returns_each_article_its_own_result_in_order() -> None:
     engine = FakeEngine()
     async with serving(BASE, lambda s: engine) as (_, channel):
@@ -61,8 +69,7 @@ async def test_concurrent_callers_are_batched_and_never_crossed() -> None:
     settings = BASE.replace(max_batch_size=8, max_wait_ms=50)
     async with serving(settings, lambda s: engine) as (_, channel):
         stub = pb_grpc.SummarizerStub(channel)
-        first = asyncio.ensure_future(stub.Summarize(request("warm the worker"), timeout=10))
-        await wait_until(engine.started.is_set)
+        first = await occupy_worker(stub, engine, "warm the worker")
         calls = [stub.Summarize(request(f"caller {n} text", f"caller {n} more", ids=["x", "y"]),
                                 timeout=10) for n in range(12)]
         tasks = [asyncio.ensure_future(c) for c in calls]
@@ -149,8 +156,7 @@ async def test_full_queue_answers_resource_exhausted() -> None:
     settings = BASE.replace(max_queue=2, max_batch_size=1, max_articles_per_request=2)
     async with serving(settings, lambda s: engine) as (server, channel):
         stub = pb_grpc.SummarizerStub(channel)
-        running = asyncio.ensure_future(stub.Summarize(request("running"), timeout=10))
-        await wait_until(engine.started.is_set)
+        running = await occupy_worker(stub, engine, "running")
         queued = asyncio.ensure_future(stub.Summarize(request("q1", "q2"), timeout=10))
         await wait_until(lambda: server.core.batcher.queue_depth == 2)
         with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -167,8 +173,7 @@ async def test_expired_and_cancelled_requests_are_never_generated() -> None:
     engine.hold = threading.Event()
     async with serving(BASE.replace(max_batch_size=1), lambda s: engine) as (server, channel):
         stub = pb_grpc.SummarizerStub(channel)
-        running = asyncio.ensure_future(stub.Summarize(request("running"), timeout=10))
-        await wait_until(engine.started.is_set)
+        running = await occupy_worker(stub, engine, "running")
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.Summarize(request("expires in the queue"), timeout=0.3)
         assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -270,8 +275,7 @@ async def test_graceful_stop_drains_in_flight_and_refuses_new_calls() -> None:
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     try:
         stub = pb_grpc.SummarizerStub(channel)
-        in_flight = asyncio.ensure_future(stub.Summarize(request("in flight"), timeout=10))
-        await wait_until(engine.started.is_set)
+        in_flight = await occupy_worker(stub, engine, "in flight")
         stopping = asyncio.ensure_future(server.stop(grace_s=10))
         await wait_until(lambda: server.health._server_status.get("")  # noqa: SLF001
                          == health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -399,8 +403,7 @@ async def test_call_limit_answers_resource_exhausted_but_never_blocks_health() -
     engine.hold = threading.Event()
     async with serving(BASE.replace(max_concurrent_rpcs=1), lambda s: engine) as (_, channel):
         stub = pb_grpc.SummarizerStub(channel)
-        running = asyncio.ensure_future(stub.Summarize(request("running"), timeout=10))
-        await wait_until(engine.started.is_set)
+        running = await occupy_worker(stub, engine, "running")
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.Summarize(request("second"), timeout=10)
         assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
