@@ -14,17 +14,24 @@ Scheduling rules:
 - Padding: a group's jobs are taken shortest first, so successive batches hold similar lengths, and
   `max_batch_tokens` caps a batch's padded size (batch size x longest input).
 - Cancelled jobs and jobs past their deadline are dropped before a batch is cut; they never reach
-  the worker. Each job has its own future, so a caller only ever receives its own results.
+  the worker. So are jobs whose deadline is closer than the fastest of the last few batches with
+  their key took: they could not finish in time, so they don't take a slot someone else can use.
+  A cancelled job leaves the queue at once, so its payload (token ids) is freed at once.
+- Failure isolation: when `run_batch` raises, the batch is retried in halves, down to single jobs,
+  so only the input that makes the engine fail gets the error; its batch-mates get their results.
+  The scheduler loop itself survives anything.
+- Each job has its own future, so a caller only ever receives its own results.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import enum
 import logging
 import time
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -36,6 +43,9 @@ log = logging.getLogger(__name__)
 P = TypeVar("P")
 R = TypeVar("R")
 RunBatch = Callable[[Hashable, list[P]], Sequence[R]]
+
+RECENT_BATCHES = 8
+"""How many recent batch durations per key inform the "deadline cannot be met" check."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +72,7 @@ class _Entry:
     future: asyncio.Future
     enqueued_at: float
     state: _State = _State.QUEUED
+    group: _Group | None = None
 
 
 @dataclass(eq=False)
@@ -77,6 +88,11 @@ class BatcherStats:
     jobs: int = 0
     dropped: int = 0
     failed_batches: int = 0
+    """Engine calls that raised (a batch that is split and retried counts once per failed try)."""
+    failed_jobs: int = 0
+    """Jobs that failed on their own, after isolation."""
+    hopeless: int = 0
+    """Jobs dropped because their deadline was closer than a batch takes."""
 
     @property
     def mean_batch_size(self) -> float:
@@ -105,6 +121,7 @@ class Batcher(Generic[P, R]):
         self._task: asyncio.Task | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._closed = False
+        self._recent_s: dict[Hashable, collections.deque[float]] = {}
         self.stats = BatcherStats()
 
     # ----- lifecycle -----
@@ -143,7 +160,7 @@ class Batcher(Generic[P, R]):
 
         Raises QueueFull when the jobs do not all fit, Unavailable once stopped.
         """
-        if self._closed or self._task is None:
+        if self._closed or self._task is None or self._task.done():
             raise Unavailable("server is not accepting work")
         if self._queued + len(jobs) > self.max_queue:
             raise QueueFull(
@@ -155,18 +172,25 @@ class Batcher(Generic[P, R]):
         for entry in entries:
             entry.future.add_done_callback(lambda _f, e=entry: self._on_done(e))
         if entries:
-            ordered = sorted(entries, key=lambda e: e.job.cost)
-            self._groups.append(_Group(collections.deque(ordered)))
+            group = _Group(collections.deque(sorted(entries, key=lambda e: e.job.cost)))
+            for entry in entries:
+                entry.group = group
+            self._groups.append(group)
             self._queued += len(entries)
             self._wakeup.set()
         return [entry.future for entry in entries]
 
     def _on_done(self, entry: _Entry) -> None:
-        # A queued job's future finished early (cancelled by its caller, or expired).
+        # A queued job's future finished early (cancelled by its caller, or expired): it leaves
+        # the queue now, not at the next cut, so its payload is freed while the worker is busy.
         if entry.state is _State.QUEUED:
             entry.state = _State.DROPPED
             self._queued -= 1
             self.stats.dropped += 1
+            if entry.group is not None:
+                with contextlib.suppress(ValueError):  # already pruned
+                    entry.group.entries.remove(entry)
+                entry.group = None
 
     # ----- scheduling -----
     async def _loop(self) -> None:
@@ -208,11 +232,7 @@ class Batcher(Generic[P, R]):
         for group in list(self._groups):
             live = collections.deque()
             for entry in group.entries:
-                if entry.future.done():
-                    continue
-                if entry.job.deadline is not None and entry.job.deadline <= now:
-                    entry.future.set_exception(
-                        DeadlineExceeded("deadline passed while waiting for the model"))
+                if entry.future.done() or self._expire(entry, now):
                     continue
                 live.append(entry)
                 if oldest is None or entry.enqueued_at < oldest.enqueued_at:
@@ -221,6 +241,25 @@ class Batcher(Generic[P, R]):
             if not live:
                 self._groups.remove(group)
         return oldest
+
+    def _expire(self, entry: _Entry, now: float) -> bool:
+        """Fail `entry` if its deadline has passed or is closer than a batch of its key takes."""
+        deadline = entry.job.deadline
+        if deadline is None:
+            return False
+        if deadline <= now:
+            entry.future.set_exception(
+                DeadlineExceeded("deadline passed while waiting for the model"))
+            return True
+        recent = self._recent_s.get(entry.job.key)
+        fastest = min(recent) if recent else 0.0
+        if deadline < now + fastest:
+            self.stats.hopeless += 1
+            entry.future.set_exception(DeadlineExceeded(
+                f"deadline is {deadline - now:.2f}s away, but a batch takes at least "
+                f"{fastest:.2f}s; give the call a longer deadline"))
+            return True
+        return False
 
     def _full_key(self, preferred: Hashable) -> Hashable | None:
         """A key with a full batch queued (the oldest job's key first), or None."""
@@ -268,32 +307,65 @@ class Batcher(Generic[P, R]):
 
     async def _execute(self, loop: asyncio.AbstractEventLoop, key: Hashable,
                        entries: list[_Entry]) -> None:
-        # A caller may have gone between the cut and now; don't spend the model on it.
-        entries = [e for e in entries if not e.future.done()]
-        if not entries:
-            return
+        """Run a batch; if the engine raises, retry the batch in halves down to single jobs, so
+        only the inputs that fail on their own get the error."""
+        parts: list[list[_Entry]] = [entries]
+        try:
+            while parts:
+                # A caller may have gone, or a deadline passed, since the cut (or the last try):
+                # don't spend the model on it.
+                now = self._clock()
+                part = [e for e in parts.pop() if not e.future.done() and not self._expire(e, now)]
+                if not part:
+                    continue
+                error = await self._run(loop, key, part)
+                if error is None:
+                    continue
+                self.stats.failed_batches += 1
+                if len(part) == 1:
+                    self.stats.failed_jobs += 1
+                    log.error("input failed on its own (%s)", type(error).__name__,
+                              exc_info=error)
+                    part[0].future.set_exception(error)
+                else:
+                    log.warning("batch of %d failed (%s: %s); retrying it in halves to isolate "
+                                "the failing input", len(part), type(error).__name__, error)
+                    middle = len(part) // 2
+                    parts += [part[middle:], part[:middle]]  # the first half runs first
+        except asyncio.CancelledError:
+            self._fail_all((e for part in parts for e in part),
+                           Unavailable("server is shutting down"))
+            raise
+
+    async def _run(self, loop: asyncio.AbstractEventLoop, key: Hashable,
+                   entries: list[_Entry]) -> BaseException | None:
+        """One engine call; delivers the results, or returns what went wrong."""
         payloads = [e.job.payload for e in entries]
-        started = time.perf_counter()
+        started = self._clock()
         try:
             results = await loop.run_in_executor(self._executor, self._run_batch, key, payloads)
             if len(results) != len(entries):
                 raise GenerationFailed(
                     f"engine returned {len(results)} results for {len(entries)} inputs")
         except asyncio.CancelledError:
-            for entry in entries:
-                if not entry.future.done():
-                    entry.future.set_exception(Unavailable("server is shutting down"))
+            self._fail_all(entries, Unavailable("server is shutting down"))
             raise
-        except Exception as error:  # noqa: BLE001 - reported to each caller of the batch
-            log.exception("batch of %d failed", len(entries))
-            self.stats.failed_batches += 1
-            for entry in entries:
-                if not entry.future.done():
-                    entry.future.set_exception(error)
-            return
+        except Exception as error:  # noqa: BLE001 - isolated and reported by the caller
+            return error
+        except BaseException as error:  # noqa: BLE001 - e.g. SystemExit raised inside the engine
+            return GenerationFailed(f"engine raised {type(error).__name__}: {error}")
+        elapsed = self._clock() - started
+        self._recent_s.setdefault(key, collections.deque(maxlen=RECENT_BATCHES)).append(elapsed)
         self.stats.batches += 1
         self.stats.jobs += len(entries)
-        log.debug("batch of %d done in %.3fs", len(entries), time.perf_counter() - started)
+        log.debug("batch of %d done in %.3fs", len(entries), elapsed)
         for entry, result in zip(entries, results):
             if not entry.future.done():
                 entry.future.set_result(result)
+        return None
+
+    @staticmethod
+    def _fail_all(entries: Iterable[_Entry], error: BaseException) -> None:
+        for entry in entries:
+            if not entry.future.done():
+                entry.future.set_exception(error)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from . import __version__
 from . import config as config_module
-from .errors import SummarizerError
+from .errors import SummarizerError, code_name
 
 log = logging.getLogger("summarizer")
 
@@ -31,8 +31,21 @@ def _parser() -> argparse.ArgumentParser:
                     "variable; flags win.")
     config_module.add_arguments(serve)
 
+    connection = argparse.ArgumentParser(add_help=False)
+    secure = connection.add_argument_group("connection security")
+    secure.add_argument("--tls", action="store_true",
+                        help="use TLS, verifying the server against the system's CA roots")
+    secure.add_argument("--tls-ca", default="", metavar="PEM",
+                        help="use TLS, verifying the server against this CA bundle")
+    secure.add_argument("--tls-client-cert", default="", metavar="PEM",
+                        help="client certificate for mutual TLS (with --tls-client-key)")
+    secure.add_argument("--tls-client-key", default="", metavar="PEM")
+    secure.add_argument("--auth-token-file", default="", metavar="FILE",
+                        help="file holding the bearer token to send (default: the "
+                             "SUMMARIZER_AUTH_TOKEN environment variable, if set)")
+
     send = commands.add_parser(
-        "summarize", help="summarise articles with a running server; prints JSON Lines",
+        "summarize", parents=[connection], help="summarise articles with a running server; prints JSON Lines",
         description="Send articles to a running server and print one JSON object per article. "
                     "Inputs: plain text files (one article each, id = file name), JSON Lines "
                     "files (*.jsonl, objects with 'id' and 'text'), or '-' for stdin (JSON Lines "
@@ -56,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     fetch.add_argument("--revision", default="", help="branch, tag or commit")
 
     health = commands.add_parser(
-        "health", help="exit 0 when a server reports SERVING (for container health checks)")
+        "health", parents=[connection], help="exit 0 when a server reports SERVING (for container health checks)")
     health.add_argument("--server", default=None,
                         help="host:port of the server (default: 127.0.0.1 and the port the "
                              "settings give, e.g. SUMMARIZER_PORT)")
@@ -78,12 +91,25 @@ def _fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _connection(args: argparse.Namespace) -> dict[str, object]:
+    """The client's security options from the command line (and SUMMARIZER_AUTH_TOKEN)."""
+    token = config_module.client_auth_token()
+    if args.auth_token_file:
+        token = Path(args.auth_token_file).read_text(encoding="utf-8").strip()
+    return {"tls": args.tls, "ca_cert": args.tls_ca, "client_cert": args.tls_client_cert,
+            "client_key": args.tls_client_key, "token": token}
+
+
 def _health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    from .client import open_channel
+
     target = args.server or f"127.0.0.1:{config_module.Settings.load().port}"
-    with grpc.insecure_channel(target) as channel:
+    connection = _connection(args)
+    del connection["token"]  # health checks need no token
+    with open_channel(target, **connection) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(), timeout=args.timeout)
@@ -133,20 +159,27 @@ def _summarize(args: argparse.Namespace) -> int:
     import grpc
 
     from .client import SummarizerClient, make_options
+    from .domain import ArticleFailure
 
     options = make_options(
         summary_max_tokens=args.summary_max_tokens, summary_min_tokens=args.summary_min_tokens,
         headline_max_tokens=args.headline_max_tokens,
         headline_min_tokens=args.headline_min_tokens, num_beams=args.num_beams,
         outputs=args.outputs, max_input_tokens=args.max_input_tokens)
-    with SummarizerClient(args.server, timeout_s=args.timeout) as client:
+    failed = 0
+    with SummarizerClient(args.server, timeout_s=args.timeout, **_connection(args)) as client:
         try:
             for result in client.summarize_batches(_read_inputs(args.inputs), args.batch, options):
-                print(json.dumps(dataclasses.asdict(result), ensure_ascii=False), flush=True)
+                record = dataclasses.asdict(result)
+                if isinstance(result, ArticleFailure):
+                    failed += 1
+                    record = {"id": result.id, "error": {"code": code_name(result.code),
+                                                         "message": result.message}}
+                print(json.dumps(record, ensure_ascii=False), flush=True)
         except grpc.RpcError as error:
             print(f"summarizer: error: {error.code().name}: {error.details()}", file=sys.stderr)
             return 1
-    return 0
+    return 1 if failed else 0
 
 
 def _serve(args: argparse.Namespace) -> int:

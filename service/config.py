@@ -24,9 +24,11 @@ _FALSE = {"0", "false", "no", "off", ""}
 
 
 def _setting(default: Any, help: str, *, choices: tuple[str, ...] | None = None,
-             env: tuple[str, ...] = ()) -> Any:
-    """A settings field with its help text, allowed values and extra environment variable names."""
-    return field(default=default, metadata={"help": help, "choices": choices, "env": env})
+             env: tuple[str, ...] = (), secret: bool = False) -> Any:
+    """A settings field with its help text, allowed values and extra environment variable names.
+    A secret is left out of the settings' repr, so it never reaches a log line."""
+    return field(default=default, repr=not secret,
+                 metadata={"help": help, "choices": choices, "env": env})
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,20 @@ class Settings:
     log_level: str = _setting("INFO", "Log level.",
                               choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 
+    # --- security ---
+    tls_cert: str = _setting("", "PEM certificate chain of the server; with --tls-key, the server "
+                                 "speaks TLS only. Empty: plaintext.")
+    tls_key: str = _setting("", "PEM private key of --tls-cert.")
+    tls_client_ca: str = _setting(
+        "", "PEM CA bundle; when set, clients must present a certificate it signed (mutual TLS).")
+    auth_token: str = _setting(
+        "", "Bearer token every Summarizer and reflection call must carry (`authorization: "
+            "Bearer TOKEN`); health checks are exempt. Prefer the environment variable or "
+            "--auth-tokens-file: a command line is visible to other users.", secret=True)
+    auth_tokens_file: str = _setting(
+        "", "File of accepted bearer tokens, one per line (several allow rotation without "
+            "downtime); combined with --auth-token.")
+
     def __post_init__(self) -> None:
         problems = []
         for name in ("max_batch_size", "max_queue", "max_articles_per_request",
@@ -120,6 +136,10 @@ class Settings:
                             "be queued")
         if 0 < self.max_input_tokens < MIN_WINDOW_TOKENS:
             problems.append(f"max_input_tokens must be 0 or at least {MIN_WINDOW_TOKENS}")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            problems.append("tls_cert and tls_key must be given together")
+        if self.tls_client_ca and not self.tls_cert:
+            problems.append("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
         for item in fields():
             choices = item.metadata["choices"]
             if choices and getattr(self, item.name) not in choices:
@@ -206,9 +226,18 @@ def markdown_table() -> str:
     rows = ["| flag | environment | default | meaning |", "|---|---|---|---|"]
     for item in fields():
         default = "(unset)" if item.default is None else f"`{item.default!r}`"
+        if not item.repr:
+            default = "(unset)"
         env = ", ".join(f"`{name}`" for name in env_names(item))
         meaning = item.metadata["help"]
         if item.metadata["choices"]:
             meaning += " One of: " + ", ".join(item.metadata["choices"]) + "."
         rows.append(f"| `{flag_name(item)}` | {env} | {default} | {meaning.replace('|', '/')} |")
     return "\n".join(rows)
+
+
+def client_auth_token(environ: Mapping[str, str] | None = None) -> str:
+    """The bearer token client commands send when no token file is given: the same variable
+    the server reads, so one secret serves both sides of a deployment."""
+    environ = os.environ if environ is None else environ
+    return environ.get(ENV_PREFIX + "AUTH_TOKEN", "").strip()

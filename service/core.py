@@ -14,10 +14,11 @@ from dataclasses import dataclass
 
 from .batcher import Batcher, Job
 from .config import Settings
-from .domain import (ArticleSummary, Generated, GenerationParams, Limits, PreparedArticle,
-                     RequestedOptions, resolve_options)
+from .domain import (ArticleFailure, ArticleSummary, Generated, GenerationParams, Limits,
+                     PreparedArticle, RequestedOptions, resolve_options)
 from .engine import Engine
-from .errors import InvalidArgument, QueueFull, SummarizerError, status_for
+from .errors import (InvalidArgument, OutOfMemory, QueueFull, SummarizerError,
+                     is_out_of_memory, status_for)
 from .text import clean_article, has_nul, model_text
 
 log = logging.getLogger(__name__)
@@ -32,13 +33,9 @@ class ArticleIn:
     text: str
 
 
-@dataclass(frozen=True)
-class ArticleFailure:
-    """A per-article failure, reported in-band on streams."""
-
-    id: str
-    code: int
-    message: str
+def _failure(article_id: str, error: BaseException) -> ArticleFailure:
+    code, message = status_for(error)
+    return ArticleFailure(article_id, code.value[0], message)
 
 
 class SummarizerCore:
@@ -64,7 +61,15 @@ class SummarizerCore:
 
     def _run_batch(self, params: GenerationParams,
                    batch: list[PreparedArticle]) -> list[Generated]:
-        return self.engine.generate(params, batch)
+        try:
+            return self.engine.generate(params, batch)
+        except Exception as error:
+            if is_out_of_memory(error):
+                # The batcher retries smaller groups; alone, the article gets RESOURCE_EXHAUSTED.
+                raise OutOfMemory(
+                    f"the model ran out of memory on a batch of {len(batch)}; retry later, or "
+                    "send a shorter article or ask for fewer beams") from error
+            raise
 
     # ----- checks -----
     def resolve(self, options: RequestedOptions) -> GenerationParams:
@@ -155,8 +160,12 @@ class SummarizerCore:
         return await asyncio.get_running_loop().run_in_executor(self._prep, work)
 
     async def summarize(self, articles: Sequence[ArticleIn], options: RequestedOptions,
-                        deadline: float | None = None) -> list[ArticleSummary]:
-        """All results in request order; any bad article fails the call before any work starts."""
+                        deadline: float | None = None
+                        ) -> list[ArticleSummary | ArticleFailure]:
+        """All results in request order. Any invalid article fails the call before any work
+        starts. An article that fails in the model (after its batch was split to isolate it)
+        comes back as an ArticleFailure beside its neighbours' results; when every article
+        failed, the call fails with the first failure."""
         self.check_count(articles)
         self.check_ids(articles, required=False)
         params = self.resolve(options)
@@ -166,10 +175,15 @@ class SummarizerCore:
                 raise text
         futures = self._enqueue(articles, await self._prepare(texts, params), params, deadline)
         try:
-            return list(await asyncio.gather(*futures))
+            outcomes = await asyncio.gather(*futures, return_exceptions=True)
         finally:
             for future in futures:
                 future.cancel()
+        errors = [o for o in outcomes if isinstance(o, BaseException)]
+        if len(errors) == len(outcomes):
+            raise errors[0]
+        return [_failure(a.id, o) if isinstance(o, BaseException) else o
+                for a, o in zip(articles, outcomes)]
 
     async def summarize_stream(
         self, requests: AsyncIterator[tuple[Sequence[ArticleIn], RequestedOptions]],
@@ -188,18 +202,14 @@ class SummarizerCore:
         in_flight: set[str] = set()
         waiters: set[asyncio.Future] = set()
 
-        def failure(article_id: str, error: BaseException) -> ArticleFailure:
-            code, message = status_for(error)
-            return ArticleFailure(article_id, code.value[0], message)
-
         async def deliver(article: ArticleIn, future: asyncio.Future[ArticleSummary]) -> None:
             try:
                 outbox.put_nowait(await future)
             except SummarizerError as error:
-                outbox.put_nowait(failure(article.id, error))
+                outbox.put_nowait(_failure(article.id, error))
             except Exception as error:  # noqa: BLE001 - reported in-band, logged
                 log.exception("article %r failed", article.id)
-                outbox.put_nowait(failure(article.id, error))
+                outbox.put_nowait(_failure(article.id, error))
             finally:
                 in_flight.discard(article.id)
 
@@ -216,7 +226,7 @@ class SummarizerCore:
                     texts = [t for t in cleaned if isinstance(t, str)]
                     for article, text in zip(articles, cleaned):
                         if isinstance(text, InvalidArgument):
-                            outbox.put_nowait(failure(article.id, text))
+                            outbox.put_nowait(_failure(article.id, text))
                     if not accepted:
                         continue
                     in_flight.update(a.id for a in accepted)

@@ -157,3 +157,14 @@ class ArticleSummary:
     truncated: bool
     summary_tokens: int
     headline_tokens: int
+
+
+@dataclass(frozen=True)
+class ArticleFailure:
+    """One article that failed on its own, reported in-band (streams, and partial unary results).
+
+    `code` is the numeric gRPC status code (e.g. 13 for INTERNAL)."""
+
+    id: str
+    code: int
+    message: str

@@ -46,6 +46,16 @@ class QueueFull(Overloaded):
     pass
 
 
+class OutOfMemory(Overloaded):
+    """The model ran out of memory on an input even when it ran alone."""
+
+
+class Unauthenticated(SummarizerError):
+    """No valid bearer token: checked before any other work."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
 class DeadlineExceeded(SummarizerError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
@@ -80,8 +90,23 @@ def first_line(error: BaseException) -> str:
     return text.splitlines()[0]
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+    """True for out-of-memory errors of any engine, without importing one: Python's MemoryError,
+    torch.OutOfMemoryError (CUDA) and engines' "out of memory" RuntimeErrors."""
+    return (isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError"
+            or (isinstance(error, RuntimeError) and "out of memory" in str(error).lower()))
+
+
 def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and caller-facing message for any exception."""
     if isinstance(error, SummarizerError) and not isinstance(error, GenerationFailed):
         return error.code, error.message
     return grpc.StatusCode.INTERNAL, "internal error while summarising; see the server log"
+
+
+def code_name(number: int) -> str:
+    """A numeric gRPC status code's name, e.g. 13 -> "INTERNAL"."""
+    for code in grpc.StatusCode:
+        if code.value[0] == number:
+            return code.name
+    return str(number)

@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from .config import Settings
 from .core import SummarizerCore
 from .engine import Engine
+from .security import interceptors, server_credentials
 from .servicer import SERVICE_NAME, SummarizerServicer, add_to_server
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,10 @@ class SummarizerServer:
             ("grpc.max_send_message_length", settings.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ]
-        self.server = grpc.aio.server(options=options)
+        self._credentials = server_credentials(settings)
+        auth = interceptors(settings)
+        self._authenticating = bool(auth)
+        self.server = grpc.aio.server(options=options, interceptors=auth)
         add_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if settings.reflection:
@@ -89,13 +93,24 @@ class SummarizerServer:
     async def listen(self) -> int:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         address = f"{self.settings.host}:{self.settings.port}"
-        self.port = self.server.add_insecure_port(address)
+        if self._credentials is None:
+            self.port = self.server.add_insecure_port(address)
+        else:
+            self.port = self.server.add_secure_port(address, self._credentials)
         if not self.port:
             raise OSError(f"cannot listen on {address}")
         await self.server.start()
-        log.info("listening on %s:%d (NOT_SERVING until the model is ready)",
-                 self.settings.host, self.port)
+        log.info("listening on %s:%d%s (NOT_SERVING until the model is ready)",
+                 self.settings.host, self.port, self._security_summary())
         return self.port
+
+    def _security_summary(self) -> str:
+        parts = []
+        if self._credentials is not None:
+            parts.append("mutual TLS" if self.settings.tls_client_ca else "TLS")
+        if self._authenticating:
+            parts.append("bearer tokens")
+        return f" with {' and '.join(parts)}" if parts else ""
 
     async def load(self) -> None:
         started = time.perf_counter()

@@ -15,8 +15,9 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 
 from . import __version__
-from .core import ArticleFailure, ArticleIn, SummarizerCore
-from .domain import ArticleSummary, GenerationParams, Outputs, RequestedOptions
+from .core import ArticleIn, SummarizerCore
+from .domain import (ArticleFailure, ArticleSummary, GenerationParams, Outputs,
+                     RequestedOptions)
 from .errors import InvalidArgument, Overloaded, SummarizerError, Unavailable, status_for
 from .gen.summarizer.v1 import summarizer_pb2 as pb
 from .gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc

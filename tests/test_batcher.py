@@ -8,7 +8,9 @@ Nothing here sleeps and hopes: waits are for a condition, bounded by a timeout.
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
+import weakref
 import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
@@ -553,55 +555,171 @@ async def test_no_token_cap_by_default(make):
 # 10. failures in run_batch
 
 
-async def test_a_failing_batch_fails_its_futures_and_the_next_batch_still_runs(make):
-    batcher, fake = await make(max_batch_size=2, max_wait_ms=0)
-    boom = RuntimeError("boom")
+def fail_when(poison: int, error: BaseException) -> Callable[[int, Hashable, list[int]], list[int]]:
+    """A behaviour that raises `error` for any batch holding `poison`."""
+    def behaviour(_index: int, _key: Hashable, payloads: list[int]) -> list[int]:
+        if poison in payloads:
+            raise error
+        return [p * 10 for p in payloads]
+    return behaviour
 
-    def behaviour(index: int, _key: Hashable, payloads: list[int]) -> list[int]:
-        if index == 0:
-            raise boom
+
+async def test_one_failing_input_fails_alone_and_its_batch_mates_get_their_results(make):
+    batcher, fake = await make(max_batch_size=8, max_wait_ms=LONG_WAIT_MS)
+    boom = RuntimeError("boom")
+    fake.behaviour = fail_when(4, boom)
+    futures = batcher.submit(jobs(1, 2, 3, 4, 5, 6, 7, 8))
+    outcomes = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), WAIT_S)
+    assert outcomes == [10, 20, 30, boom, 50, 60, 70, 80]
+    # Bisection: the batch, its halves, then down to the poison alone; never a batch of one
+    # that does not hold the poison, and each healthy job generated exactly once.
+    assert fake.batches == [[1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 3, 4], [1, 2], [3, 4], [3], [4],
+                            [5, 6, 7, 8]]
+    assert sorted(p for c, out in zip(fake.calls, fake.batches) for p in out
+                  if 4 not in c.payloads) == [1, 2, 3, 5, 6, 7, 8]
+    assert batcher.stats.failed_jobs == 1
+    assert batcher.stats.failed_batches == 4  # the batch, its first half, [3, 4] and [4]
+
+
+async def test_two_poison_inputs_in_one_batch_both_fail_alone(make):
+    batcher, fake = await make(max_batch_size=8, max_wait_ms=LONG_WAIT_MS)
+
+    def behaviour(_index: int, _key: Hashable, payloads: list[int]) -> list[int]:
+        if 2 in payloads or 7 in payloads:
+            raise ValueError("bad input")
         return [p * 10 for p in payloads]
 
     fake.behaviour = behaviour
+    futures = batcher.submit(jobs(1, 2, 3, 4, 5, 6, 7, 8))
+    outcomes = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), WAIT_S)
+    assert [type(o) if isinstance(o, Exception) else o for o in outcomes] == [
+        10, ValueError, 30, 40, 50, 60, ValueError, 80]
+    assert batcher.stats.failed_jobs == 2
+
+
+async def test_a_failure_that_goes_away_on_retry_fails_nobody(make):
+    # e.g. running out of memory in a big batch: the halves fit.
+    batcher, fake = await make(max_batch_size=8, max_wait_ms=LONG_WAIT_MS)
+
+    def behaviour(_index: int, _key: Hashable, payloads: list[int]) -> list[int]:
+        if len(payloads) > 2:
+            raise MemoryError("batch too big")
+        return [p * 10 for p in payloads]
+
+    fake.behaviour = behaviour
+    futures = batcher.submit(jobs(1, 2, 3, 4, 5, 6, 7, 8))
+    assert await asyncio.wait_for(asyncio.gather(*futures), WAIT_S) == [
+        10, 20, 30, 40, 50, 60, 70, 80]
+    assert [len(b) for b in fake.batches] == [8, 4, 2, 2, 4, 2, 2]
+    assert batcher.stats.failed_jobs == 0
+
+
+async def test_failures_are_isolated_within_a_batch_not_across_batches(make):
+    batcher, fake = await make(max_batch_size=2, max_wait_ms=0)
+    boom = RuntimeError("boom")
+    fake.behaviour = fail_when(1, boom)
     fake.hold(0)
     doomed = batcher.submit(jobs(1, 2))
     await fake.wait_calls(1)
     survivors = batcher.submit(jobs(3, 4))  # queued behind the batch that will fail
     fake.release(0)
-
-    for future in doomed:
-        with pytest.raises(RuntimeError) as caught:
-            await asyncio.wait_for(future, WAIT_S)
-        assert caught.value is boom
+    assert await asyncio.wait_for(asyncio.gather(*doomed, return_exceptions=True),
+                                  WAIT_S) == [boom, 20]
     assert await asyncio.wait_for(asyncio.gather(*survivors), WAIT_S) == [30, 40]
-    assert batcher.stats.failed_batches == 1
-    assert batcher.stats.batches == 1
-    assert batcher.stats.jobs == 2
+    assert fake.batches == [[1, 2], [1], [2], [3, 4]]
     # And the loop keeps serving later work too.
     assert await asyncio.wait_for(batcher.submit(jobs(5))[0], WAIT_S) == 50
 
 
-async def test_wrong_number_of_results_fails_the_batch_with_generation_failed(make):
+async def test_wrong_number_of_results_is_generation_failed_for_each_job(make):
     batcher, fake = await make(max_batch_size=8, max_wait_ms=0)
-    fake.behaviour = lambda i, _k, payloads: (
-        [p * 10 for p in payloads][:-1] if i == 0 else [p * 10 for p in payloads])
+    fake.behaviour = lambda _i, _k, payloads: [p * 10 for p in payloads][:-1]
     futures = batcher.submit(jobs(1, 2, 3))
     for future in futures:
         with pytest.raises(GenerationFailed):
             await asyncio.wait_for(future, WAIT_S)
-    assert batcher.stats.failed_batches == 1
+    assert batcher.stats.failed_jobs == 3
     assert batcher.stats.batches == 0
+    fake.behaviour = lambda _i, _k, payloads: [p * 10 for p in payloads]
     assert await asyncio.wait_for(batcher.submit(jobs(4))[0], WAIT_S) == 40
 
 
-async def test_too_many_results_also_fail_the_batch(make):
+async def test_too_many_results_is_also_generation_failed(make):
     batcher, fake = await make(max_batch_size=8, max_wait_ms=0)
     fake.behaviour = lambda _i, _k, payloads: [p * 10 for p in payloads] + [0]
-    futures = batcher.submit(jobs(1, 2))
-    for future in futures:
-        with pytest.raises(GenerationFailed):
-            await asyncio.wait_for(future, WAIT_S)
-    assert batcher.stats.failed_batches == 1
+    [future] = batcher.submit(jobs(1))
+    with pytest.raises(GenerationFailed):
+        await asyncio.wait_for(future, WAIT_S)
+    assert batcher.stats.failed_jobs == 1
+
+
+@pytest.mark.parametrize("raised", [SystemExit(3), KeyboardInterrupt()])
+async def test_the_loop_survives_an_engine_raising_base_exceptions(make, raised):
+    batcher, fake = await make(max_batch_size=8, max_wait_ms=0)
+
+    def behaviour(index: int, _key: Hashable, payloads: list[int]) -> list[int]:
+        if index == 0:
+            raise raised
+        return [p * 10 for p in payloads]
+
+    fake.behaviour = behaviour
+    [future] = batcher.submit(jobs(1))
+    with pytest.raises(GenerationFailed):
+        await asyncio.wait_for(future, WAIT_S)
+    assert await asyncio.wait_for(batcher.submit(jobs(2))[0], WAIT_S) == 20
+
+
+async def test_a_job_cancelled_while_its_batch_is_retried_is_not_retried(make):
+    batcher, fake = await make(max_batch_size=8, max_wait_ms=LONG_WAIT_MS)
+    fake.behaviour = fail_when(1, RuntimeError("boom"))
+    fake.hold(0)
+    futures = batcher.submit(jobs(1, 2, 3, 4, 5, 6, 7, 8))
+    await fake.wait_calls(1)
+    futures[1].cancel()  # payload 2, in the failing half
+    fake.release(0)
+    await asyncio.wait_for(asyncio.gather(*futures[2:]), WAIT_S)
+    assert 2 not in fake.all_payloads()[8:]
+    assert futures[1].cancelled()
+
+
+async def test_a_job_whose_deadline_cannot_be_met_is_dropped_before_generation(make):
+    now = [1000.0]
+    batcher, fake = await make(max_batch_size=8, max_wait_ms=0, clock=lambda: now[0])
+
+    def behaviour(_index: int, _key: Hashable, payloads: list[int]) -> list[int]:
+        now[0] += 5.0  # every batch takes five (fake) seconds
+        return [p * 10 for p in payloads]
+
+    fake.behaviour = behaviour
+    assert await asyncio.wait_for(batcher.submit(jobs(1))[0], WAIT_S) == 10
+    # Same deadline, but no batch of this key has been timed yet: it is given its chance.
+    [other_key] = batcher.submit(jobs(4, key="never-measured", deadline=now[0] + 2.0))
+    assert await asyncio.wait_for(other_key, WAIT_S) == 40
+    [hopeless] = batcher.submit(jobs(2, deadline=now[0] + 2.0))
+    [fine] = batcher.submit(jobs(3, deadline=now[0] + 60.0))
+    with pytest.raises(DeadlineExceeded, match="longer deadline"):
+        await asyncio.wait_for(hopeless, WAIT_S)
+    assert await asyncio.wait_for(fine, WAIT_S) == 30
+    assert 2 not in fake.all_payloads()
+    assert batcher.stats.hopeless == 1
+
+
+async def test_cancelling_a_queued_job_frees_its_payload_while_the_worker_is_busy(make):
+    class Payload:
+        pass
+
+    batcher, fake = await make(max_batch_size=8, max_wait_ms=0)
+    await busy(batcher, fake)
+    payload = Payload()
+    ref = weakref.ref(payload)
+    [future] = batcher.submit([Job(payload, key="k")])
+    del payload
+    future.cancel()
+    await settle()
+    gc.collect()
+    assert ref() is None, "a cancelled job's payload must not stay queued"
+    assert batcher.queue_depth == 0
+    fake.release(0)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,139 @@
+"""Transport security and caller authentication: TLS / mutual TLS credentials and a bearer-token
+check that runs before any handler (so before any model work).
+
+Health checks are exempt from the token, so load balancers and Kubernetes probes need no secret;
+reflection is not (it describes the API to whoever asks).
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health
+
+from .config import Settings
+from .errors import ConfigError, Unauthenticated, status_for
+
+EXEMPT_SERVICES = frozenset({health.SERVICE_NAME})
+AUTH_METADATA_KEY = "authorization"
+TOKEN_SCHEME = "bearer"
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as error:
+        raise ConfigError(f"cannot read the {what} {path!r}: {error.strerror}") from None
+    if not data.strip():
+        raise ConfigError(f"the {what} {path!r} is empty")
+    return data
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS credentials from the settings, or None for plaintext."""
+    if not settings.tls_cert:
+        return None
+    cert = _read(settings.tls_cert, "TLS certificate (--tls-cert)")
+    key = _read(settings.tls_key, "TLS key (--tls-key)")
+    client_ca = (_read(settings.tls_client_ca, "client CA bundle (--tls-client-ca)")
+                 if settings.tls_client_ca else None)
+    try:
+        return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca,
+                                           require_client_auth=client_ca is not None)
+    except Exception as error:  # noqa: BLE001 - grpc reports bad PEM as various errors
+        raise ConfigError(f"cannot use the TLS certificate and key: {error}") from None
+
+
+def accepted_tokens(settings: Settings) -> tuple[str, ...]:
+    """Every bearer token the server accepts; empty means authentication is off."""
+    tokens = [settings.auth_token.strip()] if settings.auth_token.strip() else []
+    if settings.auth_tokens_file:
+        text = _read(settings.auth_tokens_file, "tokens file (--auth-tokens-file)").decode(
+            "utf-8", errors="replace")
+        tokens += [line.strip() for line in text.splitlines()
+                   if line.strip() and not line.lstrip().startswith("#")]
+    for token in tokens:
+        if any(c.isspace() for c in token) or not token.isprintable():
+            raise ConfigError("a bearer token must be one printable word without spaces")
+    return tuple(tokens)
+
+
+def _service_of(method: str) -> str:
+    # "/package.Service/Method" -> "package.Service"
+    return method.lstrip("/").split("/", 1)[0]
+
+
+def _denying(handler: grpc.RpcMethodHandler, error: Unauthenticated) -> grpc.RpcMethodHandler:
+    """A handler of the same shape as `handler` that ends the call with `error`'s status."""
+    code, message = status_for(error)
+
+    async def deny(_request: Any, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(code, message)
+
+    shape = (handler.request_streaming, handler.response_streaming)
+    make = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }[shape]
+    return make(deny, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+
+
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses calls without `authorization: Bearer <token>` for one of the accepted tokens."""
+
+    def __init__(self, tokens: Iterable[str], exempt_services: frozenset[str] = EXEMPT_SERVICES):
+        self._tokens = [t.encode() for t in tokens]
+        if not self._tokens:
+            raise ValueError("BearerTokenInterceptor needs at least one token")
+        self._exempt = exempt_services
+
+    def _authorised(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> bool:
+        for key, value in metadata or ():
+            if key.lower() != AUTH_METADATA_KEY or not isinstance(value, str):
+                continue
+            scheme, _, token = value.strip().partition(" ")
+            if scheme.lower() != TOKEN_SCHEME:
+                continue
+            presented = token.strip().encode()
+            # Compare with every token, always, in constant time per token.
+            matches = [hmac.compare_digest(presented, t) for t in self._tokens]
+            if any(matches):
+                return True
+        return False
+
+    async def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails],
+                                     Awaitable[grpc.RpcMethodHandler | None]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(details)
+        if handler is None or _service_of(details.method) in self._exempt:
+            return handler
+        if self._authorised(details.invocation_metadata):
+            return handler
+        return _denying(handler, Unauthenticated(
+            "missing or invalid bearer token; send metadata 'authorization: Bearer <token>'"))
+
+
+def interceptors(settings: Settings) -> list[grpc.aio.ServerInterceptor]:
+    tokens = accepted_tokens(settings)
+    return [BearerTokenInterceptor(tokens)] if tokens else []
+
+
+def channel_credentials(*, ca_cert: str = "", client_cert: str = "",
+                        client_key: str = "") -> grpc.ChannelCredentials:
+    """Client side: TLS verified against `ca_cert` (system roots when empty), with a client
+    certificate for mutual TLS when `client_cert` and `client_key` are given."""
+    if bool(client_cert) != bool(client_key):
+        raise ConfigError("a client certificate and its key must be given together")
+    return grpc.ssl_channel_credentials(
+        root_certificates=_read(ca_cert, "CA bundle") if ca_cert else None,
+        private_key=_read(client_key, "client key") if client_key else None,
+        certificate_chain=_read(client_cert, "client certificate") if client_cert else None)
