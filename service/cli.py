@@ -75,6 +75,23 @@ def _parser() -> argparse.ArgumentParser:
                              "settings give, e.g. SUMMARIZER_PORT)")
     health.add_argument("--timeout", type=float, default=3.0, help="seconds to wait")
 
+    soak = commands.add_parser(
+        "soak", parents=[connection], help="load/soak test a running server, verifying every "
+                                           "response; prints a JSON report",
+        description="Many concurrent clients with mixed work (unary calls of 1 to many "
+                    "articles, streams, too-short deadlines, cancellations) for a fixed time. "
+                    "Every response is checked against its request; exits 1 if anything was "
+                    "lost or mismatched or an unprovoked error code came back. For loopback and "
+                    "test deployments only.")
+    soak.add_argument("--server", default="localhost:50051", help="host:port of the server")
+    soak.add_argument("--duration", type=float, default=30.0, help="seconds (default 30)")
+    soak.add_argument("--clients", type=int, default=16, help="concurrent clients (default 16)")
+    soak.add_argument("--max-articles", type=int, default=16,
+                      help="most articles per call (default 16)")
+    soak.add_argument("--max-chars", type=int, default=3000,
+                      help="longest article in characters (default 3000)")
+    soak.add_argument("--seed", type=int, default=1)
+
     tiny = commands.add_parser(
         "make-tiny-model", help="write a tiny random-weight checkpoint (for smoke tests)",
         description="Write a tiny random-weight checkpoint with its tokenizer. It writes "
@@ -119,6 +136,16 @@ def _health(args: argparse.Namespace) -> int:
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     print(status)
     return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+def _soak(args: argparse.Namespace) -> int:
+    from .soak import SoakConfig, main as soak_main
+
+    connection = _connection(args)
+    config = SoakConfig(duration_s=args.duration, clients=args.clients,
+                        max_articles=args.max_articles, max_chars=args.max_chars, seed=args.seed,
+                        token=str(connection.pop("token")))
+    return soak_main(args.server, config, **connection)
 
 
 def _make_tiny_model(args: argparse.Namespace) -> int:
@@ -202,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         commands = {"serve": _serve, "summarize": _summarize, "fetch": _fetch,
-                    "health": _health, "make-tiny-model": _make_tiny_model}
+                    "health": _health, "soak": _soak, "make-tiny-model": _make_tiny_model}
         return commands[args.command](args)
     except SummarizerError as error:
         print(f"summarizer: error: {error.message}", file=sys.stderr)

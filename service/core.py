@@ -17,7 +17,7 @@ from .config import Settings
 from .domain import (ArticleFailure, ArticleSummary, Generated, GenerationParams, Limits,
                      PreparedArticle, RequestedOptions, resolve_options)
 from .engine import Engine
-from .errors import (InvalidArgument, OutOfMemory, QueueFull, SummarizerError,
+from .errors import (GenerationFailed, InvalidArgument, OutOfMemory, QueueFull, SummarizerError,
                      is_out_of_memory, status_for)
 from .text import clean_article, has_nul, model_text
 
@@ -181,7 +181,10 @@ class SummarizerCore:
                 future.cancel()
         errors = [o for o in outcomes if isinstance(o, BaseException)]
         if len(errors) == len(outcomes):
-            raise errors[0]
+            if isinstance(errors[0], SummarizerError):
+                raise errors[0]
+            # Already logged with its traceback where it happened (the batcher).
+            raise GenerationFailed("every article of the call failed") from errors[0]
         return [_failure(a.id, o) if isinstance(o, BaseException) else o
                 for a, o in zip(articles, outcomes)]
 

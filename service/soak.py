@@ -1,0 +1,268 @@
+"""Load and soak test: many concurrent clients with mixed work for a fixed time, every response
+checked against its request.
+
+`summarizer soak --server HOST:PORT --duration 60 --clients 16` drives a running server (loopback
+or a test deployment; never point it at production) with unary calls of 1 to many articles,
+streams, calls with deadlines too short to meet, and calls cancelled midway. It verifies that
+every call answered OK has exactly one result per article, in order, with the ids sent, and that
+every stream returns each id once; that the same article text always comes back with the same
+input token count (a result given to the wrong article would show up here); and it counts errors
+by status code. It exits non-zero when anything was lost or mismatched, or an error code came back
+that the run did not provoke.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import json
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import grpc
+
+from .client import auth_metadata
+from .errors import code_name
+from .gen.summarizer.v1 import summarizer_pb2 as pb
+from .gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
+from .security import channel_credentials
+
+WORDS = ("court", "minister", "river", "market", "election", "storm", "council", "players",
+         "hospital", "bridge", "report", "village", "company", "police", "season", "budget")
+EXPECTED_CODES = frozenset({"OK", "DEADLINE_EXCEEDED", "CANCELLED", "RESOURCE_EXHAUSTED"})
+"""Codes a soak provokes on purpose (short deadlines, cancellations, overload)."""
+
+
+@dataclass
+class SoakConfig:
+    duration_s: float = 30.0
+    clients: int = 16
+    max_articles: int = 16
+    """Most articles in one unary call (the server's per-request limit must allow it)."""
+    pool: int = 200
+    """Distinct article texts; each is sent many times, so results can be compared."""
+    min_chars: int = 40
+    max_chars: int = 3000
+    stream_share: float = 0.2
+    short_deadline_share: float = 0.05
+    cancel_share: float = 0.05
+    timeout_s: float = 120.0
+    seed: int = 1
+    poison: str = ""
+    """Text put into a few articles that the server is known to fail on (fault injection);
+    those articles may fail with INTERNAL, nothing else may."""
+    token: str = ""
+
+
+@dataclass
+class SoakReport:
+    calls: int = 0
+    articles_sent: int = 0
+    results_verified: int = 0
+    in_band_errors: int = 0
+    codes: collections.Counter = field(default_factory=collections.Counter)
+    lost: int = 0
+    mismatched: int = 0
+    problems: list[str] = field(default_factory=list)
+    latencies_s: list[float] = field(default_factory=list)
+    elapsed_s: float = 0.0
+
+    def problem(self, text: str) -> None:
+        self.mismatched += 1
+        if len(self.problems) < 20:
+            self.problems.append(text)
+
+    @property
+    def unexpected_codes(self) -> dict[str, int]:
+        return {c: n for c, n in self.codes.items() if c not in EXPECTED_CODES
+                and c != "INTERNAL_POISON"}
+
+    @property
+    def ok(self) -> bool:
+        return self.lost == 0 and self.mismatched == 0 and not self.unexpected_codes
+
+    def summary(self) -> dict[str, object]:
+        latencies = sorted(self.latencies_s)
+
+        def pct(q: float) -> float:
+            return round(latencies[min(len(latencies) - 1, int(q * len(latencies)))], 3) \
+                if latencies else 0.0
+
+        return {
+            "calls": self.calls, "articles_sent": self.articles_sent,
+            "results_verified": self.results_verified, "in_band_errors": self.in_band_errors,
+            "errors_by_code": dict(sorted(self.codes.items())), "lost": self.lost,
+            "mismatched": self.mismatched, "unexpected_codes": self.unexpected_codes,
+            "latency_p50_s": pct(0.50), "latency_p99_s": pct(0.99),
+            "latency_mean_s": round(statistics.fmean(latencies), 3) if latencies else 0.0,
+            "articles_per_s": round(self.results_verified / self.elapsed_s, 2)
+            if self.elapsed_s else 0.0,
+            "elapsed_s": round(self.elapsed_s, 1), "problems": self.problems,
+        }
+
+
+def make_pool(config: SoakConfig) -> list[str]:
+    """Distinct article texts of mixed lengths; a few carry the poison marker."""
+    rng = random.Random(config.seed)
+    texts = []
+    for n in range(config.pool):
+        length = rng.randint(config.min_chars, config.max_chars)
+        words = [f"Article {n}."]
+        while sum(len(w) + 1 for w in words) < length:
+            words.append(rng.choice(WORDS))
+        if config.poison and n % 50 == 7:
+            words.insert(1, config.poison)
+        texts.append(" ".join(words) + ".")
+    return texts
+
+
+class _Checker:
+    """Verifies results and remembers what each article text gave before."""
+
+    def __init__(self, report: SoakReport, texts: list[str], poison: str) -> None:
+        self.report = report
+        self.texts = texts
+        self.poison = poison
+        self.seen: dict[int, tuple[int, bool]] = {}
+
+    def result(self, article: int, result: pb.ArticleResult) -> None:
+        report = self.report
+        if result.HasField("error"):
+            report.in_band_errors += 1
+            name = code_name(result.error.code)
+            if name == "INTERNAL" and self.poison and self.poison in self.texts[article]:
+                name = "INTERNAL_POISON"
+            report.codes[name] += 1
+            return
+        if self.poison and self.poison in self.texts[article]:
+            report.problem(f"article {article} holds the poison but came back with a result")
+            return
+        fingerprint = (result.input_tokens, result.truncated)
+        before = self.seen.setdefault(article, fingerprint)
+        if before != fingerprint:
+            report.problem(f"article {article}: input_tokens/truncated {fingerprint} now, "
+                           f"{before} before: a result for another article?")
+            return
+        if result.input_tokens == 0:
+            report.problem(f"article {article}: result reads 0 input tokens")
+            return
+        report.results_verified += 1
+
+
+async def _unary(stub: pb_grpc.SummarizerStub, rng: random.Random, config: SoakConfig,
+                 checker: _Checker, serial: int) -> None:
+    report = checker.report
+    count = rng.randint(1, config.max_articles)
+    picks = [rng.randrange(config.pool) for _ in range(count)]
+    ids = [f"{serial}-{i}-{p}" for i, p in enumerate(picks)]
+    request = pb.SummarizeRequest(articles=[pb.Article(id=i, text=checker.texts[p])
+                                            for i, p in zip(ids, picks)])
+    timeout = 0.001 if rng.random() < config.short_deadline_share else config.timeout_s
+    report.calls += 1
+    report.articles_sent += count
+    started = time.monotonic()
+    call = stub.Summarize(request, timeout=timeout, metadata=auth_metadata(config.token))
+    if rng.random() < config.cancel_share:
+        await asyncio.sleep(rng.random() * 0.05)
+        call.cancel()
+    try:
+        reply = await call
+    except asyncio.CancelledError:
+        report.codes["CANCELLED"] += 1
+        return
+    except grpc.aio.AioRpcError as error:
+        name = error.code().name
+        poisoned = config.poison and all(config.poison in checker.texts[p] for p in picks)
+        report.codes["INTERNAL_POISON" if name == "INTERNAL" and poisoned else name] += 1
+        return
+    report.latencies_s.append(time.monotonic() - started)
+    report.codes["OK"] += 1
+    got = [r.id for r in reply.results]
+    if got != ids:
+        missing = len(set(ids) - set(got))
+        report.lost += missing
+        report.problem(f"call {serial}: sent ids {ids[:3]}..., got {got[:3]}... "
+                       f"({len(got)} results for {len(ids)} articles)")
+        return
+    for pick, result in zip(picks, reply.results):
+        checker.result(pick, result)
+
+
+async def _stream(stub: pb_grpc.SummarizerStub, rng: random.Random, config: SoakConfig,
+                  checker: _Checker, serial: int) -> None:
+    report = checker.report
+    requests = []
+    expected: dict[str, int] = {}
+    for r in range(rng.randint(1, 4)):
+        picks = [rng.randrange(config.pool) for _ in range(rng.randint(1, config.max_articles))]
+        articles = []
+        for i, p in enumerate(picks):
+            article_id = f"s{serial}-{r}-{i}-{p}"
+            expected[article_id] = p
+            articles.append(pb.Article(id=article_id, text=checker.texts[p]))
+        requests.append(pb.SummarizeRequest(articles=articles))
+    report.calls += 1
+    report.articles_sent += len(expected)
+    started = time.monotonic()
+    received: set[str] = set()
+    try:
+        async for result in stub.SummarizeStream(iter(requests), timeout=config.timeout_s,
+                                                 metadata=auth_metadata(config.token)):
+            if result.id not in expected:
+                report.problem(f"stream {serial}: unknown id {result.id!r}")
+                continue
+            if result.id in received:
+                report.problem(f"stream {serial}: id {result.id!r} twice")
+                continue
+            received.add(result.id)
+            checker.result(expected[result.id], result)
+    except grpc.aio.AioRpcError as error:
+        report.codes[error.code().name] += 1
+        return
+    report.latencies_s.append(time.monotonic() - started)
+    report.codes["OK"] += 1
+    if len(received) != len(expected):
+        report.lost += len(expected) - len(received)
+        report.problem(f"stream {serial}: {len(expected) - len(received)} ids never came back")
+
+
+async def run_soak(target: str, config: SoakConfig, *, tls: bool = False, ca_cert: str = "",
+                   client_cert: str = "", client_key: str = "") -> SoakReport:
+    """Drive `target` for `config.duration_s` seconds and return the verified figures."""
+    report = SoakReport()
+    checker = _Checker(report, make_pool(config), config.poison)
+    options = [("grpc.max_receive_message_length", 64 * 1024 * 1024),
+               ("grpc.max_send_message_length", 64 * 1024 * 1024)]
+    if tls or ca_cert or client_cert:
+        credentials = channel_credentials(ca_cert=ca_cert, client_cert=client_cert,
+                                          client_key=client_key)
+        channel = grpc.aio.secure_channel(target, credentials, options=options)
+    else:
+        channel = grpc.aio.insecure_channel(target, options=options)
+    stub = pb_grpc.SummarizerStub(channel)
+    end = time.monotonic() + config.duration_s
+    serials = iter(range(1 << 62))
+
+    async def client(number: int) -> None:
+        rng = random.Random(config.seed * 1000 + number)
+        while time.monotonic() < end:
+            work = _stream if rng.random() < config.stream_share else _unary
+            await work(stub, rng, config, checker, next(serials))
+
+    started = time.monotonic()
+    try:
+        await asyncio.gather(*(client(n) for n in range(config.clients)))
+    finally:
+        await channel.close()
+    report.elapsed_s = time.monotonic() - started
+    return report
+
+
+def main(target: str, config: SoakConfig, **security: object) -> int:
+    report = asyncio.run(run_soak(target, config, **security))
+    print(json.dumps({"target": target, "config": dataclasses.asdict(config) | {"token": ""},
+                      **report.summary()}, indent=2))
+    return 0 if report.ok else 1
