@@ -122,6 +122,7 @@ class Batcher(Generic[P, R]):
         self._executor: ThreadPoolExecutor | None = None
         self._closed = False
         self._recent_s: dict[Hashable, collections.deque[float]] = {}
+        self._running = False
         self.stats = BatcherStats()
 
     # ----- lifecycle -----
@@ -131,12 +132,21 @@ class Batcher(Generic[P, R]):
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="summarizer-model")
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="batcher")
 
-    async def stop(self) -> None:
-        """Stop taking work, let the running batch finish, fail what is still queued."""
+    async def stop(self, timeout_s: float | None = None) -> None:
+        """Stop taking work, let the running batch finish (for at most `timeout_s`; its callers
+        get UNAVAILABLE after that), fail what is still queued."""
         self._closed = True
         self._wakeup.set()
         if self._task is not None:
-            await self._task  # returns once the running batch (if any) has been delivered
+            try:
+                # Returns once the running batch (if any) has been delivered.
+                await asyncio.wait_for(asyncio.shield(self._task), timeout_s)
+            except TimeoutError:
+                log.warning("the running batch did not finish in time; its callers get "
+                            "UNAVAILABLE")
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
             self._task = None
         for group in self._groups:
             for entry in group.entries:
@@ -148,6 +158,11 @@ class Batcher(Generic[P, R]):
         if self._executor is not None:
             self._executor.shutdown(wait=False)
             self._executor = None
+
+    @property
+    def worker_busy(self) -> bool:
+        """True while the model thread is still inside `run_batch` (even after stop gave up)."""
+        return self._running
 
     @property
     def queue_depth(self) -> int:
@@ -343,7 +358,7 @@ class Batcher(Generic[P, R]):
         payloads = [e.job.payload for e in entries]
         started = self._clock()
         try:
-            results = await loop.run_in_executor(self._executor, self._run_batch, key, payloads)
+            results = await loop.run_in_executor(self._executor, self._tracked, key, payloads)
             if len(results) != len(entries):
                 raise GenerationFailed(
                     f"engine returned {len(results)} results for {len(entries)} inputs")
@@ -363,6 +378,14 @@ class Batcher(Generic[P, R]):
             if not entry.future.done():
                 entry.future.set_result(result)
         return None
+
+    def _tracked(self, key: Hashable, payloads: list[P]) -> Sequence[R]:
+        # Runs in the worker thread.
+        self._running = True
+        try:
+            return self._run_batch(key, payloads)
+        finally:
+            self._running = False
 
     @staticmethod
     def _fail_all(entries: Iterable[_Entry], error: BaseException) -> None:

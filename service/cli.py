@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -221,7 +222,12 @@ def _serve(args: argparse.Namespace) -> int:
     if settings.log_level != "DEBUG":
         for noisy in ("transformers", "huggingface_hub", "httpx"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
-    asyncio.run(run(settings))
+    if asyncio.run(run(settings)):
+        # A batch abandoned after the grace period still runs in the model thread; Python would
+        # wait for it at exit. Nobody needs its results: exit now, as the grace period promised.
+        log.warning("exiting while the model finishes an abandoned batch")
+        logging.shutdown()
+        os._exit(0)
     return 0
 
 

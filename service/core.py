@@ -55,9 +55,9 @@ class SummarizerCore:
     async def start(self) -> None:
         await self.batcher.start()
 
-    async def stop(self) -> None:
-        await self.batcher.stop()
-        self._prep.shutdown(wait=True)
+    async def stop(self, timeout_s: float | None = None) -> None:
+        await self.batcher.stop(timeout_s)
+        self._prep.shutdown(wait=False, cancel_futures=True)
 
     def _run_batch(self, params: GenerationParams,
                    batch: list[PreparedArticle]) -> list[Generated]:

@@ -135,16 +135,26 @@ class SummarizerServer:
         return port
 
     async def stop(self, grace_s: float | None = None) -> None:
+        """Health NOT_SERVING and new calls refused at once; in-flight calls get `grace_s` to
+        finish, then are cancelled; returns within about `grace_s`, even if the model is still
+        busy with a batch nobody waits for any more (see `worker_busy`)."""
         grace_s = self.settings.grace_period_s if grace_s is None else grace_s
+        deadline = time.monotonic() + grace_s
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace_s)
         if self.core is not None:
-            await self.core.stop()
+            await self.core.stop(timeout_s=max(0.0, deadline - time.monotonic()))
         log.info("stopped")
 
+    @property
+    def worker_busy(self) -> bool:
+        """The model thread is still generating (a batch abandoned at shutdown)."""
+        return self.core is not None and self.core.batcher.worker_busy
 
-async def run(settings: Settings, engine_factory: EngineFactory = default_engine_factory) -> None:
-    """Serve until SIGTERM or SIGINT, then drain and return."""
+
+async def run(settings: Settings, engine_factory: EngineFactory = default_engine_factory) -> bool:
+    """Serve until SIGTERM or SIGINT, then drain and return. True when the model thread is still
+    busy with an abandoned batch: the caller should then exit without joining it."""
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
 
@@ -173,3 +183,4 @@ async def run(settings: Settings, engine_factory: EngineFactory = default_engine
     finally:
         stopping.cancel()
         await server.stop()
+    return server.worker_busy

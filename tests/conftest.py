@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -41,3 +43,31 @@ async def serving(settings: Settings, engine_factory: Callable) -> AsyncIterator
     finally:
         await channel.close()
         await server.stop(grace_s=1.0)
+
+
+@contextlib.contextmanager
+def server_in_thread(settings: Settings, engine_factory: Callable) -> Iterator[int]:
+    """A real server on its own event loop in a thread, for synchronous (hypothesis) tests."""
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    port: list[int] = []
+    servers: list[SummarizerServer] = []
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        server = SummarizerServer(settings.replace(host="127.0.0.1", port=0), engine_factory)
+        servers.append(server)
+        port.append(loop.run_until_complete(server.start()))
+        ready.set()
+        loop.run_forever()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    assert ready.wait(30), "server did not start"
+    try:
+        yield port[0]
+    finally:
+        asyncio.run_coroutine_threadsafe(servers[0].stop(grace_s=1.0), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()

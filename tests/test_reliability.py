@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Iterator, Sequence
 
 import grpc
@@ -21,7 +22,7 @@ from service.gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
 from service.server import SummarizerServer
 from service.soak import SoakConfig, run_soak
 
-from .conftest import serving
+from .conftest import server_in_thread, serving
 from .fakes import FakeEngine
 from .test_grpc import BASE, health_status, occupy_worker, request, wait_until
 
@@ -207,39 +208,11 @@ async def test_unknown_fields_from_a_newer_client_are_ignored() -> None:
 # fuzzing request validation
 
 
-@contextlib.contextmanager
-def server_in_thread(settings: Settings, engine: FakeEngine) -> Iterator[int]:
-    """A real server on its own event loop in a thread, for synchronous (hypothesis) tests."""
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
-    port: list[int] = []
-    servers: list[SummarizerServer] = []
-
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        server = SummarizerServer(settings.replace(host="127.0.0.1", port=0), lambda s: engine)
-        servers.append(server)
-        port.append(loop.run_until_complete(server.start()))
-        ready.set()
-        loop.run_forever()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    assert ready.wait(30), "server did not start"
-    try:
-        yield port[0]
-    finally:
-        asyncio.run_coroutine_threadsafe(servers[0].stop(grace_s=1.0), loop).result(30)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        loop.close()
-
-
 @pytest.fixture(scope="module")
 def fuzz_stub() -> Iterator[pb_grpc.SummarizerStub]:
     engine = FakeEngine(window=128)
     settings = REAL.replace(max_article_chars=2000, max_articles_per_request=8)
-    with server_in_thread(settings, engine) as port:
+    with server_in_thread(settings, lambda s: engine) as port:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             yield pb_grpc.SummarizerStub(channel)
 
@@ -294,7 +267,7 @@ async def test_soak_loses_nothing_crosses_nothing_and_isolates_injected_faults()
     settings = REAL.replace(max_batch_size=8, max_queue=400, max_articles_per_request=16)
     async with serving(settings, lambda s: engine) as (server, _channel):
         config = SoakConfig(duration_s=6.0, clients=12, max_articles=12, pool=120,
-                            max_chars=600, poison="POISON", seed=7)
+                            max_chars=600, poison="POISON", seed=7, same_text=True)
         report = await run_soak(f"127.0.0.1:{server.port}", config)
     figures = report.summary()
     print(figures)
@@ -322,3 +295,29 @@ async def test_article_text_never_reaches_the_log_at_info(caplog) -> None:
                 await stub.Summarize(bad, timeout=10)
     assert any(r.levelno >= logging.ERROR for r in caplog.records), "the failure was logged"
     assert marker not in caplog.text
+
+
+# ----------------------------------------------------------------------------------------------
+# shutdown
+
+
+async def test_stop_returns_within_the_grace_period_even_while_the_model_is_stuck() -> None:
+    engine = FakeEngine()
+    engine.hold = threading.Event()  # generation never finishes on its own (30 s fake timeout)
+    server = SummarizerServer(BASE.replace(host="127.0.0.1", port=0), lambda s: engine)
+    port = await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.SummarizerStub(channel)
+            stuck = await occupy_worker(stub, engine, "stuck in the model")
+            started = time.monotonic()
+            await server.stop(grace_s=0.5)
+            assert time.monotonic() - started < 10, "stop waited for the stuck batch"
+            assert server.worker_busy
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stuck
+            assert caught.value.code() in (grpc.StatusCode.UNAVAILABLE,
+                                           grpc.StatusCode.CANCELLED)
+    finally:
+        engine.hold.set()
+    await wait_until(lambda: not server.worker_busy)
