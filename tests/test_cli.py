@@ -224,3 +224,16 @@ def test_sigterm_during_model_load_exits_promptly(tiny_bart: Path) -> None:
         server.process.kill()
     server.reader.join(timeout=5)
     assert "shutdown requested while loading the model" in "".join(server.log)
+
+
+def test_soak_command_verifies_every_response_of_a_real_model_server(
+        bart_server: ServerProcess) -> None:
+    done = subprocess.run(
+        [*CLI, "soak", "--server", bart_server.target, "--duration", "4", "--clients", "6",
+         "--max-articles", "4", "--max-chars", "600"],
+        capture_output=True, text=True, timeout=120, env=env())
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(done.stdout)
+    assert report["results_verified"] > 0 and report["calls"] > 0
+    assert (report["lost"], report["mismatched"], report["unexpected_codes"]) == (0, 0, {})
+    assert report["errors_by_code"]["OK"] > 0
