@@ -60,6 +60,26 @@ class Job(Generic[P]):
     """Absolute `time.monotonic()` after which the result is useless."""
 
 
+@dataclass(frozen=True)
+class BatchReport:
+    """What one engine call did, for metrics: handed to the `on_batch` hook after every call."""
+
+    key: Hashable
+    costs: tuple[int, ...]
+    """Each job's cost (input tokens), in batch order."""
+    waited_s: tuple[float, ...]
+    """How long each job queued, from submit to the start of this call."""
+    duration_s: float
+    failed: bool
+
+    @property
+    def padding_ratio(self) -> float:
+        """Share of a padded batch (size x longest input) that is padding."""
+        if not self.costs or max(self.costs) == 0:
+            return 0.0
+        return 1.0 - sum(self.costs) / (len(self.costs) * max(self.costs))
+
+
 class _State(enum.Enum):
     QUEUED = "queued"
     RUNNING = "running"
@@ -102,7 +122,8 @@ class BatcherStats:
 class Batcher(Generic[P, R]):
     def __init__(self, run_batch: RunBatch, *, max_batch_size: int, max_wait_ms: float,
                  max_queue: int, max_batch_tokens: int = 0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 on_batch: Callable[[BatchReport], None] | None = None) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
         if max_queue < 1:
@@ -115,6 +136,7 @@ class Batcher(Generic[P, R]):
         self.max_queue = max_queue
         self.max_batch_tokens = max_batch_tokens
         self._clock = clock
+        self._on_batch = on_batch
         self._groups: collections.deque[_Group] = collections.deque()
         self._queued = 0
         self._wakeup = asyncio.Event()
@@ -366,10 +388,12 @@ class Batcher(Generic[P, R]):
             self._fail_all(entries, Unavailable("server is shutting down"))
             raise
         except Exception as error:  # noqa: BLE001 - isolated and reported by the caller
+            self._report(key, entries, started, failed=True)
             return error
         except BaseException as error:  # noqa: BLE001 - e.g. SystemExit raised inside the engine
+            self._report(key, entries, started, failed=True)
             return GenerationFailed(f"engine raised {type(error).__name__}: {error}")
-        elapsed = self._clock() - started
+        elapsed = self._report(key, entries, started, failed=False)
         self._recent_s.setdefault(key, collections.deque(maxlen=RECENT_BATCHES)).append(elapsed)
         self.stats.batches += 1
         self.stats.jobs += len(entries)
@@ -378,6 +402,19 @@ class Batcher(Generic[P, R]):
             if not entry.future.done():
                 entry.future.set_result(result)
         return None
+
+    def _report(self, key: Hashable, entries: list[_Entry], started: float, *,
+                failed: bool) -> float:
+        elapsed = self._clock() - started
+        if self._on_batch is not None:
+            try:
+                self._on_batch(BatchReport(
+                    key=key, costs=tuple(e.job.cost for e in entries),
+                    waited_s=tuple(max(0.0, started - e.enqueued_at) for e in entries),
+                    duration_s=elapsed, failed=failed))
+            except Exception:  # noqa: BLE001 - metrics must never break serving
+                log.exception("on_batch hook failed")
+        return elapsed
 
     def _tracked(self, key: Hashable, payloads: list[P]) -> Sequence[R]:
         # Runs in the worker thread.

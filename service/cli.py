@@ -211,17 +211,14 @@ def _summarize(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from .logs import configure_logging
     from .server import run
 
     settings = config_module.from_arguments(args)
     if not settings.model:
         raise SummarizerError("no model given: pass --model (a directory, hub id or manifest "
                               "name) or set SUMMARIZER_MODEL")
-    logging.basicConfig(level=settings.log_level,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if settings.log_level != "DEBUG":
-        for noisy in ("transformers", "huggingface_hub", "httpx"):
-            logging.getLogger(noisy).setLevel(logging.ERROR)
+    configure_logging(settings.log_level, settings.log_format)
     if asyncio.run(run(settings)):
         # A batch abandoned after the grace period still runs in the model thread; Python would
         # wait for it at exit. Nobody needs its results: exit now, as the grace period promised.

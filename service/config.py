@@ -102,6 +102,11 @@ class Settings:
         30.0, "On SIGTERM/SIGINT, how long in-flight calls may take to finish.")
     log_level: str = _setting("INFO", "Log level.",
                               choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    log_format: str = _setting(
+        "text", "Log lines as text, or as one JSON object per line for log shippers (request "
+                "lines then carry their figures as fields).", choices=("text", "json"))
+    metrics_port: int = _setting(
+        0, "Port for Prometheus metrics (http://HOST:PORT/metrics, on --host); 0: off.")
 
     # --- security ---
     tls_cert: str = _setting("", "PEM certificate chain of the server; with --tls-key, the server "
@@ -125,7 +130,7 @@ class Settings:
                 problems.append(f"{name} must be at least 1")
         for name in ("threads", "max_input_tokens", "summary_max_tokens", "summary_min_tokens",
                      "headline_max_tokens", "headline_min_tokens", "num_beams",
-                     "max_batch_tokens", "max_concurrent_rpcs", "port"):
+                     "max_batch_tokens", "max_concurrent_rpcs", "port", "metrics_port"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative")
         if not (0 <= self.max_wait_ms < math.inf and 0 <= self.grace_period_s < math.inf):

@@ -8,11 +8,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from .batcher import Batcher, Job
+from .batcher import Batcher, BatchReport, Job
 from .config import Settings
 from .domain import (ArticleFailure, ArticleSummary, Generated, GenerationParams, Limits,
                      PreparedArticle, RequestedOptions, resolve_options)
@@ -39,7 +39,8 @@ def _failure(article_id: str, error: BaseException) -> ArticleFailure:
 
 
 class SummarizerCore:
-    def __init__(self, engine: Engine, settings: Settings) -> None:
+    def __init__(self, engine: Engine, settings: Settings,
+                 on_batch: Callable[[BatchReport], None] | None = None) -> None:
         self.engine = engine
         self.settings = settings
         self.limits = Limits(max_num_beams=settings.max_num_beams,
@@ -48,7 +49,7 @@ class SummarizerCore:
         self.batcher: Batcher[PreparedArticle, Generated] = Batcher(
             self._run_batch, max_batch_size=settings.max_batch_size,
             max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue,
-            max_batch_tokens=settings.max_batch_tokens)
+            max_batch_tokens=settings.max_batch_tokens, on_batch=on_batch)
         # Tokenisers are not safe to call from several threads at once: one thread does it all.
         self._prep = ThreadPoolExecutor(max_workers=1, thread_name_prefix="summarizer-prep")
 

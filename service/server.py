@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from .config import Settings
 from .core import SummarizerCore
 from .engine import Engine
+from .metrics import Metrics
 from .security import interceptors, server_credentials
 from .servicer import SERVICE_NAME, SummarizerServicer, add_to_server
 
@@ -67,7 +68,9 @@ class SummarizerServer:
                  engine_factory: EngineFactory = default_engine_factory) -> None:
         self.settings = settings
         self._engine_factory = engine_factory
-        self.servicer = SummarizerServicer(settings.max_concurrent_rpcs)
+        self.metrics = Metrics()
+        self.metrics_port: int | None = None
+        self.servicer = SummarizerServicer(settings.max_concurrent_rpcs, self.metrics)
         self.health = health.aio.HealthServicer()
         self.core: SummarizerCore | None = None
         self.port: int | None = None
@@ -100,6 +103,8 @@ class SummarizerServer:
         if not self.port:
             raise OSError(f"cannot listen on {address}")
         await self.server.start()
+        if self.settings.metrics_port:
+            self.metrics_port = self.metrics.serve(self.settings.host, self.settings.metrics_port)
         log.info("listening on %s:%d%s (NOT_SERVING until the model is ready)",
                  self.settings.host, self.port, self._security_summary())
         return self.port
@@ -119,15 +124,18 @@ class SummarizerServer:
         loaded = time.perf_counter()
         if self.settings.warmup:
             await _in_daemon_thread(engine.warmup, "summarizer-warmup")
-        core = SummarizerCore(engine, self.settings)
+        warmed = time.perf_counter()
+        core = SummarizerCore(engine, self.settings, on_batch=self.metrics.observe_batch)
         await core.start()
+        self.metrics.attach(lambda: core.batcher.queue_depth, core.batcher.stats)
+        self.metrics.model_loaded(engine.name, engine.models, loaded - started, warmed - loaded)
         self.core = core
         self.servicer.core = core
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         described = ", ".join(f"{m.model_id} ({m.role}, {m.family}, {m.dtype} on {m.device})"
                               for m in engine.models)
         log.info("SERVING: %s; engine %s; loaded in %.1fs, warmed up in %.1fs", described,
-                 engine.name, loaded - started, time.perf_counter() - loaded)
+                 engine.name, loaded - started, warmed - loaded)
 
     async def start(self) -> int:
         port = await self.listen()
@@ -144,6 +152,7 @@ class SummarizerServer:
         await self.server.stop(grace_s)
         if self.core is not None:
             await self.core.stop(timeout_s=max(0.0, deadline - time.monotonic()))
+        self.metrics.stop()
         log.info("stopped")
 
     @property

@@ -5,16 +5,20 @@ Protobuf types never pass this module; the core never sees them.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
 from typing import NoReturn
 
 import grpc
 from google.protobuf.message import DecodeError, Message
 
 from . import __version__
+from .metrics import Metrics
 from .core import ArticleIn, SummarizerCore
 from .domain import (ArticleFailure, ArticleSummary, GenerationParams, Outputs,
                      RequestedOptions)
@@ -23,6 +27,7 @@ from .gen.summarizer.v1 import summarizer_pb2 as pb
 from .gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
+REQUEST_ID_KEY = "x-request-id"
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Summarizer"].full_name
 
 
@@ -130,22 +135,90 @@ def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
-async def abort(context: grpc.aio.ServicerContext, error: Exception) -> NoReturn:
+async def abort(context: grpc.aio.ServicerContext, error: Exception,
+                call: CallRecord | None = None) -> NoReturn:
     """End the call with the status `error` maps to; unexpected errors are logged in full."""
     code, message = status_for(error)
     if not isinstance(error, SummarizerError):
         log.error("unexpected error in a call", exc_info=error)
+    if call is not None:
+        call.code = code.name
     await context.abort(code, message)
     raise AssertionError("unreachable")  # pragma: no cover - context.abort always raises
+
+
+@dataclass
+class CallRecord:
+    """What one call did, for its log line and metrics. Never holds article text."""
+
+    method: str
+    request_id: str
+    peer: str
+    started: float = field(default_factory=time.perf_counter)
+    code: str = "OK"
+    articles: int = 0
+    failed: int = 0
+    truncated: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+    def add(self, result: ArticleSummary | ArticleFailure) -> None:
+        if isinstance(result, ArticleFailure):
+            self.failed += 1
+            return
+        self.truncated += result.truncated
+        self.input_tokens += result.input_tokens
+        self.output_tokens += result.summary_tokens + result.headline_tokens
+
+    def fields(self) -> dict[str, object]:
+        return {"method": self.method, "request_id": self.request_id, "status": self.code,
+                "articles": self.articles, "failed": self.failed, "truncated": self.truncated,
+                "input_tokens": self.input_tokens, "output_tokens": self.output_tokens,
+                "latency_ms": round((time.perf_counter() - self.started) * 1000, 1),
+                "peer": self.peer}
+
+
+def _request_id(context: grpc.aio.ServicerContext) -> str:
+    """The caller's `x-request-id` (printable, at most 64 characters), else a new one."""
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_KEY and isinstance(value, str) and value.isprintable():
+            return value[:64]
+    return uuid.uuid4().hex[:16]
 
 
 class SummarizerServicer(pb_grpc.SummarizerServicer):
     """Answers UNAVAILABLE until the core is attached (model loaded and warmed up)."""
 
-    def __init__(self, max_concurrent_calls: int = 0) -> None:
+    def __init__(self, max_concurrent_calls: int = 0, metrics: Metrics | None = None) -> None:
         self.core: SummarizerCore | None = None
         self.max_concurrent_calls = max_concurrent_calls
         self.active_calls = 0
+        self.metrics = metrics
+
+    @contextlib.contextmanager
+    def _recorded(self, method: str, context: grpc.aio.ServicerContext) -> Iterator[CallRecord]:
+        """One log line and the call metrics for every call, however it ends."""
+        call = CallRecord(method, _request_id(context), context.peer() or "")
+        context.set_trailing_metadata(((REQUEST_ID_KEY, call.request_id),))
+        if self.metrics is not None:
+            self.metrics.in_flight.labels(method).inc()
+        try:
+            yield call
+        except asyncio.CancelledError:
+            call.code = "CANCELLED"
+            raise
+        finally:
+            fields = call.fields()
+            if self.metrics is not None:
+                self.metrics.in_flight.labels(method).dec()
+                self.metrics.observe_call(method, call.code, time.perf_counter() - call.started)
+            log.info(" ".join(f"{k}={v}" for k, v in fields.items()),
+                     extra={"request": fields})
+
+    def _observe(self, call: CallRecord, result: ArticleSummary | ArticleFailure) -> None:
+        call.add(result)
+        if self.metrics is not None:
+            self.metrics.observe_result(result)
 
     @contextlib.contextmanager
     def _admitted(self) -> Iterator[None]:
@@ -166,39 +239,51 @@ class SummarizerServicer(pb_grpc.SummarizerServicer):
 
     async def Summarize(self, request: pb.SummarizeRequest,
                         context: grpc.aio.ServicerContext) -> pb.SummarizeResponse:
-        try:
-            with self._admitted():
-                request = _parsed(request)
-                core = self._ready_core()
-                results = await core.summarize(articles_from_pb(request),
-                                               options_from_pb(request.options),
-                                               deadline_of(context))
-        except Exception as error:  # noqa: BLE001 - mapped to a status code
-            await abort(context, error)
-        return pb.SummarizeResponse(results=[result_to_pb(r) for r in results])
+        with self._recorded("Summarize", context) as call:
+            try:
+                with self._admitted():
+                    request = _parsed(request)
+                    call.articles = len(request.articles)
+                    core = self._ready_core()
+                    results = await core.summarize(articles_from_pb(request),
+                                                   options_from_pb(request.options),
+                                                   deadline_of(context))
+            except Exception as error:  # noqa: BLE001 - mapped to a status code
+                await abort(context, error, call)
+            for result in results:
+                self._observe(call, result)
+            return pb.SummarizeResponse(results=[result_to_pb(r) for r in results])
 
     async def SummarizeStream(self, request_iterator: AsyncIterator[pb.SummarizeRequest],
                               context: grpc.aio.ServicerContext
                               ) -> AsyncIterator[pb.ArticleResult]:
-        async def requests() -> AsyncIterator[tuple[list[ArticleIn], RequestedOptions]]:
-            async for raw in request_iterator:
-                request = _parsed(raw)
-                yield articles_from_pb(request), options_from_pb(request.options)
+        with self._recorded("SummarizeStream", context) as call:
+            async def requests() -> AsyncIterator[tuple[list[ArticleIn], RequestedOptions]]:
+                async for raw in request_iterator:
+                    request = _parsed(raw)
+                    call.articles += len(request.articles)
+                    yield articles_from_pb(request), options_from_pb(request.options)
 
-        try:
-            with self._admitted():
-                core = self._ready_core()
-                async for result in core.summarize_stream(requests(), deadline_of(context)):
-                    yield result_to_pb(result)
-        except Exception as error:  # noqa: BLE001 - mapped to a status code
-            await abort(context, error)
+            try:
+                with self._admitted():
+                    core = self._ready_core()
+                    async for result in core.summarize_stream(requests(), deadline_of(context)):
+                        self._observe(call, result)
+                        yield result_to_pb(result)
+            except Exception as error:  # noqa: BLE001 - mapped to a status code
+                await abort(context, error, call)
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest,
                            context: grpc.aio.ServicerContext) -> pb.ModelInfo:
-        try:
-            core = self._ready_core()
-        except Unavailable as error:
-            await abort(context, error)
+        with self._recorded("GetModelInfo", context) as call:
+            try:
+                core = self._ready_core()
+            except Unavailable as error:
+                await abort(context, error, call)
+            return self._model_info(core)
+
+    @staticmethod
+    def _model_info(core: SummarizerCore) -> pb.ModelInfo:
         engine = core.engine
         settings = core.settings
         return pb.ModelInfo(

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from service.batcher import Batcher, BatcherStats, Job
+from service.batcher import Batcher, BatcherStats, BatchReport, Job
 from service.errors import DeadlineExceeded, GenerationFailed, QueueFull, Unavailable
 
 pytestmark = pytest.mark.timeout(10)
@@ -855,3 +855,38 @@ def test_job_defaults_and_immutability():
     assert job.cost == 1 and job.deadline is None
     with pytest.raises(AttributeError):
         job.cost = 5  # type: ignore[misc]
+
+
+# ----------------------------------------------------------------------------------------------
+# 12. the on_batch hook (metrics)
+
+
+async def test_on_batch_reports_every_engine_call_with_costs_waits_and_failures(make):
+    reports: list[BatchReport] = []
+    now = [50.0]
+    batcher, fake = await make(max_batch_size=8, max_wait_ms=LONG_WAIT_MS,
+                               clock=lambda: now[0], on_batch=reports.append)
+
+    def behaviour(_index: int, _key: Hashable, payloads: list[int]) -> list[int]:
+        now[0] += 2.0
+        if 7 in payloads:
+            raise RuntimeError("boom")
+        return [p * 10 for p in payloads]
+
+    fake.behaviour = behaviour
+    futures = batcher.submit(jobs(1, 2, 3, 4, 5, 6, 7, 8))
+    await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), WAIT_S)
+    assert [(r.costs, r.failed) for r in reports] == [
+        ((1, 2, 3, 4, 5, 6, 7, 8), True), ((1, 2, 3, 4), False), ((5, 6, 7, 8), True),
+        ((5, 6), False), ((7, 8), True), ((7,), True), ((8,), False)]
+    assert all(r.duration_s == 2.0 for r in reports)
+    assert reports[0].waited_s == (0.0,) * 8 and reports[1].waited_s == (2.0,) * 4
+    assert reports[0].padding_ratio == pytest.approx(1 - 36 / 64)
+
+
+async def test_a_failing_on_batch_hook_never_breaks_serving(make):
+    def broken(_report: BatchReport) -> None:
+        raise ValueError("metrics bug")
+
+    batcher, _fake = await make(max_batch_size=8, max_wait_ms=0, on_batch=broken)
+    assert await asyncio.wait_for(batcher.submit(jobs(3))[0], WAIT_S) == 30

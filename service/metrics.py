@@ -1,0 +1,148 @@
+"""Prometheus metrics: what a scraper sees on `--metrics-port`.
+
+One `Metrics` object per server, on its own registry (so several servers in one process, as in
+the tests, never share counters). The servicer records calls and results, the batcher's `on_batch`
+hook records batches, and gauges read the queue at scrape time.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+
+from .batcher import BatcherStats, BatchReport
+from .domain import ArticleFailure, ArticleSummary
+from .engine import ModelDescription
+from .errors import code_name
+
+log = logging.getLogger(__name__)
+
+LATENCY_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300)
+BATCH_SIZE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128)
+RATIO_BUCKETS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+class _BatcherStatsCollector(Collector):
+    """Counters the batcher keeps itself, read at scrape time."""
+
+    def __init__(self) -> None:
+        self.stats: BatcherStats | None = None
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        stats = self.stats
+        if stats is None:
+            return
+        dropped = CounterMetricFamily(
+            "summarizer_articles_dropped", "Articles dropped before generation, by reason.",
+            labels=["reason"])
+        dropped.add_metric(["cancelled_or_expired"], stats.dropped)
+        dropped.add_metric(["deadline_unmeetable"], stats.hopeless)
+        yield dropped
+        yield CounterMetricFamily("summarizer_failed_engine_calls",
+                                  "Engine calls that raised (each try of a split batch counts).",
+                                  value=stats.failed_batches)
+        yield CounterMetricFamily("summarizer_isolated_failures",
+                                  "Articles that failed on their own after batch splitting.",
+                                  value=stats.failed_jobs)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("summarizer_requests", "Calls answered, by method and status "
+                                "code.", ["method", "code"], registry=r)
+        self.request_seconds = Histogram(
+            "summarizer_request_duration_seconds", "End-to-end call latency.", ["method"],
+            buckets=LATENCY_BUCKETS_S, registry=r)
+        self.in_flight = Gauge("summarizer_requests_in_flight", "Calls in progress.", ["method"],
+                               registry=r)
+        self.queue_wait_seconds = Histogram(
+            "summarizer_queue_wait_seconds", "Time an article queued before its batch started.",
+            buckets=LATENCY_BUCKETS_S, registry=r)
+        self.queue_depth = Gauge("summarizer_queue_depth", "Articles waiting for the model.",
+                                 registry=r)
+        self.batch_size = Histogram("summarizer_batch_size", "Articles per engine call.",
+                                    buckets=BATCH_SIZE_BUCKETS, registry=r)
+        self.padding_ratio = Histogram(
+            "summarizer_batch_padding_ratio", "Share of a batch's padded input that is padding.",
+            buckets=RATIO_BUCKETS, registry=r)
+        self.batch_seconds = Histogram("summarizer_batch_duration_seconds",
+                                       "Time of one engine call.", buckets=LATENCY_BUCKETS_S,
+                                       registry=r)
+        self.articles = Counter("summarizer_articles", "Articles answered, by outcome (ok or "
+                                "the status code of an in-band error).", ["outcome"],
+                                registry=r)
+        self.input_tokens = Counter("summarizer_input_tokens", "Input tokens the model read.",
+                                    registry=r)
+        self.output_tokens = Counter("summarizer_output_tokens", "Tokens generated, by output.",
+                                     ["output"], registry=r)
+        self.truncated = Counter("summarizer_articles_truncated",
+                                 "Articles cut to the model's input window.", registry=r)
+        self.load_seconds = Gauge("summarizer_model_load_seconds", "Time to load the model.",
+                                  registry=r)
+        self.warmup_seconds = Gauge("summarizer_model_warmup_seconds",
+                                    "Time of the warm-up generation.", registry=r)
+        self.info = Info("summarizer_model", "The loaded engine and models.", registry=r)
+        self._batcher = _BatcherStatsCollector()
+        r.register(self._batcher)
+        self._http = None
+
+    # ----- wiring -----
+    def attach(self, queue_depth: Callable[[], int], stats: BatcherStats) -> None:
+        self.queue_depth.set_function(lambda: float(queue_depth()))
+        self._batcher.stats = stats
+
+    def model_loaded(self, engine: str, models: Iterable[ModelDescription], load_s: float,
+                     warmup_s: float) -> None:
+        self.load_seconds.set(load_s)
+        self.warmup_seconds.set(warmup_s)
+        labels = {"engine": engine}
+        for m in models:
+            prefix = m.role.replace("+", "_")
+            labels.update({f"{prefix}_model": m.model_id, f"{prefix}_family": m.family,
+                           f"{prefix}_dtype": m.dtype, f"{prefix}_device": m.device})
+        self.info.info(labels)
+
+    # ----- observations -----
+    def observe_batch(self, report: BatchReport) -> None:
+        self.batch_seconds.observe(report.duration_s)
+        if report.failed:
+            return  # counted by the batcher's own stats; its articles are retried or reported
+        self.batch_size.observe(len(report.costs))
+        self.padding_ratio.observe(report.padding_ratio)
+        for waited in report.waited_s:
+            self.queue_wait_seconds.observe(waited)
+
+    def observe_result(self, result: ArticleSummary | ArticleFailure) -> None:
+        if isinstance(result, ArticleFailure):
+            self.articles.labels(code_name(result.code)).inc()
+            return
+        self.articles.labels("ok").inc()
+        self.input_tokens.inc(result.input_tokens)
+        self.output_tokens.labels("summary").inc(result.summary_tokens)
+        self.output_tokens.labels("headline").inc(result.headline_tokens)
+        if result.truncated:
+            self.truncated.inc()
+
+    def observe_call(self, method: str, code: str, seconds: float) -> None:
+        self.requests.labels(method, code).inc()
+        self.request_seconds.labels(method).observe(seconds)
+
+    # ----- HTTP endpoint -----
+    def serve(self, host: str, port: int) -> int:
+        """Serve /metrics on a background thread; returns the bound port."""
+        self._http, _thread = start_http_server(port, addr=host, registry=self.registry)
+        bound = self._http.server_address[1]
+        log.info("metrics on http://%s:%d/metrics", host, bound)
+        return bound
+
+    def stop(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
