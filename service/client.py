@@ -1,18 +1,49 @@
-"""A small synchronous client for the Summarizer service (used by `summarizer summarize`)."""
+"""Python clients for the Summarizer service: `SummarizerClient` (blocking) and
+`AsyncSummarizerClient` (asyncio), with the same methods.
+
+- Typed results: `ArticleSummary`, or `ArticleFailure` for an article that failed on its own.
+- Retries with exponential backoff and jitter on UNAVAILABLE and RESOURCE_EXHAUSTED only (a
+  server starting, draining or overloaded); never on INVALID_ARGUMENT, INTERNAL and the like.
+  A call's `timeout_s` is its whole budget, retries included.
+- TLS, mutual TLS and bearer tokens.
+- `summarize_many`: any number of articles through one `SummarizeStream`, at most
+  `max_in_flight` at a time, results as they finish; if the stream breaks with a retryable code,
+  the unanswered articles are sent again on a new stream (nothing lost, nothing twice).
+
+    with SummarizerClient("localhost:50051") as client:
+        for result in client.summarize_many(("id-%d" % n, text) for n, text in enumerate(texts)):
+            print(result.id, result.summary if isinstance(result, ArticleSummary) else result)
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+import asyncio
+import contextlib
+import random
+import threading
+import time
+from collections.abc import (AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable,
+                             Iterator, Sequence)
+from dataclasses import dataclass
+from typing import TypeVar
 
 import grpc
 
 from .domain import ArticleFailure, ArticleSummary
-from .security import channel_credentials
 from .gen.summarizer.v1 import summarizer_pb2 as pb
 from .gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
+from .security import channel_credentials
+
+__all__ = ["ArticleFailure", "ArticleSummary", "AsyncSummarizerClient", "Result", "RetryPolicy",
+           "SummarizerClient", "make_options"]
+
+Result = ArticleSummary | ArticleFailure
+T = TypeVar("T")
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+_POLL_S = 0.1
 
 
-def result_from_pb(message: pb.ArticleResult) -> ArticleSummary | ArticleFailure:
+def result_from_pb(message: pb.ArticleResult) -> Result:
     """A result, or the in-band failure of that one article."""
     if message.HasField("error"):
         return ArticleFailure(id=message.id, code=message.error.code,
@@ -29,24 +60,77 @@ _OUTPUTS = {"both": pb.OUTPUTS_BOTH, "summary": pb.OUTPUTS_SUMMARY,
 
 def make_options(*, summary_max_tokens: int = 0, summary_min_tokens: int = 0,
                  headline_max_tokens: int = 0, headline_min_tokens: int = 0, num_beams: int = 0,
-                 outputs: str = "both", max_input_tokens: int = 0) -> pb.GenerationOptions:
-    """Generation options; 0 leaves a field to the server's default."""
-    return pb.GenerationOptions(
+                 outputs: str = "both", max_input_tokens: int = 0,
+                 length_penalty: float | None = None,
+                 no_repeat_ngram_size: int | None = None) -> pb.GenerationOptions:
+    """Generation options; 0 (or None) leaves a field to the server's default."""
+    options = pb.GenerationOptions(
         summary_max_tokens=summary_max_tokens, summary_min_tokens=summary_min_tokens,
         headline_max_tokens=headline_max_tokens, headline_min_tokens=headline_min_tokens,
         num_beams=num_beams, outputs=_OUTPUTS[outputs], max_input_tokens=max_input_tokens)
+    if length_penalty is not None:
+        options.length_penalty = length_penalty
+    if no_repeat_ngram_size is not None:
+        options.no_repeat_ngram_size = no_repeat_ngram_size
+    return options
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How calls are retried. `attempts` counts the first try; 1 turns retries off."""
+
+    attempts: int = 5
+    initial_backoff_s: float = 0.2
+    max_backoff_s: float = 5.0
+    multiplier: float = 2.0
+    jitter: float = 0.2
+    """Each pause is randomised by +/- this fraction, so clients do not retry in lockstep."""
+    codes: frozenset[grpc.StatusCode] = frozenset({grpc.StatusCode.UNAVAILABLE,
+                                                   grpc.StatusCode.RESOURCE_EXHAUSTED})
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1 or self.initial_backoff_s < 0 or self.multiplier < 1:
+            raise ValueError("attempts >= 1, initial_backoff_s >= 0 and multiplier >= 1")
+
+    def pause_s(self, retry: int) -> float:
+        """The pause before retry number `retry` (1 for the first retry)."""
+        base = min(self.max_backoff_s, self.initial_backoff_s * self.multiplier ** (retry - 1))
+        return base * (1 + random.uniform(-self.jitter, self.jitter))
+
+    def retryable(self, error: grpc.RpcError) -> bool:
+        return isinstance(error, grpc.RpcError) and error.code() in self.codes
+
+
+NO_RETRY = RetryPolicy(attempts=1)
 
 
 def open_channel(target: str, *, tls: bool = False, ca_cert: str = "", client_cert: str = "",
                  client_key: str = "", options: Sequence[tuple[str, object]] = ()
                  ) -> grpc.Channel:
-    """A channel to `target`: TLS when `tls` or any certificate is given (server verified against
-    `ca_cert`, else the system roots; `client_cert`/`client_key` for mutual TLS), else plaintext."""
+    """A blocking channel to `target`: TLS when `tls` or any certificate is given (server verified
+    against `ca_cert`, else the system roots; `client_cert`/`client_key` for mutual TLS)."""
+    credentials = _credentials(tls, ca_cert, client_cert, client_key)
+    if credentials is None:
+        return grpc.insecure_channel(target, options=list(options))
+    return grpc.secure_channel(target, credentials, options=list(options))
+
+
+def open_aio_channel(target: str, *, tls: bool = False, ca_cert: str = "",
+                     client_cert: str = "", client_key: str = "",
+                     options: Sequence[tuple[str, object]] = ()) -> grpc.aio.Channel:
+    """The asyncio twin of `open_channel`."""
+    credentials = _credentials(tls, ca_cert, client_cert, client_key)
+    if credentials is None:
+        return grpc.aio.insecure_channel(target, options=list(options))
+    return grpc.aio.secure_channel(target, credentials, options=list(options))
+
+
+def _credentials(tls: bool, ca_cert: str, client_cert: str,
+                 client_key: str) -> grpc.ChannelCredentials | None:
     if tls or ca_cert or client_cert or client_key:
-        credentials = channel_credentials(ca_cert=ca_cert, client_cert=client_cert,
-                                          client_key=client_key)
-        return grpc.secure_channel(target, credentials, options=list(options))
-    return grpc.insecure_channel(target, options=list(options))
+        return channel_credentials(ca_cert=ca_cert, client_cert=client_cert,
+                                   client_key=client_key)
+    return None
 
 
 def auth_metadata(token: str) -> tuple[tuple[str, str], ...] | None:
@@ -54,16 +138,67 @@ def auth_metadata(token: str) -> tuple[tuple[str, str], ...] | None:
     return (("authorization", f"Bearer {token}"),) if token else None
 
 
+def _request(articles: Sequence[tuple[str, str]],
+             options: pb.GenerationOptions | None) -> pb.SummarizeRequest:
+    return pb.SummarizeRequest(articles=[pb.Article(id=i, text=t) for i, t in articles],
+                               options=options)
+
+
+def _remaining(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+def _channel_options(max_message_bytes: int) -> list[tuple[str, object]]:
+    return [("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes)]
+
+
+class _Pending:
+    """Articles sent on a stream and not answered yet, shared by the thread or task that feeds
+    the stream and the one that reads it; on a broken stream they are sent again."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._texts: dict[str, str] = {}
+
+    def add(self, article_id: str, text: str) -> None:
+        with self._lock:
+            if article_id in self._texts:
+                raise ValueError(f"duplicate article id {article_id!r} in flight")
+            self._texts[article_id] = text
+
+    def answered(self, article_id: str) -> bool:
+        with self._lock:
+            return self._texts.pop(article_id, None) is not None
+
+    def snapshot(self) -> list[tuple[str, str]]:
+        with self._lock:
+            return list(self._texts.items())
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._texts)
+
+
+def _check_id(article: tuple[str, str]) -> tuple[str, str]:
+    article_id, text = article
+    if not article_id:
+        raise ValueError("summarize_many needs a non-empty id for every article")
+    return article_id, text
+
+
 class SummarizerClient:
+    """Blocking client. `timeout_s` is each call's budget, retries included (None: no limit)."""
+
     def __init__(self, target: str, *, timeout_s: float | None = 300.0,
-                 max_message_bytes: int = 64 * 1024 * 1024, tls: bool = False,
-                 ca_cert: str = "", client_cert: str = "", client_key: str = "",
-                 token: str = "") -> None:
+                 retry: RetryPolicy = RetryPolicy(), tls: bool = False, ca_cert: str = "",
+                 client_cert: str = "", client_key: str = "", token: str = "",
+                 max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
         self.timeout_s = timeout_s
-        self._channel = open_channel(
-            target, tls=tls, ca_cert=ca_cert, client_cert=client_cert, client_key=client_key,
-            options=[("grpc.max_receive_message_length", max_message_bytes),
-                     ("grpc.max_send_message_length", max_message_bytes)])
+        self.retry = retry
+        self._channel = open_channel(target, tls=tls, ca_cert=ca_cert, client_cert=client_cert,
+                                     client_key=client_key,
+                                     options=_channel_options(max_message_bytes))
         self._metadata = auth_metadata(token)
         self._stub = pb_grpc.SummarizerStub(self._channel)
 
@@ -76,21 +211,35 @@ class SummarizerClient:
     def close(self) -> None:
         self._channel.close()
 
+    def _with_retries(self, call: Callable[[float | None], T],
+                      timeout_s: float | None) -> T:
+        budget = self.timeout_s if timeout_s is None else timeout_s
+        deadline = None if budget is None else time.monotonic() + budget
+        for attempt in range(1, self.retry.attempts + 1):
+            try:
+                return call(_remaining(deadline))
+            except grpc.RpcError as error:
+                if attempt == self.retry.attempts or not self.retry.retryable(error):
+                    raise
+                pause = self.retry.pause_s(attempt)
+                if deadline is not None and time.monotonic() + pause >= deadline:
+                    raise
+                time.sleep(pause)
+        raise AssertionError("unreachable")  # pragma: no cover
+
     def summarize(self, articles: Sequence[tuple[str, str]],
-                  options: pb.GenerationOptions | None = None
-                  ) -> list[ArticleSummary | ArticleFailure]:
+                  options: pb.GenerationOptions | None = None, *,
+                  timeout_s: float | None = None) -> list[Result]:
         """Summarise (id, text) pairs in one call; results in the same order. An article that
         failed on its own (while others succeeded) comes back as an ArticleFailure."""
-        request = pb.SummarizeRequest(
-            articles=[pb.Article(id=article_id, text=text) for article_id, text in articles],
-            options=options)
-        response = self._stub.Summarize(request, timeout=self.timeout_s,
-                                        metadata=self._metadata)
+        request = _request(articles, options)
+        response = self._with_retries(
+            lambda remaining: self._stub.Summarize(request, timeout=remaining,
+                                                   metadata=self._metadata), timeout_s)
         return [result_from_pb(r) for r in response.results]
 
     def summarize_batches(self, articles: Iterable[tuple[str, str]], batch_size: int,
-                          options: pb.GenerationOptions | None = None
-                          ) -> Iterator[ArticleSummary | ArticleFailure]:
+                          options: pb.GenerationOptions | None = None) -> Iterator[Result]:
         """Summarise any number of articles, `batch_size` per call, yielding results in order."""
         batch: list[tuple[str, str]] = []
         for article in articles:
@@ -101,6 +250,223 @@ class SummarizerClient:
         if batch:
             yield from self.summarize(batch, options)
 
-    def model_info(self) -> pb.ModelInfo:
-        return self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout_s,
-                                       metadata=self._metadata)
+    def summarize_many(self, articles: Iterable[tuple[str, str]],
+                       options: pb.GenerationOptions | None = None, *, max_in_flight: int = 64,
+                       request_size: int = 16) -> Iterator[Result]:
+        """Summarise an iterable of (id, text) of any size through SummarizeStream, with at most
+        `max_in_flight` articles sent and unanswered; results in completion order. Ids must be
+        unique among the articles in flight. The iterable is read lazily."""
+        if max_in_flight < 1 or request_size < 1:
+            raise ValueError("max_in_flight and request_size must be at least 1")
+        source = iter(articles)
+        pending = _Pending()
+        slots = threading.Semaphore(max_in_flight)
+        exhausted = threading.Event()
+        feeding = threading.Lock()
+        retries = 0
+        while True:
+            stop = threading.Event()
+
+            def requests(resend: list[tuple[str, str]],
+                         stop: threading.Event) -> Iterator[pb.SummarizeRequest]:
+                for start in range(0, len(resend), request_size):
+                    yield _request(resend[start:start + request_size], options)
+                while not exhausted.is_set() and not stop.is_set():
+                    batch: list[tuple[str, str]] = []
+                    while len(batch) < request_size:
+                        if not slots.acquire(timeout=_POLL_S):
+                            if batch or stop.is_set():
+                                break  # send what we have rather than wait for a slot
+                            continue
+                        # Under the lock, so a broken stream's feeder cannot take an article
+                        # after the next stream has listed what to send again.
+                        with feeding:
+                            article = None if stop.is_set() else next(source, None)
+                            if article is None:
+                                slots.release()
+                                if not stop.is_set():
+                                    exhausted.set()
+                                break
+                            article_id, text = _check_id(article)
+                            pending.add(article_id, text)
+                        batch.append((article_id, text))
+                    if batch:
+                        yield _request(batch, options)
+
+            stream = self._stub.SummarizeStream(requests(pending.snapshot(), stop),
+                                                metadata=self._metadata)
+            try:
+                for message in stream:
+                    if pending.answered(message.id):
+                        retries = 0  # progress: a later break gets the full retry budget
+                        slots.release()
+                        yield result_from_pb(message)
+                    if exhausted.is_set() and not len(pending):
+                        break
+                if exhausted.is_set() and not len(pending):
+                    return
+                raise RuntimeError("the stream ended with articles unanswered")
+            except grpc.RpcError as error:
+                with feeding:
+                    stop.set()
+                retries += 1
+                if retries >= self.retry.attempts or not self.retry.retryable(error):
+                    raise
+                time.sleep(self.retry.pause_s(retries))
+            finally:
+                with feeding:
+                    stop.set()
+                stream.cancel()
+
+    def model_info(self, *, timeout_s: float | None = None) -> pb.ModelInfo:
+        return self._with_retries(
+            lambda remaining: self._stub.GetModelInfo(pb.GetModelInfoRequest(),
+                                                      timeout=remaining,
+                                                      metadata=self._metadata), timeout_s)
+
+
+class AsyncSummarizerClient:
+    """The asyncio client: the same methods as SummarizerClient, awaitable."""
+
+    def __init__(self, target: str, *, timeout_s: float | None = 300.0,
+                 retry: RetryPolicy = RetryPolicy(), tls: bool = False, ca_cert: str = "",
+                 client_cert: str = "", client_key: str = "", token: str = "",
+                 max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
+        self.timeout_s = timeout_s
+        self.retry = retry
+        self._channel = open_aio_channel(target, tls=tls, ca_cert=ca_cert,
+                                         client_cert=client_cert, client_key=client_key,
+                                         options=_channel_options(max_message_bytes))
+        self._metadata = auth_metadata(token)
+        self._stub = pb_grpc.SummarizerStub(self._channel)
+
+    async def __aenter__(self) -> AsyncSummarizerClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def _with_retries(self, call: Callable[[float | None], Awaitable[T]],
+                            timeout_s: float | None) -> T:
+        budget = self.timeout_s if timeout_s is None else timeout_s
+        deadline = None if budget is None else time.monotonic() + budget
+        for attempt in range(1, self.retry.attempts + 1):
+            try:
+                return await call(_remaining(deadline))
+            except grpc.RpcError as error:
+                if attempt == self.retry.attempts or not self.retry.retryable(error):
+                    raise
+                pause = self.retry.pause_s(attempt)
+                if deadline is not None and time.monotonic() + pause >= deadline:
+                    raise
+                await asyncio.sleep(pause)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def summarize(self, articles: Sequence[tuple[str, str]],
+                        options: pb.GenerationOptions | None = None, *,
+                        timeout_s: float | None = None) -> list[Result]:
+        request = _request(articles, options)
+        response = await self._with_retries(
+            lambda remaining: self._stub.Summarize(request, timeout=remaining,
+                                                   metadata=self._metadata), timeout_s)
+        return [result_from_pb(r) for r in response.results]
+
+    async def summarize_many(self, articles: Iterable[tuple[str, str]] | AsyncIterable[
+            tuple[str, str]], options: pb.GenerationOptions | None = None, *,
+            max_in_flight: int = 64, request_size: int = 16) -> AsyncIterator[Result]:
+        """See SummarizerClient.summarize_many; `articles` may also be an async iterable."""
+        if max_in_flight < 1 or request_size < 1:
+            raise ValueError("max_in_flight and request_size must be at least 1")
+        source = _aiter(articles)
+        pending = _Pending()
+        slots = asyncio.Semaphore(max_in_flight)
+        exhausted = asyncio.Event()
+        retries = 0
+
+        async def feed(call: grpc.aio.StreamStreamCall, resend: list[tuple[str, str]]) -> None:
+            # Writes requests; a write to a stream that has failed ends the feeding, and the
+            # reader sees the stream's real status.
+            with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
+                for start in range(0, len(resend), request_size):
+                    await call.write(_request(resend[start:start + request_size], options))
+                while not exhausted.is_set():
+                    batch: list[tuple[str, str]] = []
+                    while len(batch) < request_size:
+                        if batch and slots.locked():
+                            break  # send what we have rather than wait for a slot
+                        await slots.acquire()
+                        article = await anext(source, None)
+                        if article is None:
+                            slots.release()
+                            exhausted.set()
+                            break
+                        article_id, text = _check_id(article)
+                        pending.add(article_id, text)
+                        batch.append((article_id, text))
+                    if batch:
+                        await call.write(_request(batch, options))
+                await call.done_writing()
+
+        while True:
+            call = self._stub.SummarizeStream(metadata=self._metadata)
+            feeder = asyncio.ensure_future(feed(call, pending.snapshot()))
+            # A feeder that fails on its own (e.g. a duplicate id) ends the call.
+            feeder.add_done_callback(
+                lambda f, c=call: c.cancel() if not f.cancelled() and f.exception() else None)
+            try:
+                while (message := await _read_unless_feeder_failed(call, feeder)
+                       ) is not grpc.aio.EOF:
+                    if pending.answered(message.id):
+                        retries = 0  # progress: a later break gets the full retry budget
+                        slots.release()
+                        yield result_from_pb(message)
+                if feeder.done() and feeder.exception() is not None:
+                    raise feeder.exception()
+                if exhausted.is_set() and not len(pending):
+                    return
+                raise RuntimeError("the stream ended with articles unanswered")
+            except grpc.RpcError as error:
+                retries += 1
+                retryable = self.retry.retryable(error) or _lost_status(error)
+                if retries >= self.retry.attempts or not retryable:
+                    raise
+                await asyncio.sleep(self.retry.pause_s(retries))
+            finally:
+                feeder.cancel()
+                call.cancel()
+
+    async def model_info(self, *, timeout_s: float | None = None) -> pb.ModelInfo:
+        return await self._with_retries(
+            lambda remaining: self._stub.GetModelInfo(pb.GetModelInfoRequest(),
+                                                      timeout=remaining,
+                                                      metadata=self._metadata), timeout_s)
+
+
+def _lost_status(error: grpc.RpcError) -> bool:
+    """grpcio's asyncio client reports a write that races the server ending the stream as this
+    local INTERNAL, hiding the server's status (grpc/grpc#36066). The stream is broken either way;
+    summarize_many treats it like UNAVAILABLE and sends the unanswered articles again."""
+    return (error.code() == grpc.StatusCode.INTERNAL
+            and error.details() == "Internal error from Core")
+
+
+async def _read_unless_feeder_failed(call: grpc.aio.StreamStreamCall,
+                                     feeder: asyncio.Future) -> object:
+    try:
+        return await call.read()
+    except (asyncio.CancelledError, grpc.RpcError):
+        if feeder.done() and not feeder.cancelled() and feeder.exception() is not None:
+            raise feeder.exception() from None
+        raise
+
+
+async def _aiter(items: Iterable[T] | AsyncIterable[T]) -> AsyncIterator[T]:
+    if isinstance(items, AsyncIterable):
+        async for item in items:
+            yield item
+    else:
+        for item in items:
+            yield item
