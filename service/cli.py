@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import json
 import logging
 import os
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
 from . import config as config_module
-from .errors import SummarizerError, code_name
+from .errors import SummarizerError
+
+if TYPE_CHECKING:
+    from .bulk import BulkOutcome
+    from .client import SummarizerClient
+    from .gen.summarizer.v1 import summarizer_pb2 as pb
 
 log = logging.getLogger("summarizer")
 
@@ -57,6 +62,15 @@ def _parser() -> argparse.ArgumentParser:
     send.add_argument("--timeout", type=float, default=300.0,
                       help="seconds each call may take (default 300)")
     send.add_argument("--batch", type=int, default=16, help="articles per call (default 16)")
+    bulk = send.add_argument_group(
+        "bulk runs", "--input streams a JSON Lines corpus through SummarizeStream; with "
+                     "--output, a second run skips every id that already has a result")
+    bulk.add_argument("--input", default="", metavar="JSONL",
+                      help="corpus: one JSON object per line with 'text' (and 'id')")
+    bulk.add_argument("--output", default="", metavar="JSONL",
+                      help="results file, appended to and resumable (default: stdout)")
+    bulk.add_argument("--max-in-flight", type=int, default=64,
+                      help="articles sent and not yet answered (default 64)")
     send.add_argument("--outputs", choices=("both", "summary", "headline"), default="both")
     for name in ("summary-max-tokens", "summary-min-tokens", "headline-max-tokens",
                  "headline-min-tokens", "num-beams", "max-input-tokens"):
@@ -186,28 +200,59 @@ def _jsonl(lines: Iterator[str] | list[str], source: str) -> Iterator[tuple[str,
 def _summarize(args: argparse.Namespace) -> int:
     import grpc
 
+    from .bulk import BulkOutcome, Progress, write_results
     from .client import SummarizerClient, make_options
-    from .domain import ArticleFailure
 
     options = make_options(
         summary_max_tokens=args.summary_max_tokens, summary_min_tokens=args.summary_min_tokens,
         headline_max_tokens=args.headline_max_tokens,
         headline_min_tokens=args.headline_min_tokens, num_beams=args.num_beams,
         outputs=args.outputs, max_input_tokens=args.max_input_tokens)
-    failed = 0
+    if args.input and args.inputs != ["-"]:
+        raise SummarizerError("give either --input or input files, not both")
+    if args.output and not args.input:
+        raise SummarizerError("--output needs --input (a JSON Lines corpus)")
     with SummarizerClient(args.server, timeout_s=args.timeout, **_connection(args)) as client:
         try:
-            for result in client.summarize_batches(_read_inputs(args.inputs), args.batch, options):
-                record = dataclasses.asdict(result)
-                if isinstance(result, ArticleFailure):
-                    failed += 1
-                    record = {"id": result.id, "error": {"code": code_name(result.code),
-                                                         "message": result.message}}
-                print(json.dumps(record, ensure_ascii=False), flush=True)
+            if args.input:
+                outcome = _bulk(client, args, options)
+            else:
+                outcome = BulkOutcome(total=0, skipped=0)
+                results = client.summarize_batches(_read_inputs(args.inputs), args.batch,
+                                                   options)
+                write_results(results, sys.stdout, Progress(0, enabled=False), outcome)
         except grpc.RpcError as error:
             print(f"summarizer: error: {error.code().name}: {error.details()}", file=sys.stderr)
             return 1
-    return 1 if failed else 0
+    return 1 if outcome.failed else 0
+
+
+def _bulk(client: SummarizerClient, args: argparse.Namespace,
+          options: pb.GenerationOptions) -> BulkOutcome:
+    from .bulk import (BulkOutcome, Progress, count_records, finished_ids, read_jsonl_articles,
+                       write_results)
+
+    source = Path(args.input)
+    total = count_records(source)
+    done = finished_ids(Path(args.output)) if args.output else set()
+    articles = read_jsonl_articles(source, skip=done)
+    skipped = len(done)
+    if skipped:
+        print(f"summarizer: resuming: {skipped} of {total} articles already have results",
+              file=sys.stderr)
+    outcome = BulkOutcome(total=total, skipped=skipped)
+    progress = Progress(total, done=min(skipped, total))
+    out = open(args.output, "a", encoding="utf-8") if args.output else sys.stdout
+    try:
+        write_results(client.summarize_many(articles, options, max_in_flight=args.max_in_flight,
+                                            request_size=args.batch), out, progress, outcome)
+    finally:
+        progress.close()
+        if out is not sys.stdout:
+            out.close()
+    print(f"summarizer: {outcome.succeeded} summarised, {outcome.failed} failed, "
+          f"{outcome.skipped} skipped (done before)", file=sys.stderr)
+    return outcome
 
 
 def _serve(args: argparse.Namespace) -> int:
