@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import random
 import threading
 import time
@@ -187,19 +188,40 @@ def _check_id(article: tuple[str, str]) -> tuple[str, str]:
     return article_id, text
 
 
-class SummarizerClient:
+class _ClientBase:
+    """What both clients share: the time budget, the retry decisions, the token."""
+
+    def __init__(self, timeout_s: float | None, retry: RetryPolicy, token: str) -> None:
+        self.timeout_s = timeout_s
+        self.retry = retry
+        self._metadata = auth_metadata(token)
+
+    def _deadline(self, timeout_s: float | None) -> float | None:
+        budget = self.timeout_s if timeout_s is None else timeout_s
+        return None if budget is None else time.monotonic() + budget
+
+    def _pause(self, attempt: int, error: grpc.RpcError, deadline: float | None
+               ) -> float | None:
+        """How long to wait before trying again, or None to give up and raise `error`."""
+        if attempt >= self.retry.attempts or not self.retry.retryable(error):
+            return None
+        pause = self.retry.pause_s(attempt)
+        if deadline is not None and time.monotonic() + pause >= deadline:
+            return None
+        return pause
+
+
+class SummarizerClient(_ClientBase):
     """Blocking client. `timeout_s` is each call's budget, retries included (None: no limit)."""
 
     def __init__(self, target: str, *, timeout_s: float | None = 300.0,
                  retry: RetryPolicy = RetryPolicy(), tls: bool = False, ca_cert: str = "",
                  client_cert: str = "", client_key: str = "", token: str = "",
                  max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
-        self.timeout_s = timeout_s
-        self.retry = retry
+        super().__init__(timeout_s, retry, token)
         self._channel = open_channel(target, tls=tls, ca_cert=ca_cert, client_cert=client_cert,
                                      client_key=client_key,
                                      options=_channel_options(max_message_bytes))
-        self._metadata = auth_metadata(token)
         self._stub = pb_grpc.SummarizerStub(self._channel)
 
     def __enter__(self) -> SummarizerClient:
@@ -213,16 +235,13 @@ class SummarizerClient:
 
     def _with_retries(self, call: Callable[[float | None], T],
                       timeout_s: float | None) -> T:
-        budget = self.timeout_s if timeout_s is None else timeout_s
-        deadline = None if budget is None else time.monotonic() + budget
-        for attempt in range(1, self.retry.attempts + 1):
+        deadline = self._deadline(timeout_s)
+        for attempt in itertools.count(1):
             try:
                 return call(_remaining(deadline))
             except grpc.RpcError as error:
-                if attempt == self.retry.attempts or not self.retry.retryable(error):
-                    raise
-                pause = self.retry.pause_s(attempt)
-                if deadline is not None and time.monotonic() + pause >= deadline:
+                pause = self._pause(attempt, error, deadline)
+                if pause is None:
                     raise
                 time.sleep(pause)
         raise AssertionError("unreachable")  # pragma: no cover
@@ -325,19 +344,17 @@ class SummarizerClient:
                                                       metadata=self._metadata), timeout_s)
 
 
-class AsyncSummarizerClient:
+class AsyncSummarizerClient(_ClientBase):
     """The asyncio client: the same methods as SummarizerClient, awaitable."""
 
     def __init__(self, target: str, *, timeout_s: float | None = 300.0,
                  retry: RetryPolicy = RetryPolicy(), tls: bool = False, ca_cert: str = "",
                  client_cert: str = "", client_key: str = "", token: str = "",
                  max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
-        self.timeout_s = timeout_s
-        self.retry = retry
+        super().__init__(timeout_s, retry, token)
         self._channel = open_aio_channel(target, tls=tls, ca_cert=ca_cert,
                                          client_cert=client_cert, client_key=client_key,
                                          options=_channel_options(max_message_bytes))
-        self._metadata = auth_metadata(token)
         self._stub = pb_grpc.SummarizerStub(self._channel)
 
     async def __aenter__(self) -> AsyncSummarizerClient:
@@ -351,16 +368,13 @@ class AsyncSummarizerClient:
 
     async def _with_retries(self, call: Callable[[float | None], Awaitable[T]],
                             timeout_s: float | None) -> T:
-        budget = self.timeout_s if timeout_s is None else timeout_s
-        deadline = None if budget is None else time.monotonic() + budget
-        for attempt in range(1, self.retry.attempts + 1):
+        deadline = self._deadline(timeout_s)
+        for attempt in itertools.count(1):
             try:
                 return await call(_remaining(deadline))
             except grpc.RpcError as error:
-                if attempt == self.retry.attempts or not self.retry.retryable(error):
-                    raise
-                pause = self.retry.pause_s(attempt)
-                if deadline is not None and time.monotonic() + pause >= deadline:
+                pause = self._pause(attempt, error, deadline)
+                if pause is None:
                     raise
                 await asyncio.sleep(pause)
         raise AssertionError("unreachable")  # pragma: no cover

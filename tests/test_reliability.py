@@ -24,7 +24,8 @@ from service.soak import SoakConfig, run_soak
 
 from .conftest import server_in_thread, serving
 from .fakes import FakeEngine
-from .test_grpc import BASE, health_status, occupy_worker, request, wait_until
+from .test_grpc import (BASE, assert_refused_and_still_serving, health_status, occupy_worker,
+                        request, wait_until)
 
 GENERIC_INTERNAL = "internal error while summarising; see the server log"
 
@@ -151,15 +152,7 @@ REAL = Settings(model="fake/model", max_wait_ms=5)  # default limits
     (request("ok", "\x00\x00\x00"), "articles.text (article 1, id 'a1'): contains NUL"),
 ])
 async def test_bad_input_at_real_sizes_is_invalid_argument(req, needle) -> None:
-    engine = FakeEngine()
-    async with serving(REAL, lambda s: engine) as (_, channel):
-        stub = pb_grpc.SummarizerStub(channel)
-        with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await stub.Summarize(req, timeout=30)
-        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert needle in caught.value.details()
-        assert engine.batches == []
-        assert (await stub.Summarize(request("still fine"), timeout=10)).results[0].summary
+    await assert_refused_and_still_serving(REAL, req, needle)
 
 
 @pytest.mark.parametrize("text", [
