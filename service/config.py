@@ -112,6 +112,10 @@ class Settings:
     tls_cert: str = _setting("", "PEM certificate chain of the server; with --tls-key, the server "
                                  "speaks TLS only. Empty: plaintext.")
     tls_key: str = _setting("", "PEM private key of --tls-cert.")
+    health_port: int = _setting(
+        0, "Also serve grpc.health.v1 alone, in plaintext, on this port: for probes that cannot "
+           "speak TLS (Kubernetes gRPC probes, `summarizer health` without certificates) when "
+           "--tls-cert is on. 0: off.")
     tls_client_ca: str = _setting(
         "", "PEM CA bundle; when set, clients must present a certificate it signed (mutual TLS).")
     auth_token: str = _setting(
@@ -130,7 +134,7 @@ class Settings:
                 problems.append(f"{name} must be at least 1")
         for name in ("threads", "max_input_tokens", "summary_max_tokens", "summary_min_tokens",
                      "headline_max_tokens", "headline_min_tokens", "num_beams",
-                     "max_batch_tokens", "max_concurrent_rpcs", "port", "metrics_port"):
+                     "max_batch_tokens", "max_concurrent_rpcs", "port", "metrics_port", "health_port"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative")
         if not (0 <= self.max_wait_ms < math.inf and 0 <= self.grace_period_s < math.inf):

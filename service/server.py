@@ -70,6 +70,8 @@ class SummarizerServer:
         self._engine_factory = engine_factory
         self.metrics = Metrics()
         self.metrics_port: int | None = None
+        self.health_port: int | None = None
+        self._health_server: grpc.aio.Server | None = None
         self.servicer = SummarizerServicer(settings.max_concurrent_rpcs, self.metrics)
         self.health = health.aio.HealthServicer()
         self.core: SummarizerCore | None = None
@@ -105,9 +107,23 @@ class SummarizerServer:
         await self.server.start()
         if self.settings.metrics_port:
             self.metrics_port = self.metrics.serve(self.settings.host, self.settings.metrics_port)
+        if self.settings.health_port:
+            self.health_port = await self._serve_health_alone(self.settings.health_port)
         log.info("listening on %s:%d%s (NOT_SERVING until the model is ready)",
                  self.settings.host, self.port, self._security_summary())
         return self.port
+
+    async def _serve_health_alone(self, port: int) -> int:
+        """The same health service (same statuses), alone and in plaintext, for probes."""
+        self._health_server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
+        address = f"{self.settings.host}:{port}"
+        bound = self._health_server.add_insecure_port(address)
+        if not bound:
+            raise OSError(f"cannot listen on {address}")
+        await self._health_server.start()
+        log.info("health checks alone, in plaintext, on %s:%d", self.settings.host, bound)
+        return bound
 
     def _security_summary(self) -> str:
         parts = []
@@ -153,6 +169,8 @@ class SummarizerServer:
         if self.core is not None:
             await self.core.stop(timeout_s=max(0.0, deadline - time.monotonic()))
         self.metrics.stop()
+        if self._health_server is not None:
+            await self._health_server.stop(None)
         log.info("stopped")
 
     @property
