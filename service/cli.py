@@ -107,6 +107,36 @@ def _parser() -> argparse.ArgumentParser:
                       help="longest article in characters (default 3000)")
     soak.add_argument("--seed", type=int, default=1)
 
+    evaluate = commands.add_parser(
+        "evaluate", parents=[connection],
+        help="ROUGE of a model's summaries and headlines against references, beside lead baselines",
+        description="Summarise the articles of a JSON Lines file (objects with 'text', a "
+                    "reference 'summary' and/or 'headline', optional 'id') with a running server "
+                    "(--server) or a model loaded in this process (--model), and print ROUGE-1/2/"
+                    "L/Lsum F1 (rouge-score, stemmed) beside the lead-3 (summaries) and "
+                    "first-sentence (headlines) baselines on the same articles, with lengths in "
+                    "words. Exits 1 if any article failed (it is reported and not scored).")
+    evaluate.add_argument("--data", required=True, metavar="FILE.jsonl", help="evaluation set")
+    source = evaluate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--server", help="host:port of a running server")
+    source.add_argument("--model", help="load this model in-process: a checkpoint directory, hub "
+                                        "id or manifest name (other settings from SUMMARIZER_*)")
+    evaluate.add_argument("--headline-model", default="", help="with --model: separate headline "
+                                                               "model")
+    evaluate.add_argument("--family", default="", help="with --model: force a family or manifest")
+    evaluate.add_argument("--device", default=None, help="with --model: cpu, cuda, cuda:N, auto")
+    evaluate.add_argument("--threads", type=int, default=None, help="with --model: CPU threads")
+    evaluate.add_argument("--report", metavar="FILE.json", help="write the report as JSON")
+    evaluate.add_argument("--html", metavar="FILE.html",
+                          help="write a self-contained HTML report with a chart")
+    evaluate.add_argument("--limit", type=int, default=0, help="only the first N records")
+    evaluate.add_argument("--batch", type=int, default=8, help="articles per call (default 8)")
+    evaluate.add_argument("--timeout", type=float, default=600.0,
+                          help="with --server: seconds each call may take (default 600)")
+    for name in ("summary-max-tokens", "summary-min-tokens", "headline-max-tokens",
+                 "headline-min-tokens", "num-beams", "max-input-tokens"):
+        evaluate.add_argument(f"--{name}", type=int, default=0, help="0: the model's default")
+
     tiny = commands.add_parser(
         "make-tiny-model", help="write a tiny random-weight checkpoint (for smoke tests)",
         description="Write a tiny random-weight checkpoint with its tokenizer. It writes "
@@ -255,6 +285,43 @@ def _bulk(client: SummarizerClient, args: argparse.Namespace,
     return outcome
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from . import evaluate
+
+    with open(args.data, encoding="utf-8") as handle:
+        records = evaluate.parse_records(handle, args.data)
+    records = records[:args.limit] if args.limit > 0 else records
+    lengths = {name: getattr(args, name) for name in (
+        "summary_max_tokens", "summary_min_tokens", "headline_max_tokens",
+        "headline_min_tokens", "num_beams", "max_input_tokens")}
+    outputs = evaluate.outputs_needed(records)
+    if args.server:
+        from .client import SummarizerClient, make_options
+
+        with SummarizerClient(args.server, timeout_s=args.timeout, **_connection(args)) as client:
+            results = evaluate.run_server(client, records, args.batch,
+                                          make_options(outputs=outputs.value, **lengths))
+        source = f"server {args.server}"
+    else:
+        from .domain import RequestedOptions
+        from .server import default_engine_factory
+
+        overrides = {"model": args.model, "headline_model": args.headline_model,
+                     "family": args.family, "device": args.device, "threads": args.threads}
+        settings = config_module.Settings.load(overrides)
+        engine = default_engine_factory(settings)
+        results = evaluate.run_in_process(engine, settings, records, args.batch,
+                                          RequestedOptions(outputs=outputs, **lengths))
+        source = f"model {args.model}"
+    report = evaluate.build_report(records, results, data=args.data, source=source)
+    print(evaluate.render_text(report))
+    if args.report:
+        Path(args.report).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    if args.html:
+        Path(args.html).write_text(evaluate.render_html(report), encoding="utf-8")
+    return 1 if report["failed"] else 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     from .logs import configure_logging
     from .server import run
@@ -277,7 +344,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         commands = {"serve": _serve, "summarize": _summarize, "fetch": _fetch,
-                    "health": _health, "soak": _soak, "make-tiny-model": _make_tiny_model}
+                    "health": _health, "soak": _soak, "make-tiny-model": _make_tiny_model,
+                    "evaluate": _evaluate}
         return commands[args.command](args)
     except SummarizerError as error:
         print(f"summarizer: error: {error.message}", file=sys.stderr)
