@@ -137,6 +137,12 @@ def _parser() -> argparse.ArgumentParser:
                  "headline-min-tokens", "num-beams", "max-input-tokens"):
         evaluate.add_argument(f"--{name}", type=int, default=0, help="0: the model's default")
 
+    models = commands.add_parser(
+        "models", help="list the recommended checkpoints (manifest names for --model)",
+        description="The named manifests in models/: roles, size, licence and published ROUGE "
+                    "with its source.")
+    models.add_argument("--json", action="store_true", help="everything, as JSON")
+
     tiny = commands.add_parser(
         "make-tiny-model", help="write a tiny random-weight checkpoint (for smoke tests)",
         description="Write a tiny random-weight checkpoint with its tokenizer. It writes "
@@ -285,6 +291,27 @@ def _bulk(client: SummarizerClient, args: argparse.Namespace,
     return outcome
 
 
+def _models(args: argparse.Namespace) -> int:
+    from .manifests import catalogue, score_figures
+
+    manifests = catalogue()
+    if args.json:
+        print(json.dumps([dataclasses.asdict(m) for m in manifests], indent=2))
+        return 0
+    rows = [("name", "hub id", "family", "roles", "params", "weights", "licence",
+             "published ROUGE (first source; --json for all)")]
+    for m in manifests:
+        roles = "+".join(m.roles) + (f" (headline: {m.headline_model})" if m.headline_model
+                                      else "")
+        rouge = score_figures(m.scores[0]) if m.scores else "none published"
+        rows.append((m.name, m.hub_id, m.family, roles, m.parameters,
+                     f"{m.safetensors_mb} MB" if m.safetensors_mb else "?", m.license, rouge))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    return 0
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from . import evaluate
 
@@ -345,7 +372,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         commands = {"serve": _serve, "summarize": _summarize, "fetch": _fetch,
                     "health": _health, "soak": _soak, "make-tiny-model": _make_tiny_model,
-                    "evaluate": _evaluate}
+                    "evaluate": _evaluate, "models": _models}
         return commands[args.command](args)
     except SummarizerError as error:
         print(f"summarizer: error: {error.message}", file=sys.stderr)

@@ -17,6 +17,26 @@ from typing import Any
 
 from .errors import ConfigError
 
+ROLES = ("summary", "headline")
+
+
+@dataclass(frozen=True)
+class PublishedScore:
+    """A ROUGE result someone published for a checkpoint, with where it was published. ROUGE-L
+    comes in two kinds: `rougeL` (longest common subsequence of the whole text) and `rougeLsum`
+    (sentence by sentence; what CNN/DailyMail papers report as "ROUGE-L"), as in
+    `summarizer evaluate`. Unreported measures stay None."""
+
+    dataset: str
+    source: str
+    """URL of the model card or paper the figures come from."""
+    reference: str = ""
+    """Where in the source, e.g. the table."""
+    rouge1: float | None = None
+    rouge2: float | None = None
+    rougeL: float | None = None  # noqa: N815 - named as rouge-score names it
+    rougeLsum: float | None = None  # noqa: N815
+
 
 @dataclass(frozen=True)
 class Manifest:
@@ -34,6 +54,15 @@ class Manifest:
     hub_id: str = ""
     license: str = ""
     parameters: str = ""
+    roles: tuple[str, ...] = ()
+    """The outputs this checkpoint is recommended for ("summary", "headline")."""
+    headline_model: str = ""
+    """A separate headline model to pair with it (manifest name), if one is suggested."""
+    safetensors_mb: int = 0
+    """Size of its safetensors weights in MB as the hub lists it; 0: not known."""
+    size_source: str = ""
+    notes: str = ""
+    scores: tuple[PublishedScore, ...] = ()
 
 
 def _manifest_root() -> Path:
@@ -52,6 +81,17 @@ def _flatten(data: dict[str, Any]) -> dict[str, Any]:
             flat[f"{task}_{key}"] = value
     if "model_types" in flat:
         flat["model_types"] = tuple(flat["model_types"])
+    if "roles" in flat:
+        flat["roles"] = tuple(flat["roles"])
+        if not set(flat["roles"]) <= set(ROLES):
+            raise ConfigError(f"roles must be among {', '.join(ROLES)}: {flat['roles']}")
+    if "scores" in flat:
+        known_score = {f.name for f in fields(PublishedScore)}
+        for score in flat["scores"]:
+            if set(score) - known_score:
+                raise ConfigError("unknown score keys: "
+                                  + ", ".join(sorted(set(score) - known_score)))
+        flat["scores"] = tuple(PublishedScore(**score) for score in flat["scores"])
     known = {f.name for f in fields(Manifest)}
     unknown = set(flat) - known
     if unknown:
@@ -60,7 +100,9 @@ def _flatten(data: dict[str, Any]) -> dict[str, Any]:
 
 
 @functools.cache
-def _load(root: Path) -> tuple[dict[str, Manifest], dict[str, dict[str, Any]]]:
+def load_root(root: Path) -> tuple[dict[str, Manifest], dict[str, dict[str, Any]]]:
+    """The family manifests by family, and the named manifests' values by name, under `root`
+    (a directory laid out like models/)."""
     families: dict[str, Manifest] = {}
     if not (root / "families" / "generic.toml").is_file():
         raise ConfigError(f"model manifests missing: no families/generic.toml under {root}")
@@ -77,11 +119,11 @@ def _load(root: Path) -> tuple[dict[str, Manifest], dict[str, dict[str, Any]]]:
 
 
 def families() -> dict[str, Manifest]:
-    return _load(_manifest_root())[0]
+    return load_root(_manifest_root())[0]
 
 
 def named_models() -> dict[str, dict[str, Any]]:
-    return _load(_manifest_root())[1]
+    return load_root(_manifest_root())[1]
 
 
 def lookup(model_ref: str) -> dict[str, Any] | None:
@@ -145,3 +187,38 @@ def manifest_for(model_ref: str, model_type: str, family: str = "") -> Manifest:
     if named:
         base = replace(base, **{k: v for k, v in named.items() if k != "family"})
     return base
+
+
+def catalogue() -> list[Manifest]:
+    """The named manifests (recommended checkpoints), each complete with its family's values."""
+    all_families = families()
+    return [replace(all_families[data["family"]], **{k: v for k, v in data.items()
+                                                     if k != "family"})
+            for data in named_models().values()]
+
+
+def score_figures(score: PublishedScore) -> str:
+    """The published figures in one line, e.g. "R-1 44.16, R-2 21.28, R-Lsum 40.90"."""
+    return ", ".join(f"{label} {value:.2f}" for label, value in (
+        ("R-1", score.rouge1), ("R-2", score.rouge2), ("R-L", score.rougeL),
+        ("R-Lsum", score.rougeLsum)) if value is not None)
+
+
+def _score_cell(score: PublishedScore) -> str:
+    return f"{score_figures(score)} ([{score.reference or 'source'}]({score.source}))"
+
+
+def markdown_table() -> str:
+    """The README's table of recommended checkpoints, generated so that it cannot drift."""
+    rows = ["| name | hub id | family | roles | parameters | safetensors | licence | "
+            "published ROUGE (CNN/DailyMail test) |", "|---|---|---|---|---|---|---|---|"]
+    for manifest in catalogue():
+        roles = " + ".join(manifest.roles) or "-"
+        if manifest.headline_model:
+            roles += f" (headlines: `{manifest.headline_model}`)"
+        size = f"{manifest.safetensors_mb:,} MB" if manifest.safetensors_mb else "not known"
+        scores = ("; ".join(_score_cell(s) for s in manifest.scores)
+                  or f"none published: {manifest.notes}")
+        rows.append(f"| `{manifest.name}` | `{manifest.hub_id}` | {manifest.family} | {roles} | "
+                    f"{manifest.parameters} | {size} | {manifest.license} | {scores} |")
+    return "\n".join(rows)

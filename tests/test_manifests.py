@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
+import grpc
 import pytest
 
 from service import manifests
 from service.errors import ConfigError
+from service.gen.summarizer.v1 import summarizer_pb2 as pb
+from service.gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
 
 
 def test_every_family_manifest_is_complete() -> None:
@@ -83,3 +88,95 @@ def test_an_installed_wheel_carries_the_manifests(tmp_path: Path) -> None:
     families, named = done.stdout.splitlines()
     assert "'generic'" in families and "'t5'" in families
     assert "'distilbart-cnn-12-6'" in named
+
+
+# ----- what the named manifests tell a user: roles, size, licence, published scores -----
+
+def test_named_manifests_say_roles_licence_size_and_scores_with_sources() -> None:
+    catalogue = {m.name: m for m in manifests.catalogue()}
+    assert set(catalogue) == set(manifests.named_models())
+    for manifest in catalogue.values():
+        assert manifest.roles and set(manifest.roles) <= set(manifests.ROLES)
+        assert manifest.license and manifest.parameters.endswith("M")
+        assert manifest.safetensors_mb == 0 or manifest.size_source.startswith("https://")
+        if manifest.headline_model:  # a suggested headline model is one that writes headlines
+            assert "headline" in catalogue[manifest.headline_model].roles
+        assert manifest.scores or manifest.notes  # no scores: say why
+        for score in manifest.scores:
+            assert score.source.startswith("https://") and score.dataset
+            figures = [score.rouge1, score.rouge2, score.rougeL, score.rougeLsum]
+            assert any(f is not None for f in figures)
+            assert all(f is None or 0 < f < 100 for f in figures)
+    # Spot checks against the sources (see the comments in models/*.toml).
+    assert catalogue["bart-large-cnn"].scores[0].rougeLsum == 40.90
+    assert catalogue["distilbart-cnn-12-6"].scores[0].rouge2 == 21.26
+    assert catalogue["flan-t5-base"].scores == ()
+    # The serving values still come through: family defaults under the catalogue entry.
+    assert catalogue["flan-t5-base"].summary_prefix == "summarize: "
+
+
+def test_family_manifests_and_old_style_named_manifests_load_without_the_new_fields(
+        tmp_path: Path) -> None:
+    def root(name: str, named_manifest: str) -> Path:
+        (tmp_path / name / "families").mkdir(parents=True)
+        (tmp_path / name / "families" / "generic.toml").write_text(
+            'family = "generic"\nmodel_types = []\nmax_input_tokens = 512\n'
+            'summary_prefix = ""\nheadline_prefix = ""\nnum_beams = 2\n'
+            '[summary]\nmax_tokens = 64\nmin_tokens = 8\n[headline]\nmax_tokens = 16\n'
+            'min_tokens = 2\n')
+        (tmp_path / name / f"{name}.toml").write_text(named_manifest)
+        return tmp_path / name
+
+    families, named = manifests.load_root(
+        root("old", 'name = "old"\nhub_id = "org/old"\nfamily = "generic"\n'))
+    assert families["generic"].roles == () and families["generic"].scores == ()
+    assert named == {"old": {"name": "old", "hub_id": "org/old", "family": "generic"}}
+    bad = root("bad", 'name = "bad"\nfamily = "generic"\n[[scores]]\ndataset = "x"\n'
+                      'source = "https://x"\nbleu = 3.0\n')
+    with pytest.raises(ConfigError, match="unknown score keys: bleu"):
+        manifests.load_root(bad)
+
+
+def test_readme_model_table_is_generated_from_the_manifests() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    assert manifests.markdown_table() in readme, (
+        "README model table is stale: paste the output of `python -c 'from service.manifests "
+        "import markdown_table; print(markdown_table())'`")
+
+
+def test_models_command_lists_the_manifests(capsys: pytest.CaptureFixture[str]) -> None:
+    from service.cli import main
+
+    assert main(["models"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("name") and len(lines) == 1 + len(manifests.named_models())
+    assert any(line.startswith("bart-large-cnn") and "R-Lsum 40.90" in line for line in lines)
+    assert main(["models", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert {m["name"] for m in listed} == set(manifests.named_models())
+    assert listed[0]["scores"][0]["source"].startswith("https://")
+
+
+@pytest.mark.slow
+def test_serve_resolves_a_manifest_name_to_its_hub_id_and_manifest(tiny_t5: Path,
+                                                                    tmp_path: Path) -> None:
+    """`serve --model flan-t5-base` loads google/flan-t5-base from the hub cache (here: a tiny
+    T5 placed there, offline) and applies the named manifest (FLAN's headline prompt)."""
+    from tests.test_cli import ServerProcess
+
+    snapshot = "0" * 40
+    repo = tmp_path / "hf" / "hub" / "models--google--flan-t5-base"
+    shutil.copytree(tiny_t5, repo / "snapshots" / snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(snapshot)
+    server = ServerProcess("--model", "flan-t5-base", "--offline", HF_HOME=str(tmp_path / "hf"))
+    try:
+        server.wait_serving()
+        with grpc.insecure_channel(server.target) as channel:
+            info = pb_grpc.SummarizerStub(channel).GetModelInfo(pb.GetModelInfoRequest(),
+                                                                timeout=30)
+    finally:
+        server.stop()
+    model = info.models[0]
+    assert (model.model_id, model.family) == ("flan-t5-base", "t5")
+    assert model.headline_prefix == "Write a short headline for this news article: "
