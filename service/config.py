@@ -100,6 +100,10 @@ class Settings:
     reflection: bool = _setting(True, "Serve gRPC server reflection (for grpcurl).")
     grace_period_s: float = _setting(
         30.0, "On SIGTERM/SIGINT, how long in-flight calls may take to finish.")
+    max_connection_age_s: float = _setting(
+        0.0, "Close each client connection after this many seconds, gracefully (calls in flight "
+             "get the grace period), so clients balancing over DNS (round_robin) re-resolve and "
+             "reach new replicas; 0: never.")
     log_level: str = _setting("INFO", "Log level.",
                               choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     log_format: str = _setting(
@@ -137,8 +141,10 @@ class Settings:
                      "max_batch_tokens", "max_concurrent_rpcs", "port", "metrics_port", "health_port"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative")
-        if not (0 <= self.max_wait_ms < math.inf and 0 <= self.grace_period_s < math.inf):
-            problems.append("max_wait_ms and grace_period_s must be finite and not negative")
+        if not (0 <= self.max_wait_ms < math.inf and 0 <= self.grace_period_s < math.inf
+                and 0 <= self.max_connection_age_s < math.inf):
+            problems.append("max_wait_ms, grace_period_s and max_connection_age_s must be finite "
+                            "and not negative")
         if self.max_articles_per_request > self.max_queue:
             problems.append(f"max_articles_per_request ({self.max_articles_per_request}) must not "
                             f"exceed max_queue ({self.max_queue}): such a request could never "

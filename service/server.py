@@ -81,6 +81,11 @@ class SummarizerServer:
             ("grpc.max_send_message_length", settings.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ]
+        if settings.max_connection_age_s:
+            options += [
+                ("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)),
+                ("grpc.max_connection_age_grace_ms", int(settings.grace_period_s * 1000)),
+            ]
         self._credentials = server_credentials(settings)
         auth = interceptors(settings)
         self._authenticating = bool(auth)

@@ -6,16 +6,23 @@ deployment files do not follow fails here."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import shlex
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 import yaml
 
 from service import cli, config
+from service.gen.summarizer.v1 import summarizer_pb2 as pb
+from service.gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
+
+from .conftest import serving
+from .fakes import FakeEngine
 
 ROOT = Path(__file__).resolve().parent.parent
 KUBERNETES = ROOT / "deploy" / "kubernetes"
@@ -211,3 +218,25 @@ def test_compose_settings_model_volume_and_stop_time(compose: dict[str, Any]) ->
     assert volume["target"] == settings.model and volume["read_only"] is True
     stop_s = float(compose["stop_grace_period"].removesuffix("s"))
     assert stop_s > settings.grace_period_s
+
+
+# ----- client-side load balancing needs connections that end -----
+
+async def test_max_connection_age_ends_connections_so_clients_re_resolve() -> None:
+    """With round_robin over DNS a client finds new replicas only when it re-resolves, which
+    it does when a connection ends: the server ends each one after max_connection_age_s."""
+    settings = config.Settings(model="fake/model", max_connection_age_s=0.5, grace_period_s=1)
+    request = pb.SummarizeRequest(articles=[pb.Article(id="a", text="Prices rose.")])
+    async with serving(settings, lambda s: FakeEngine()) as (_, channel):
+        stub = pb_grpc.SummarizerStub(channel)
+        await stub.Summarize(request, timeout=10)
+        assert channel.get_state() == grpc.ChannelConnectivity.READY
+        # The server's GOAWAY takes the channel out of READY (it would stay there otherwise).
+        await asyncio.wait_for(
+            channel.wait_for_state_change(grpc.ChannelConnectivity.READY), timeout=30)
+        assert (await stub.Summarize(request, timeout=10)).results[0].summary  # reconnects
+
+
+def test_the_deployment_ages_connections_for_round_robin_clients() -> None:
+    env = {e["name"]: e["value"] for e in container()["env"] if "value" in e}
+    assert check_environment(env).max_connection_age_s > 0
