@@ -292,11 +292,13 @@ def _bulk(client: SummarizerClient, args: argparse.Namespace,
 
 
 def _models(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
     from .manifests import catalogue, score_figures
 
     manifests = catalogue()
     if args.json:
-        print(json.dumps([dataclasses.asdict(m) for m in manifests], indent=2))
+        print(json.dumps([asdict(m) for m in manifests], indent=2))
         return 0
     rows = [("name", "hub id", "family", "roles", "params", "weights", "licence",
              "published ROUGE (first source; --json for all)")]
