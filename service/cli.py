@@ -23,6 +23,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("summarizer")
 
+GENERATION_FLAGS = ("summary-max-tokens", "summary-min-tokens", "headline-max-tokens",
+                    "headline-min-tokens", "num-beams", "max-input-tokens")
+"""Per-request generation options that client commands take as flags (0: the default)."""
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -72,8 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     bulk.add_argument("--max-in-flight", type=int, default=64,
                       help="articles sent and not yet answered (default 64)")
     send.add_argument("--outputs", choices=("both", "summary", "headline"), default="both")
-    for name in ("summary-max-tokens", "summary-min-tokens", "headline-max-tokens",
-                 "headline-min-tokens", "num-beams", "max-input-tokens"):
+    for name in GENERATION_FLAGS:
         send.add_argument(f"--{name}", type=int, default=0, help="0: server default")
     fetch = commands.add_parser(
         "fetch", help="download a checkpoint (safetensors only) for offline use",
@@ -133,8 +136,7 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch", type=int, default=8, help="articles per call (default 8)")
     evaluate.add_argument("--timeout", type=float, default=600.0,
                           help="with --server: seconds each call may take (default 600)")
-    for name in ("summary-max-tokens", "summary-min-tokens", "headline-max-tokens",
-                 "headline-min-tokens", "num-beams", "max-input-tokens"):
+    for name in GENERATION_FLAGS:
         evaluate.add_argument(f"--{name}", type=int, default=0, help="0: the model's default")
 
     models = commands.add_parser(
@@ -321,8 +323,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         records = evaluate.parse_records(handle, args.data)
     records = records[:args.limit] if args.limit > 0 else records
     lengths = {name: getattr(args, name) for name in (
-        "summary_max_tokens", "summary_min_tokens", "headline_max_tokens",
-        "headline_min_tokens", "num_beams", "max_input_tokens")}
+        flag.replace("-", "_") for flag in GENERATION_FLAGS)}
     outputs = evaluate.outputs_needed(records)
     if args.server:
         from .client import SummarizerClient, make_options
