@@ -326,12 +326,20 @@ def _evaluate(args: argparse.Namespace) -> int:
         flag.replace("-", "_") for flag in GENERATION_FLAGS)}
     outputs = evaluate.outputs_needed(records)
     if args.server:
+        import grpc
+
         from .client import SummarizerClient, make_options
 
         with SummarizerClient(args.server, timeout_s=args.timeout, **_connection(args)) as client:
-            results = evaluate.run_server(client, records, args.batch,
-                                          make_options(outputs=outputs.value, **lengths))
-        source = f"server {args.server}"
+            try:
+                info = client.model_info(timeout_s=min(args.timeout, 30.0))
+                results = evaluate.run_server(client, records, args.batch,
+                                              make_options(outputs=outputs.value, **lengths))
+            except grpc.RpcError as error:
+                print(f"summarizer: error: {args.server}: {error.code().name}: "
+                      f"{error.details()}", file=sys.stderr)
+                return 1
+        source = f"server {args.server} ({', '.join(m.model_id for m in info.models)})"
     else:
         from .domain import RequestedOptions
         from .server import default_engine_factory
@@ -342,7 +350,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         engine = default_engine_factory(settings)
         results = evaluate.run_in_process(engine, settings, records, args.batch,
                                           RequestedOptions(outputs=outputs, **lengths))
-        source = f"model {args.model}"
+        source = f"model {args.model}" + (f", headlines {args.headline_model}"
+                                          if args.headline_model else "")
     report = evaluate.build_report(records, results, data=args.data, source=source)
     print(evaluate.render_text(report))
     if args.report:

@@ -239,7 +239,7 @@ def bar_chart_svg(part: Mapping[str, Any], title: str) -> str:
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
            f'viewBox="0 0 {width} {height}" role="img" aria-label="{html.escape(title)}">',
            f'<text x="{left}" y="18" font-size="14">{html.escape(title)}</text>']
-    for tick in range(0, int(scale_max) + 1, int(scale_max) // 5 or 1):
+    for tick in range(0, int(scale_max) + 1, 10 if scale_max <= 50 else 20):
         y = top + plot_h - plot_h * tick / scale_max
         out.append(f'<line x1="{left}" y1="{y:.1f}" x2="{width - 10}" y2="{y:.1f}" '
                    f'stroke="#e4e4e4"/><text x="{left - 6}" y="{y + 4:.1f}" font-size="10" '

@@ -252,11 +252,21 @@ def test_evaluate_through_a_server_matches_in_process_and_isolates_a_bad_article
     local = json.loads((tmp_path / "local.json").read_text())
     remote = json.loads((tmp_path / "remote.json").read_text())
     assert (remote["articles"], remote["evaluated"]) == (4, 3)
+    assert remote["source"] == f"server 127.0.0.1:{port} ({tiny_bart})"
     assert [f["id"] for f in remote["failed"]] == ["empty"]
     # Same model, same options, greedy or beam search alike: the same outputs either way.
     for task in evaluate.TASKS:
         assert remote[task]["rouge"] == local[task]["rouge"]
         assert remote[task]["words"] == local[task]["words"]
+
+
+def test_evaluate_without_a_server_is_one_clear_line(tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    data = _write_data(tmp_path / "set.jsonl", DATA)
+    assert main(["evaluate", "--data", str(data), "--server", "127.0.0.1:1",
+                 "--timeout", "1"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("summarizer: error: 127.0.0.1:1: ") and "Traceback" not in err
 
 
 def test_evaluate_refuses_a_bad_data_file(tmp_path: Path,
