@@ -202,8 +202,10 @@ for certificate in certificates:
 PY
 secret_count=$(wc -l < "$work/secret-lines")
 [ "$secret_count" -ge 1 ] || fail "found no certificate to look for (not even the canary)"
-leaks=$(grep -rlF -D skip -f "$work/secret-lines" "$image_root" | sed "s|^$image_root||" || true)
-[ -z "$leaks" ] || fail "a certificate of the pip_ca build secret is in the image: $leaks"
+status=0; grep -rlF -D skip -f "$work/secret-lines" "$image_root" > "$work/leaks" || status=$?
+[ "$status" -le 1 ] || fail "grep failed while looking for the secret in the image's files"
+[ ! -s "$work/leaks" ] \
+  || fail "a certificate of the pip_ca build secret is in the image: $(sed "s|^$image_root||" "$work/leaks")"
 say "no new wheels; none of the secret's $secret_count private certificates in the image's files"
 podman image unmount "$image" "$base_image" >/dev/null; mounted=()
 
