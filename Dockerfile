@@ -4,7 +4,7 @@
 #   docker run --rm -p 50051:50051 summarizer
 #
 # Build arguments (the README's "Docker" section has examples):
-#   BASE_IMAGE       any image with Python 3.11+ (venv module) and /bin/sh; default: official slim.
+#   BASE_IMAGE       any image with Python 3.11+ (with venv) and useradd; default: official slim.
 #   TORCH_INDEX_URL  the index torch comes from: CPU wheels by default, a CUDA index for GPUs.
 #   TORCH_SPEC       the torch requirement taken from it; empty: use the base image's own torch.
 #   TORCH_WHEEL      file name of a torch wheel put in wheels/ of the build context: installed

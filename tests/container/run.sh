@@ -96,7 +96,7 @@ mkdir -p "$context"
 summarizer make-tiny-model "$context/tiny-model" > "$work/tiny-model.log" 2>&1 \
   || { cat "$work/tiny-model.log" >&2; fail "make-tiny-model failed"; }
 
-# torch from the CPU wheel in a find-links directory of pip's configuration, the newest first.
+# torch from the newest CPU wheel in the find-links directories of pip's configuration.
 torch_wheel=""
 find_links=$( (python3 -m pip config list 2>/dev/null || true) \
              | sed -n "s/^[^=]*find-links='\(.*\)'$/\1/p" | tr ' ' '\n' | sed 's|^file://||' | sort -u)
