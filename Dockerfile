@@ -1,49 +1,109 @@
 # summarizer: gRPC news summarisation service.
 #
-#   docker build -t summarizer .                                   # CPU, bakes in distilbart-cnn-12-6
+#   docker build -t summarizer .                       # CPU torch, bakes in distilbart-cnn-12-6
 #   docker run --rm -p 50051:50051 summarizer
 #
-# Build arguments:
-#   BASE_IMAGE       Python 3.11+ base image (default: the official slim image).
-#   TORCH_INDEX_URL  where torch comes from: the CPU wheel index by default; a CUDA index
-#                    (e.g. https://download.pytorch.org/whl/cu128) for GPUs.
-#   TORCH_SPEC       the torch requirement to install from it.
-#   MODEL            hub id or manifest name to bake in at /models/default; empty: mount a model
-#                    directory there at run time (-v /path/to/model:/models/default:ro).
+# Build arguments (the README's "Docker" section has examples):
+#   BASE_IMAGE       any image with Python 3.11+ (with venv) and useradd; default: official slim.
+#   TORCH_INDEX_URL  the index torch comes from: CPU wheels by default, a CUDA index for GPUs.
+#   TORCH_SPEC       the torch requirement taken from it; empty: use the base image's own torch.
+#   TORCH_WHEEL      file name of a torch wheel put in wheels/ of the build context: installed
+#                    instead of any index (air-gapped builds).
+#   MODEL            what /models/default holds: a hub id or manifest name (fetched, safetensors
+#                    only), a directory in the build context (copied), or empty (mount one at run
+#                    time: -v /path/to/model:/models/default:ro).
+# Build secret (optional):
+#   pip_ca           an extra CA bundle (PEM) trusted by the build's downloads, e.g. a corporate
+#                    TLS proxy's: --secret id=pip_ca,src=proxy-ca.pem. It is mounted only for the
+#                    steps that download and never written to a layer.
+
 ARG BASE_IMAGE=python:3.11-slim
-FROM ${BASE_IMAGE}
+
+# ---- build: a virtual environment with torch and the service -----------------------------------
+FROM ${BASE_IMAGE} AS build
 
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ARG TORCH_SPEC=torch==2.13.0
-ARG MODEL=sshleifer/distilbart-cnn-12-6
+ARG TORCH_WHEEL=
 
-ENV PYTHONUNBUFFERED=1 \
-    PIP_NO_CACHE_DIR=1 \
+ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    HF_HOME=/tmp/hf
+    PIP_ROOT_USER_ACTION=ignore \
+    PATH=/opt/venv/bin:$PATH
 
-RUN useradd --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin summarizer
+# --system-site-packages: a base image that ships torch (a CUDA image) can lend it (TORCH_SPEC="").
+RUN python3 -m venv --system-site-packages /opt/venv
 
-# torch first, from the chosen index, so `pip install .` below finds it already satisfied.
-RUN python -m pip install --index-url "${TORCH_INDEX_URL}" "${TORCH_SPEC}"
+# torch first, in its own layer: code changes below do not reinstall it.
+# Each downloading step trusts the system CAs plus the pip_ca secret, when one was passed.
+RUN --mount=type=secret,id=pip_ca \
+    --mount=type=bind,source=wheels,target=/wheels \
+    set -eu; \
+    if [ -s /run/secrets/pip_ca ]; then \
+        cat /etc/ssl/certs/ca-certificates.crt /run/secrets/pip_ca > /tmp/pip-ca.pem; \
+        export PIP_CERT=/tmp/pip-ca.pem; \
+    fi; \
+    if [ -n "${TORCH_WHEEL}" ]; then pip install "/wheels/${TORCH_WHEEL}"; \
+    elif [ -n "${TORCH_SPEC}" ]; then pip install --index-url "${TORCH_INDEX_URL}" "${TORCH_SPEC}"; \
+    fi; \
+    rm -f /tmp/pip-ca.pem
 
-WORKDIR /opt/summarizer
+WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY protos ./protos
 COPY models ./models
 COPY service ./service
-RUN python -m pip install . && rm -rf /opt/summarizer/build
+RUN --mount=type=secret,id=pip_ca \
+    set -eu; \
+    if [ -s /run/secrets/pip_ca ]; then \
+        cat /etc/ssl/certs/ca-certificates.crt /run/secrets/pip_ca > /tmp/pip-ca.pem; \
+        export PIP_CERT=/tmp/pip-ca.pem; \
+    fi; \
+    pip install .; \
+    rm -f /tmp/pip-ca.pem
 
-# Bake the model in (safetensors only), or leave /models/default to be mounted.
-RUN mkdir -p /models/default \
- && if [ -n "${MODEL}" ]; then summarizer fetch "${MODEL}" --out /models/default; fi \
- && rm -rf /models/default/.cache /tmp/hf
+# ---- model: /models/default, baked in or left empty for a mount --------------------------------
+FROM build AS model
+
+ARG MODEL=sshleifer/distilbart-cnn-12-6
+
+RUN --mount=type=secret,id=pip_ca \
+    --mount=type=bind,target=/context \
+    set -eu; \
+    mkdir -p /models/default; \
+    if [ -z "${MODEL}" ]; then \
+        echo "no model baked in: mount one at /models/default"; \
+    elif [ -d "/context/${MODEL}" ]; then \
+        cp -R "/context/${MODEL}/." /models/default/; \
+        test -f /models/default/config.json \
+            || { echo "MODEL=${MODEL}: the directory has no config.json" >&2; exit 1; }; \
+    else \
+        if [ -s /run/secrets/pip_ca ]; then \
+            cat /etc/ssl/certs/ca-certificates.crt /run/secrets/pip_ca > /tmp/pip-ca.pem; \
+            export SSL_CERT_FILE=/tmp/pip-ca.pem REQUESTS_CA_BUNDLE=/tmp/pip-ca.pem; \
+        fi; \
+        HF_HOME=/tmp/hf summarizer fetch "${MODEL}" --out /models/default; \
+        rm -rf /models/default/.cache /tmp/hf /tmp/pip-ca.pem; \
+    fi; \
+    chmod -R a+rX /models
+
+# ---- runtime: the base image, the virtual environment, the model; no build tools, no secrets ---
+FROM ${BASE_IMAGE}
+
+RUN useradd --uid 10001 --user-group --create-home --shell /usr/sbin/nologin summarizer
+
+COPY --from=build /opt/venv /opt/venv
+COPY --from=model /models /models
+
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    HF_HOME=/tmp/hf \
+    HF_HUB_OFFLINE=1 \
+    SUMMARIZER_MODEL=/models/default \
+    SUMMARIZER_HOST=0.0.0.0 \
+    SUMMARIZER_PORT=50051
 
 USER 10001:10001
-ENV SUMMARIZER_MODEL=/models/default \
-    SUMMARIZER_HOST=0.0.0.0 \
-    SUMMARIZER_PORT=50051 \
-    HF_HUB_OFFLINE=1
 EXPOSE 50051
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
     CMD ["summarizer", "health"]
