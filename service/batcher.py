@@ -9,8 +9,10 @@ Scheduling rules:
 - Adaptive wait: while the worker is busy, jobs simply queue; when it is free, a batch is cut at once
   if enough work is queued, else the oldest job waits at most `max_wait_ms` (from its arrival) for
   others to join. Load makes batches bigger without adding latency at low load.
-- Fairness: each `submit` call is a group; a batch takes jobs round-robin across groups, so a caller
-  with one article is in the next batch even behind a caller with hundreds.
+- Fairness: each caller is a group (one `submit` call, or every call that names the same `group`); a
+  batch takes jobs round-robin across groups, and the next batch's key is that of the group whose
+  turn it is, so a caller with one article is in the next batch even behind a caller with hundreds
+  of jobs, whatever their keys.
 - Padding: a group's jobs are taken shortest first, so successive batches hold similar lengths, and
   `max_batch_tokens` caps a batch's padded size (batch size x longest input).
 - Cancelled jobs and jobs past their deadline are dropped before a batch is cut; they never reach
@@ -97,9 +99,10 @@ class _Entry:
 
 @dataclass(eq=False)
 class _Group:
-    """The jobs of one `submit` call, shortest first."""
+    """The queued jobs of one caller, shortest first."""
 
     entries: collections.deque[_Entry] = field(default_factory=collections.deque)
+    owner: Hashable | None = None
 
 
 @dataclass
@@ -192,8 +195,11 @@ class Batcher(Generic[P, R]):
         return self._queued
 
     # ----- submitting -----
-    def submit(self, jobs: Sequence[Job[P]]) -> list[asyncio.Future[R]]:
-        """Queue `jobs` as one group, all or none; one future per job, in the order given.
+    def submit(self, jobs: Sequence[Job[P]], *,
+               group: Hashable | None = None) -> list[asyncio.Future[R]]:
+        """Queue `jobs`, all or none; one future per job, in the order given. They join the queued
+        jobs of an earlier call that named the same `group` (one caller: one round-robin turn),
+        else they form a group of their own.
 
         Raises QueueFull when the jobs do not all fit, Unavailable once stopped.
         """
@@ -209,10 +215,15 @@ class Batcher(Generic[P, R]):
         for entry in entries:
             entry.future.add_done_callback(lambda _f, e=entry: self._on_done(e))
         if entries:
-            group = _Group(collections.deque(sorted(entries, key=lambda e: e.job.cost)))
+            joined = next((g for g in self._groups if group is not None and g.owner == group),
+                          None)
+            if joined is None:
+                joined = _Group(owner=group)
+                self._groups.append(joined)
             for entry in entries:
-                entry.group = group
-            self._groups.append(group)
+                entry.group = joined
+            joined.entries = collections.deque(
+                sorted([*joined.entries, *entries], key=lambda e: e.job.cost))
             self._queued += len(entries)
             self._wakeup.set()
         return [entry.future for entry in entries]
@@ -251,9 +262,11 @@ class Batcher(Generic[P, R]):
                 continue
             now = self._clock()
             ready_by = oldest.enqueued_at + self.max_wait_s
+            # Whose turn it is decides the key: served groups go to the back (see _cut).
+            turn = self._groups[0].entries[0].job.key
             if now >= ready_by:
-                return oldest.job.key, self._cut(oldest.job.key)
-            full = self._full_key(oldest.job.key)
+                return turn, self._cut(turn)
+            full = self._full_key(turn)
             if full is not None:
                 return full, self._cut(full)
             try:
@@ -299,7 +312,7 @@ class Batcher(Generic[P, R]):
         return False
 
     def _full_key(self, preferred: Hashable) -> Hashable | None:
-        """A key with a full batch queued (the oldest job's key first), or None."""
+        """A key with a full batch queued (`preferred` first), or None."""
         counts: dict[Hashable, int] = collections.Counter(
             e.job.key for g in self._groups for e in g.entries)
         if counts.get(preferred, 0) >= self.max_batch_size:

@@ -76,6 +76,9 @@ def _parser() -> argparse.ArgumentParser:
     bulk.add_argument("--max-in-flight", type=int, default=64,
                       help="articles sent and not yet answered (default 64)")
     send.add_argument("--outputs", choices=("both", "summary", "headline"), default="both")
+    send.add_argument("--long-input", choices=("chunk", "truncate"), default="",
+                      help="articles longer than the model's window: summarise them in chunks, "
+                           "or read their beginning only (default: the server's setting)")
     for name in GENERATION_FLAGS:
         send.add_argument(f"--{name}", type=int, default=0, help="0: server default")
     fetch = commands.add_parser(
@@ -245,7 +248,8 @@ def _summarize(args: argparse.Namespace) -> int:
         summary_max_tokens=args.summary_max_tokens, summary_min_tokens=args.summary_min_tokens,
         headline_max_tokens=args.headline_max_tokens,
         headline_min_tokens=args.headline_min_tokens, num_beams=args.num_beams,
-        outputs=args.outputs, max_input_tokens=args.max_input_tokens)
+        outputs=args.outputs, max_input_tokens=args.max_input_tokens,
+        long_input=args.long_input)
     if args.input and args.inputs != ["-"]:
         raise SummarizerError("give either --input or input files, not both")
     if args.output and not args.input:

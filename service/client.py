@@ -52,23 +52,28 @@ def result_from_pb(message: pb.ArticleResult) -> Result:
     return ArticleSummary(id=message.id, summary=message.summary, headline=message.headline,
                           input_tokens=message.input_tokens, truncated=message.truncated,
                           summary_tokens=message.summary_tokens,
-                          headline_tokens=message.headline_tokens)
+                          headline_tokens=message.headline_tokens, chunks=message.chunks)
 
 
 _OUTPUTS = {"both": pb.OUTPUTS_BOTH, "summary": pb.OUTPUTS_SUMMARY,
             "headline": pb.OUTPUTS_HEADLINE}
+_LONG_INPUT = {"": pb.LONG_INPUT_POLICY_UNSPECIFIED, "truncate": pb.LONG_INPUT_POLICY_TRUNCATE,
+               "chunk": pb.LONG_INPUT_POLICY_CHUNK}
 
 
 def make_options(*, summary_max_tokens: int = 0, summary_min_tokens: int = 0,
                  headline_max_tokens: int = 0, headline_min_tokens: int = 0, num_beams: int = 0,
                  outputs: str = "both", max_input_tokens: int = 0,
                  length_penalty: float | None = None,
-                 no_repeat_ngram_size: int | None = None) -> pb.GenerationOptions:
-    """Generation options; 0 (or None) leaves a field to the server's default."""
+                 no_repeat_ngram_size: int | None = None,
+                 long_input: str = "") -> pb.GenerationOptions:
+    """Generation options; 0 (or None, or "" for `long_input`: "truncate" or "chunk") leaves a
+    field to the server's default."""
     options = pb.GenerationOptions(
         summary_max_tokens=summary_max_tokens, summary_min_tokens=summary_min_tokens,
         headline_max_tokens=headline_max_tokens, headline_min_tokens=headline_min_tokens,
-        num_beams=num_beams, outputs=_OUTPUTS[outputs], max_input_tokens=max_input_tokens)
+        num_beams=num_beams, outputs=_OUTPUTS[outputs], max_input_tokens=max_input_tokens,
+        long_input=_LONG_INPUT[long_input])
     if length_penalty is not None:
         options.length_penalty = length_penalty
     if no_repeat_ngram_size is not None:

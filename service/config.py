@@ -59,8 +59,8 @@ class Settings:
 
     # --- generation defaults (0: the model family's manifest default) ---
     max_input_tokens: int = _setting(
-        0, "Input window in tokens; longer articles are truncated. 0: the family default, capped "
-           "by the model's position limit.")
+        0, "Input window in tokens; longer articles are chunked or truncated (see --long-input). "
+           "0: the family default, capped by the model's position limit.")
     summary_prefix: str | None = _setting(
         None, "Text put before the article for summaries (e.g. 'summarize: '); unset: family "
               "default.")
@@ -71,6 +71,19 @@ class Settings:
     headline_max_tokens: int = _setting(0, "Default maximum headline length in tokens.")
     headline_min_tokens: int = _setting(0, "Default minimum headline length in tokens.")
     num_beams: int = _setting(0, "Default beam width.")
+
+    # --- long articles ---
+    long_input: str = _setting(
+        "chunk", "Articles longer than the input window, when a request does not choose: chunk "
+                 "(summarise window-sized chunks, then their joined summaries) or truncate (read "
+                 "the beginning only; cheaper).", choices=("chunk", "truncate"))
+    max_chunks_per_article: int = _setting(
+        64, "Most chunks one article may be split into (at most --max-queue); a longer article is "
+            "refused with INVALID_ARGUMENT (it may still ask for truncation).")
+    max_chunk_depth: int = _setting(
+        3, "Most times joined chunk summaries that exceed the window are chunked and summarised "
+           "again; past it the final pass reads them cut to the window and the result says "
+           "truncated.")
 
     # --- batching ---
     max_batch_size: int = _setting(
@@ -133,12 +146,14 @@ class Settings:
     def __post_init__(self) -> None:
         problems = []
         for name in ("max_batch_size", "max_queue", "max_articles_per_request",
-                     "max_article_chars", "max_message_bytes", "max_num_beams", "max_new_tokens"):
+                     "max_article_chars", "max_message_bytes", "max_num_beams", "max_new_tokens",
+                     "max_chunks_per_article"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")
         for name in ("threads", "max_input_tokens", "summary_max_tokens", "summary_min_tokens",
                      "headline_max_tokens", "headline_min_tokens", "num_beams",
-                     "max_batch_tokens", "max_concurrent_rpcs", "port", "metrics_port", "health_port"):
+                     "max_batch_tokens", "max_concurrent_rpcs", "port", "metrics_port",
+                     "health_port", "max_chunk_depth"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative")
         if not (0 <= self.max_wait_ms < math.inf and 0 <= self.grace_period_s < math.inf

@@ -11,20 +11,23 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from .batcher import Batcher, BatchReport, Job
 from .config import Settings
 from .domain import (ArticleFailure, ArticleSummary, Generated, GenerationParams, Limits,
-                     PreparedArticle, RequestedOptions, resolve_options)
+                     LongInput, Outputs, PreparedArticle, RequestedOptions, resolve_options)
 from .engine import Engine
 from .errors import (GenerationFailed, InvalidArgument, OutOfMemory, QueueFull, SummarizerError,
                      is_out_of_memory, status_for)
+from .mapreduce import ChunkedArticle, MapReduce, with_outputs
 from .text import clean_article, has_nul, model_text
 
 log = logging.getLogger(__name__)
 
 MAX_ID_CHARS = 256
 QUEUE_FULL_RETRY_S = 0.05
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,20 @@ class ArticleIn:
 def _failure(article_id: str, error: BaseException) -> ArticleFailure:
     code, message = status_for(error)
     return ArticleFailure(article_id, code.value[0], message)
+
+
+@dataclass(frozen=True)
+class _Planned:
+    """An accepted article and its first round of model work: the article whole (it fits the
+    window, or is to be truncated), or its chunks."""
+
+    article: ArticleIn
+    whole: PreparedArticle | None = None
+    chunked: ChunkedArticle | None = None
+
+    @property
+    def model_inputs(self) -> int:
+        return len(self.chunked.prepared) if self.chunked else 1
 
 
 class SummarizerCore:
@@ -52,6 +69,12 @@ class SummarizerCore:
             max_batch_tokens=settings.max_batch_tokens, on_batch=on_batch)
         # Tokenisers are not safe to call from several threads at once: one thread does it all.
         self._prep = ThreadPoolExecutor(max_workers=1, thread_name_prefix="summarizer-prep")
+        self.long_input = LongInput(settings.long_input)
+        # An article's chunks are queued all at once, so a queue must hold them.
+        self.mapreduce = MapReduce(
+            engine, self._in_prep,
+            max_chunks=min(settings.max_chunks_per_article, settings.max_queue),
+            max_depth=settings.max_chunk_depth)
 
     async def start(self) -> None:
         await self.batcher.start()
@@ -103,7 +126,8 @@ class SummarizerCore:
             seen.add(article.id)
 
     def clean(self, index: int, article: ArticleIn) -> str:
-        """The article's text as the model will read it, or InvalidArgument saying what is wrong."""
+        """The article's cleaned text (paragraphs on lines), or InvalidArgument saying what is
+        wrong."""
         def bad(problem: str) -> InvalidArgument:
             return InvalidArgument("articles.text", problem, article_index=index,
                                    article_id=article.id)
@@ -114,22 +138,70 @@ class SummarizerCore:
         if has_nul(article.text):
             raise bad("contains NUL characters; send the article as UTF-8 text (UTF-16 or "
                       "binary data was sent?)")
-        cleaned = model_text(clean_article(article.text))
+        cleaned = clean_article(article.text)
         if not cleaned:
             raise bad("is empty (nothing left after removing whitespace and page furniture)")
         return cleaned
 
     # ----- work -----
-    async def _prepare(self, texts: list[str], params: GenerationParams) -> list[PreparedArticle]:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._prep, self.engine.prepare, texts, params)
+    async def _in_prep(self, function: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._prep, function, *args)
 
-    def _enqueue(self, articles: Sequence[ArticleIn], prepared: list[PreparedArticle],
-                 params: GenerationParams, deadline: float | None
-                 ) -> list[asyncio.Future[ArticleSummary]]:
-        futures = self.batcher.submit(
-            [Job(p, key=params, cost=p.cost, deadline=deadline) for p in prepared])
-        return [self._assemble(article, p, f) for article, p, f in zip(articles, prepared, futures)]
+    async def _plan_all(self, articles: Sequence[ArticleIn], params: GenerationParams,
+                        policy: LongInput) -> list[_Planned | InvalidArgument]:
+        """Each article cleaned, tokenised and, if too long for the window under CHUNK, split;
+        or what is wrong with it. Runs in the prep thread: cleaning and tokenising a request of
+        long articles takes long enough to stall the event loop."""
+        def work() -> list[_Planned | InvalidArgument]:
+            cleaned: list[str | InvalidArgument] = []
+            for index, article in enumerate(articles):
+                try:
+                    cleaned.append(self.clean(index, article))
+                except InvalidArgument as error:
+                    cleaned.append(error)
+            texts = [t for t in cleaned if isinstance(t, str)]
+            prepared = iter(self.engine.prepare([model_text(t) for t in texts], params)
+                            if texts else [])
+            return [text if isinstance(text, InvalidArgument)
+                    else self._plan(index, article, text, next(prepared), params, policy)
+                    for index, (article, text) in enumerate(zip(articles, cleaned))]
+
+        return await self._in_prep(work)
+
+    def _plan(self, index: int, article: ArticleIn, text: str, whole: PreparedArticle,
+              params: GenerationParams, policy: LongInput) -> _Planned | InvalidArgument:
+        if not whole.truncated or policy is LongInput.TRUNCATE:
+            return _Planned(article, whole=whole)
+        chunked = self.mapreduce.split(text, params)
+        if chunked is None:
+            return InvalidArgument(
+                "articles.text", f"too long to summarise in chunks: it needs more than "
+                f"{self.mapreduce.max_chunks} chunks of the model's "
+                f"{params.max_input_tokens}-token window (--max-chunks-per-article); send a "
+                "shorter text, or set options.long_input to LONG_INPUT_POLICY_TRUNCATE to "
+                "summarise its beginning", article_index=index, article_id=article.id)
+        return _Planned(article, chunked=chunked)
+
+    def _enqueue(self, plans: Sequence[_Planned], params: GenerationParams,
+                 deadline: float | None, group: object) -> list[asyncio.Future[ArticleSummary]]:
+        """Queue the first round of work of `plans` as the caller `group`, all or none."""
+        chunk_params = with_outputs(params, Outputs.SUMMARY)
+        jobs = []
+        for plan in plans:
+            if plan.chunked is None:
+                jobs.append(Job(plan.whole, key=params, cost=plan.whole.cost, deadline=deadline))
+            else:
+                jobs.extend(Job(p, key=chunk_params, cost=p.cost, deadline=deadline)
+                            for p in plan.chunked.prepared)
+        futures = iter(self.batcher.submit(jobs, group=group))
+        results = []
+        for plan in plans:
+            if plan.chunked is None:
+                results.append(self._assemble(plan.article, plan.whole, next(futures)))
+            else:
+                mapped = [next(futures) for _ in plan.chunked.prepared]
+                results.append(self._finish_chunked(plan, mapped, params, deadline, group))
+        return results
 
     @staticmethod
     def _assemble(article: ArticleIn, prepared: PreparedArticle,
@@ -146,19 +218,36 @@ class SummarizerCore:
         task.add_done_callback(lambda t: generated.cancel() if t.cancelled() else None)
         return task
 
-    async def _clean_all(self, articles: Sequence[ArticleIn]) -> list[str | InvalidArgument]:
-        """Each article's model text, or what is wrong with it. Runs in the prep thread: cleaning
-        a request of long articles takes long enough to stall the event loop."""
-        def work() -> list[str | InvalidArgument]:
-            out: list[str | InvalidArgument] = []
-            for index, article in enumerate(articles):
-                try:
-                    out.append(self.clean(index, article))
-                except InvalidArgument as error:
-                    out.append(error)
-            return out
+    def _finish_chunked(self, plan: _Planned, mapped: list[asyncio.Future[Generated]],
+                        params: GenerationParams, deadline: float | None,
+                        group: object) -> asyncio.Future[ArticleSummary]:
+        async def submit(prepared: Sequence[PreparedArticle], step: GenerationParams
+                         ) -> list[asyncio.Future[Generated]]:
+            jobs = [Job(p, key=step, cost=p.cost, deadline=deadline) for p in prepared]
+            return await self._when_room(lambda: self.batcher.submit(jobs, group=group),
+                                         deadline)
 
-        return await asyncio.get_running_loop().run_in_executor(self._prep, work)
+        def drop_chunks(_task: asyncio.Future) -> None:
+            # However the article ends (done, failed, caller gone), none of its chunks stays
+            # queued.
+            for future in mapped:
+                future.cancel()
+
+        task = asyncio.ensure_future(
+            self.mapreduce.finish(plan.article.id, plan.chunked, mapped, params, submit))
+        task.add_done_callback(drop_chunks)
+        return task
+
+    async def _when_room(self, submit: Callable[[], T], deadline: float | None) -> T:
+        """Call `submit` until the queue has room: accepted work (stream articles, the later
+        passes over a long article's chunks) pushes back and waits, never fails."""
+        while True:
+            try:
+                return submit()
+            except QueueFull:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
+                await asyncio.sleep(QUEUE_FULL_RETRY_S)
 
     async def summarize(self, articles: Sequence[ArticleIn], options: RequestedOptions,
                         deadline: float | None = None
@@ -170,11 +259,19 @@ class SummarizerCore:
         self.check_count(articles)
         self.check_ids(articles, required=False)
         params = self.resolve(options)
-        texts = await self._clean_all(articles)
-        for text in texts:
-            if isinstance(text, InvalidArgument):
-                raise text
-        futures = self._enqueue(articles, await self._prepare(texts, params), params, deadline)
+        plans = await self._plan_all(articles, params, options.long_input or self.long_input)
+        accepted = []
+        for plan in plans:
+            if isinstance(plan, InvalidArgument):
+                raise plan
+            accepted.append(plan)
+        needed = sum(plan.model_inputs for plan in accepted)
+        if needed > self.settings.max_queue:
+            raise InvalidArgument(
+                "articles", f"split into chunks, the request's long articles make {needed} "
+                f"model inputs, more than the server's queue holds ({self.settings.max_queue}); "
+                "send fewer long articles per call, or use SummarizeStream")
+        futures = self._enqueue(accepted, params, deadline, group=object())
         try:
             outcomes = await asyncio.gather(*futures, return_exceptions=True)
         finally:
@@ -205,6 +302,7 @@ class SummarizerCore:
         slots = asyncio.Semaphore(self.settings.max_articles_per_request)
         in_flight: set[str] = set()
         waiters: set[asyncio.Future] = set()
+        group = object()  # one caller: one round-robin turn, however many requests it sends
 
         async def deliver(article: ArticleIn, future: asyncio.Future[ArticleSummary]) -> None:
             try:
@@ -225,18 +323,18 @@ class SummarizerCore:
                     params = self.resolve(options)
                     for _ in articles:
                         await slots.acquire()
-                    cleaned = await self._clean_all(articles)
-                    accepted = [a for a, t in zip(articles, cleaned) if isinstance(t, str)]
-                    texts = [t for t in cleaned if isinstance(t, str)]
-                    for article, text in zip(articles, cleaned):
-                        if isinstance(text, InvalidArgument):
-                            outbox.put_nowait(_failure(article.id, text))
+                    planned = await self._plan_all(articles, params,
+                                                   options.long_input or self.long_input)
+                    accepted = [p for p in planned if isinstance(p, _Planned)]
+                    for article, plan in zip(articles, planned):
+                        if isinstance(plan, InvalidArgument):
+                            outbox.put_nowait(_failure(article.id, plan))
                     if not accepted:
                         continue
-                    in_flight.update(a.id for a in accepted)
-                    futures = await self._submit_waiting(accepted, texts, params, deadline)
-                    for article, future in zip(accepted, futures):
-                        task = asyncio.ensure_future(deliver(article, future))
+                    in_flight.update(p.article.id for p in accepted)
+                    futures = await self._submit_waiting(accepted, params, deadline, group)
+                    for plan, future in zip(accepted, futures):
+                        task = asyncio.ensure_future(deliver(plan.article, future))
                         waiters.add(task)
                         task.add_done_callback(waiters.discard)
                 if waiters:
@@ -257,15 +355,18 @@ class SummarizerCore:
             for task in list(waiters):
                 task.cancel()
 
-    async def _submit_waiting(self, articles: Sequence[ArticleIn], texts: list[str],
-                              params: GenerationParams, deadline: float | None
+    async def _submit_waiting(self, plans: Sequence[_Planned], params: GenerationParams,
+                              deadline: float | None, group: object
                               ) -> list[asyncio.Future[ArticleSummary]]:
-        """Submit for a stream: a full queue means wait (bulk work pushes back, never fails)."""
-        prepared = await self._prepare(texts, params)
-        while True:
-            try:
-                return self._enqueue(articles, prepared, params, deadline)
-            except QueueFull:
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise
-                await asyncio.sleep(QUEUE_FULL_RETRY_S)
+        """Submit for a stream, article by article: a full queue means wait (bulk work pushes
+        back, never fails)."""
+        futures: list[asyncio.Future[ArticleSummary]] = []
+        try:
+            for plan in plans:
+                futures += await self._when_room(
+                    lambda plan=plan: self._enqueue([plan], params, deadline, group), deadline)
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+        return futures

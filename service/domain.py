@@ -29,6 +29,15 @@ class Outputs(enum.Enum):
         return self is not Outputs.SUMMARY
 
 
+class LongInput(enum.Enum):
+    """What to do with an article longer than the model's input window."""
+
+    TRUNCATE = "truncate"
+    """Read its beginning, up to the window; the result says truncated."""
+    CHUNK = "chunk"
+    """Summarise it in window-sized chunks, then summarise the chunks' summaries."""
+
+
 @dataclass(frozen=True)
 class RequestedOptions:
     """Options as a caller sent them: 0 / None mean "server default"."""
@@ -42,6 +51,8 @@ class RequestedOptions:
     max_input_tokens: int = 0
     length_penalty: float | None = None
     no_repeat_ngram_size: int | None = None
+    long_input: LongInput | None = None
+    """None: the server's default."""
 
 
 @dataclass(frozen=True)
@@ -157,6 +168,8 @@ class ArticleSummary:
     truncated: bool
     summary_tokens: int
     headline_tokens: int
+    chunks: int = 1
+    """How many pieces the model read the article in; 1 when it fit the window (or was cut)."""
 
 
 @dataclass(frozen=True)

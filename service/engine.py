@@ -1,8 +1,8 @@
 """The small interface between the service and an inference engine. No torch here.
 
-The service calls `prepare` (tokenise; any thread but one at a time) and `generate` (one worker
-thread) and reads `models` and `defaults`. Tests swap in a fake engine; later engines (e.g.
-CTranslate2) implement the same protocol.
+The service calls `prepare` and `count_tokens` (tokenise; any thread but one at a time) and
+`generate` (one worker thread) and reads `models` and `defaults`. Tests swap in a fake engine;
+later engines (e.g. CTranslate2) implement the same protocol.
 """
 
 from __future__ import annotations
@@ -26,6 +26,10 @@ class ModelDescription:
     headline_prefix: str
     dtype: str
     device: str
+    chunked_headline: str = "summary"
+    """For an article summarised in chunks, what the headline is written from: "summary" (the
+    final summary) or "opening+summary" (the article's opening sentences, then the summary).
+    Meaningful for the model that writes headlines."""
 
 
 class Engine(Protocol):
@@ -38,6 +42,11 @@ class Engine(Protocol):
 
     def prepare(self, texts: Sequence[str], params: GenerationParams) -> list[PreparedArticle]:
         """Tokenise cleaned article texts for the outputs `params` asks for, cutting to the window."""
+        ...
+
+    def count_tokens(self, texts: Sequence[str], params: GenerationParams) -> list[int]:
+        """Tokens `prepare` would give each text for `params.outputs` if it cut nothing: task
+        prefix and special tokens included (the larger count where two models read the text)."""
         ...
 
     def generate(self, params: GenerationParams,

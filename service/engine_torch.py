@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -193,7 +194,8 @@ class TorchEngine:
         return ModelDescription(
             role=role, model_id=ckpt.ref, family=ckpt.manifest.family, model_type=ckpt.model_type,
             max_input_tokens=ckpt.window, summary_prefix=ckpt.summary_prefix,
-            headline_prefix=ckpt.headline_prefix, dtype=dtype, device=self.device)
+            headline_prefix=ckpt.headline_prefix, dtype=dtype, device=self.device,
+            chunked_headline=ckpt.manifest.chunked_headline)
 
     # ----- Engine protocol -----
     def prepare(self, texts: Sequence[str], params: GenerationParams) -> list[PreparedArticle]:
@@ -218,6 +220,17 @@ class TorchEngine:
                 input_tokens=len(s_ids) if s_ids is not None else len(h_ids or ()),
                 truncated=s_cut or h_cut))
         return prepared
+
+    def count_tokens(self, texts: Sequence[str], params: GenerationParams) -> list[int]:
+        counts = [0] * len(texts)
+        for ckpt, prefix, wanted in ((self.summary, self.summary.summary_prefix,
+                                      params.outputs.summary),
+                                     (self.headline, self.headline.headline_prefix,
+                                      params.outputs.headline)):
+            if wanted:
+                encoded = ckpt.encode([prefix + t for t in texts], sys.maxsize)
+                counts = [max(n, len(ids)) for n, (ids, _) in zip(counts, encoded)]
+        return counts
 
     def _shares_input(self) -> bool:
         return (self.headline is self.summary

@@ -50,6 +50,9 @@ class Manifest:
     summary_min_tokens: int
     headline_max_tokens: int
     headline_min_tokens: int
+    chunked_headline: str = "summary"
+    """What the headline of an article summarised in chunks is written from: "summary" or
+    "opening+summary" (see the family manifests)."""
     name: str = ""
     hub_id: str = ""
     license: str = ""
@@ -74,6 +77,9 @@ def _manifest_root() -> Path:
     return Path(__file__).resolve().parent / "model_manifests"
 
 
+CHUNKED_HEADLINE_SOURCES = ("summary", "opening+summary")
+
+
 def _flatten(data: dict[str, Any]) -> dict[str, Any]:
     flat = {k: v for k, v in data.items() if not isinstance(v, dict)}
     for task in ("summary", "headline"):
@@ -96,6 +102,9 @@ def _flatten(data: dict[str, Any]) -> dict[str, Any]:
     unknown = set(flat) - known
     if unknown:
         raise ConfigError(f"unknown manifest keys: {', '.join(sorted(unknown))}")
+    if flat.get("chunked_headline", "summary") not in CHUNKED_HEADLINE_SOURCES:
+        raise ConfigError(f"manifest key chunked_headline must be one of "
+                          f"{', '.join(CHUNKED_HEADLINE_SOURCES)}, not {flat['chunked_headline']!r}")
     return flat
 
 

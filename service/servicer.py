@@ -20,7 +20,7 @@ from google.protobuf.message import DecodeError, Message
 from . import __version__
 from .metrics import Metrics
 from .core import ArticleIn, SummarizerCore
-from .domain import (ArticleFailure, ArticleSummary, GenerationParams, Outputs,
+from .domain import (ArticleFailure, ArticleSummary, GenerationParams, LongInput, Outputs,
                      RequestedOptions)
 from .errors import InvalidArgument, Overloaded, SummarizerError, Unavailable, status_for
 from .gen.summarizer.v1 import summarizer_pb2 as pb
@@ -81,6 +81,9 @@ _OUTPUTS_FROM_PB = {
 }
 _OUTPUTS_TO_PB = {Outputs.BOTH: pb.OUTPUTS_BOTH, Outputs.SUMMARY: pb.OUTPUTS_SUMMARY,
                   Outputs.HEADLINE: pb.OUTPUTS_HEADLINE}
+_LONG_INPUT_FROM_PB = {pb.LONG_INPUT_POLICY_TRUNCATE: LongInput.TRUNCATE,
+                       pb.LONG_INPUT_POLICY_CHUNK: LongInput.CHUNK}
+LONG_INPUT_TO_PB = {policy: value for value, policy in _LONG_INPUT_FROM_PB.items()}
 
 
 def options_from_pb(options: pb.GenerationOptions) -> RequestedOptions:
@@ -96,6 +99,8 @@ def options_from_pb(options: pb.GenerationOptions) -> RequestedOptions:
         length_penalty=(options.length_penalty if options.HasField("length_penalty") else None),
         no_repeat_ngram_size=(options.no_repeat_ngram_size
                               if options.HasField("no_repeat_ngram_size") else None),
+        # Unspecified, or a value this server does not know (a newer client): the default.
+        long_input=_LONG_INPUT_FROM_PB.get(options.long_input),
     )
 
 
@@ -127,7 +132,8 @@ def result_to_pb(result: ArticleSummary | ArticleFailure) -> pb.ArticleResult:
     return pb.ArticleResult(
         id=result.id, summary=result.summary, headline=result.headline,
         input_tokens=result.input_tokens, truncated=result.truncated,
-        summary_tokens=result.summary_tokens, headline_tokens=result.headline_tokens)
+        summary_tokens=result.summary_tokens, headline_tokens=result.headline_tokens,
+        chunks=result.chunks)
 
 
 def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
@@ -286,6 +292,8 @@ class SummarizerServicer(pb_grpc.SummarizerServicer):
     def _model_info(core: SummarizerCore) -> pb.ModelInfo:
         engine = core.engine
         settings = core.settings
+        defaults = options_to_pb(engine.defaults)
+        defaults.long_input = LONG_INPUT_TO_PB[core.long_input]
         return pb.ModelInfo(
             models=[pb.ModelDescription(
                 role=m.role, model_id=m.model_id, family=m.family, model_type=m.model_type,
@@ -293,12 +301,14 @@ class SummarizerServicer(pb_grpc.SummarizerServicer):
                 headline_prefix=m.headline_prefix, dtype=m.dtype, device=m.device)
                 for m in engine.models],
             engine=engine.name,
-            default_options=options_to_pb(engine.defaults),
+            default_options=defaults,
             limits=pb.ServerLimits(
                 max_articles_per_request=settings.max_articles_per_request,
                 max_article_chars=settings.max_article_chars,
                 max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
                 max_num_beams=core.limits.max_num_beams,
-                max_new_tokens=core.limits.max_new_tokens),
+                max_new_tokens=core.limits.max_new_tokens,
+                max_chunks_per_article=core.mapreduce.max_chunks,
+                max_chunk_depth=settings.max_chunk_depth),
             server_version=__version__,
         )

@@ -44,6 +44,9 @@ class FakeEngine:
                                        truncated=len(cut) < len(ids)))
         return out
 
+    def count_tokens(self, texts: Sequence[str], params: GenerationParams) -> list[int]:
+        return [len(text) for text in texts]
+
     def generate(self, params: GenerationParams,
                  batch: Sequence[PreparedArticle]) -> list[Generated]:
         texts = ["".join(map(chr, a.summary_ids)) for a in batch]

@@ -98,10 +98,13 @@ async def test_outputs_option_skips_the_other_output() -> None:
 
 async def test_long_article_is_truncated_and_flagged() -> None:
     engine = FakeEngine(window=20)
+    truncate = pb.LONG_INPUT_POLICY_TRUNCATE
     async with serving(BASE, lambda s: engine) as (_, channel):
         stub = pb_grpc.SummarizerStub(channel)
-        reply = await stub.Summarize(request("short", "a much longer article text"))
-        narrowed = await stub.Summarize(request("abcdefghijklmnopq", max_input_tokens=16))
+        reply = await stub.Summarize(request("short", "a much longer article text",
+                                             long_input=truncate))
+        narrowed = await stub.Summarize(request("abcdefghijklmnopq", max_input_tokens=16,
+                                                long_input=truncate))
     assert [(r.input_tokens, r.truncated) for r in reply.results] == [(5, False), (20, True)]
     assert (narrowed.results[0].input_tokens, narrowed.results[0].truncated) == (16, True)
 

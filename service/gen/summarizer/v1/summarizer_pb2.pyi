@@ -13,10 +13,19 @@ class Outputs(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     OUTPUTS_BOTH: _ClassVar[Outputs]
     OUTPUTS_SUMMARY: _ClassVar[Outputs]
     OUTPUTS_HEADLINE: _ClassVar[Outputs]
+
+class LongInputPolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    LONG_INPUT_POLICY_UNSPECIFIED: _ClassVar[LongInputPolicy]
+    LONG_INPUT_POLICY_TRUNCATE: _ClassVar[LongInputPolicy]
+    LONG_INPUT_POLICY_CHUNK: _ClassVar[LongInputPolicy]
 OUTPUTS_UNSPECIFIED: Outputs
 OUTPUTS_BOTH: Outputs
 OUTPUTS_SUMMARY: Outputs
 OUTPUTS_HEADLINE: Outputs
+LONG_INPUT_POLICY_UNSPECIFIED: LongInputPolicy
+LONG_INPUT_POLICY_TRUNCATE: LongInputPolicy
+LONG_INPUT_POLICY_CHUNK: LongInputPolicy
 
 class Article(_message.Message):
     __slots__ = ("id", "text")
@@ -27,7 +36,7 @@ class Article(_message.Message):
     def __init__(self, id: _Optional[str] = ..., text: _Optional[str] = ...) -> None: ...
 
 class GenerationOptions(_message.Message):
-    __slots__ = ("summary_max_tokens", "summary_min_tokens", "headline_max_tokens", "num_beams", "outputs", "headline_min_tokens", "max_input_tokens", "length_penalty", "no_repeat_ngram_size")
+    __slots__ = ("summary_max_tokens", "summary_min_tokens", "headline_max_tokens", "num_beams", "outputs", "headline_min_tokens", "max_input_tokens", "length_penalty", "no_repeat_ngram_size", "long_input")
     SUMMARY_MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SUMMARY_MIN_TOKENS_FIELD_NUMBER: _ClassVar[int]
     HEADLINE_MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -37,6 +46,7 @@ class GenerationOptions(_message.Message):
     MAX_INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     LENGTH_PENALTY_FIELD_NUMBER: _ClassVar[int]
     NO_REPEAT_NGRAM_SIZE_FIELD_NUMBER: _ClassVar[int]
+    LONG_INPUT_FIELD_NUMBER: _ClassVar[int]
     summary_max_tokens: int
     summary_min_tokens: int
     headline_max_tokens: int
@@ -46,7 +56,8 @@ class GenerationOptions(_message.Message):
     max_input_tokens: int
     length_penalty: float
     no_repeat_ngram_size: int
-    def __init__(self, summary_max_tokens: _Optional[int] = ..., summary_min_tokens: _Optional[int] = ..., headline_max_tokens: _Optional[int] = ..., num_beams: _Optional[int] = ..., outputs: _Optional[_Union[Outputs, str]] = ..., headline_min_tokens: _Optional[int] = ..., max_input_tokens: _Optional[int] = ..., length_penalty: _Optional[float] = ..., no_repeat_ngram_size: _Optional[int] = ...) -> None: ...
+    long_input: LongInputPolicy
+    def __init__(self, summary_max_tokens: _Optional[int] = ..., summary_min_tokens: _Optional[int] = ..., headline_max_tokens: _Optional[int] = ..., num_beams: _Optional[int] = ..., outputs: _Optional[_Union[Outputs, str]] = ..., headline_min_tokens: _Optional[int] = ..., max_input_tokens: _Optional[int] = ..., length_penalty: _Optional[float] = ..., no_repeat_ngram_size: _Optional[int] = ..., long_input: _Optional[_Union[LongInputPolicy, str]] = ...) -> None: ...
 
 class SummarizeRequest(_message.Message):
     __slots__ = ("articles", "options")
@@ -65,7 +76,7 @@ class ArticleError(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class ArticleResult(_message.Message):
-    __slots__ = ("id", "summary", "headline", "input_tokens", "truncated", "summary_tokens", "headline_tokens", "error")
+    __slots__ = ("id", "summary", "headline", "input_tokens", "truncated", "summary_tokens", "headline_tokens", "error", "chunks")
     ID_FIELD_NUMBER: _ClassVar[int]
     SUMMARY_FIELD_NUMBER: _ClassVar[int]
     HEADLINE_FIELD_NUMBER: _ClassVar[int]
@@ -74,6 +85,7 @@ class ArticleResult(_message.Message):
     SUMMARY_TOKENS_FIELD_NUMBER: _ClassVar[int]
     HEADLINE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
     id: str
     summary: str
     headline: str
@@ -82,7 +94,8 @@ class ArticleResult(_message.Message):
     summary_tokens: int
     headline_tokens: int
     error: ArticleError
-    def __init__(self, id: _Optional[str] = ..., summary: _Optional[str] = ..., headline: _Optional[str] = ..., input_tokens: _Optional[int] = ..., truncated: _Optional[bool] = ..., summary_tokens: _Optional[int] = ..., headline_tokens: _Optional[int] = ..., error: _Optional[_Union[ArticleError, _Mapping]] = ...) -> None: ...
+    chunks: int
+    def __init__(self, id: _Optional[str] = ..., summary: _Optional[str] = ..., headline: _Optional[str] = ..., input_tokens: _Optional[int] = ..., truncated: _Optional[bool] = ..., summary_tokens: _Optional[int] = ..., headline_tokens: _Optional[int] = ..., error: _Optional[_Union[ArticleError, _Mapping]] = ..., chunks: _Optional[int] = ...) -> None: ...
 
 class SummarizeResponse(_message.Message):
     __slots__ = ("results",)
@@ -117,20 +130,24 @@ class ModelDescription(_message.Message):
     def __init__(self, role: _Optional[str] = ..., model_id: _Optional[str] = ..., family: _Optional[str] = ..., model_type: _Optional[str] = ..., max_input_tokens: _Optional[int] = ..., summary_prefix: _Optional[str] = ..., headline_prefix: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ...) -> None: ...
 
 class ServerLimits(_message.Message):
-    __slots__ = ("max_articles_per_request", "max_article_chars", "max_batch_size", "max_queue", "max_num_beams", "max_new_tokens")
+    __slots__ = ("max_articles_per_request", "max_article_chars", "max_batch_size", "max_queue", "max_num_beams", "max_new_tokens", "max_chunks_per_article", "max_chunk_depth")
     MAX_ARTICLES_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     MAX_ARTICLE_CHARS_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUE_FIELD_NUMBER: _ClassVar[int]
     MAX_NUM_BEAMS_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_CHUNKS_PER_ARTICLE_FIELD_NUMBER: _ClassVar[int]
+    MAX_CHUNK_DEPTH_FIELD_NUMBER: _ClassVar[int]
     max_articles_per_request: int
     max_article_chars: int
     max_batch_size: int
     max_queue: int
     max_num_beams: int
     max_new_tokens: int
-    def __init__(self, max_articles_per_request: _Optional[int] = ..., max_article_chars: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_queue: _Optional[int] = ..., max_num_beams: _Optional[int] = ..., max_new_tokens: _Optional[int] = ...) -> None: ...
+    max_chunks_per_article: int
+    max_chunk_depth: int
+    def __init__(self, max_articles_per_request: _Optional[int] = ..., max_article_chars: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_queue: _Optional[int] = ..., max_num_beams: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_chunks_per_article: _Optional[int] = ..., max_chunk_depth: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("models", "engine", "default_options", "limits", "server_version")
