@@ -17,6 +17,7 @@ Nothing here knows about models, asyncio or protobuf.
 
 from __future__ import annotations
 
+import bisect
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -38,6 +39,11 @@ _WORD = re.compile(r"\S+")
 COUNT_BLOCK = 64
 """Sentences counted per call of the token counter. Counting goes only as far as packing does, so
 an article past the chunk cap is refused without tokenising all of it."""
+
+CHARS_PER_TOKEN_BOUND = 32
+"""No tokeniser averages this many characters per token over a window's worth of text. Used only
+to bound how much of a giant sentence is tokenised at once: a sentence is first counted up to
+`window * CHARS_PER_TOKEN_BOUND` characters, and cuts are looked for no further than that."""
 
 CountTokens = Callable[[Sequence[str]], list[int]]
 """Tokens each text takes in the model's input, task prefix and special tokens included."""
@@ -89,6 +95,7 @@ class _Pieces:
         self.text = text
         self.count = count
         self.window = window
+        self.reach = window * CHARS_PER_TOKEN_BOUND
         self.overhead = count([""])[0]
         self.items: list[_Piece] = []
         self._source = self._produce()
@@ -110,8 +117,11 @@ class _Pieces:
         sentences = sentence_spans(self.text)
         for block_start in range(0, len(sentences), COUNT_BLOCK):
             block = sentences[block_start:block_start + COUNT_BLOCK]
-            counts = self.count([model_text(self.text[s:e]) for s, e in block])
+            counts = self.count([model_text(self.text[s:min(e, s + self.reach)])
+                                 for s, e in block])
             for (start, end), tokens in zip(block, counts):
+                if tokens <= self.window and end - start > self.reach:
+                    tokens = self.tokens(start, end)  # only its beginning was counted
                 if tokens <= self.window:
                     yield _Piece(start, end, tokens - self.overhead)
                 else:
@@ -121,18 +131,20 @@ class _Pieces:
         """Cut an over-long sentence into the longest pieces that fit: at word ends where a
         word-aligned piece fits, else between characters."""
         word_ends = [m.end() for m in _WORD.finditer(self.text, start, end)]
-        first_word = 0
+        first = 0
         while start < end:
-            while word_ends[first_word] <= start:
-                first_word += 1
-            offset = first_word
-            k = _last_true(len(word_ends) - offset,
+            while word_ends[first] <= start:
+                first += 1
+            reach = min(end, start + self.reach)
+            last = bisect.bisect_right(word_ends, reach, lo=first)
+            offset = first
+            k = _last_true(last - offset,
                            lambda k: self.tokens(start, word_ends[offset + k]) <= self.window)
             if k >= 0:
                 cut = word_ends[offset + k]
             else:  # one word longer than the window
                 cut = start + 1 + max(0, _last_true(
-                    end - start - 1, lambda k: self.tokens(start, start + 1 + k) <= self.window))
+                    reach - start - 1, lambda k: self.tokens(start, start + 1 + k) <= self.window))
             yield _Piece(start, cut, self.tokens(start, cut) - self.overhead)
             start = cut
             while start < end and self.text[start].isspace():

@@ -497,6 +497,46 @@ async def test_round_robin_reaches_every_group_across_batches(make):
     assert any(1 in batch for batch in fake.batches[1:3]), fake.batches
 
 
+async def test_a_big_group_of_another_key_holds_single_callers_back_one_batch_at_most(make):
+    # A long article's chunks (key "chunk") queued ahead of single articles (key "article"):
+    # whose turn it is picks the key, so the singles do not wait for all 40 chunks.
+    batcher, fake = await make(max_batch_size=4, max_wait_ms=0)
+    await busy(batcher, fake)
+    chunks = batcher.submit(jobs(*range(100, 140), key="chunk", cost=1))
+    singles = [batcher.submit(jobs(p, key="article", cost=1))[0] for p in (1, 2, 3)]
+    fake.release(0)
+    await asyncio.wait_for(asyncio.gather(*singles, *chunks), WAIT_S)
+    assert fake.batches[1] == [100, 101, 102, 103]
+    assert fake.batches[2] == [1, 2, 3]
+
+
+async def test_jobs_submitted_for_the_same_group_share_one_round_robin_turn(make):
+    batcher, fake = await make(max_batch_size=2, max_wait_ms=0)
+    await busy(batcher, fake)
+    # One caller submitting three times, then a caller with one job: the second caller is
+    # served in the first batch, beside the first caller's shortest job.
+    many = [f for cost in (30, 10, 20)
+            for f in batcher.submit(jobs(cost, cost=cost), group="caller")]
+    [single] = batcher.submit(jobs(5, cost=5), group="other")
+    fake.release(0)
+    await asyncio.wait_for(asyncio.gather(*many, single), WAIT_S)
+    assert fake.batches[1:] == [[10, 5], [20, 30]]
+
+
+async def test_a_group_that_emptied_starts_again_at_the_back(make):
+    batcher, fake = await make(max_batch_size=1, max_wait_ms=0)
+    await busy(batcher, fake)
+    [first] = batcher.submit(jobs(1), group="a")
+    [second] = batcher.submit(jobs(2), group="b")
+    fake.hold(1)
+    fake.release(0)
+    await fake.wait_calls(2)
+    [again] = batcher.submit(jobs(3), group="a")  # "a" was served and is empty: a new turn
+    fake.release(1)
+    await asyncio.wait_for(asyncio.gather(first, second, again), WAIT_S)
+    assert fake.batches[1:] == [[1], [2], [3]]
+
+
 # ----------------------------------------------------------------------------------------------
 # 9. padding: shortest first, token cap
 

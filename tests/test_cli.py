@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.gen.summarizer.v1 import summarizer_pb2 as pb
 from service.gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
+from service.tiny import training_text
 
 pytestmark = pytest.mark.slow
 CLI = [sys.executable, "-m", "service"]
@@ -102,6 +103,15 @@ def test_summarize_command_prints_json_lines(bart_server: ServerProcess, tmp_pat
         assert result["summary"] and result["headline"]
         assert 0 < result["summary_tokens"] <= 12 and 0 < result["headline_tokens"] <= 6
         assert result["truncated"] is False
+    long = tmp_path / "long.txt"
+    long.write_text(" ".join(training_text(60, seed=5)))  # several of the model's windows
+    for policy, chunked in (("truncate", False), ("chunk", True)):
+        done = subprocess.run([*CLI, "summarize", "--server", bart_server.target,
+                               "--long-input", policy, str(long)],
+                              capture_output=True, text=True, timeout=120, env=env())
+        assert done.returncode == 0, done.stderr
+        result = json.loads(done.stdout)
+        assert (result["chunks"] > 1, result["truncated"]) == (chunked, not chunked)
 
 
 def test_summarize_command_reads_stdin_and_reports_errors(bart_server: ServerProcess) -> None:

@@ -90,6 +90,29 @@ def test_long_input_is_cut_to_the_window_keeping_end_of_sequence(engines, family
 
 
 @pytest.mark.parametrize("family", ["bart", "t5", "pegasus"])
+def test_count_tokens_is_what_prepare_reads_without_the_cut(engines, family: str) -> None:
+    engine = engines[family]
+    p = params(engine, max_input_tokens=20)
+    texts = ["Prices rose.", TEXTS[2] * 5, ""]
+    counts = engine.count_tokens(texts, p)
+    prepared = engine.prepare(texts, p)
+    assert counts[0] == prepared[0].input_tokens < 20
+    assert counts[1] > 20 == prepared[1].input_tokens  # counted whole, not cut
+    assert counts[2] == prepared[2].input_tokens > 0  # the prefix and special tokens alone
+    assert engine.models[0].chunked_headline == engine.summary.manifest.chunked_headline
+
+
+def test_count_tokens_takes_the_larger_count_of_two_checkpoints(tiny_bart: Path,
+                                                                tiny_t5: Path) -> None:
+    engine = TorchEngine(Settings(model=str(tiny_bart), headline_model=str(tiny_t5), threads=1))
+    text = [TEXTS[0]]
+    summary = engine.count_tokens(text, params(engine, outputs=Outputs.SUMMARY))
+    headline = engine.count_tokens(text, params(engine, outputs=Outputs.HEADLINE))
+    assert summary != headline
+    assert engine.count_tokens(text, params(engine)) == [max(summary[0], headline[0])]
+
+
+@pytest.mark.parametrize("family", ["bart", "t5", "pegasus"])
 def test_special_tokens_typed_in_an_article_are_plain_text(engines, family: str) -> None:
     engine = engines[family]
     tokenizer = engine.summary.tokenizer

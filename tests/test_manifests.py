@@ -24,6 +24,14 @@ def test_every_family_manifest_is_complete() -> None:
         assert 0 < family.headline_min_tokens <= family.headline_max_tokens
 
 
+def test_every_family_says_what_a_chunked_articles_headline_is_written_from() -> None:
+    families = manifests.families()
+    assert all(f.chunked_headline in manifests.CHUNKED_HEADLINE_SOURCES
+               for f in families.values())
+    assert families["bart"].chunked_headline == "opening+summary"
+    assert families["t5"].chunked_headline == "summary"
+
+
 @pytest.mark.parametrize(("model_type", "family", "prefix"), [
     ("bart", "bart", ""), ("t5", "t5", "summarize: "), ("mt5", "t5", "summarize: "),
     ("pegasus", "pegasus", ""), ("led", "led", ""), ("marian", "generic", ""),
