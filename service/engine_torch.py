@@ -44,6 +44,8 @@ class _Checkpoint:
 
     def encode(self, texts: list[str], window: int) -> list[tuple[tuple[int, ...], bool]]:
         """Token ids per text, cut to `window` while keeping the special tokens at both ends."""
+        if not texts:
+            return []  # the tokenizer refuses an empty batch
         # split_special_tokens: "</s>" or "<pad>" typed in an article is text, not a control token.
         encoded = self.tokenizer(texts, padding=False, truncation=False,
                                  return_special_tokens_mask=True, split_special_tokens=True,

@@ -100,6 +100,7 @@ def test_count_tokens_is_what_prepare_reads_without_the_cut(engines, family: str
     assert counts[1] > 20 == prepared[1].input_tokens  # counted whole, not cut
     assert counts[2] == prepared[2].input_tokens > 0  # the prefix and special tokens alone
     assert engine.models[0].chunked_headline == engine.summary.manifest.chunked_headline
+    assert engine.prepare([], p) == [] and engine.count_tokens([], p) == []
 
 
 def test_count_tokens_takes_the_larger_count_of_two_checkpoints(tiny_bart: Path,

@@ -103,6 +103,21 @@ async def test_outputs_apply_to_chunked_articles() -> None:
     assert headline.results[0].summary_tokens == 0
 
 
+class BlankSummaries(FakeEngine):
+    """Writes empty summaries, as a model may: the reduce pass then has nothing to chunk."""
+
+    def generate(self, params, batch):
+        return [dataclasses.replace(g, summary="") for g in super().generate(params, batch)]
+
+
+async def test_a_chunked_article_whose_chunk_summaries_are_blank_still_finishes() -> None:
+    engine = BlankSummaries()
+    async with serving(BASE, lambda s: engine) as (_, channel):
+        stub = pb_grpc.SummarizerStub(channel)
+        reply = await stub.Summarize(request(long_article(5), long_input=CHUNK), timeout=10)
+    assert (reply.results[0].chunks, reply.results[0].summary) == (5, "")
+
+
 async def test_summaries_that_do_not_converge_are_cut_and_flagged() -> None:
     # A 20-character window: two 14-character chunk summaries never fit one window.
     engine = FakeEngine(window=20)
