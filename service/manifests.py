@@ -102,9 +102,10 @@ def _flatten(data: dict[str, Any]) -> dict[str, Any]:
     unknown = set(flat) - known
     if unknown:
         raise ConfigError(f"unknown manifest keys: {', '.join(sorted(unknown))}")
-    if flat.get("chunked_headline", "summary") not in CHUNKED_HEADLINE_SOURCES:
+    source = flat.get("chunked_headline", "summary")
+    if source not in CHUNKED_HEADLINE_SOURCES:
         raise ConfigError(f"manifest key chunked_headline must be one of "
-                          f"{', '.join(CHUNKED_HEADLINE_SOURCES)}, not {flat['chunked_headline']!r}")
+                          f"{', '.join(CHUNKED_HEADLINE_SOURCES)}, not {source!r}")
     return flat
 
 
