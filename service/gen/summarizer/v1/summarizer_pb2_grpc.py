@@ -59,6 +59,9 @@ class SummarizerServicer:
     def Summarize(self, request, context):
         """Summarises every article of the request. Results come back in request order.
         Any invalid article fails the whole call with INVALID_ARGUMENT naming the field and article.
+        An article that fails in the model on its own (the server retries its batch in smaller groups
+        to isolate it) gets its `ArticleResult.error` while the others get their results; when every
+        article failed, the call fails with that status instead.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
