@@ -14,6 +14,7 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from service.gen.summarizer.v1 import summarizer_pb2 as pb
 from service.gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
 from service.logs import JsonFormatter
 
@@ -60,7 +61,8 @@ async def test_metrics_endpoint_moves_with_real_traffic() -> None:
         assert value(before, "summarizer_requests_total", method="Summarize", code="OK") == 0
 
         await stub.Summarize(request("first article", "second, longer article"), timeout=10)
-        await stub.Summarize(request("x" * 100, max_input_tokens=16), timeout=10)  # truncated
+        await stub.Summarize(request("x" * 100, max_input_tokens=16,
+                                     long_input=pb.LONG_INPUT_POLICY_TRUNCATE), timeout=10)
         partial = await stub.Summarize(request("fine", "poison pill"), timeout=10)
         assert partial.results[1].error.code == grpc.StatusCode.INTERNAL.value[0]
         with pytest.raises(grpc.aio.AioRpcError):
@@ -106,7 +108,8 @@ async def test_one_info_line_per_call_with_its_figures_and_the_callers_request_i
     caplog.set_level(logging.INFO, logger="service.servicer")
     async with serving(BASE, lambda s: FakeEngine(window=8)) as (_, channel):
         stub = pb_grpc.SummarizerStub(channel)
-        call = stub.Summarize(request("secret article body", "another"), timeout=10,
+        call = stub.Summarize(request("secret article body", "another",
+                                      long_input=pb.LONG_INPUT_POLICY_TRUNCATE), timeout=10,
                               metadata=(("x-request-id", "trace-42"),))
         await call
         assert dict(await call.trailing_metadata())["x-request-id"] == "trace-42"

@@ -180,7 +180,8 @@ async def test_a_one_megabyte_word_within_a_raised_cap_is_truncated_not_an_error
     settings = REAL.replace(max_article_chars=2 * 1024 * 1024)
     async with serving(settings, lambda s: engine) as (_, channel):
         stub = pb_grpc.SummarizerStub(channel)
-        reply = await stub.Summarize(request("w" * (1024 * 1024)), timeout=30)
+        reply = await stub.Summarize(
+            request("w" * (1024 * 1024), long_input=pb.LONG_INPUT_POLICY_TRUNCATE), timeout=30)
     assert reply.results[0].truncated and reply.results[0].input_tokens == 512
 
 
