@@ -85,6 +85,9 @@ def main() -> int:
     parser.add_argument("--headline-tokens", type=int, default=12)
     parser.add_argument("--num-beams", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="the server's --threads; 1 gives steady figures on a machine shared "
+                             "with other work (0: all cores)")
     parser.add_argument("--cache", type=Path, default=Path(".bench-cache"))
     args = parser.parse_args()
 
@@ -95,7 +98,7 @@ def main() -> int:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model)
-    process, target = start_server(model, [])
+    process, target = start_server(model, ["--threads", str(args.threads)])
     options = dict(summary_min_tokens=args.summary_tokens, summary_max_tokens=args.summary_tokens,
                    headline_min_tokens=args.headline_tokens,
                    headline_max_tokens=args.headline_tokens, num_beams=args.num_beams)
@@ -131,7 +134,8 @@ def main() -> int:
         process.wait(timeout=60)
 
     print(f"checkpoint  {args.preset} (random weights), {args.num_beams} beams, "
-          f"{args.summary_tokens}+{args.headline_tokens} tokens out, best of {args.repeats}")
+          f"{args.summary_tokens}+{args.headline_tokens} tokens out, best of {args.repeats}, "
+          f"server threads {args.threads or 'all'}")
     print(f"{'chars':>7} {'tokens':>7} {'policy':>9} {'wall s':>8} {'CPU s':>8} {'chunks':>7} "
           f"{'tokens read':>12} {'truncated':>10} {'CPU vs truncate':>16}")
     baseline = {}
