@@ -8,7 +8,7 @@ length and policy, the article's tokens, the wall and server CPU seconds per art
 --repeats), the chunks and tokens the model read, and the CPU ratio CHUNK / TRUNCATE. On a
 machine shared with other work, CPU seconds are the cost; wall seconds are what a caller waits.
 
-    python benchmarks/long_input.py --preset bart-base --chars 5000 20000
+    python benchmarks/long_input.py --preset bart-base --chars 5000 20000 --threads 1
 
 The articles are news-like text written here, with paragraphs and sentences of ordinary length,
 from a vocabulary chosen so that the benchmark tokenizer needs about as many tokens per character
