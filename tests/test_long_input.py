@@ -208,36 +208,28 @@ async def test_a_40_chunk_article_holds_single_article_callers_back_one_batch_at
     assert max(len(b) for b in batches if b[0].startswith("L sentence")) == 4
 
 
-async def test_deadline_drops_every_chunk_of_the_article() -> None:
+@pytest.mark.parametrize("gone", ["deadline", "cancelled"])
+async def test_a_caller_gone_drops_every_chunk_of_its_article(gone: str) -> None:
     engine = FakeEngine()
     engine.hold = threading.Event()
     async with serving(BASE.replace(max_batch_size=2), lambda s: engine) as (server, channel):
         stub = pb_grpc.SummarizerStub(channel)
         running = await occupy_worker(stub, engine, "running")
-        with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await stub.Summarize(request(long_article(10), long_input=CHUNK), timeout=0.5)
-        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        if gone == "deadline":
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.Summarize(request(long_article(10), long_input=CHUNK), timeout=0.5)
+            assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        else:
+            call = stub.Summarize(request(long_article(10), long_input=CHUNK), timeout=10)
+            await wait_until(lambda: server.core.batcher.queue_depth == 10)
+            call.cancel()
+            await wait_until(lambda: server.core.batcher.queue_depth == 0)
         engine.hold.set()
         await running
         after = await stub.Summarize(request("after"), timeout=10)
         await wait_until(lambda: server.core.batcher.queue_depth == 0)
     assert after.results[0].summary == "S:after"
     assert generated(engine) == ["running", "after"]
-
-
-async def test_cancelling_the_call_drops_every_queued_chunk() -> None:
-    engine = FakeEngine()
-    engine.hold = threading.Event()
-    async with serving(BASE.replace(max_batch_size=2), lambda s: engine) as (server, channel):
-        stub = pb_grpc.SummarizerStub(channel)
-        running = await occupy_worker(stub, engine, "running")
-        call = stub.Summarize(request(long_article(10), long_input=CHUNK), timeout=10)
-        await wait_until(lambda: server.core.batcher.queue_depth == 10)
-        call.cancel()
-        await wait_until(lambda: server.core.batcher.queue_depth == 0)
-        engine.hold.set()
-        await running
-    assert generated(engine) == ["running"]
 
 
 async def test_a_failing_chunk_fails_its_article_and_stops_its_other_chunks() -> None:
