@@ -27,6 +27,7 @@ from typing import Any
 
 from .domain import ArticleFailure, ArticleSummary, Outputs, RequestedOptions
 from .errors import SummarizerError, code_name, status_for
+from .chunking import sentence_spans
 from .text import clean_article
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
@@ -94,20 +95,12 @@ def outputs_needed(records: Sequence[Record]) -> Outputs:
 
 # ----- sentences, baselines, scores (pure) -----
 
-@functools.cache
-def _segmenter() -> Any:
-    import pysbd
-
-    return pysbd.Segmenter(language="en", clean=False)
-
-
 def split_sentences(text: str) -> list[str]:
-    """The article's sentences: cleaned as the server cleans it (page furniture dropped), each
-    paragraph line split by pysbd (rule-based; abbreviations and decimals kept whole)."""
-    sentences: list[str] = []
-    for line in clean_article(text).split("\n"):
-        sentences.extend(s.strip() for s in _segmenter().segment(line) if s.strip())
-    return sentences
+    """The article's sentences: cleaned as the server cleans it (page furniture dropped), then
+    split by the same rule-based splitter that chunks long articles (abbreviations and decimals
+    kept whole)."""
+    cleaned = clean_article(text)
+    return [cleaned[start:end] for start, end in sentence_spans(cleaned)]
 
 
 def lead(text: str, sentences: int) -> str:
@@ -174,7 +167,7 @@ def build_report(records: Sequence[Record], results: Sequence[Result], *, data: 
         "evaluated": sum(1 for r in records if r.id in outputs), "failed": failures,
         "scoring": {"package": f"rouge-score {_package_version('rouge-score')}",
                     "stemming": True, "measure": "mean per-article F1 x 100",
-                    "sentence_splitter": f"pysbd {_package_version('pysbd')}"},
+                    "sentence_splitter": f"sentencex {_package_version('sentencex')}"},
     }
     for task in TASKS:
         scored = [r for r in records if getattr(r, task) and r.id in outputs]
