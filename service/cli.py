@@ -76,11 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     bulk.add_argument("--max-in-flight", type=int, default=64,
                       help="articles sent and not yet answered (default 64)")
     send.add_argument("--outputs", choices=("both", "summary", "headline"), default="both")
-    send.add_argument("--long-input", choices=("chunk", "truncate"), default="",
-                      help="articles longer than the model's window: summarise them in chunks, "
-                           "or read their beginning only (default: the server's setting)")
-    for name in GENERATION_FLAGS:
-        send.add_argument(f"--{name}", type=int, default=0, help="0: server default")
+    _add_generation_flags(send, "the server's")
     fetch = commands.add_parser(
         "fetch", help="download a checkpoint (safetensors only) for offline use",
         description="Download a hub id or manifest name into a directory that `serve --model` "
@@ -139,8 +135,7 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch", type=int, default=8, help="articles per call (default 8)")
     evaluate.add_argument("--timeout", type=float, default=600.0,
                           help="with --server: seconds each call may take (default 600)")
-    for name in GENERATION_FLAGS:
-        evaluate.add_argument(f"--{name}", type=int, default=0, help="0: the model's default")
+    _add_generation_flags(evaluate, "the server's or model's")
 
     models = commands.add_parser(
         "models", help="list the recommended checkpoints (manifest names for --model)",
@@ -162,6 +157,14 @@ def _fetch(args: argparse.Namespace) -> int:
 
     print(fetch(args.model, args.out, args.revision))
     return 0
+
+
+def _add_generation_flags(parser: argparse.ArgumentParser, whose: str) -> None:
+    parser.add_argument("--long-input", choices=("chunk", "truncate"), default="",
+                        help="articles longer than the model's window: summarise them in "
+                             f"chunks, or read their beginning only (default: {whose} setting)")
+    for name in GENERATION_FLAGS:
+        parser.add_argument(f"--{name}", type=int, default=0, help=f"0: {whose} default")
 
 
 def _connection(args: argparse.Namespace) -> dict[str, object]:
@@ -337,23 +340,26 @@ def _evaluate(args: argparse.Namespace) -> int:
         with SummarizerClient(args.server, timeout_s=args.timeout, **_connection(args)) as client:
             try:
                 info = client.model_info(timeout_s=min(args.timeout, 30.0))
-                results = evaluate.run_server(client, records, args.batch,
-                                              make_options(outputs=outputs.value, **lengths))
+                results = evaluate.run_server(
+                    client, records, args.batch,
+                    make_options(outputs=outputs.value, long_input=args.long_input, **lengths))
             except grpc.RpcError as error:
                 print(f"summarizer: error: {args.server}: {error.code().name}: "
                       f"{error.details()}", file=sys.stderr)
                 return 1
         source = f"server {args.server} ({', '.join(m.model_id for m in info.models)})"
     else:
-        from .domain import RequestedOptions
+        from .domain import LongInput, RequestedOptions
         from .server import default_engine_factory
 
         overrides = {"model": args.model, "headline_model": args.headline_model,
                      "family": args.family, "device": args.device, "threads": args.threads}
         settings = config_module.Settings.load(overrides)
         engine = default_engine_factory(settings)
-        results = evaluate.run_in_process(engine, settings, records, args.batch,
-                                          RequestedOptions(outputs=outputs, **lengths))
+        long_input = LongInput(args.long_input) if args.long_input else None
+        results = evaluate.run_in_process(
+            engine, settings, records, args.batch,
+            RequestedOptions(outputs=outputs, long_input=long_input, **lengths))
         source = f"model {args.model}" + (f", headlines {args.headline_model}"
                                           if args.headline_model else "")
     report = evaluate.build_report(records, results, data=args.data, source=source)
