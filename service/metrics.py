@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300)
 BATCH_SIZE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128)
+CHUNK_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 RATIO_BUCKETS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
@@ -83,6 +84,9 @@ class Metrics:
                                      ["output"], registry=r)
         self.truncated = Counter("summarizer_articles_truncated",
                                  "Articles cut to the model's input window.", registry=r)
+        self.chunks = Histogram("summarizer_article_chunks",
+                                "Pieces the model read per article (1: it fit the window; more: "
+                                "summarised in chunks).", buckets=CHUNK_BUCKETS, registry=r)
         self.load_seconds = Gauge("summarizer_model_load_seconds", "Time to load the model.",
                                   registry=r)
         self.warmup_seconds = Gauge("summarizer_model_warmup_seconds",
@@ -128,6 +132,7 @@ class Metrics:
         self.output_tokens.labels("headline").inc(result.headline_tokens)
         if result.truncated:
             self.truncated.inc()
+        self.chunks.observe(result.chunks)
 
     def observe_call(self, method: str, code: str, seconds: float) -> None:
         self.requests.labels(method, code).inc()

@@ -90,6 +90,8 @@ async def test_metrics_endpoint_moves_with_real_traffic() -> None:
     assert value(after, "summarizer_articles_total", outcome="ok") == 8
     assert value(after, "summarizer_articles_total", outcome="INTERNAL") == 1
     assert value(after, "summarizer_articles_truncated_total") == 1
+    assert value(after, "summarizer_article_chunks_count") == 8
+    assert value(after, "summarizer_article_chunks_bucket", le="1.0") == 8
     expected_input = (len("first article") + len("second, longer article") + 16 + len("fine")
                       + len("hold the worker") + 3 * 2)
     assert value(after, "summarizer_input_tokens_total") == expected_input
