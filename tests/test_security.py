@@ -8,7 +8,7 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2_grpc
 
 from service import cli
 from service.config import Settings, markdown_table
@@ -110,10 +110,11 @@ async def test_bearer_token_guards_summarizer_and_reflection_but_not_health(
                 await summarize_via(channel, metadata=metadata)
             assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
             assert "bearer token" in caught.value.details()
-        stream = pb_grpc.SummarizerStub(channel).SummarizeStream(iter([request("x", ids=["1"])]))
+        # Read before writing: a write racing the refusal can surface as a local INTERNAL in
+        # grpcio's asyncio client (grpc/grpc#36066).
+        stream = pb_grpc.SummarizerStub(channel).SummarizeStream()
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            async for _ in stream:
-                pass
+            await stream.read()
         assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert engine.batches == [], "refused before any model work"
 
@@ -127,11 +128,9 @@ async def test_bearer_token_guards_summarizer_and_reflection_but_not_health(
             health_pb2.HealthCheckRequest(), timeout=5)
         assert health.status == health_pb2.HealthCheckResponse.SERVING
 
-        reflect = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
-            iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+        reflect = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo()
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            async for _ in reflect:
-                pass
+            await reflect.read()
         assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
