@@ -13,7 +13,9 @@ Scheduling rules:
   batch takes jobs round-robin across groups, and the next batch's key is that of the group whose
   turn it is, so a caller with one article is in the next batch even behind a caller with hundreds
   of jobs, whatever their keys.
-- Padding: a group's jobs are taken shortest first, so successive batches hold similar lengths, and
+- Padding: a group's jobs are taken shortest first, so successive batches hold similar lengths;
+  when more groups have work than a batch holds, the first group in round-robin order is always
+  served and the others are chosen by how close their next job's length is to its job's; and
   `max_batch_tokens` caps a batch's padded size (batch size x longest input).
 - Cancelled jobs and jobs past their deadline are dropped before a batch is cut; they never reach
   the worker. So are jobs whose deadline is closer than the fastest of the last few batches with
@@ -326,16 +328,21 @@ class Batcher(Generic[P, R]):
         full_groups: set[int] = set()
         served: set[int] = set()
         progress = True
+        anchor: int | None = None
         while progress and len(batch) < self.max_batch_size:
             progress = False
+            offers = []  # each group's next job of `key`, in round-robin order
             for group in self._groups:
+                entry = next((e for e in group.entries if e.job.key == key), None)
+                if entry is not None and id(group) not in full_groups:
+                    offers.append((group, entry))
+            if anchor is None and offers:
+                anchor = offers[0][1].job.cost  # the first group in line is always served
+            # The rest by closeness of length to it: less padding when not all fit.
+            offers.sort(key=lambda offer: abs(offer[1].job.cost - (anchor or 0)))
+            for group, entry in offers:
                 if len(batch) >= self.max_batch_size:
                     break
-                if id(group) in full_groups:
-                    continue
-                entry = next((e for e in group.entries if e.job.key == key), None)
-                if entry is None:
-                    continue
                 new_longest = max(longest, entry.job.cost)
                 if (batch and self.max_batch_tokens
                         and new_longest * (len(batch) + 1) > self.max_batch_tokens):

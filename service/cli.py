@@ -85,6 +85,19 @@ def _parser() -> argparse.ArgumentParser:
     fetch.add_argument("--out", required=True, help="directory to write")
     fetch.add_argument("--revision", default="", help="branch, tag or commit")
 
+    convert = commands.add_parser(
+        "convert", help="convert a checkpoint for --engine ctranslate2 ahead of time",
+        description="Convert a checkpoint (directory, hub id or manifest name; safetensors only) "
+                    "into a directory that `serve --engine ctranslate2 --model DIR` loads as is "
+                    "(e.g. in a Docker build). Without it the engine converts on first start "
+                    "into --convert-cache-dir.")
+    convert.add_argument("model", help="checkpoint directory, hub id or manifest name")
+    convert.add_argument("--out", required=True, help="directory to write")
+    convert.add_argument("--compute-type", choices=("float32", "bfloat16", "float16", "int8"),
+                         default="int8", help="weights' data type (default int8)")
+    convert.add_argument("--revision", default="", help="branch, tag or commit (hub ids)")
+    convert.add_argument("--offline", action="store_true", help="never contact the model hub")
+
     health = commands.add_parser(
         "health", parents=[connection], help="exit 0 when a server reports SERVING (for container health checks)")
     health.add_argument("--server", default=None,
@@ -174,6 +187,16 @@ def _connection(args: argparse.Namespace) -> dict[str, object]:
         token = Path(args.auth_token_file).read_text(encoding="utf-8").strip()
     return {"tls": args.tls, "ca_cert": args.tls_ca, "client_cert": args.tls_client_cert,
             "client_key": args.tls_client_key, "token": token}
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from .checkpoint import resolve_source
+    from .convert import convert
+
+    settings = config_module.Settings(offline=args.offline, revision=args.revision)
+    print(convert(resolve_source(args.model, settings), args.out, args.compute_type,
+                  args.revision))
+    return 0
 
 
 def _health(args: argparse.Namespace) -> int:
@@ -393,8 +416,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         commands = {"serve": _serve, "summarize": _summarize, "fetch": _fetch,
-                    "health": _health, "soak": _soak, "make-tiny-model": _make_tiny_model,
-                    "evaluate": _evaluate, "models": _models}
+                    "convert": _convert, "health": _health, "soak": _soak,
+                    "make-tiny-model": _make_tiny_model, "evaluate": _evaluate,
+                    "models": _models}
         return commands[args.command](args)
     except SummarizerError as error:
         print(f"summarizer: error: {error.message}", file=sys.stderr)

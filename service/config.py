@@ -24,11 +24,13 @@ _FALSE = {"0", "false", "no", "off", ""}
 
 
 def _setting(default: Any, help: str, *, choices: tuple[str, ...] | None = None,
-             env: tuple[str, ...] = (), secret: bool = False) -> Any:
-    """A settings field with its help text, allowed values and extra environment variable names.
-    A secret is left out of the settings' repr, so it never reaches a log line."""
+             env: tuple[str, ...] = (), aliases: tuple[str, ...] = (),
+             secret: bool = False) -> Any:
+    """A settings field with its help text, allowed values, extra environment variable names and
+    extra flag names (`aliases`, kept so that renamed flags go on working). A secret is left out
+    of the settings' repr, so it never reaches a log line."""
     return field(default=default, repr=not secret,
-                 metadata={"help": help, "choices": choices, "env": env})
+                 metadata={"help": help, "choices": choices, "env": env, "aliases": aliases})
 
 
 @dataclass(frozen=True)
@@ -48,13 +50,22 @@ class Settings:
     offline: bool = _setting(
         False, "Never contact the model hub; load from local files and the hub cache only. "
                "Also turned on by HF_HUB_OFFLINE=1.", env=("HF_HUB_OFFLINE",))
-    engine: str = _setting("torch", "Inference engine.", choices=("torch",))
+    engine: str = _setting(
+        "torch", "Inference engine: torch (transformers), or ctranslate2 (converts the checkpoint "
+                 "once into --convert-cache-dir; needs the ct2 extra).",
+        choices=("torch", "ctranslate2"))
     device: str = _setting("auto", "Where the model runs: auto (cuda when available), cpu, cuda, "
                                    "cuda:N.")
-    dtype: str = _setting("auto", "Weights' data type; auto: float32 on CPU, bfloat16 on GPUs "
-                                  "that support it, else float16.",
-                          choices=("auto", "float32", "bfloat16", "float16"))
+    compute_type: str = _setting(
+        "auto", "Data type the engine computes in; auto: float32 on CPU, bfloat16 on GPUs that "
+                "support it, else float16. int8: torch quantises its linear layers dynamically "
+                "(CPU only), ctranslate2 stores int8 weights.",
+        choices=("auto", "float32", "bfloat16", "float16", "int8"),
+        env=("SUMMARIZER_DTYPE",), aliases=("--dtype",))
     threads: int = _setting(0, "CPU threads for inference; 0: the engine's default (all cores).")
+    convert_cache_dir: str = _setting(
+        "", "Where the ctranslate2 engine keeps converted checkpoints, one directory per "
+            "checkpoint and compute type; empty: ~/.cache/summarizer/ctranslate2.")
     warmup: bool = _setting(True, "Run a warm-up generation before reporting SERVING.")
 
     # --- generation defaults (0: the model family's manifest default) ---
@@ -87,13 +98,15 @@ class Settings:
 
     # --- batching ---
     max_batch_size: int = _setting(
-        6, "Most articles generated together in one batch (6 measured best for BART-base on a "
-           "2-core CPU; raise it on a GPU).")
+        16, "Most articles generated together in one batch; --max-batch-tokens is the cap that "
+            "usually binds on a CPU. Raise both on a GPU.")
     max_wait_ms: float = _setting(
         10.0, "When the model is idle, how long the first queued article may wait for others to "
               "join its batch. While the model is busy, articles queue without a timer.")
     max_batch_tokens: int = _setting(
-        0, "Cap on a batch's padded input tokens (batch size x longest input); 0: no cap.")
+        2400, "Cap on a batch's padded input tokens (batch size x longest input): 6 articles of "
+              "400 tokens or 12 of 200 (measured for BART-base on a 2-core CPU, both engines); "
+              "0: no cap.")
     max_queue: int = _setting(
         1024, "Most articles waiting for the model; past it calls get RESOURCE_EXHAUSTED.")
 
@@ -207,6 +220,10 @@ def flag_name(item: dataclasses.Field) -> str:
     return "--" + item.name.replace("_", "-")
 
 
+def flag_names(item: dataclasses.Field) -> tuple[str, ...]:
+    return (flag_name(item), *item.metadata["aliases"])
+
+
 def _value_type(item: dataclasses.Field) -> type:
     if isinstance(item.default, bool):
         return bool
@@ -237,10 +254,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         env = " or ".join(env_names(item))
         help_text = f"{item.metadata['help']} [env {env}; default {item.default!r}]"
         if kind is bool:
-            parser.add_argument(flag_name(item), dest=item.name, default=None,
+            parser.add_argument(*flag_names(item), dest=item.name, default=None,
                                 action=argparse.BooleanOptionalAction, help=help_text)
         else:
-            parser.add_argument(flag_name(item), dest=item.name, default=None, type=kind,
+            parser.add_argument(*flag_names(item), dest=item.name, default=None, type=kind,
                                 choices=item.metadata["choices"], help=help_text)
 
 
@@ -262,7 +279,8 @@ def markdown_table() -> str:
         meaning = item.metadata["help"]
         if item.metadata["choices"]:
             meaning += " One of: " + ", ".join(item.metadata["choices"]) + "."
-        rows.append(f"| `{flag_name(item)}` | {env} | {default} | {meaning.replace('|', '/')} |")
+        flags = ", ".join(f"`{name}`" for name in flag_names(item))
+        rows.append(f"| {flags} | {env} | {default} | {meaning.replace('|', '/')} |")
     return "\n".join(rows)
 
 

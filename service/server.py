@@ -29,7 +29,12 @@ T = TypeVar("T")
 
 
 def default_engine_factory(settings: Settings) -> Engine:
-    from .engine_torch import TorchEngine  # torch is imported only when a model is loaded
+    # Engines are imported only when a model is loaded (and ctranslate2 never imports torch).
+    if settings.engine == "ctranslate2":
+        from .engine_ct2 import CTranslate2Engine
+
+        return CTranslate2Engine(settings)
+    from .engine_torch import TorchEngine
 
     return TorchEngine(settings)
 

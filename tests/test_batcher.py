@@ -581,6 +581,28 @@ async def test_token_cap_applies_across_groups_too(make):
     assert sorted(p for b in batches for p in b) == [1, 2, 3, 4, 5, 6]
 
 
+async def batches_of_single_job_callers(make, max_batch_size: int,
+                                       costs: list[int]) -> list[list[int]]:
+    """One caller per cost (payload == cost), all queued behind a busy worker; the batches run."""
+    batcher, fake = await make(max_batch_size=max_batch_size, max_wait_ms=0)
+    await busy(batcher, fake)
+    futures = [batcher.submit(jobs(cost))[0] for cost in costs]
+    fake.release(0)
+    await asyncio.wait_for(asyncio.gather(*futures), WAIT_S)
+    return fake.batches[1:]
+
+
+async def test_when_not_all_callers_fit_the_batch_holds_lengths_like_the_first_callers(make):
+    # In arrival order a batch of two would pair 10 with 300.
+    batches = await batches_of_single_job_callers(make, 2, [10, 300, 12, 290])
+    assert [sorted(b) for b in batches] == [[10, 12], [290, 300]]
+
+
+async def test_the_first_caller_in_line_is_served_even_with_an_odd_length(make):
+    batches = await batches_of_single_job_callers(make, 2, [500, 10, 11, 12])
+    assert 500 in batches[0], batches
+
+
 async def test_no_token_cap_by_default(make):
     batcher, fake = await make(max_batch_size=4, max_wait_ms=0)
     assert batcher.max_batch_tokens == 0

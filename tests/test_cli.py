@@ -247,3 +247,26 @@ def test_soak_command_verifies_every_response_of_a_real_model_server(
     assert report["results_verified"] > 0 and report["calls"] > 0
     assert (report["lost"], report["mismatched"], report["unexpected_codes"]) == (0, 0, {})
     assert report["errors_by_code"]["OK"] > 0
+
+
+def test_ctranslate2_engine_serves_from_env_settings(tiny_bart: Path, tmp_path: Path) -> None:
+    pytest.importorskip("ctranslate2")
+    cache = tmp_path / "cache"
+    server = ServerProcess("--model", str(tiny_bart), SUMMARIZER_ENGINE="ctranslate2",
+                           SUMMARIZER_COMPUTE_TYPE="int8",
+                           SUMMARIZER_CONVERT_CACHE_DIR=str(cache))
+    try:
+        server.wait_serving()
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.SummarizerStub(channel)
+            info = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=30)
+            reply = stub.Summarize(pb.SummarizeRequest(
+                articles=[pb.Article(id="a", text=ARTICLE)],
+                options=pb.GenerationOptions(summary_min_tokens=7, summary_max_tokens=7,
+                                             headline_max_tokens=3, num_beams=2)), timeout=60)
+    finally:
+        assert server.stop() == 0
+    assert info.engine == "ctranslate2" and info.models[0].dtype == "int8"
+    [result] = reply.results
+    assert result.id == "a" and result.summary_tokens == 7 and 1 <= result.headline_tokens <= 3
+    assert [p.name.rsplit("-", 1)[1] for p in cache.iterdir()] == ["int8"]

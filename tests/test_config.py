@@ -20,7 +20,8 @@ def parse(*argv: str, environ: dict[str, str] | None = None) -> Settings:
 
 def test_defaults() -> None:
     settings = parse()
-    assert settings.port == 50051 and settings.max_batch_size == 6 and settings.reflection
+    assert settings.port == 50051 and settings.max_batch_size == 16 and settings.reflection
+    assert settings.max_batch_tokens == 2400
 
 
 def test_environment_then_flags() -> None:
@@ -33,6 +34,15 @@ def test_environment_then_flags() -> None:
     assert settings.max_batch_size == 16 and settings.reflection
 
 
+def test_compute_type_also_answers_to_its_old_name_dtype() -> None:
+    assert parse("--compute-type", "int8").compute_type == "int8"
+    assert parse("--dtype", "bfloat16").compute_type == "bfloat16"
+    assert parse(environ={"SUMMARIZER_DTYPE": "float16"}).compute_type == "float16"
+    assert parse("--engine", "ctranslate2",
+                 environ={"SUMMARIZER_COMPUTE_TYPE": "int8"}).engine == "ctranslate2"
+    assert parse(environ={"SUMMARIZER_COMPUTE_TYPE": "int8"}).compute_type == "int8"
+
+
 def test_hf_hub_offline_turns_offline_on() -> None:
     assert parse(environ={"HF_HUB_OFFLINE": "1"}).offline
     assert not parse(environ={"HF_HUB_OFFLINE": "1", "SUMMARIZER_OFFLINE": "0"}).offline
@@ -42,7 +52,8 @@ def test_hf_hub_offline_turns_offline_on() -> None:
     ({"SUMMARIZER_PORT": "http"}, "SUMMARIZER_PORT: cannot read 'http' as int"),
     ({"SUMMARIZER_WARMUP": "maybe"}, "SUMMARIZER_WARMUP: cannot read 'maybe' as bool"),
     ({"SUMMARIZER_MAX_BATCH_SIZE": "0"}, "max_batch_size must be at least 1"),
-    ({"SUMMARIZER_DTYPE": "int3"}, "dtype must be one of"),
+    ({"SUMMARIZER_DTYPE": "int3"}, "compute_type must be one of"),
+    ({"SUMMARIZER_ENGINE": "onnx"}, "engine must be one of"),
     ({"SUMMARIZER_MAX_WAIT_MS": "-1"}, "must be finite and not negative"),
     ({"SUMMARIZER_MAX_WAIT_MS": "inf"}, "must be finite and not negative"),
     ({"SUMMARIZER_GRACE_PERIOD_S": "nan"}, "must be finite and not negative"),

@@ -152,6 +152,29 @@ def test_settings_override_manifest_defaults(tiny_t5: Path) -> None:
     assert engine.summary.headline_prefix == "headline: "
 
 
+@pytest.mark.parametrize("compute_type", ["int8", "bfloat16"])
+def test_lower_precision_compute_types_generate_the_requested_lengths(
+        tiny_bart: Path, compute_type: str) -> None:
+    engine = TorchEngine(Settings(model=str(tiny_bart), threads=1, compute_type=compute_type))
+    assert engine.models[0].dtype == compute_type
+    quantised = any(type(m).__module__.startswith("torch.ao.nn.quantized.dynamic")
+                    for m in engine.summary.model.modules())
+    assert quantised == (compute_type == "int8")
+    p = params(engine, summary_max_tokens=7, summary_min_tokens=7, headline_max_tokens=3,
+               headline_min_tokens=3, num_beams=2)
+    results = engine.generate(p, engine.prepare(TEXTS, p))
+    assert [(r.summary_tokens, r.headline_tokens) for r in results] == [(7, 3)] * len(TEXTS)
+    assert all(r.summary for r in results)
+
+
+def test_max_tokens_are_all_text_tokens(engines) -> None:
+    # No forced end-of-sequence token takes the last place (tiny BART's config asks for one).
+    engine = engines["bart"]
+    assert engine.summary.model.generation_config.forced_eos_token_id is None
+    p = params(engine, summary_max_tokens=6, summary_min_tokens=6, num_beams=1)
+    assert {r.summary_tokens for r in engine.generate(p, engine.prepare(TEXTS, p))} == {6}
+
+
 def test_warmup_runs(engines) -> None:
     engines["bart"].warmup()
 

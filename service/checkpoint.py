@@ -1,0 +1,258 @@
+"""What every engine for Hugging Face checkpoints shares: the tokenizer side of a checkpoint.
+
+Finding a checkpoint (directory, hub id or manifest name), its config, tokenizer and manifest
+defaults, the input window, tokenising articles and decoding outputs: the torch and CTranslate2
+engines differ only in the model that turns input ids into output ids, so all of this lives here
+and both engines derive from `CheckpointEngine`.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import Settings
+from .domain import Generated, GenerationParams, Outputs, PreparedArticle
+from .engine import WARMUP_TEXT, ModelDescription
+from .errors import ModelLoadError, first_line
+from .manifests import Manifest, manifest_for, source_for
+
+RELATIVE_POSITION_TYPES = ("t5", "mt5", "umt5", "longt5")
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a checkpoint comes from and how to ask `from_pretrained` for it."""
+
+    ref: str
+    """As the user gave it (a manifest name, hub id or directory)."""
+    location: str
+    """A directory or a hub id, as `from_pretrained` takes it."""
+    local: bool
+    options: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments for every `from_pretrained` call (offline, revision, no remote code)."""
+
+
+@dataclass
+class Checkpoint:
+    """One checkpoint's tokenizer and defaults; `model` is whatever the engine runs."""
+
+    ref: str
+    config: Any
+    tokenizer: Any
+    manifest: Manifest
+    window: int
+    summary_prefix: str
+    headline_prefix: str
+    model_type: str
+    pad_id: int
+    special_ids: frozenset[int]
+    max_new_tokens: int | None
+    model: Any = None
+
+    def encode(self, texts: list[str], window: int) -> list[tuple[tuple[int, ...], bool]]:
+        """Token ids per text, cut to `window` while keeping the special tokens at both ends."""
+        if not texts:
+            return []  # the tokenizer refuses an empty batch
+        # split_special_tokens: "</s>" or "<pad>" typed in an article is text, not a control token.
+        encoded = self.tokenizer(texts, padding=False, truncation=False,
+                                 return_special_tokens_mask=True, split_special_tokens=True,
+                                 verbose=False)
+        out = []
+        for ids, mask in zip(encoded["input_ids"], encoded["special_tokens_mask"]):
+            if len(ids) <= window:
+                out.append((tuple(ids), False))
+                continue
+            lead = next((i for i, m in enumerate(mask) if not m), len(mask))
+            trail = next((i for i, m in enumerate(reversed(mask)) if not m), 0)
+            keep = max(window - lead - trail, 1)
+            cut = ids[:lead + keep] + (ids[len(ids) - trail:] if trail else [])
+            out.append((tuple(cut), True))
+        return out
+
+    def decode(self, rows: Sequence[Sequence[int]], tidy: Callable[[str], str]
+               ) -> list[tuple[str, int]]:
+        """Text and number of text tokens (special tokens not counted) per row of output ids."""
+        texts = self.tokenizer.batch_decode(rows, skip_special_tokens=True)
+        counts = [sum(1 for t in row if t not in self.special_ids) for row in rows]
+        return [(tidy(text), count) for text, count in zip(texts, counts)]
+
+
+def _check_local(path: Path, weights: bool) -> None:
+    if not path.is_dir():
+        raise ModelLoadError(f"model path {str(path)!r} is not a directory")
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{str(path)!r} is not a Hugging Face checkpoint (no config.json)")
+    if weights and not any(path.glob("*.safetensors")):
+        raise ModelLoadError(
+            f"{str(path)!r} has no .safetensors weights; only safetensors are loaded (pickled "
+            ".bin weights can run code). Convert the checkpoint with save_pretrained(..., "
+            "safe_serialization=True)")
+
+
+def _looks_like_path(ref: str) -> bool:
+    return ref.startswith(("/", "./", "../", "~")) or ref.count("/") > 1
+
+
+def resolve_source(ref: str, settings: Settings, *, weights: bool = True) -> Source:
+    """Where to load `ref` from; `weights`: a local directory must hold safetensors weights."""
+    location = source_for(ref)
+    local = Path(location).expanduser()
+    if local.exists():
+        _check_local(local, weights)
+        location = str(local)
+    elif _looks_like_path(location):
+        raise ModelLoadError(f"model path {location!r} does not exist")
+    options: dict[str, Any] = {"trust_remote_code": False,
+                               "local_files_only": settings.offline or local.exists()}
+    if settings.revision and not local.exists():
+        options["revision"] = settings.revision
+    return Source(ref=ref, location=location, local=local.exists(), options=options)
+
+
+def load_failure(source: Source, settings: Settings, error: BaseException) -> ModelLoadError:
+    hint = ""
+    if settings.offline and not source.local:
+        hint = " (offline: the model must already be in the hub cache, or give a directory)"
+    return ModelLoadError(f"cannot load model {source.ref!r}: {first_line(error)}{hint}")
+
+
+def load_checkpoint(source: Source, settings: Settings) -> Checkpoint:
+    """Config, tokenizer and defaults of a checkpoint (not its weights); one-line errors."""
+    import transformers
+    from transformers import AutoConfig, AutoTokenizer
+
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        config = AutoConfig.from_pretrained(source.location, **source.options)
+        tokenizer = AutoTokenizer.from_pretrained(source.location, **source.options)
+    except Exception as error:  # noqa: BLE001 - any failure here means "this model won't load"
+        raise load_failure(source, settings, error) from error
+    manifest = manifest_for(source.ref, config.model_type, settings.family)
+    window = settings.max_input_tokens or manifest.max_input_tokens
+    position_limit = getattr(config, "max_encoder_position_embeddings", None) or getattr(
+        config, "max_position_embeddings", None)
+    relative_positions = config.model_type in RELATIVE_POSITION_TYPES
+    if position_limit and not relative_positions:
+        window = min(window, position_limit)
+    decoder_limit = getattr(config, "max_decoder_position_embeddings", None) or getattr(
+        config, "max_position_embeddings", None)
+    # The decoder start token takes one position.
+    max_new_tokens = None if relative_positions or not decoder_limit else decoder_limit - 1
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else config.pad_token_id
+    if pad_id is None:
+        raise ModelLoadError(f"cannot load model {source.ref!r}: its tokenizer defines no "
+                             "padding token")
+    return Checkpoint(
+        ref=source.ref, config=config, tokenizer=tokenizer, manifest=manifest, window=window,
+        summary_prefix=(settings.summary_prefix if settings.summary_prefix is not None
+                        else manifest.summary_prefix),
+        headline_prefix=(settings.headline_prefix if settings.headline_prefix is not None
+                         else manifest.headline_prefix),
+        model_type=config.model_type,
+        pad_id=pad_id,
+        special_ids=frozenset(tokenizer.all_special_ids) | {pad_id},
+        max_new_tokens=max_new_tokens,
+    )
+
+
+class CheckpointEngine:
+    """The Engine protocol's shared half: loading both roles, defaults, `prepare`, `warmup`.
+
+    A subclass sets `name`, `device`, `compute_type` and implements `load` (one checkpoint with
+    its model) and `generate`."""
+
+    name = ""
+    device = "cpu"
+    compute_type = ""
+
+    def __init__(self, settings: Settings) -> None:
+        if settings.log_level != "DEBUG":
+            import transformers
+
+            transformers.utils.logging.set_verbosity_error()
+        self.summary = self.load(settings.model, settings)
+        self.headline = (self.load(settings.headline_model, settings)
+                         if settings.headline_model else self.summary)
+        limits = [c.max_new_tokens for c in (self.summary, self.headline) if c.max_new_tokens]
+        self.max_new_tokens = min(limits) if limits else None
+        m = self.summary.manifest
+        h = self.headline.manifest
+        self.defaults = GenerationParams(
+            summary_max_tokens=settings.summary_max_tokens or m.summary_max_tokens,
+            summary_min_tokens=settings.summary_min_tokens or m.summary_min_tokens,
+            headline_max_tokens=settings.headline_max_tokens or h.headline_max_tokens,
+            headline_min_tokens=settings.headline_min_tokens or h.headline_min_tokens,
+            num_beams=settings.num_beams or m.num_beams,
+            outputs=Outputs.BOTH,
+            max_input_tokens=min(self.summary.window, self.headline.window),
+        )
+        if self.headline is self.summary:
+            self.models = [self._describe(self.summary, "summary+headline")]
+        else:
+            self.models = [self._describe(self.summary, "summary"),
+                           self._describe(self.headline, "headline")]
+
+    def load(self, ref: str, settings: Settings) -> Checkpoint:
+        raise NotImplementedError
+
+    def _describe(self, ckpt: Checkpoint, role: str) -> ModelDescription:
+        return ModelDescription(
+            role=role, model_id=ckpt.ref, family=ckpt.manifest.family, model_type=ckpt.model_type,
+            max_input_tokens=ckpt.window, summary_prefix=ckpt.summary_prefix,
+            headline_prefix=ckpt.headline_prefix, dtype=self.compute_type, device=self.device,
+            chunked_headline=ckpt.manifest.chunked_headline)
+
+    def prepare(self, texts: Sequence[str], params: GenerationParams) -> list[PreparedArticle]:
+        texts = list(texts)
+        window = params.max_input_tokens
+        summary = headline = None
+        if params.outputs.summary:
+            summary = self.summary.encode([self.summary.summary_prefix + t for t in texts],
+                                          min(window, self.summary.window))
+        if params.outputs.headline:
+            if summary is not None and self.shares_input():
+                headline = summary
+            else:
+                headline = self.headline.encode([self.headline.headline_prefix + t for t in texts],
+                                                min(window, self.headline.window))
+        prepared = []
+        for i in range(len(texts)):
+            s_ids, s_cut = summary[i] if summary else (None, False)
+            h_ids, h_cut = headline[i] if headline else (None, False)
+            prepared.append(PreparedArticle(
+                summary_ids=s_ids, headline_ids=h_ids,
+                input_tokens=len(s_ids) if s_ids is not None else len(h_ids or ()),
+                truncated=s_cut or h_cut))
+        return prepared
+
+    def count_tokens(self, texts: Sequence[str], params: GenerationParams) -> list[int]:
+        counts = [0] * len(texts)
+        for ckpt, prefix, wanted in ((self.summary, self.summary.summary_prefix,
+                                      params.outputs.summary),
+                                     (self.headline, self.headline.headline_prefix,
+                                      params.outputs.headline)):
+            if wanted:
+                encoded = ckpt.encode([prefix + t for t in texts], sys.maxsize)
+                counts = [max(n, len(ids)) for n, (ids, _) in zip(counts, encoded)]
+        return counts
+
+    def shares_input(self) -> bool:
+        """One checkpoint reads the same input for both outputs (it can be encoded once)."""
+        return (self.headline is self.summary
+                and self.summary.summary_prefix == self.summary.headline_prefix)
+
+    def generate(self, params: GenerationParams,
+                 batch: Sequence[PreparedArticle]) -> list[Generated]:
+        raise NotImplementedError
+
+    def warmup(self) -> None:
+        params = GenerationParams(
+            summary_max_tokens=min(8, self.defaults.summary_max_tokens), summary_min_tokens=0,
+            headline_max_tokens=min(8, self.defaults.headline_max_tokens), headline_min_tokens=0,
+            num_beams=self.defaults.num_beams, outputs=Outputs.BOTH,
+            max_input_tokens=self.defaults.max_input_tokens)
+        self.generate(params, self.prepare([WARMUP_TEXT], params))

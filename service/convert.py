@@ -1,0 +1,198 @@
+"""Convert a Hugging Face checkpoint for the CTranslate2 engine, once.
+
+A converted directory holds the checkpoint's Hugging Face side (config, generation config,
+tokenizer files, the `summarizer fetch` marker) at the top, so it loads like any checkpoint
+directory, and the CTranslate2 model in `ctranslate2/`, with `summarizer-ct2.json` saying what it
+was converted from. `summarizer convert` writes one ahead of time (for a Docker build);
+`--engine ctranslate2` given a plain checkpoint converts it into a cache directory keyed by the
+checkpoint and the compute type, and reuses it afterwards.
+
+CTranslate2's converter predates some `transformers` changes; `_converter_class` fills the gaps
+instead of pinning `transformers` back: BART and PEGASUS configs no longer carry `normalize_before` (and
+PEGASUS not `normalize_embedding`), T5 v1.1 / FLAN-T5 moved "untied embeddings" to
+`scale_decoder_outputs`, and a model vocabulary larger than the tokenizer's (common: rows padded
+for speed) is padded with placeholder tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import Source
+from .errors import ModelLoadError, first_line
+from .manifests import MARKER_FILE, write_marker
+
+log = logging.getLogger(__name__)
+
+CT2_DIR = "ctranslate2"
+CT2_MARKER = "summarizer-ct2.json"
+DEFAULT_CACHE_DIR = "~/.cache/summarizer/ctranslate2"
+HF_SIDE_SUFFIXES = (".json", ".model", ".txt", ".tiktoken")
+"""Files copied next to the CTranslate2 model: configs and tokenizer files, never weights."""
+QUANTIZATION = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16",
+                "int8": "int8"}
+_CONFIG_PATCHES: dict[str, dict[str, Any]] = {
+    "bart": {"normalize_before": False},
+    "mbart": {"normalize_before": True},
+    "pegasus": {"normalize_before": True, "normalize_embedding": False},
+}
+"""Config attributes CTranslate2's loaders read that current `transformers` configs lack."""
+PLACEHOLDER_TOKEN = "<summarizer_unused_{}>"
+
+
+def is_converted(path: str | Path) -> bool:
+    return (Path(path).expanduser() / CT2_DIR / "model.bin").is_file()
+
+
+def _fingerprint(source: Source, revision: str) -> str:
+    """What identifies a checkpoint: its location, and for a directory its files' sizes and times
+    (a checkpoint rewritten in place gets a new cache entry); for a hub id, the revision."""
+    parts: list[str] = [source.location, revision]
+    if source.local:
+        for path in sorted(Path(source.location).iterdir()):
+            if path.is_file():
+                stat = path.stat()
+                parts.append(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def cache_path(cache_dir: str, source: Source, revision: str, compute_type: str) -> Path:
+    """The cache directory for one checkpoint at one compute type."""
+    import ctranslate2
+
+    name = Path(source.location.rstrip("/")).name or "model"
+    key = _fingerprint(source, revision + "@ct2-" + ctranslate2.__version__)
+    return Path(cache_dir or DEFAULT_CACHE_DIR).expanduser() / f"{name}-{key}-{compute_type}"
+
+
+def _converter_class() -> type:
+    """CTranslate2's converter with the gaps filled (a function: ctranslate2 is optional)."""
+    from ctranslate2.converters import TransformersConverter
+
+    class Converter(TransformersConverter):
+        local_files_only = False
+
+        def load_model(self, model_class: Any, model_name_or_path: str, **kwargs: Any) -> Any:
+            config = kwargs["config"]
+            for name, value in _CONFIG_PATCHES.get(config.model_type, {}).items():
+                if not hasattr(config, name):
+                    setattr(config, name, value)
+            kwargs.update(use_safetensors=True, trust_remote_code=False,
+                          local_files_only=self.local_files_only)
+            model = model_class.from_pretrained(model_name_or_path, **kwargs)
+            if hasattr(model.config, "scale_decoder_outputs"):
+                # transformers 5 says "scale the outputs (embeddings tied)" here; CTranslate2
+                # reads tie_word_embeddings and would otherwise scale untied (FLAN-T5) outputs.
+                model.config.tie_word_embeddings = model.config.scale_decoder_outputs
+            self.model_vocab_size = model.config.vocab_size
+            return model
+
+        def load_tokenizer(self, tokenizer_class: Any, model_name_or_path: str,
+                           **kwargs: Any) -> Any:
+            tokenizer = tokenizer_class.from_pretrained(
+                model_name_or_path, local_files_only=self.local_files_only, **kwargs)
+            return _PaddedVocabulary(tokenizer, self.model_vocab_size)
+
+    return Converter
+
+
+class _PaddedVocabulary:
+    """A tokenizer whose vocabulary is padded with placeholders to the model's output size, so
+    that every output row of the model has a token (CTranslate2 sizes its layers by it)."""
+
+    def __init__(self, tokenizer: Any, size: int) -> None:
+        self._tokenizer = tokenizer
+        self._size = size
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tokenizer, name)
+
+    def get_vocab(self) -> dict[str, int]:
+        vocab = dict(self._tokenizer.get_vocab())
+        taken = set(vocab.values())
+        for index in range(self._size):
+            if index not in taken:
+                vocab[PLACEHOLDER_TOKEN.format(index)] = index
+        return vocab
+
+
+def convert(source: Source, out: str | Path, compute_type: str, revision: str = "") -> Path:
+    """Write a converted directory for `source` at `out` (atomically: complete or absent)."""
+    try:
+        import ctranslate2  # noqa: F401
+    except ImportError as error:
+        raise ModelLoadError("the ctranslate2 engine needs the ctranslate2 package: "
+                             "pip install 'summarizer[ct2]'") from error
+    out = Path(out).expanduser()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        converter = _converter_class()(source.location, revision=revision or None)
+        converter.local_files_only = bool(source.options.get("local_files_only"))
+        try:
+            converter.convert(str(staging / CT2_DIR), quantization=QUANTIZATION[compute_type],
+                              force=True)
+        except Exception as error:  # noqa: BLE001 - any failure means "cannot convert"
+            raise ModelLoadError(f"cannot convert {source.ref!r} for ctranslate2: "
+                                 f"{first_line(error)}") from error
+        _copy_hf_side(source, staging, revision)
+        (staging / CT2_MARKER).write_text(json.dumps({
+            "source": source.ref, "compute_type": compute_type,
+            "ctranslate2": ctranslate2.__version__}) + "\n", encoding="utf-8")
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def _copy_hf_side(source: Source, out: Path, revision: str) -> None:
+    if source.local:
+        for path in Path(source.location).iterdir():
+            if path.is_file() and path.suffix in HF_SIDE_SUFFIXES:
+                shutil.copy2(path, out / path.name)
+        return
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    options = dict(source.options, **({"revision": revision} if revision else {}))
+    AutoConfig.from_pretrained(source.location, **options).save_pretrained(out)
+    AutoTokenizer.from_pretrained(source.location, **options).save_pretrained(out)
+    try:
+        GenerationConfig.from_pretrained(source.location, **options).save_pretrained(out)
+    except OSError:  # the checkpoint has no generation_config.json
+        pass
+    if not (out / MARKER_FILE).exists():
+        write_marker(out, source.location)
+
+
+def converted_for(source: Source, compute_type: str, cache_dir: str, revision: str = "") -> Path:
+    """A converted directory for `source`: itself if pre-converted, else the cache entry,
+    converting into it first if needed. Converting runs in a child process, so that torch and
+    the float32 weights it loads do not stay in the server's memory."""
+    if source.local and is_converted(source.location):
+        return Path(source.location)
+    target = cache_path(cache_dir, source, revision, compute_type)
+    if is_converted(target):
+        return target
+    log.info("converting %s for ctranslate2 (%s) into %s, once", source.ref, compute_type,
+             target)
+    command = [sys.executable, "-m", "service", "convert", source.location, "--out", str(target),
+               "--compute-type", compute_type]
+    if revision:
+        command += ["--revision", revision]
+    if source.options.get("local_files_only"):
+        command.append("--offline")
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0 or not is_converted(target):
+        detail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ModelLoadError(f"cannot convert {source.ref!r} for ctranslate2: {detail}")
+    return target

@@ -1,0 +1,141 @@
+"""The CTranslate2 engine: the same checkpoints, converted once, run by CTranslate2.
+
+`--model` takes what the torch engine takes (a directory, hub id or manifest name; the checkpoint is
+converted into `--convert-cache-dir` on first use) or a directory `summarizer convert` wrote.
+Tokenising, windows, defaults and results are the shared ones (service/checkpoint.py), so both
+engines read the same ids and answer in the same format; the options are passed to CTranslate2
+explicitly, since it reads no `generation_config.json`: beams, lengths, `length_penalty`,
+`no_repeat_ngram_size` and a checkpoint's forced first token (BART-CNN's `forced_bos_token_id`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import Checkpoint, CheckpointEngine, Source, load_checkpoint, resolve_source
+from .config import Settings
+from .convert import CT2_DIR, converted_for, is_converted
+from .domain import Generated, GenerationParams, PreparedArticle
+from .errors import ModelLoadError
+from .text import tidy_headline, tidy_summary
+
+log = logging.getLogger(__name__)
+
+
+def _default_threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+class CTranslate2Engine(CheckpointEngine):
+    name = "ctranslate2"
+
+    def __init__(self, settings: Settings) -> None:
+        try:
+            import ctranslate2
+        except ImportError as error:
+            raise ModelLoadError("the ctranslate2 engine needs the ctranslate2 package: "
+                                 "pip install 'summarizer[ct2]'") from error
+        self._ct2 = ctranslate2
+        self._settings = settings
+        device = settings.device
+        if device == "auto":
+            device = "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
+        kind, _, index = device.partition(":")
+        if kind == "cuda" and ctranslate2.get_cuda_device_count() == 0:
+            raise ModelLoadError(f"device {device!r} asked for, but ctranslate2 sees no CUDA GPU")
+        self.device = device
+        self._device_kind, self._device_index = kind, int(index or 0)
+        supported = ctranslate2.get_supported_compute_types(kind)
+        compute_type = settings.compute_type
+        if compute_type == "auto":
+            compute_type = "float32" if kind == "cpu" else (
+                "bfloat16" if "bfloat16" in supported else "float16")
+        if compute_type not in supported:
+            raise ModelLoadError(f"compute type {compute_type} is not supported by ctranslate2 on "
+                                 f"this {kind}; supported: {', '.join(sorted(supported))}")
+        self.compute_type = compute_type
+        super().__init__(settings)
+
+    def load(self, ref: str, settings: Settings) -> Checkpoint:
+        source = resolve_source(ref, settings, weights=not is_converted(ref))
+        directory = converted_for(source, self.compute_type, settings.convert_cache_dir,
+                                  settings.revision)
+        ckpt = load_checkpoint(
+            Source(ref=ref, location=str(directory), local=True,
+                   options={"trust_remote_code": False, "local_files_only": True}), settings)
+        try:
+            translator = self._ct2.Translator(
+                str(directory / CT2_DIR), device=self._device_kind,
+                device_index=self._device_index, compute_type=self.compute_type,
+                inter_threads=1, intra_threads=settings.threads or _default_threads())
+        except (RuntimeError, ValueError, OSError) as error:
+            raise ModelLoadError(f"cannot load model {ref!r} with ctranslate2: {error}") from error
+        ckpt.model = _Model(translator, directory, ckpt)
+        return ckpt
+
+    def generate(self, params: GenerationParams,
+                 batch: Sequence[PreparedArticle]) -> list[Generated]:
+        summaries: list[tuple[str, int]] = [("", 0)] * len(batch)
+        headlines: list[tuple[str, int]] = [("", 0)] * len(batch)
+        if params.outputs.summary:
+            summaries = self.summary.model.run(
+                [a.summary_ids for a in batch], params.summary_min_tokens,
+                params.summary_max_tokens, params, tidy_summary)
+        if params.outputs.headline:
+            headlines = self.headline.model.run(
+                [a.headline_ids for a in batch], params.headline_min_tokens,
+                params.headline_max_tokens, params, tidy_headline)
+        return [Generated(summary=s, headline=h, summary_tokens=sn, headline_tokens=hn)
+                for (s, sn), (h, hn) in zip(summaries, headlines)]
+
+
+class _Model:
+    """A CTranslate2 translator with what it needs from the checkpoint's generation config."""
+
+    def __init__(self, translator: Any, directory: Path, ckpt: Checkpoint) -> None:
+        from transformers import GenerationConfig
+
+        self.translator = translator
+        self.ckpt = ckpt
+        if (directory / "generation_config.json").is_file():
+            generation = GenerationConfig.from_pretrained(directory)
+        else:
+            generation = GenerationConfig.from_model_config(ckpt.config)
+        self.length_penalty = float(generation.length_penalty or 1.0)
+        self.no_repeat_ngram_size = int(generation.no_repeat_ngram_size or 0)
+        forced = generation.forced_bos_token_id
+        self.prefix = ([ckpt.tokenizer.convert_ids_to_tokens(forced)]
+                       if forced is not None else None)
+        vocabulary = json.loads((directory / CT2_DIR / "shared_vocabulary.json").read_text(
+            encoding="utf-8"))
+        # Output tokens back to ids by the model's own vocabulary (it may hold placeholders the
+        # tokenizer does not know).
+        self.ids = {token: index for index, token in enumerate(vocabulary)}
+
+    def run(self, rows: Sequence[tuple[int, ...] | None], min_tokens: int, max_tokens: int,
+            params: GenerationParams, tidy: Callable[[str], str]) -> list[tuple[str, int]]:
+        tokenizer = self.ckpt.tokenizer
+        source = [tokenizer.convert_ids_to_tokens(list(row or ())) for row in rows]
+        greedy = params.num_beams == 1
+        results = self.translator.translate_batch(
+            source,
+            target_prefix=[self.prefix] * len(rows) if self.prefix else None,
+            beam_size=params.num_beams,
+            length_penalty=1.0 if greedy else (
+                self.length_penalty if params.length_penalty is None else params.length_penalty),
+            no_repeat_ngram_size=(self.no_repeat_ngram_size if params.no_repeat_ngram_size is None
+                                  else params.no_repeat_ngram_size),
+            max_decoding_length=max_tokens,
+            min_decoding_length=min_tokens,
+            max_input_length=0,  # inputs are already cut to the window
+            return_end_token=True,
+        )
+        return self.ckpt.decode([[self.ids[t] for t in r.hypotheses[0]] for r in results], tidy)
