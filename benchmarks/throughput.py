@@ -34,10 +34,12 @@ import random
 import re
 import resource
 import signal
+import socket
 import statistics
 import sys
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -195,15 +197,41 @@ def run_in_process(work: Work, engine: str, compute_type: str, cache: str) -> Re
         tokens_out += sum(g.summary_tokens + g.headline_tokens
                           for g in model.generate(params, batch))
     seconds, cpu = time.perf_counter() - started, cpu_seconds() - cpu
-    padded = sum(len(b) * max(a.cost for a in b) for b in batches)
+    # Mean padding ratio per batch, as the server's metrics count it.
+    padding = statistics.mean(1 - sum(a.cost for a in b) / (len(b) * max(a.cost for a in b))
+                              for b in batches)
     return Result(f"{engine} {compute_type}: in-process, batched", len(work.texts), seconds,
                   peak_rss_mb(), cpu, mean_batch=len(work.texts) / len(batches),
-                  padding=1 - sum(a.cost for a in prepared) / padded, tokens_out=tokens_out)
+                  padding=padding, tokens_out=tokens_out)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def batch_metrics(port: int) -> tuple[float | None, float | None]:
+    """Mean batch size and mean padding ratio per batch, from the server's Prometheus metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as reply:
+        text = reply.read().decode()
+
+    def value(name: str) -> float | None:
+        match = re.search(rf"^{name} ([0-9.e+-]+)$", text, re.M)
+        return float(match.group(1)) if match else None
+
+    batches = value("summarizer_batch_size_count")
+    if not batches:
+        return None, None
+    return (value("summarizer_batch_size_sum") / batches,
+            value("summarizer_batch_padding_ratio_sum") / batches)
 
 
 def run_server(work: Work, engine: str, compute_type: str, cache: str, clients: int) -> Result:
     """The real server, driven by `clients` concurrent callers of single-article Summarize."""
+    metrics_port = free_port()
     process, target = start_server(Path(work.model), [
+        "--metrics-port", str(metrics_port),
         "--engine", engine, "--compute-type", compute_type, "--convert-cache-dir", cache,
         "--max-batch-size", str(work.max_batch_size),
         "--max-batch-tokens", str(work.max_batch_tokens), "--threads", str(work.threads)])
@@ -246,16 +274,14 @@ def run_server(work: Work, engine: str, compute_type: str, cache: str, clients: 
                 thread.join()
             seconds, cpu = time.perf_counter() - started, cpu_seconds(process.pid) - cpu
         rss = peak_rss_mb(process.pid)
+        mean_batch, padding = batch_metrics(metrics_port)
     finally:
         process.send_signal(signal.SIGTERM)
-        _, log = process.communicate(timeout=120)
+        process.communicate(timeout=120)
     if failures:
         raise SystemExit(f"server calls failed: {failures[0]}")
-    stats = re.search(r"mean batch size ([\d.]+), padding ([\d.]+)%", log)
     return Result(f"{engine} {compute_type}: server, {clients} clients", len(work.texts),
-                  seconds, rss, cpu, latencies,
-                  mean_batch=float(stats.group(1)) if stats else None,
-                  padding=float(stats.group(2)) / 100 if stats else None,
+                  seconds, rss, cpu, latencies, mean_batch=mean_batch, padding=padding,
                   tokens_out=sum(tokens_out))
 
 

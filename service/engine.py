@@ -1,8 +1,9 @@
 """The small interface between the service and an inference engine. No torch here.
 
 The service calls `prepare` and `count_tokens` (tokenise; any thread but one at a time) and
-`generate` (one worker thread) and reads `models` and `defaults`. Tests swap in a fake engine;
-later engines (e.g. CTranslate2) implement the same protocol.
+`generate` (one worker thread) and reads `models` and `defaults`. `engine_torch.TorchEngine` and
+`engine_ct2.CTranslate2Engine` implement it (their shared half is `checkpoint.CheckpointEngine`);
+tests swap in a fake engine.
 """
 
 from __future__ import annotations

@@ -17,7 +17,8 @@ from service.server import SERVICE_NAME, SummarizerServer
 from .conftest import serving
 from .fakes import FakeEngine
 
-BASE = Settings(model="fake/model", max_wait_ms=5)
+# No token cap: the fakes' token counts are not a model's.
+BASE = Settings(model="fake/model", max_wait_ms=5, max_batch_tokens=0)
 
 
 def request(*texts: str, ids: list[str] | None = None, **options: float) -> pb.SummarizeRequest:
