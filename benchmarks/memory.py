@@ -3,7 +3,8 @@
 Starts the real server on a real-size random-weight checkpoint (same tensors as the published
 model, so the same bytes), reads the process's resident set (Linux /proc) once the model is
 loaded and warmed up, then sends a worst-case batch (a full --max-batch-size of articles that
-fill the input window, with the longest default outputs forced) and reads the peak. Prints JSON.
+fill the input window, with the longest default outputs forced; the token cap is turned off so
+they do form one batch) and reads the peak. Prints JSON.
 
     python benchmarks/memory.py --preset distilbart-cnn-12-6
 
@@ -55,6 +56,7 @@ def main() -> int:
         build_preset_checkpoint(model, args.preset)
     started = time.monotonic()
     process, target = start_server(model, ["--max-batch-size", str(args.max_batch_size),
+                                           "--max-batch-tokens", "0",
                                            "--threads", str(args.threads), "--device", "cpu"])
     report: dict[str, object] = {"preset": args.preset, "max_batch_size": args.max_batch_size,
                                  "num_beams": args.num_beams,

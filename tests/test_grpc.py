@@ -34,7 +34,7 @@ async def health_status(channel: grpc.aio.Channel, service: str = "") -> int:
     return reply.status
 
 
-async def wait_until(condition, timeout_s: float = 5.0) -> None:
+async def wait_until(condition, timeout_s: float = 20.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout_s
     while not condition():
         if asyncio.get_running_loop().time() > deadline:
