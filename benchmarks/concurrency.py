@@ -24,7 +24,7 @@ import grpc
 
 from service.gen.summarizer.v1 import summarizer_pb2 as pb
 from service.gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
-from service.tiny import PRESETS, build_preset_checkpoint, training_text
+from service.tiny import PRESETS, cached_preset_checkpoint, training_text
 
 
 def articles(count: int, seed: int = 1) -> list[str]:
@@ -64,10 +64,7 @@ def main() -> int:
     parser.add_argument("--cache", type=Path, default=Path(".bench-cache"))
     args = parser.parse_args()
 
-    model = args.cache / args.preset
-    if not (model / "config.json").exists():
-        print(f"building random-weight {args.preset} checkpoint in {model} ...", flush=True)
-        build_preset_checkpoint(model, args.preset)
+    model = cached_preset_checkpoint(args.cache, args.preset)
     process, target = start_server(model, ["--max-batch-size", str(args.max_batch_size),
                                            "--max-batch-tokens", str(args.max_batch_tokens)])
     options = pb.GenerationOptions(

@@ -32,7 +32,7 @@ from concurrency import start_server  # this directory: run as `python benchmark
 
 from service.gen.summarizer.v1 import summarizer_pb2 as pb
 from service.gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
-from service.tiny import PRESETS, build_preset_checkpoint
+from service.tiny import PRESETS, cached_preset_checkpoint
 
 # Words the benchmark tokenizer knows whole (it was trained on service.tiny's word list) and
 # words it must spell in pieces; the mix sets the tokens per character.
@@ -91,10 +91,7 @@ def main() -> int:
     parser.add_argument("--cache", type=Path, default=Path(".bench-cache"))
     args = parser.parse_args()
 
-    model = args.cache / args.preset
-    if not (model / "config.json").exists():
-        print(f"building random-weight {args.preset} checkpoint in {model} ...", flush=True)
-        build_preset_checkpoint(model, args.preset)
+    model = cached_preset_checkpoint(args.cache, args.preset)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,7 +24,7 @@ import grpc
 from concurrency import start_server
 from service.gen.summarizer.v1 import summarizer_pb2 as pb
 from service.gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
-from service.tiny import PRESETS, build_preset_checkpoint, training_text
+from service.tiny import PRESETS, cached_preset_checkpoint, training_text
 
 
 def memory_mib(pid: int) -> dict[str, float]:
@@ -49,11 +48,7 @@ def main() -> int:
     parser.add_argument("--cache", type=Path, default=Path(".bench-cache"))
     args = parser.parse_args()
 
-    model = args.cache / args.preset
-    if not (model / "config.json").exists():
-        print(f"building random-weight {args.preset} checkpoint in {model} ...", file=sys.stderr,
-              flush=True)
-        build_preset_checkpoint(model, args.preset)
+    model = cached_preset_checkpoint(args.cache, args.preset)
     started = time.monotonic()
     process, target = start_server(model, ["--max-batch-size", str(args.max_batch_size),
                                            "--max-batch-tokens", "0",

@@ -48,7 +48,7 @@ import grpc
 
 from service.gen.summarizer.v1 import summarizer_pb2 as pb
 from service.gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
-from service.tiny import PRESETS, build_preset_checkpoint, training_text
+from service.tiny import PRESETS, cached_preset_checkpoint, training_text
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from concurrency import start_server  # noqa: E402 - the sibling benchmark's server launcher
@@ -345,10 +345,7 @@ def main() -> int:
     from service.config import Settings
 
     defaults = Settings()
-    model = args.cache / args.preset
-    if not (model / "config.json").exists():
-        print(f"building random-weight {args.preset} checkpoint in {model} ...", flush=True)
-        build_preset_checkpoint(model, args.preset)
+    model = cached_preset_checkpoint(args.cache, args.preset)
     work = Work(model=str(model),
                 texts=make_articles(str(model), args.articles, args.min_tokens, args.max_tokens),
                 num_beams=args.num_beams, summary_tokens=args.summary_tokens,

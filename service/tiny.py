@@ -8,6 +8,7 @@ as with a real checkpoint. `summarizer make-tiny-model DIR --family bart|t5|pega
 from __future__ import annotations
 
 import random
+import sys
 from pathlib import Path
 
 FAMILIES = ("bart", "t5", "pegasus")
@@ -94,6 +95,17 @@ def build_preset_checkpoint(out_dir: str | Path, preset: str, *, seed: int = 0) 
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {', '.join(PRESETS)}")
     return build_checkpoint(out_dir, seed=seed, tokenizer_vocab=2000, **PRESETS[preset])
+
+
+def cached_preset_checkpoint(cache_dir: str | Path, preset: str) -> Path:
+    """The preset's checkpoint in `cache_dir/<preset>`, built (and announced on stderr) only when
+    it is not there yet: benchmarks rerun without paying for the build again."""
+    model = Path(cache_dir) / preset
+    if not (model / "config.json").exists():
+        print(f"building random-weight {preset} checkpoint in {model} ...", file=sys.stderr,
+              flush=True)
+        build_preset_checkpoint(model, preset)
+    return model
 
 
 def build_checkpoint(out_dir: str | Path, *, family: str, seed: int, tokenizer_vocab: int,

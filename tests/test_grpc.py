@@ -344,7 +344,7 @@ async def test_reflection_lists_the_services() -> None:
 async def test_reflection_can_be_turned_off() -> None:
     engine = FakeEngine()
     async with serving(BASE.replace(reflection=False), lambda s: engine) as (_, channel):
-        from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+        from grpc_reflection.v1alpha import reflection_pb2_grpc
 
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
         # Read before writing: a write racing the server's answer can surface as a local
