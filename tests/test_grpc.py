@@ -45,8 +45,9 @@ async def wait_until(condition, timeout_s: float = 20.0) -> None:
 async def occupy_worker(stub: pb_grpc.SummarizerStub, engine: FakeEngine,
                         text: str) -> asyncio.Future:
     """Start a call and return once the (held) fake engine is generating it."""
+    engine.started.clear()  # set by any earlier batch: wait for this call's own
     call = asyncio.ensure_future(stub.Summarize(request(text), timeout=10))
-    await wait_until(engine.started.is_set)
+    await wait_until(lambda: engine.started.is_set() and text in engine.batches[-1])
     return call
 
 
