@@ -385,8 +385,9 @@ class Batcher(Generic[P, R]):
                               exc_info=error)
                     part[0].future.set_exception(error)
                 else:
-                    log.warning("batch of %d failed (%s: %s); retrying it in halves to isolate "
-                                "the failing input", len(part), type(error).__name__, error)
+                    # The type only: an engine's message could quote the input.
+                    log.warning("batch of %d failed (%s); retrying it in halves to isolate the "
+                                "failing input", len(part), type(error).__name__)
                     middle = len(part) // 2
                     parts += [part[middle:], part[:middle]]  # the first half runs first
         except asyncio.CancelledError:

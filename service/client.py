@@ -33,7 +33,7 @@ import grpc
 from .domain import ArticleFailure, ArticleSummary
 from .gen.summarizer.v1 import summarizer_pb2 as pb
 from .gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
-from .security import channel_credentials
+from .security import AUTH_METADATA_KEY, channel_credentials
 
 __all__ = ["ArticleFailure", "ArticleSummary", "AsyncSummarizerClient", "Result", "RetryPolicy",
            "SummarizerClient", "make_options"]
@@ -107,9 +107,6 @@ class RetryPolicy:
         return isinstance(error, grpc.RpcError) and error.code() in self.codes
 
 
-NO_RETRY = RetryPolicy(attempts=1)
-
-
 def open_channel(target: str, *, tls: bool = False, ca_cert: str = "", client_cert: str = "",
                  client_key: str = "", options: Sequence[tuple[str, object]] = ()
                  ) -> grpc.Channel:
@@ -141,7 +138,7 @@ def _credentials(tls: bool, ca_cert: str, client_cert: str,
 
 def auth_metadata(token: str) -> tuple[tuple[str, str], ...] | None:
     """Call metadata carrying a bearer token (None when there is no token)."""
-    return (("authorization", f"Bearer {token}"),) if token else None
+    return ((AUTH_METADATA_KEY, f"Bearer {token}"),) if token else None
 
 
 def _request(articles: Sequence[tuple[str, str]],
@@ -287,6 +284,7 @@ class SummarizerClient(_ClientBase):
         slots = threading.Semaphore(max_in_flight)
         exhausted = threading.Event()
         feeding = threading.Lock()
+        source_error: list[Exception] = []
         retries = 0
         while True:
             stop = threading.Event()
@@ -305,14 +303,22 @@ class SummarizerClient(_ClientBase):
                         # Under the lock, so a broken stream's feeder cannot take an article
                         # after the next stream has listed what to send again.
                         with feeding:
-                            article = None if stop.is_set() else next(source, None)
+                            try:
+                                article = None if stop.is_set() else next(source, None)
+                                if article is not None:
+                                    article_id, text = _check_id(article)
+                                    pending.add(article_id, text)
+                            except Exception as error:  # noqa: BLE001 - re-raised to the caller
+                                # gRPC would swallow it into UNKNOWN; end the stream and keep it.
+                                source_error.append(error)
+                                stop.set()
+                                slots.release()
+                                return
                             if article is None:
                                 slots.release()
                                 if not stop.is_set():
                                     exhausted.set()
                                 break
-                            article_id, text = _check_id(article)
-                            pending.add(article_id, text)
                         batch.append((article_id, text))
                     if batch:
                         yield _request(batch, options)
@@ -327,10 +333,14 @@ class SummarizerClient(_ClientBase):
                         yield result_from_pb(message)
                     if exhausted.is_set() and not len(pending):
                         break
+                if source_error:
+                    raise source_error[0]
                 if exhausted.is_set() and not len(pending):
                     return
                 raise RuntimeError("the stream ended with articles unanswered")
             except grpc.RpcError as error:
+                if source_error:
+                    raise source_error[0] from None
                 with feeding:
                     stop.set()
                 retries += 1

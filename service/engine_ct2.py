@@ -44,7 +44,6 @@ class CTranslate2Engine(CheckpointEngine):
             raise ModelLoadError("the ctranslate2 engine needs the ctranslate2 package: "
                                  "pip install 'summarizer[ct2]'") from error
         self._ct2 = ctranslate2
-        self._settings = settings
         device = settings.device
         if device == "auto":
             device = "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"

@@ -24,11 +24,10 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from .client import auth_metadata
+from .client import MAX_MESSAGE_BYTES, auth_metadata, open_aio_channel
 from .errors import code_name
 from .gen.summarizer.v1 import summarizer_pb2 as pb
 from .gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
-from .security import channel_credentials
 
 WORDS = ("court", "minister", "river", "market", "election", "storm", "council", "players",
          "hospital", "bridge", "report", "village", "company", "police", "season", "budget")
@@ -240,14 +239,10 @@ async def run_soak(target: str, config: SoakConfig, *, tls: bool = False, ca_cer
     """Drive `target` for `config.duration_s` seconds and return the verified figures."""
     report = SoakReport()
     checker = _Checker(report, make_pool(config), config)
-    options = [("grpc.max_receive_message_length", 64 * 1024 * 1024),
-               ("grpc.max_send_message_length", 64 * 1024 * 1024)]
-    if tls or ca_cert or client_cert:
-        credentials = channel_credentials(ca_cert=ca_cert, client_cert=client_cert,
-                                          client_key=client_key)
-        channel = grpc.aio.secure_channel(target, credentials, options=options)
-    else:
-        channel = grpc.aio.insecure_channel(target, options=options)
+    channel = open_aio_channel(target, tls=tls, ca_cert=ca_cert, client_cert=client_cert,
+                               client_key=client_key,
+                               options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                                        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
     stub = pb_grpc.SummarizerStub(channel)
     end = time.monotonic() + config.duration_s
     serials = iter(range(1 << 62))

@@ -230,3 +230,16 @@ async def test_async_summarize_many_reports_a_duplicate_id_instead_of_hanging() 
                 async for _ in client.summarize_many([("x", "one"), ("x", "two")],
                                                      max_in_flight=4, request_size=4):
                     pass
+
+
+def test_blocking_summarize_many_reports_a_bad_source_instead_of_unknown() -> None:
+    def source():
+        yield "fine", "a fine article"
+        raise ValueError("corpus line 2 is broken")
+
+    with server_in_thread(BASE, lambda s: FakeEngine()) as port:
+        with SummarizerClient(f"127.0.0.1:{port}") as client:
+            with pytest.raises(ValueError, match="corpus line 2 is broken"):
+                list(client.summarize_many(source(), max_in_flight=4, request_size=1))
+            with pytest.raises(ValueError, match="duplicate article id"):
+                list(client.summarize_many([("x", "one"), ("x", "two")], request_size=4))
