@@ -25,27 +25,34 @@ PROGRESS_EVERY_S = 0.25
 
 def read_jsonl_articles(path: Path, skip: frozenset[str] | set[str] = frozenset()
                         ) -> Iterator[tuple[str, str]]:
-    """(id, text) for every record of `path` whose id is not in `skip`. A record without an id
-    gets `<file name>:<line>`; a duplicate id is an error (results are matched by id)."""
-    seen: set[str] = set()
+    """(id, text) for every record of `path` whose id is not in `skip`."""
     with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                text = record["text"]
-                article_id = str(record.get("id") or f"{path.name}:{number}")
-            except (ValueError, KeyError, TypeError, AttributeError):
-                raise SummarizerError(f"{path}:{number}: expected a JSON object with a 'text' "
-                                      "field") from None
-            if not isinstance(text, str):
-                raise SummarizerError(f"{path}:{number}: 'text' must be a string")
-            if article_id in seen:
-                raise SummarizerError(f"{path}:{number}: duplicate id {article_id!r}")
-            seen.add(article_id)
-            if article_id not in skip:
-                yield article_id, text
+        yield from parse_jsonl_articles(handle, path.name, str(path), skip)
+
+
+def parse_jsonl_articles(lines: Iterable[str], name: str, where: str,
+                         skip: frozenset[str] | set[str] = frozenset()
+                         ) -> Iterator[tuple[str, str]]:
+    """(id, text) for every JSON Lines record. A record without an id gets `<name>:<line>`; a
+    duplicate id is an error (results are matched by id); errors say `<where>:<line>`."""
+    seen: set[str] = set()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            text = record["text"]
+            article_id = str(record.get("id") or f"{name}:{number}")
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise SummarizerError(f"{where}:{number}: expected a JSON object with a 'text' "
+                                  "field") from None
+        if not isinstance(text, str):
+            raise SummarizerError(f"{where}:{number}: 'text' must be a string")
+        if article_id in seen:
+            raise SummarizerError(f"{where}:{number}: duplicate id {article_id!r}")
+        seen.add(article_id)
+        if article_id not in skip:
+            yield article_id, text
 
 
 def count_records(path: Path) -> int:

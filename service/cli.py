@@ -180,6 +180,12 @@ def _add_generation_flags(parser: argparse.ArgumentParser, whose: str) -> None:
         parser.add_argument(f"--{name}", type=int, default=0, help=f"0: {whose} default")
 
 
+def _generation_lengths(args: argparse.Namespace) -> dict[str, int]:
+    """The GENERATION_FLAGS values, as keyword arguments."""
+    return {name: getattr(args, name)
+            for name in (flag.replace("-", "_") for flag in GENERATION_FLAGS)}
+
+
 def _connection(args: argparse.Namespace) -> dict[str, object]:
     """The client's security options from the command line (and SUMMARIZER_AUTH_TOKEN)."""
     token = config_module.client_auth_token()
@@ -238,30 +244,19 @@ def _make_tiny_model(args: argparse.Namespace) -> int:
 
 
 def _read_inputs(paths: Sequence[str]) -> Iterator[tuple[str, str]]:
+    from .bulk import parse_jsonl_articles, read_jsonl_articles
+
     for path in paths:
         if path == "-":
             text = sys.stdin.read()
             if text.lstrip().startswith("{"):
-                yield from _jsonl(text.splitlines(), "stdin")
+                yield from parse_jsonl_articles(text.splitlines(), "stdin", "stdin")
             else:
                 yield "stdin", text
         elif path.endswith((".jsonl", ".ndjson")):
-            with open(path, encoding="utf-8") as handle:
-                yield from _jsonl(handle, path)
+            yield from read_jsonl_articles(Path(path))
         else:
             yield Path(path).stem, Path(path).read_text(encoding="utf-8")
-
-
-def _jsonl(lines: Iterator[str] | list[str], source: str) -> Iterator[tuple[str, str]]:
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            yield str(record.get("id", f"{source}:{number}")), record["text"]
-        except (ValueError, KeyError, AttributeError):
-            raise SummarizerError(f"{source}:{number}: expected a JSON object with a 'text' "
-                                  "field") from None
 
 
 def _summarize(args: argparse.Namespace) -> int:
@@ -270,12 +265,8 @@ def _summarize(args: argparse.Namespace) -> int:
     from .bulk import BulkOutcome, Progress, write_results
     from .client import SummarizerClient, make_options
 
-    options = make_options(
-        summary_max_tokens=args.summary_max_tokens, summary_min_tokens=args.summary_min_tokens,
-        headline_max_tokens=args.headline_max_tokens,
-        headline_min_tokens=args.headline_min_tokens, num_beams=args.num_beams,
-        outputs=args.outputs, max_input_tokens=args.max_input_tokens,
-        long_input=args.long_input)
+    options = make_options(outputs=args.outputs, long_input=args.long_input,
+                           **_generation_lengths(args))
     if args.input and args.inputs != ["-"]:
         raise SummarizerError("give either --input or input files, not both")
     if args.output and not args.input:
@@ -352,8 +343,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     with open(args.data, encoding="utf-8") as handle:
         records = evaluate.parse_records(handle, args.data)
     records = records[:args.limit] if args.limit > 0 else records
-    lengths = {name: getattr(args, name) for name in (
-        flag.replace("-", "_") for flag in GENERATION_FLAGS)}
+    lengths = _generation_lengths(args)
     outputs = evaluate.outputs_needed(records)
     if args.server:
         import grpc

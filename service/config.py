@@ -288,4 +288,5 @@ def client_auth_token(environ: Mapping[str, str] | None = None) -> str:
     """The bearer token client commands send when no token file is given: the same variable
     the server reads, so one secret serves both sides of a deployment."""
     environ = os.environ if environ is None else environ
-    return environ.get(ENV_PREFIX + "AUTH_TOKEN", "").strip()
+    [auth_token] = [item for item in fields() if item.name == "auth_token"]
+    return next((environ[v].strip() for v in env_names(auth_token) if v in environ), "")
