@@ -14,7 +14,9 @@ those of the real architecture).
 from __future__ import annotations
 
 import argparse
+import os
 import re
+import resource
 import subprocess
 import sys
 import time
@@ -50,6 +52,30 @@ def start_server(model: Path, extra: list[str]) -> tuple[subprocess.Popen, str]:
         if "error" in line.lower():
             raise SystemExit(line)
     raise SystemExit("server exited before SERVING")
+
+
+def peak_rss_mb(pid: int | None = None) -> float:
+    """Peak resident memory of a process (this one by default), in MB."""
+    if pid is not None:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            return float("nan")
+        match = re.search(r"VmHWM:\s+(\d+) kB", status)
+        return int(match.group(1)) / 1024 if match else float("nan")
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+def cpu_seconds(pid: int | None = None) -> float:
+    """User + system CPU time of a process (this one by default), all its threads."""
+    if pid is None:
+        times = os.times()
+        return times.user + times.system
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> int:

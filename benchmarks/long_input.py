@@ -21,14 +21,13 @@ FLOPs are those of the real architecture).
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import sys
 import time
 from pathlib import Path
 
 import grpc
-from concurrency import start_server  # this directory: run as `python benchmarks/long_input.py`
+from concurrency import cpu_seconds, start_server  # this directory: run as `python benchmarks/long_input.py`
 
 from service.gen.summarizer.v1 import summarizer_pb2 as pb
 from service.gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
@@ -68,13 +67,6 @@ def article(chars: int, seed: int = 7, other_share: float = 0.09) -> str:
         paragraphs.append(" ".join(sentences))
         total += len(paragraphs[-1]) + 1
     return "\n".join(paragraphs)[:chars].rsplit(" ", 1)[0] + "."
-
-
-def cpu_seconds(pid: int) -> float:
-    """CPU time (user + system) the process has used so far, from /proc (Linux). On a shared
-    machine this is the cost of a call; its wall time depends on what else runs."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> int:

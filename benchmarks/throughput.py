@@ -32,7 +32,6 @@ import os
 import queue
 import random
 import re
-import resource
 import signal
 import socket
 import statistics
@@ -51,7 +50,7 @@ from service.gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
 from service.tiny import PRESETS, cached_preset_checkpoint, training_text
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from concurrency import start_server  # noqa: E402 - the sibling benchmark's server launcher
+from concurrency import cpu_seconds, peak_rss_mb, start_server  # noqa: E402 - sibling helpers
 
 
 @dataclass
@@ -105,30 +104,6 @@ def make_articles(model: str, count: int, low: int, high: int, seed: int = 1) ->
             text += " " + following
         texts.append(text)
     return texts
-
-
-def peak_rss_mb(pid: int | None = None) -> float:
-    """Peak resident memory of a process (this one by default), in MB."""
-    if pid is not None:
-        try:
-            status = Path(f"/proc/{pid}/status").read_text()
-        except OSError:
-            return float("nan")
-        match = re.search(r"VmHWM:\s+(\d+) kB", status)
-        return int(match.group(1)) / 1024 if match else float("nan")
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
-
-
-def cpu_seconds(pid: int | None = None) -> float:
-    """User + system CPU time of a process (this one by default), all its threads."""
-    if pid is None:
-        times = os.times()
-        return times.user + times.system
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    except OSError:
-        return float("nan")
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # ----- the phases, each in a fresh process so that peak RSS is its own -----

@@ -201,10 +201,7 @@ def manifest_for(model_ref: str, model_type: str, family: str = "") -> Manifest:
 
 def catalogue() -> list[Manifest]:
     """The named manifests (recommended checkpoints), each complete with its family's values."""
-    all_families = families()
-    return [replace(all_families[data["family"]], **{k: v for k, v in data.items()
-                                                     if k != "family"})
-            for data in named_models().values()]
+    return [manifest_for(name, "") for name in named_models()]
 
 
 def score_figures(score: PublishedScore) -> str:
