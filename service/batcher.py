@@ -35,7 +35,7 @@ import contextlib
 import enum
 import logging
 import time
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -86,8 +86,22 @@ class BatchReport:
 
 class _State(enum.Enum):
     QUEUED = "queued"
+    """In its group's deque and counted in `queue_depth`."""
     RUNNING = "running"
-    DROPPED = "dropped"
+    """Cut into a batch (in `_running`): the engine has it, or it waits for a retry."""
+    DONE = "done"
+    """Out of the batcher: delivered, failed, or dropped. Final."""
+
+
+class DropReason(enum.Enum):
+    """Why a job left the batcher without a result from the model (one count per job)."""
+
+    CANCELLED = "cancelled"
+    """Its caller went away (cancelled the call, or its result task) while it queued."""
+    DEADLINE_PASSED = "deadline_passed"
+    DEADLINE_UNMEETABLE = "deadline_unmeetable"
+    """Its deadline was closer than the fastest recent batch of its key took."""
+    SHUTDOWN = "shutdown"
 
 
 @dataclass(eq=False)
@@ -111,24 +125,44 @@ class _Group:
 class BatcherStats:
     batches: int = 0
     jobs: int = 0
-    dropped: int = 0
     failed_batches: int = 0
     """Engine calls that raised (a batch that is split and retried counts once per failed try)."""
     failed_jobs: int = 0
     """Jobs that failed on their own, after isolation."""
-    hopeless: int = 0
-    """Jobs dropped because their deadline was closer than a batch takes."""
+    dropped_by_reason: collections.Counter[DropReason] = field(
+        default_factory=collections.Counter)
+    """Jobs that never got a result from the model, each counted once, under one reason."""
+
+    @property
+    def dropped(self) -> int:
+        return sum(self.dropped_by_reason.values())
+
+    @property
+    def hopeless(self) -> int:
+        """Jobs dropped because their deadline was closer than a batch takes."""
+        return self.dropped_by_reason[DropReason.DEADLINE_UNMEETABLE]
 
     @property
     def mean_batch_size(self) -> float:
         return self.jobs / self.batches if self.batches else 0.0
 
 
+class InvariantViolation(AssertionError):
+    """The batcher's bookkeeping disagrees with itself (raised only with check_invariants)."""
+
+
 class Batcher(Generic[P, R]):
+    """Every job submitted is resolved exactly once: with its result, its own error, or the
+    reason it was dropped. Two structures hold live jobs, each changed only through `_take`,
+    `_drop` and `_finish`: the groups (queued jobs, counted by `queue_depth`) and `_running`
+    (jobs cut into a batch, until delivered). With `check_invariants`, every change is checked
+    against the other (for tests)."""
+
     def __init__(self, run_batch: RunBatch, *, max_batch_size: int, max_wait_ms: float,
                  max_queue: int, max_batch_tokens: int = 0,
                  clock: Callable[[], float] = time.monotonic,
-                 on_batch: Callable[[BatchReport], None] | None = None) -> None:
+                 on_batch: Callable[[BatchReport], None] | None = None,
+                 check_invariants: bool = False) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
         if max_queue < 1:
@@ -140,16 +174,18 @@ class Batcher(Generic[P, R]):
         self.max_wait_s = max_wait_ms / 1000.0
         self.max_queue = max_queue
         self.max_batch_tokens = max_batch_tokens
+        self.check_invariants = check_invariants
         self._clock = clock
         self._on_batch = on_batch
         self._groups: collections.deque[_Group] = collections.deque()
         self._queued = 0
+        self._running: set[_Entry] = set()
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._closed = False
         self._recent_s: dict[Hashable, collections.deque[float]] = {}
-        self._running = False
+        self._in_engine = False
         self.stats = BatcherStats()
 
     # ----- lifecycle -----
@@ -175,13 +211,14 @@ class Batcher(Generic[P, R]):
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._task
             self._task = None
-        for group in self._groups:
-            for entry in group.entries:
-                if entry.state is _State.QUEUED and not entry.future.done():
-                    entry.state = _State.DROPPED
-                    entry.future.set_exception(Unavailable("server is shutting down"))
+        shutting_down = Unavailable("server is shutting down")
+        for entry in list(self._running):
+            self._finish(entry, error=shutting_down)
+        for group in list(self._groups):
+            for entry in list(group.entries):
+                self._drop(entry, DropReason.SHUTDOWN, shutting_down)
         self._groups.clear()
-        self._queued = 0
+        self._check()
         if self._executor is not None:
             self._executor.shutdown(wait=False)
             self._executor = None
@@ -189,12 +226,17 @@ class Batcher(Generic[P, R]):
     @property
     def worker_busy(self) -> bool:
         """True while the model thread is still inside `run_batch` (even after stop gave up)."""
-        return self._running
+        return self._in_engine
 
     @property
     def queue_depth(self) -> int:
         """Jobs waiting for the worker (not counting the running batch)."""
         return self._queued
+
+    @property
+    def running(self) -> int:
+        """Jobs cut into the current batch and not yet delivered."""
+        return len(self._running)
 
     # ----- submitting -----
     def submit(self, jobs: Sequence[Job[P]], *,
@@ -214,8 +256,6 @@ class Batcher(Generic[P, R]):
         loop = asyncio.get_running_loop()
         now = self._clock()
         entries = [_Entry(job, loop.create_future(), now) for job in jobs]
-        for entry in entries:
-            entry.future.add_done_callback(lambda _f, e=entry: self._on_done(e))
         if entries:
             joined = next((g for g in self._groups if group is not None and g.owner == group),
                           None)
@@ -224,23 +264,85 @@ class Batcher(Generic[P, R]):
                 self._groups.append(joined)
             for entry in entries:
                 entry.group = joined
+                entry.future.add_done_callback(lambda _f, e=entry: self._on_done(e))
             joined.entries = collections.deque(
                 sorted([*joined.entries, *entries], key=lambda e: e.job.cost))
             self._queued += len(entries)
             self._wakeup.set()
+            self._check()
         return [entry.future for entry in entries]
 
     def _on_done(self, entry: _Entry) -> None:
-        # A queued job's future finished early (cancelled by its caller, or expired): it leaves
-        # the queue now, not at the next cut, so its payload is freed while the worker is busy.
+        # A queued job's future finished early (its caller cancelled it): it leaves the queue
+        # now, not at the next cut, so its payload is freed while the worker is busy.
         if entry.state is _State.QUEUED:
-            entry.state = _State.DROPPED
-            self._queued -= 1
-            self.stats.dropped += 1
+            self._drop(entry, DropReason.CANCELLED, None)
+
+    # ----- the only places where a job changes state -----
+    def _take(self, entry: _Entry) -> None:
+        """QUEUED -> RUNNING: out of its group, into the batch being cut."""
+        assert entry.state is _State.QUEUED and entry.group is not None
+        entry.group.entries.remove(entry)
+        entry.group = None
+        entry.state = _State.RUNNING
+        self._queued -= 1
+        self._running.add(entry)
+
+    def _drop(self, entry: _Entry, reason: DropReason, error: BaseException | None) -> None:
+        """QUEUED or RUNNING -> DONE without a result from the model: counted once, under
+        `reason`; the caller gets `error` (None: the future is already done)."""
+        if entry.state is _State.DONE:
+            return
+        if entry.state is _State.QUEUED:
             if entry.group is not None:
-                with contextlib.suppress(ValueError):  # already pruned
-                    entry.group.entries.remove(entry)
+                entry.group.entries.remove(entry)
                 entry.group = None
+            self._queued -= 1
+            entry.state = _State.RUNNING  # out of the queue; _finish takes it from here
+        self.stats.dropped_by_reason[reason] += 1
+        self._finish(entry, error=error)
+
+    def _finish(self, entry: _Entry, *, result: object = None,
+                error: BaseException | None = None) -> None:
+        """Any state -> DONE, resolving the future unless its caller already went (a caller may
+        cancel at any moment, including while its job runs)."""
+        if entry.state is _State.DONE:
+            if self.check_invariants:
+                raise InvariantViolation("a job was finished twice")
+            return
+        if entry.state is _State.QUEUED:  # only _drop and stop() end queued jobs
+            raise InvariantViolation("a queued job finished without leaving the queue")
+        entry.state = _State.DONE
+        self._running.discard(entry)
+        if not entry.future.done():
+            if error is not None:
+                entry.future.set_exception(error)
+            else:
+                entry.future.set_result(result)
+
+    def _check(self) -> None:
+        """With check_invariants: the queue count is the jobs queued, no job is both queued and
+        running, and nothing finished is still held."""
+        if not self.check_invariants:
+            return
+        queued = [e for g in self._groups for e in g.entries]
+        problems = []
+        if len(queued) != self._queued:
+            problems.append(f"queue_depth {self._queued} but {len(queued)} jobs queued")
+        if len(set(map(id, queued))) != len(queued):
+            problems.append("a job is queued twice")
+        if any(e.state is not _State.QUEUED for e in queued):
+            problems.append("a job in the queue is not in state QUEUED")
+        if any(e.group is None or e not in e.group.entries for e in queued):
+            problems.append("a queued job does not know its group")
+        if any(e.state is not _State.RUNNING for e in self._running):
+            problems.append("a job in the running set is not in state RUNNING")
+        if {id(e) for e in queued} & {id(e) for e in self._running}:
+            problems.append("a job is both queued and running")
+        if len(self._running) > self.max_batch_size:
+            problems.append(f"{len(self._running)} jobs running, over max_batch_size")
+        if problems:
+            raise InvariantViolation("; ".join(problems))
 
     # ----- scheduling -----
     async def _loop(self) -> None:
@@ -252,8 +354,16 @@ class Batcher(Generic[P, R]):
                     await self._execute(loop, *batch)
             except asyncio.CancelledError:
                 raise
-            except Exception:  # the loop must survive anything
+            except Exception as error:  # the loop must survive anything
                 log.exception("batch scheduler error; continuing")
+                if isinstance(error, InvariantViolation):
+                    raise
+            finally:
+                # Whatever happened, no job cut into a batch is left waiting: the batch is over.
+                for entry in list(self._running):
+                    self._finish(entry, error=GenerationFailed(
+                        "the batch scheduler failed while this article was in a batch"))
+                self._check()
 
     async def _next_batch(self) -> tuple[Hashable, list[_Entry]] | None:
         while not self._closed:
@@ -278,36 +388,35 @@ class Batcher(Generic[P, R]):
         return None
 
     def _prune(self) -> _Entry | None:
-        """Drop finished and expired jobs; return the oldest live job, if any."""
+        """Drop finished and expired jobs and empty groups; return the oldest live job, if
+        any."""
         now = self._clock()
         oldest: _Entry | None = None
         for group in list(self._groups):
-            live = collections.deque()
-            for entry in group.entries:
-                if entry.future.done() or self._expire(entry, now):
-                    continue
-                live.append(entry)
-                if oldest is None or entry.enqueued_at < oldest.enqueued_at:
+            for entry in list(group.entries):
+                if entry.future.done():  # cancelled; its done-callback has not run yet
+                    self._drop(entry, DropReason.CANCELLED, None)
+                elif not self._expire(entry, now) and (
+                        oldest is None or entry.enqueued_at < oldest.enqueued_at):
                     oldest = entry
-            group.entries = live
-            if not live:
+            if not group.entries:
                 self._groups.remove(group)
+        self._check()
         return oldest
 
     def _expire(self, entry: _Entry, now: float) -> bool:
-        """Fail `entry` if its deadline has passed or is closer than a batch of its key takes."""
+        """Drop `entry` if its deadline has passed or is closer than a batch of its key takes."""
         deadline = entry.job.deadline
         if deadline is None:
             return False
         if deadline <= now:
-            entry.future.set_exception(
-                DeadlineExceeded("deadline passed while waiting for the model"))
+            self._drop(entry, DropReason.DEADLINE_PASSED,
+                       DeadlineExceeded("deadline passed while waiting for the model"))
             return True
         recent = self._recent_s.get(entry.job.key)
         fastest = min(recent) if recent else 0.0
         if deadline < now + fastest:
-            self.stats.hopeless += 1
-            entry.future.set_exception(DeadlineExceeded(
+            self._drop(entry, DropReason.DEADLINE_UNMEETABLE, DeadlineExceeded(
                 f"deadline is {deadline - now:.2f}s away, but a batch takes at least "
                 f"{fastest:.2f}s; give the call a longer deadline"))
             return True
@@ -348,9 +457,7 @@ class Batcher(Generic[P, R]):
                         and new_longest * (len(batch) + 1) > self.max_batch_tokens):
                     full_groups.add(id(group))
                     continue
-                group.entries.remove(entry)
-                entry.state = _State.RUNNING
-                self._queued -= 1
+                self._take(entry)
                 batch.append(entry)
                 served.add(id(group))
                 longest = new_longest
@@ -360,19 +467,26 @@ class Batcher(Generic[P, R]):
         self._groups = collections.deque(
             [g for g in self._groups if g.entries and id(g) not in served]
             + [g for g in self._groups if g.entries and id(g) in served])
+        self._check()
         return batch
 
     async def _execute(self, loop: asyncio.AbstractEventLoop, key: Hashable,
                        entries: list[_Entry]) -> None:
         """Run a batch; if the engine raises, retry the batch in halves down to single jobs, so
-        only the inputs that fail on their own get the error."""
+        only the inputs that fail on their own get the error. Every entry is finished when this
+        returns, however it returns (see `_loop`)."""
         parts: list[list[_Entry]] = [entries]
         try:
             while parts:
                 # A caller may have gone, or a deadline passed, since the cut (or the last try):
                 # don't spend the model on it.
                 now = self._clock()
-                part = [e for e in parts.pop() if not e.future.done() and not self._expire(e, now)]
+                part = []
+                for entry in parts.pop():
+                    if entry.future.done():
+                        self._finish(entry)  # its caller went while it waited for this try
+                    elif not self._expire(entry, now):
+                        part.append(entry)
                 if not part:
                     continue
                 error = await self._run(loop, key, part)
@@ -383,7 +497,7 @@ class Batcher(Generic[P, R]):
                     self.stats.failed_jobs += 1
                     log.error("input failed on its own (%s)", type(error).__name__,
                               exc_info=error)
-                    part[0].future.set_exception(error)
+                    self._finish(part[0], error=error)
                 else:
                     # The type only: an engine's message could quote the input.
                     log.warning("batch of %d failed (%s); retrying it in halves to isolate the "
@@ -391,8 +505,8 @@ class Batcher(Generic[P, R]):
                     middle = len(part) // 2
                     parts += [part[middle:], part[:middle]]  # the first half runs first
         except asyncio.CancelledError:
-            self._fail_all((e for part in parts for e in part),
-                           Unavailable("server is shutting down"))
+            for entry in (e for part in parts for e in part):
+                self._finish(entry, error=Unavailable("server is shutting down"))
             raise
 
     async def _run(self, loop: asyncio.AbstractEventLoop, key: Hashable,
@@ -406,7 +520,8 @@ class Batcher(Generic[P, R]):
                 raise GenerationFailed(
                     f"engine returned {len(results)} results for {len(entries)} inputs")
         except asyncio.CancelledError:
-            self._fail_all(entries, Unavailable("server is shutting down"))
+            for entry in entries:
+                self._finish(entry, error=Unavailable("server is shutting down"))
             raise
         except Exception as error:  # noqa: BLE001 - isolated and reported by the caller
             self._report(key, entries, started, failed=True)
@@ -420,8 +535,7 @@ class Batcher(Generic[P, R]):
         self.stats.jobs += len(entries)
         log.debug("batch of %d done in %.3fs", len(entries), elapsed)
         for entry, result in zip(entries, results):
-            if not entry.future.done():
-                entry.future.set_result(result)
+            self._finish(entry, result=result)
         return None
 
     def _report(self, key: Hashable, entries: list[_Entry], started: float, *,
@@ -439,14 +553,8 @@ class Batcher(Generic[P, R]):
 
     def _tracked(self, key: Hashable, payloads: list[P]) -> Sequence[R]:
         # Runs in the worker thread.
-        self._running = True
+        self._in_engine = True
         try:
             return self._run_batch(key, payloads)
         finally:
-            self._running = False
-
-    @staticmethod
-    def _fail_all(entries: Iterable[_Entry], error: BaseException) -> None:
-        for entry in entries:
-            if not entry.future.done():
-                entry.future.set_exception(error)
+            self._in_engine = False

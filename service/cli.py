@@ -121,6 +121,12 @@ def _parser() -> argparse.ArgumentParser:
     soak.add_argument("--max-chars", type=int, default=3000,
                       help="longest article in characters (default 3000)")
     soak.add_argument("--seed", type=int, default=1)
+    soak.add_argument("--timeout", type=float, default=120.0,
+                      help="seconds each call may take before it counts as unanswered "
+                           "(default 120)")
+    soak.add_argument("--max-call-s", type=float, default=0.0,
+                      help="fail the run if any call takes longer than this many seconds "
+                           "(default 0: no bound)")
 
     evaluate = commands.add_parser(
         "evaluate", parents=[connection],
@@ -232,6 +238,7 @@ def _soak(args: argparse.Namespace) -> int:
     connection = _connection(args)
     config = SoakConfig(duration_s=args.duration, clients=args.clients,
                         max_articles=args.max_articles, max_chars=args.max_chars, seed=args.seed,
+                        timeout_s=args.timeout, max_call_s=args.max_call_s,
                         token=str(connection.pop("token")))
     return soak_main(args.server, config, **connection)
 

@@ -109,6 +109,10 @@ class Settings:
               "0: no cap.")
     max_queue: int = _setting(
         1024, "Most articles waiting for the model; past it calls get RESOURCE_EXHAUSTED.")
+    check_invariants: bool = _setting(
+        False, "Check the batch queue's bookkeeping after every change (queued count, no article "
+               "both queued and running) and fail loudly on a mismatch. For tests and debugging: "
+               "it costs time in proportion to the queue.")
 
     # --- limits ---
     max_articles_per_request: int = _setting(256, "Most articles in one request.")

@@ -66,7 +66,8 @@ class SummarizerCore:
         self.batcher: Batcher[PreparedArticle, Generated] = Batcher(
             self._run_batch, max_batch_size=settings.max_batch_size,
             max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue,
-            max_batch_tokens=settings.max_batch_tokens, on_batch=on_batch)
+            max_batch_tokens=settings.max_batch_tokens, on_batch=on_batch,
+            check_invariants=settings.check_invariants)
         # Tokenisers are not safe to call from several threads at once: one thread does it all.
         self._prep = ThreadPoolExecutor(max_workers=1, thread_name_prefix="summarizer-prep")
         self.long_input = LongInput(settings.long_input)

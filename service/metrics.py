@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
-from .batcher import BatcherStats, BatchReport
+from .batcher import BatcherStats, BatchReport, DropReason
 from .domain import ArticleFailure, ArticleSummary
 from .engine import ModelDescription
 from .errors import code_name
@@ -38,10 +38,11 @@ class _BatcherStatsCollector(Collector):
         if stats is None:
             return
         dropped = CounterMetricFamily(
-            "summarizer_articles_dropped", "Articles dropped before generation, by reason.",
-            labels=["reason"])
-        dropped.add_metric(["cancelled_or_expired"], stats.dropped)
-        dropped.add_metric(["deadline_unmeetable"], stats.hopeless)
+            "summarizer_articles_dropped",
+            "Articles that left the queue (or a retry) without a result from the model, each "
+            "counted once, by reason.", labels=["reason"])
+        for reason in DropReason:
+            dropped.add_metric([reason.value], stats.dropped_by_reason[reason])
         yield dropped
         yield CounterMetricFamily("summarizer_failed_engine_calls",
                                   "Engine calls that raised (each try of a split batch counts).",

@@ -7,8 +7,10 @@ streams, calls with deadlines too short to meet, and calls cancelled midway. It 
 every call answered OK has exactly one result per article, in order, with the ids sent, and that
 every stream returns each id once; that the same article text always comes back with the same
 input token count (a result given to the wrong article would show up here); and it counts errors
-by status code. It exits non-zero when anything was lost or mismatched, or an error code came back
-that the run did not provoke.
+by status code. It exits non-zero when anything was lost or mismatched, when an error code came
+back that the run did not provoke (a DEADLINE_EXCEEDED or CANCELLED counts as provoked only on a
+call the soak itself gave a too-short deadline or cancelled), or when a call took longer than
+`--max-call-s`.
 """
 
 from __future__ import annotations
@@ -31,8 +33,13 @@ from .gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
 
 WORDS = ("court", "minister", "river", "market", "election", "storm", "council", "players",
          "hospital", "bridge", "report", "village", "company", "police", "season", "budget")
-EXPECTED_CODES = frozenset({"OK", "DEADLINE_EXCEEDED", "CANCELLED", "RESOURCE_EXHAUSTED"})
-"""Codes a soak provokes on purpose (short deadlines, cancellations, overload)."""
+EXPECTED_CODES = frozenset({"OK", "RESOURCE_EXHAUSTED", "INTERNAL_POISON",
+                            "DEADLINE_EXCEEDED_PROVOKED", "CANCELLED_PROVOKED"})
+"""Codes a soak may see: success; overload (RESOURCE_EXHAUSTED: the server refusing work it cannot
+queue, by design); INTERNAL on articles that carry the injected poison; and DEADLINE_EXCEEDED or
+CANCELLED on exactly the calls the soak gave a too-short deadline or cancelled. A plain
+DEADLINE_EXCEEDED or CANCELLED is a call the server never answered in time: a failure."""
+SHORT_DEADLINE_S = 0.001
 
 
 @dataclass
@@ -49,6 +56,9 @@ class SoakConfig:
     short_deadline_share: float = 0.05
     cancel_share: float = 0.05
     timeout_s: float = 120.0
+    max_call_s: float = 0.0
+    """Fail the run if any call takes longer than this (0: no bound). A stalled call shows up here
+    long before its `timeout_s`."""
     seed: int = 1
     poison: str = ""
     """Text put into a few articles that the server is known to fail on (fault injection);
@@ -70,6 +80,9 @@ class SoakReport:
     mismatched: int = 0
     problems: list[str] = field(default_factory=list)
     latencies_s: list[float] = field(default_factory=list)
+    """Every call that was not cut short on purpose, however it ended."""
+    slow_calls: int = 0
+    max_call_s: float = 0.0
     elapsed_s: float = 0.0
 
     def problem(self, text: str) -> None:
@@ -79,12 +92,21 @@ class SoakReport:
 
     @property
     def unexpected_codes(self) -> dict[str, int]:
-        return {c: n for c, n in self.codes.items() if c not in EXPECTED_CODES
-                and c != "INTERNAL_POISON"}
+        return {c: n for c, n in self.codes.items() if c not in EXPECTED_CODES}
+
+    def timed(self, seconds: float) -> None:
+        """Record one call's duration, checking it against the bound."""
+        self.latencies_s.append(seconds)
+        if self.max_call_s and seconds > self.max_call_s:
+            self.slow_calls += 1
+            if len(self.problems) < 20:
+                self.problems.append(f"a call took {seconds:.2f}s, over the bound of "
+                                     f"{self.max_call_s:.2f}s")
 
     @property
     def ok(self) -> bool:
-        return self.lost == 0 and self.mismatched == 0 and not self.unexpected_codes
+        return (self.lost == 0 and self.mismatched == 0 and not self.unexpected_codes
+                and self.slow_calls == 0)
 
     def summary(self) -> dict[str, object]:
         latencies = sorted(self.latencies_s)
@@ -98,7 +120,9 @@ class SoakReport:
             "results_verified": self.results_verified, "in_band_errors": self.in_band_errors,
             "errors_by_code": dict(sorted(self.codes.items())), "lost": self.lost,
             "mismatched": self.mismatched, "unexpected_codes": self.unexpected_codes,
+            "slow_calls": self.slow_calls, "max_call_s": self.max_call_s,
             "latency_p50_s": pct(0.50), "latency_p99_s": pct(0.99),
+            "latency_max_s": round(latencies[-1], 3) if latencies else 0.0,
             "latency_mean_s": round(statistics.fmean(latencies), 3) if latencies else 0.0,
             "articles_per_s": round(self.results_verified / self.elapsed_s, 2)
             if self.elapsed_s else 0.0,
@@ -165,25 +189,32 @@ async def _unary(stub: pb_grpc.SummarizerStub, rng: random.Random, config: SoakC
     ids = [f"{serial}-{i}-{p}" for i, p in enumerate(picks)]
     request = pb.SummarizeRequest(articles=[pb.Article(id=i, text=checker.texts[p])
                                             for i, p in zip(ids, picks)])
-    timeout = 0.001 if rng.random() < config.short_deadline_share else config.timeout_s
+    short_deadline = rng.random() < config.short_deadline_share
+    timeout = SHORT_DEADLINE_S if short_deadline else config.timeout_s
+    cancelled = rng.random() < config.cancel_share
     report.calls += 1
     report.articles_sent += count
     started = time.monotonic()
     call = stub.Summarize(request, timeout=timeout, metadata=auth_metadata(config.token))
-    if rng.random() < config.cancel_share:
+    if cancelled:
         await asyncio.sleep(rng.random() * 0.05)
         call.cancel()
     try:
         reply = await call
     except asyncio.CancelledError:
-        report.codes["CANCELLED"] += 1
+        report.codes["CANCELLED_PROVOKED" if cancelled else "CANCELLED"] += 1
         return
     except grpc.aio.AioRpcError as error:
         name = error.code().name
+        if name == "DEADLINE_EXCEEDED" and short_deadline or name == "CANCELLED" and cancelled:
+            report.codes[name + "_PROVOKED"] += 1
+            return
+        report.timed(time.monotonic() - started)
         poisoned = config.poison and all(config.poison in checker.texts[p] for p in picks)
         report.codes["INTERNAL_POISON" if name == "INTERNAL" and poisoned else name] += 1
         return
-    report.latencies_s.append(time.monotonic() - started)
+    if not short_deadline and not cancelled:
+        report.timed(time.monotonic() - started)
     report.codes["OK"] += 1
     got = [r.id for r in reply.results]
     if got != ids:
@@ -225,9 +256,10 @@ async def _stream(stub: pb_grpc.SummarizerStub, rng: random.Random, config: Soak
             received.add(result.id)
             checker.result(expected[result.id], result)
     except grpc.aio.AioRpcError as error:
+        report.timed(time.monotonic() - started)
         report.codes[error.code().name] += 1
         return
-    report.latencies_s.append(time.monotonic() - started)
+    report.timed(time.monotonic() - started)
     report.codes["OK"] += 1
     if len(received) != len(expected):
         report.lost += len(expected) - len(received)
@@ -237,7 +269,7 @@ async def _stream(stub: pb_grpc.SummarizerStub, rng: random.Random, config: Soak
 async def run_soak(target: str, config: SoakConfig, *, tls: bool = False, ca_cert: str = "",
                    client_cert: str = "", client_key: str = "") -> SoakReport:
     """Drive `target` for `config.duration_s` seconds and return the verified figures."""
-    report = SoakReport()
+    report = SoakReport(max_call_s=config.max_call_s)
     checker = _Checker(report, make_pool(config), config)
     channel = open_aio_channel(target, tls=tls, ca_cert=ca_cert, client_cert=client_cert,
                                client_key=client_key,

@@ -34,8 +34,10 @@ def tiny_pegasus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @contextlib.asynccontextmanager
 async def serving(settings: Settings, engine_factory: Callable) -> AsyncIterator[
         tuple[SummarizerServer, grpc.aio.Channel]]:
-    """A real server on a free loopback port with a real channel to it."""
-    server = SummarizerServer(settings.replace(host="127.0.0.1", port=0), engine_factory)
+    """A real server on a free loopback port with a real channel to it; the batch queue checks
+    its bookkeeping after every change."""
+    server = SummarizerServer(settings.replace(host="127.0.0.1", port=0, check_invariants=True),
+                              engine_factory)
     port = await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     try:
@@ -55,7 +57,8 @@ def server_in_thread(settings: Settings, engine_factory: Callable) -> Iterator[i
 
     def run() -> None:
         asyncio.set_event_loop(loop)
-        server = SummarizerServer(settings.replace(host="127.0.0.1", port=0), engine_factory)
+        server = SummarizerServer(
+            settings.replace(host="127.0.0.1", port=0, check_invariants=True), engine_factory)
         servers.append(server)
         port.append(loop.run_until_complete(server.start()))
         ready.set()

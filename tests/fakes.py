@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
 
 from service.domain import Generated, GenerationParams, Outputs, PreparedArticle
@@ -14,7 +15,9 @@ class FakeEngine:
 
     The summary is "S:" + the article's first 12 characters (+ `summary_padding` dots, for big
     messages), the headline "H:" + its first 6.
-    Set `hold` to make generate() block until it is set again; `batches` records every batch.
+    Set `hold` to make generate() block until it is set again; `batches` records every batch,
+    `durations_s` how long each took; `batch_delay_s` makes every batch take that long (a model's
+    time, for load tests).
     """
 
     name = "fake"
@@ -33,6 +36,8 @@ class FakeEngine:
         self.hold: threading.Event | None = None
         self.started = threading.Event()
         self.fail_on: str | None = None
+        self.batch_delay_s = 0.0
+        self.durations_s: list[float] = []
         self.warmed_up = False
 
     def prepare(self, texts: Sequence[str], params: GenerationParams) -> list[PreparedArticle]:
@@ -49,11 +54,15 @@ class FakeEngine:
 
     def generate(self, params: GenerationParams,
                  batch: Sequence[PreparedArticle]) -> list[Generated]:
+        started = time.monotonic()
         texts = ["".join(map(chr, a.summary_ids)) for a in batch]
         self.batches.append(texts)
         self.started.set()
         if self.hold is not None:
             self.hold.wait(timeout=30)
+        if self.batch_delay_s:
+            time.sleep(self.batch_delay_s)
+        self.durations_s.append(time.monotonic() - started)
         if self.fail_on is not None and any(self.fail_on in t for t in texts):
             raise RuntimeError("injected failure")
         pad = "." * self.summary_padding

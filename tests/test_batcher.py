@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from service.batcher import Batcher, BatcherStats, BatchReport, Job
+from service.batcher import Batcher, BatcherStats, BatchReport, DropReason, Job
 from service.errors import DeadlineExceeded, GenerationFailed, QueueFull, Unavailable
 
 pytestmark = pytest.mark.timeout(10)
@@ -127,6 +127,7 @@ async def make():
         options.setdefault("max_batch_size", 8)
         options.setdefault("max_wait_ms", 0)
         options.setdefault("max_queue", 1000)
+        options.setdefault("check_invariants", True)
         batcher = Batcher(fake, **options)
         await batcher.start()
         made.append((batcher, fake))
@@ -952,3 +953,131 @@ async def test_a_failing_on_batch_hook_never_breaks_serving(make):
 
     batcher, _fake = await make(max_batch_size=8, max_wait_ms=0, on_batch=broken)
     assert await asyncio.wait_for(batcher.submit(jobs(3))[0], WAIT_S) == 30
+
+
+# ----------------------------------------------------------------------------------------------
+# 12. the isolation path under stress: every future resolved, once, with its own outcome
+
+
+async def test_a_caller_gone_during_its_solo_retry_does_not_strand_its_batch_mates(make):
+    """The stall of issue 11: the poison's caller cancels while its solo retry runs. Delivering
+    the poison's error to the cancelled future raised InvalidStateError out of the retry loop,
+    and the batch's other halves, already cut, were never resolved (callers waited for their
+    deadline)."""
+    batcher, fake = await make(max_batch_size=4, max_wait_ms=0)
+    fake.hold(2)  # [0, 1, 2, 3] fails, [0, 1] fails, then [0] alone: held
+
+    def behaviour(_index: int, _key: Hashable, payloads: list[int]) -> list[int]:
+        if 0 in payloads:
+            raise RuntimeError("poison")
+        return [p * 10 for p in payloads]
+
+    fake.behaviour = behaviour
+    futures = batcher.submit(jobs(0, 1, 2, 3))
+    await fake.wait_calls(3)
+    assert fake.batches == [[0, 1, 2, 3], [0, 1], [0]]
+    futures[0].cancel()  # the poison's caller goes while its solo retry runs
+    fake.release(2)
+    assert await asyncio.wait_for(asyncio.gather(*futures[1:]), WAIT_S) == [10, 20, 30]
+    assert batcher.queue_depth == 0 and batcher.running == 0
+    assert batcher.stats.failed_jobs == 1
+
+
+@pytest.mark.parametrize("seed", range(4))
+async def test_isolation_stress_every_future_resolved_once_with_its_own_outcome(seed):
+    """Hundreds of batches from a fake engine: poison payloads at random positions, callers that
+    cancel while queued and while their batch (or its retry) runs, deadlines that pass while
+    queued and between retries. Every future ends, with its own result or its own error, the
+    bookkeeping is checked after every change (check_invariants), and the counters end at
+    zero with each drop counted once."""
+    import random
+
+    rng = random.Random(seed)
+    loop = asyncio.get_running_loop()
+    now = [0.0]
+    futures: dict[int, asyncio.Future] = {}
+    poison: set[int] = set()
+    deadlines: dict[int, float] = {}
+    cancel_during: dict[int, list[int]] = {}  # engine call index -> payloads cancelled then
+    calls: list[list[int]] = []
+    cancelled_by_test: set[int] = set()
+
+    def cancel_now(payloads: list[int], done: threading.Event) -> None:
+        for p in payloads:
+            if futures[p].cancel():
+                cancelled_by_test.add(p)
+        done.set()
+
+    def run_batch(_key: Hashable, payloads: list[int]) -> list[int]:
+        index = len(calls)
+        calls.append(list(payloads))
+        now[0] += 1.0  # every engine call takes one (fake) second
+        victims = [p for p in payloads if rng.random() < 0.06]
+        if victims:  # callers that go away while their job is in the engine
+            done = threading.Event()
+            loop.call_soon_threadsafe(cancel_now, victims, done)
+            assert done.wait(5)
+        cancel_during[index] = victims
+        if poison.intersection(payloads):
+            raise RuntimeError("injected failure")
+        return [p * 10 for p in payloads]
+
+    batcher = Batcher(run_batch, max_batch_size=8, max_wait_ms=0, max_queue=10_000,
+                      clock=lambda: now[0], check_invariants=True)
+    await batcher.start()
+    next_payload = 0
+    try:
+        for _round in range(120):
+            for _caller in range(rng.randint(1, 4)):
+                payloads = list(range(next_payload, next_payload + rng.randint(1, 12)))
+                next_payload += len(payloads)
+                for p in payloads:
+                    if rng.random() < 0.08:
+                        poison.add(p)
+                    if rng.random() < 0.1:
+                        deadlines[p] = now[0] + rng.choice([0.0, 0.5, 1.5, 3.0, 20.0])
+                submitted = batcher.submit(
+                    [Job(p, key=rng.choice("ab"), cost=rng.randint(1, 50),
+                         deadline=deadlines.get(p)) for p in payloads])
+                futures.update(zip(payloads, submitted))
+            for p in rng.sample(sorted(futures), k=min(3, len(futures))):
+                if futures[p].cancel():  # callers gone while queued (or already finished)
+                    cancelled_by_test.add(p)
+            await asyncio.sleep(0)  # let a few batches run between rounds
+        pending = [f for f in futures.values() if not f.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=10)
+        stranded = sorted(p for p, f in futures.items() if not f.done())
+        assert not stranded, f"{len(stranded)} futures never resolved: {stranded[:10]}"
+    finally:
+        await batcher.stop()
+
+    assert len(calls) > 200, "the run exercised hundreds of engine calls"
+    unmeetable = expired = 0
+    for p, future in futures.items():
+        if future.cancelled():
+            assert p in cancelled_by_test, f"job {p} was cancelled, but not by its caller"
+            continue
+        error = future.exception()
+        if error is None:
+            assert future.result() == p * 10, f"job {p} got another job's result"
+            assert p not in poison, f"poisoned job {p} got a result"
+        elif isinstance(error, DeadlineExceeded):
+            assert p in deadlines, f"job {p} had no deadline, yet got {error!r}"
+            if "longer deadline" in str(error):
+                unmeetable += 1
+            else:
+                expired += 1
+        else:
+            assert isinstance(error, RuntimeError) and str(error) == "injected failure", error
+            assert p in poison, f"healthy job {p} got the poison's error"
+            assert [p] in calls, f"job {p} failed without a solo try"
+    assert batcher.queue_depth == 0 and batcher.running == 0
+    stats = batcher.stats
+    assert stats.dropped_by_reason[DropReason.DEADLINE_UNMEETABLE] == unmeetable
+    assert stats.dropped_by_reason[DropReason.DEADLINE_PASSED] == expired
+    assert stats.dropped_by_reason[DropReason.CANCELLED] <= len(cancelled_by_test)
+    assert stats.dropped == stats.hopeless + expired + stats.dropped_by_reason[
+        DropReason.CANCELLED], "each dropped job is counted once, under one reason"
+    assert any(v for v in cancel_during.values()), "some callers went while their job ran"
+    assert stats.failed_jobs > 0 and unmeetable + expired > 0

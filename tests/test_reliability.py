@@ -255,21 +255,65 @@ def test_fuzzed_requests_get_results_or_invalid_argument_never_anything_else(
 # soak: many clients, mixed work, every response checked
 
 
+SOAK_OVERHEAD_S = 1.0
+"""Tolerated on top of the work in any soak call: gRPC, the event loop and Python's scheduling of
+a dozen clients and a server on a shared 2-core machine (the soak measured p99 0.34 s here)."""
+SLOW_BATCH_FACTOR = 10
+"""How much slower than the slowest batch the model took a batch's turn may be (scheduling)."""
+
+
+def soak_call_bound_s(engine: FakeEngine, settings: Settings, config: SoakConfig) -> float:
+    """The longest a soak call may take, from the work: fairness lets every other client's batch
+    go before each of a call's own batches (at most `clients` batches per turn), a call needs at
+    most ceil(4 requests x max_articles / max_batch_size) turns (a stream of 4 requests), and no
+    batch's turn may take more than SLOW_BATCH_FACTOR times the slowest batch the model ran."""
+    turns = -(-4 * config.max_articles // settings.max_batch_size)
+    slowest = max(engine.durations_s)
+    return SOAK_OVERHEAD_S + SLOW_BATCH_FACTOR * slowest * config.clients * turns
+
+
 async def test_soak_loses_nothing_crosses_nothing_and_isolates_injected_faults() -> None:
+    """Every call ends with its own results, an injected fault, or an error the soak provoked
+    (a too-short deadline or a cancellation of its own), and no call is slower than the bound
+    the work allows: a call the server never answered fails it, long before its deadline."""
     engine = FakeEngine(window=256)
     engine.fail_on = "POISON"
+    engine.batch_delay_s = 0.005  # a model's time, so that batches, not overhead, set the pace
     settings = REAL.replace(max_batch_size=8, max_queue=400, max_articles_per_request=16)
     async with serving(settings, lambda s: engine) as (server, _channel):
         config = SoakConfig(duration_s=6.0, clients=12, max_articles=12, pool=120,
-                            max_chars=600, poison="POISON", seed=7, same_text=True)
+                            max_chars=600, poison="POISON", seed=7, same_text=True,
+                            timeout_s=60.0, cancel_share=0.08, short_deadline_share=0.05)
         report = await run_soak(f"127.0.0.1:{server.port}", config)
+        stats = server.core.batcher.stats
+        assert server.core.batcher.queue_depth == 0 and server.core.batcher.running == 0
     figures = report.summary()
-    print(figures)
+    bound_s = soak_call_bound_s(engine, settings, config)
+    print(figures, f"bound {bound_s:.2f}s")
     assert report.calls > 50 and report.results_verified > 200, figures
     assert report.lost == 0 and report.mismatched == 0, figures
     assert not report.unexpected_codes, figures
+    assert max(report.latencies_s) <= bound_s, (bound_s, figures)
     assert report.codes["INTERNAL_POISON"] > 0, "the injected faults were reached"
-    assert report.codes["DEADLINE_EXCEEDED"] + report.codes["CANCELLED"] > 0
+    assert report.codes["DEADLINE_EXCEEDED_PROVOKED"] + report.codes["CANCELLED_PROVOKED"] > 0
+    assert stats.failed_jobs > 0
+
+
+def test_the_soak_counts_an_unanswered_call_as_a_failure_not_as_provoked() -> None:
+    """The check the old soak lacked: a DEADLINE_EXCEEDED on a call that the soak did not give
+    a short deadline is unexpected, and a call over the bound is reported."""
+    from service.soak import SoakReport
+
+    report = SoakReport(max_call_s=2.0)
+    report.codes["DEADLINE_EXCEEDED_PROVOKED"] += 3
+    report.codes["INTERNAL_POISON"] += 1
+    report.timed(0.5)
+    assert report.ok
+    report.codes["DEADLINE_EXCEEDED"] += 1
+    assert not report.ok and report.unexpected_codes == {"DEADLINE_EXCEEDED": 1}
+    slow = SoakReport(max_call_s=2.0)
+    slow.timed(2.5)
+    assert not slow.ok and slow.slow_calls == 1 and "over the bound" in slow.problems[0]
 
 
 # ----------------------------------------------------------------------------------------------
