@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import logging
 import os
@@ -342,8 +343,26 @@ _BINARY_SNIFF_BYTES = 8192
 def read_text(path: str) -> str:
     """A UTF-8 text file ('-': stdin), or an InputError that names it and says what to do."""
     name = "stdin" if path == "-" else path
+    data = _read_bytes(path)
     try:
-        data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise InputError(
+            f"{name}: is not UTF-8 text (byte 0x{data[error.start]:02x} at offset "
+            f"{error.start}); convert it (e.g. `iconv -f latin1 -t utf-8`) or pass the "
+            "articles as a UTF-8 .jsonl file") from None
+
+
+def _read_bytes(path: str, limit: int = -1) -> bytes:
+    """The bytes of a text file ('-': stdin), at most `limit`; an InputError for a file that is
+    missing, unreadable, a directory or binary."""
+    name = "stdin" if path == "-" else path
+    try:
+        if path == "-":
+            data = sys.stdin.buffer.read(limit)
+        else:
+            with open(path, "rb") as handle:
+                data = handle.read(limit)
     except IsADirectoryError:
         raise InputError(f"{name}: is a directory; give the files in it (e.g. {path}/*.txt)"
                          ) from None
@@ -357,13 +376,7 @@ def read_text(path: str) -> str:
     if b"\x00" in data[:_BINARY_SNIFF_BYTES]:
         raise InputError(f"{name}: is a binary file, not text; give plain UTF-8 text files or "
                          "a .jsonl file of articles")
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        raise InputError(
-            f"{name}: is not UTF-8 text (byte 0x{data[error.start]:02x} at offset "
-            f"{error.start}); convert it (e.g. `iconv -f latin1 -t utf-8`) or pass the "
-            "articles as a UTF-8 .jsonl file") from None
+    return data
 
 
 def _read_articles(paths: Sequence[str], reject: Callable[[str], None]
@@ -481,6 +494,8 @@ def _soak(args: argparse.Namespace) -> int:
 def _make_tiny_model(args: argparse.Namespace) -> int:
     from .tiny import build_tiny_checkpoint
 
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise InputError(f"{args.out}: is a file; give a directory to write the model into")
     print(build_tiny_checkpoint(args.out, args.family))
     return 0
 
@@ -547,13 +562,19 @@ def _summarize(args: argparse.Namespace) -> int:
 
     target = _target(args)
     connection = _connection(args)
-    _require_server(target, connection)
-    with SummarizerClient(target, timeout_s=args.timeout, **connection) as client:
-        if args.input:
+    if args.input:
+        _read_bytes(args.input, _BINARY_SNIFF_BYTES)  # a missing or binary corpus: one line
+        _require_server(target, connection)
+        with SummarizerClient(target, timeout_s=args.timeout, **connection) as client:
             outcome = _bulk(client, args, options)
-        else:
-            outcome = BulkOutcome(total=0, skipped=0)
-            results = _send_batches(client, _read_articles(args.inputs, reject), args.batch,
+        return EXIT_FAILED if outcome.failed else 0
+    articles = _read_articles(args.inputs, reject)
+    first = next(articles, None)  # files are checked before the server is asked
+    outcome = BulkOutcome(total=0, skipped=0)
+    if first is not None:
+        _require_server(target, connection)
+        with SummarizerClient(target, timeout_s=args.timeout, **connection) as client:
+            results = _send_batches(client, itertools.chain([first], articles), args.batch,
                                     options, reject)
             write_results(reported(results), sys.stdout, Progress(0, enabled=False), outcome)
     return EXIT_FAILED if outcome.failed or rejected else 0
@@ -570,9 +591,6 @@ def _bulk(client: SummarizerClient, args: argparse.Namespace,
     except UnicodeDecodeError as error:
         raise InputError(f"{source}: is not UTF-8 text (offset {error.start}); convert it "
                          "(e.g. `iconv -f latin1 -t utf-8`)") from None
-    except OSError:
-        read_text(args.input)  # raises the one-line error for a missing or unreadable file
-        raise
     done = finished_ids(Path(args.output)) if args.output else set()
     articles = read_jsonl_articles(source, skip=done)
     skipped = len(done)

@@ -179,8 +179,8 @@ def unknown_name(model_ref: str) -> str:
     close = close_names(model_ref)
     hint = (f"did you mean {' or '.join(close)}? " if close else "")
     return (f"{model_ref!r} is not a manifest name, a local directory or a hub id (hub ids are "
-            f"ORG/NAME); {hint}`summarizer models` lists the manifest names; for a test model "
-            "use `summarizer make-tiny-model DIR`")
+            f"ORG/NAME, e.g. google-t5/t5-small); {hint}`summarizer models` lists the manifest "
+            "names; for a test model use `summarizer make-tiny-model DIR`")
 
 
 MARKER_FILE = "summarizer-model.json"

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import errno
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -47,9 +49,39 @@ def enable_reflection(server: grpc.aio.Server, service_names: tuple[str, ...]) -
             response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString)}),))
 
 
+def _check_free(host: str, port: int, flags: str) -> None:
+    """Raise a clear error when `host:port` cannot be listened on, before gRPC tries (its
+    C core logs its own failure to stderr, a line of noise above ours). gRPC sets SO_REUSEADDR
+    too, so what binds here binds there; a port taken between the two is still caught."""
+    if not port:
+        return
+    try:
+        addresses = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+    except socket.gaierror as error:
+        raise ConfigError(f"cannot listen on {host}:{port}: {error.strerror}; check {flags}"
+                          ) from None
+    for family, kind, proto, _, sockaddr in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(sockaddr)
+            except OSError as error:
+                if error.errno == errno.EADDRINUSE:
+                    raise ConfigError(
+                        f"cannot listen on {host}:{port}: the port is taken (is another server "
+                        f"running?); choose another with {flags}, or stop what holds it"
+                        ) from None
+                if error.errno == errno.EADDRNOTAVAIL:
+                    raise ConfigError(f"cannot listen on {host}:{port}: {host} is not an "
+                                      f"address of this machine; check {flags}") from None
+
+
 def _bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None,
           flags: str) -> int:
     """Listen on `address`; a port that cannot be had is one clear error naming the flags."""
+    host, _, port = address.rpartition(":")
+    _check_free(host, int(port), flags)
     try:
         if credentials is None:
             port = server.add_insecure_port(address)
@@ -244,7 +276,8 @@ async def run(settings: Settings, engine_factory: EngineFactory = default_engine
     try:
         await server.listen()
     except BaseException:
-        await server.stop(0)  # e.g. the metrics port was taken after the main port was bound
+        if server.port is not None:  # e.g. the metrics port was taken after the main one bound
+            await server.stop(0)
         raise
     loading = asyncio.ensure_future(server.load())
     stopping = asyncio.ensure_future(stop_requested.wait())
