@@ -112,7 +112,7 @@ def _server_help() -> str:
             "as for `serve`)")
 
 
-def _parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
+def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="summarizer", description="A gRPC service that writes a summary and a headline "
                                        "for every news article.")
@@ -265,7 +265,12 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
                     "service without any download.")
     tiny.add_argument("out", help="directory to write")
     tiny.add_argument("--family", choices=("bart", "t5", "pegasus"), default="bart")
-    return parser, commands
+    return parser
+
+
+def _subcommand(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    [commands] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return commands.choices[name]
 
 
 
@@ -330,7 +335,8 @@ def _rpc_error_line(target: str, error: grpc.RpcError) -> str:
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return f"{target}: no answer in time; allow more with --timeout SECONDS"
     if code == grpc.StatusCode.UNAUTHENTICATED:
-        return (f"{target}: {cli_wording(details)}; pass --auth-token-file FILE or set "
+        reason = details.split(";")[0]  # the rest tells API callers which metadata to send
+        return (f"{target}: UNAUTHENTICATED: {reason}; pass --auth-token-file FILE or set "
                 "SUMMARIZER_AUTH_TOKEN")
     return f"{target}: {code.name}: {cli_wording(details)}"
 
@@ -722,10 +728,10 @@ def _os_error_line(error: OSError) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser, commands = _parser()
+    parser = _parser()
     args, unknown = parser.parse_known_args(argv)
-    if unknown:  # reported by the subcommand, with its usage, not the top-level one
-        commands.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    if unknown:  # reported by the subcommand, pointing at its help, not the top-level one
+        _subcommand(parser, args.command).error(f"unrecognized arguments: {' '.join(unknown)}")
     import grpc
 
     try:
