@@ -72,6 +72,16 @@ def offline_help(model_ref: str) -> str:
             "`summarizer make-tiny-model DIR`")
 
 
+def make_readable(directory: Path) -> None:
+    """Files 0644 and directories 0755 under `directory` (itself included): `save_pretrained`
+    writes weights owner-only (0600), which a container's non-root user cannot read when the
+    directory is mounted."""
+    directory.chmod(0o755)
+    for path in directory.rglob("*"):
+        if not path.is_symlink():
+            path.chmod(0o755 if path.is_dir() else 0o644)
+
+
 def fetch(model_ref: str, out_dir: str | Path, revision: str = "") -> Path:
     """Download `model_ref` (hub id or manifest name) into `out_dir`; return the directory."""
     from huggingface_hub import HfApi, snapshot_download
@@ -101,4 +111,5 @@ def fetch(model_ref: str, out_dir: str | Path, revision: str = "") -> Path:
         raise ModelLoadError(f"{repo_id} publishes no safetensors weights; only safetensors "
                              "are served. Convert it with save_pretrained(safe_serialization=True)")
     write_marker(out, repo_id)  # so serving the directory still finds the model's manifest
+    make_readable(out)
     return out

@@ -118,6 +118,8 @@ def build_checkpoint(out_dir: str | Path, *, family: str, seed: int, tokenizer_v
     tokenizer's (`vocab_size`), so the output layer costs what the real model's does."""
     import torch
     import transformers
+
+    from .fetch import make_readable
     from transformers import (BartConfig, BartForConditionalGeneration, PegasusConfig,
                               PegasusForConditionalGeneration, T5Config,
                               T5ForConditionalGeneration)
@@ -157,12 +159,3 @@ def build_checkpoint(out_dir: str | Path, *, family: str, seed: int, tokenizer_v
     tokenizer.save_pretrained(out)
     make_readable(out)
     return out
-
-
-def make_readable(directory: Path) -> None:
-    """Files 0644 and directories 0755 under `directory` (itself included). Some writers create
-    weights 0600, which a container's non-root user cannot read when the directory is mounted."""
-    directory.chmod(0o755)
-    for path in directory.rglob("*"):
-        if not path.is_symlink():
-            path.chmod(0o755 if path.is_dir() else 0o644)
