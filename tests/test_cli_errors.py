@@ -247,3 +247,14 @@ def test_help_describes_every_command_and_flag() -> None:
     assert "only the summary or the headline" in send  # --outputs
     assert "model family's value" in send  # what 0 means for the generation flags
     assert "SUMMARIZER_PORT" in send
+
+
+def test_hub_warnings_are_printed_once_in_the_server_log() -> None:
+    """huggingface_hub's own handler printed each retry warning a second time, unformatted."""
+    script = ("import logging; from service.logs import configure_logging; "
+              "configure_logging('DEBUG', 'text'); "
+              "import huggingface_hub.utils._http; "  # as model loading does, after set-up
+              "logging.getLogger('huggingface_hub.utils._http').warning('Retrying in 1s')")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60, env=env())
+    assert done.stderr.count("Retrying in 1s") == 1, done.stderr
