@@ -8,6 +8,7 @@ and both engines derive from `CheckpointEngine`.
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -18,7 +19,9 @@ from .config import Settings
 from .domain import Generated, GenerationParams, Outputs, PreparedArticle
 from .engine import WARMUP_TEXT, ModelDescription
 from .errors import ModelLoadError, first_line
-from .manifests import Manifest, manifest_for, source_for
+from .manifests import Manifest, manifest_for, source_for, unknown_name
+
+log = logging.getLogger(__name__)
 
 RELATIVE_POSITION_TYPES = ("t5", "mt5", "umt5", "longt5")
 
@@ -93,24 +96,75 @@ def _check_local(path: Path, weights: bool) -> None:
             "safe_serialization=True)")
 
 
-def _looks_like_path(ref: str) -> bool:
-    return ref.startswith(("/", "./", "../", "~")) or ref.count("/") > 1
+def looks_like_path(ref: str) -> bool:
+    """A model reference names a local path (and is never taken for a hub id or manifest name)
+    when it starts with /, ./, ../ or ~, is . or .., has more than one '/', or its part before a
+    single '/' is an existing directory (models/tiny, with ./models present)."""
+    if ref in (".", "..") or ref.startswith(("/", "./", "../", "~")) or ref.count("/") > 1:
+        return True
+    head, slash, _ = ref.partition("/")
+    return bool(slash) and Path(head).expanduser().is_dir()
+
+
+def _missing_path(location: str) -> ModelLoadError:
+    import difflib
+
+    path = Path(location).expanduser()
+    hint = ""
+    if path.parent.is_dir():
+        siblings = [p.name for p in path.parent.iterdir() if p.is_dir()]
+        close = difflib.get_close_matches(path.name, siblings, n=2)
+        if close:
+            hint = " (did you mean " + " or ".join(str(path.parent / c) for c in close) + "?)"
+    return ModelLoadError(f"model path {location!r} does not exist{hint}; give a checkpoint "
+                          "directory, or make a test one with `summarizer make-tiny-model DIR`")
 
 
 def resolve_source(ref: str, settings: Settings, *, weights: bool = True) -> Source:
-    """Where to load `ref` from; `weights`: a local directory must hold safetensors weights."""
+    """Where to load `ref` from; `weights`: a local directory must hold safetensors weights.
+
+    Fails at once, with what to do, for a path that does not exist, a single name that is no
+    manifest name (a misspelt one: hub ids are ORG/NAME; a legacy single-name hub id is accepted
+    only from the hub cache), and a hub id when the hub cannot be reached and the hub cache does
+    not hold it."""
+    from .fetch import hub_unreachable, in_hub_cache, offline_help
+
     location = source_for(ref)
     local = Path(location).expanduser()
     if local.exists():
         _check_local(local, weights)
         location = str(local)
-    elif _looks_like_path(location):
-        raise ModelLoadError(f"model path {location!r} does not exist")
-    options: dict[str, Any] = {"trust_remote_code": False,
-                               "local_files_only": settings.offline or local.exists()}
+    elif looks_like_path(location):
+        raise _missing_path(location)
+    elif "/" not in location and not in_hub_cache(location, settings.revision):
+        raise ModelLoadError(unknown_name(ref))
+    offline = settings.offline or local.exists()
+    if settings.offline and not local.exists() and not in_hub_cache(location, settings.revision):
+        raise ModelLoadError(f"cannot load model {ref!r}: offline, and the hub cache does not "
+                             f"hold {location}; give a checkpoint directory (--model DIR, e.g. "
+                             f"made with `summarizer fetch {ref} --out DIR` where the hub can be "
+                             "reached), or a test one from `summarizer make-tiny-model DIR`")
+    if not offline:
+        unreachable = hub_unreachable()
+        if unreachable and in_hub_cache(location, settings.revision):
+            log.warning("the model hub cannot be reached (%s); loading %s from the hub cache",
+                        unreachable, location)
+            offline = True
+        elif unreachable:
+            raise ModelLoadError(f"cannot download model {ref!r}: cannot reach the model hub "
+                                 f"({unreachable}); {offline_help(ref)}")
+    options: dict[str, Any] = {"trust_remote_code": False, "local_files_only": offline}
     if settings.revision and not local.exists():
         options["revision"] = settings.revision
     return Source(ref=ref, location=location, local=local.exists(), options=options)
+
+
+def check_model_refs(settings: Settings) -> None:
+    """Resolve the summary and headline models without loading them, so that a missing path,
+    a misspelt name or an unreachable hub is reported before the server binds its port."""
+    for ref in (settings.model, settings.headline_model):
+        if ref:
+            resolve_source(ref, settings, weights=False)
 
 
 def load_failure(source: Source, settings: Settings, error: BaseException) -> ModelLoadError:

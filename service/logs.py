@@ -40,6 +40,14 @@ def configure_logging(level: str, log_format: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    try:
+        # huggingface_hub gives its logger a handler of its own when imported (and resets its
+        # level): each of its warnings then printed twice, once unformatted. Import it now and
+        # leave its records to the root handler alone.
+        import huggingface_hub.utils.logging  # noqa: F401
+    except ImportError:
+        pass
+    logging.getLogger("huggingface_hub").handlers.clear()
     if level != "DEBUG":
         for noisy in NOISY_LOGGERS:
             logging.getLogger(noisy).setLevel(logging.ERROR)

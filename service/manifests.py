@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, ModelLoadError
 
 ROLES = ("summary", "headline")
 
@@ -150,6 +150,37 @@ def source_for(model_ref: str) -> str:
         return model_ref
     data = lookup(model_ref)
     return data["hub_id"] if data else model_ref
+
+
+def close_names(model_ref: str, count: int = 3) -> list[str]:
+    """Manifest names that look like `model_ref` (a misspelt name), closest first."""
+    import difflib
+
+    names = list(named_models())
+    by_hub_name = {data["hub_id"].rsplit("/", 1)[-1]: name
+                   for name, data in named_models().items() if data.get("hub_id")}
+    close = difflib.get_close_matches(model_ref, [*names, *by_hub_name], n=count * 2)
+    found = [by_hub_name.get(match, match) for match in close]
+    return list(dict.fromkeys(found))[:count]
+
+
+def hub_id_for(model_ref: str) -> str:
+    """The hub id of a manifest name or hub id. Hub ids have ORG/NAME form; a single name that
+    is no manifest name is refused with the closest manifest names (it is most likely one of
+    them, misspelt)."""
+    hub_id = source_for(model_ref)
+    if "/" not in hub_id:
+        raise ModelLoadError(unknown_name(model_ref))
+    return hub_id
+
+
+def unknown_name(model_ref: str) -> str:
+    """The message for a name that is no manifest name, directory or ORG/NAME hub id."""
+    close = close_names(model_ref)
+    hint = (f"did you mean {' or '.join(close)}? " if close else "")
+    return (f"{model_ref!r} is not a manifest name, a local directory or a hub id (hub ids are "
+            f"ORG/NAME, e.g. google-t5/t5-small); {hint}`summarizer models` lists the manifest "
+            "names; for a test model use `summarizer make-tiny-model DIR`")
 
 
 MARKER_FILE = "summarizer-model.json"

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -13,11 +15,12 @@ from typing import TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from .config import Settings
 from .core import SummarizerCore
 from .engine import Engine
+from .errors import ConfigError
 from .metrics import Metrics
 from .security import interceptors, server_credentials
 from .servicer import SERVICE_NAME, SummarizerServicer, add_to_server
@@ -26,6 +29,71 @@ log = logging.getLogger(__name__)
 
 EngineFactory = Callable[[Settings], Engine]
 T = TypeVar("T")
+
+REFLECTION_V1_SERVICE = "grpc.reflection.v1.ServerReflection"
+"""Server reflection as current clients (grpcurl, Postman) ask for it first; grpcio-reflection
+ships only v1alpha, whose messages are the same on the wire."""
+
+
+def enable_reflection(server: grpc.aio.Server, service_names: tuple[str, ...]) -> None:
+    """Serve reflection as grpc.reflection.v1 and v1alpha, both by the same servicer.
+
+    The services listed are the ones whose descriptors the servicer can describe: v1alpha's is
+    in the protobuf pool, v1's is not (no module ships it), so v1 is served but not listed."""
+    servicer = reflection.aio.ReflectionServicer((*service_names, reflection.SERVICE_NAME))
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        REFLECTION_V1_SERVICE, {"ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+            servicer.ServerReflectionInfo,
+            request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+            response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString)}),))
+
+
+def _check_free(host: str, port: int, flags: str) -> None:
+    """Raise a clear error when `host:port` cannot be listened on, before gRPC tries (its
+    C core logs its own failure to stderr, a line of noise above ours). gRPC sets SO_REUSEADDR
+    too, so what binds here binds there; a port taken between the two is still caught."""
+    if not port:
+        return
+    try:
+        addresses = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+    except socket.gaierror as error:
+        raise ConfigError(f"cannot listen on {host}:{port}: {error.strerror}; check {flags}"
+                          ) from None
+    for family, kind, proto, _, sockaddr in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(sockaddr)
+            except OSError as error:
+                if error.errno == errno.EADDRINUSE:
+                    raise ConfigError(
+                        f"cannot listen on {host}:{port}: the port is taken (is another server "
+                        f"running?); choose another with {flags}, or stop what holds it"
+                        ) from None
+                if error.errno == errno.EADDRNOTAVAIL:
+                    raise ConfigError(f"cannot listen on {host}:{port}: {host} is not an "
+                                      f"address of this machine; check {flags}") from None
+
+
+def _bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None,
+          flags: str) -> int:
+    """Listen on `address`; a port that cannot be had is one clear error naming the flags."""
+    host, _, port = address.rpartition(":")
+    _check_free(host, int(port), flags)
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
+    except RuntimeError:  # grpcio: "Failed to bind to address ..."
+        port = 0
+    if not port:
+        raise ConfigError(f"cannot listen on {address}: the port is taken (is another server "
+                          f"running?) or the address is not this machine's; choose another "
+                          f"with {flags}, or stop what holds it")
+    return port
 
 
 def default_engine_factory(settings: Settings) -> Engine:
@@ -98,8 +166,7 @@ class SummarizerServer:
         add_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if settings.reflection:
-            reflection.enable_server_reflection(
-                (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+            enable_reflection(self.server, (SERVICE_NAME, health.SERVICE_NAME))
 
     async def _set_health(self, status: int) -> None:
         for name in ("", SERVICE_NAME):
@@ -108,15 +175,18 @@ class SummarizerServer:
     async def listen(self) -> int:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         address = f"{self.settings.host}:{self.settings.port}"
-        if self._credentials is None:
-            self.port = self.server.add_insecure_port(address)
-        else:
-            self.port = self.server.add_secure_port(address, self._credentials)
-        if not self.port:
-            raise OSError(f"cannot listen on {address}")
+        self.port = _bind(self.server, address, self._credentials,
+                          "--port/--host (SUMMARIZER_PORT/SUMMARIZER_HOST)")
         await self.server.start()
         if self.settings.metrics_port:
-            self.metrics_port = self.metrics.serve(self.settings.host, self.settings.metrics_port)
+            try:
+                self.metrics_port = self.metrics.serve(self.settings.host,
+                                                       self.settings.metrics_port)
+            except OSError as error:
+                raise ConfigError(
+                    f"cannot serve metrics on {self.settings.host}:{self.settings.metrics_port} "
+                    f"({error.strerror or error}); choose another --metrics-port "
+                    "(SUMMARIZER_METRICS_PORT), or 0 for none") from None
         if self.settings.health_port:
             self.health_port = await self._serve_health_alone(self.settings.health_port)
         log.info("listening on %s:%d%s (NOT_SERVING until the model is ready)",
@@ -128,9 +198,8 @@ class SummarizerServer:
         self._health_server = grpc.aio.server()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
         address = f"{self.settings.host}:{port}"
-        bound = self._health_server.add_insecure_port(address)
-        if not bound:
-            raise OSError(f"cannot listen on {address}")
+        bound = _bind(self._health_server, address, None,
+                      "--health-port (SUMMARIZER_HEALTH_PORT)")
         await self._health_server.start()
         log.info("health checks alone, in plaintext, on %s:%d", self.settings.host, bound)
         return bound
@@ -204,7 +273,12 @@ async def run(settings: Settings, engine_factory: EngineFactory = default_engine
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
     server = SummarizerServer(settings, engine_factory)
-    await server.listen()
+    try:
+        await server.listen()
+    except BaseException:
+        if server.port is not None:  # e.g. the metrics port was taken after the main one bound
+            await server.stop(0)
+        raise
     loading = asyncio.ensure_future(server.load())
     stopping = asyncio.ensure_future(stop_requested.wait())
     try:

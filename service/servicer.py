@@ -211,7 +211,11 @@ class SummarizerServicer(pb_grpc.SummarizerServicer):
         try:
             yield call
         except asyncio.CancelledError:
-            call.code = "CANCELLED"
+            # gRPC cancels the handler both when the caller cancels and when the call's deadline
+            # passes; log what the caller saw.
+            remaining = context.time_remaining()
+            call.code = ("DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0
+                         else "CANCELLED")
             raise
         finally:
             fields = call.fields()

@@ -45,7 +45,8 @@ def _bpe_tokenizer(family: str, vocab_size: int):  # -> PreTrainedTokenizerFast
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                      show_progress=False)
         tok.train_from_iterator(corpus, trainer)
         tok.post_processor = processors.TemplateProcessing(
             single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>",
@@ -58,7 +59,8 @@ def _bpe_tokenizer(family: str, vocab_size: int):  # -> PreTrainedTokenizerFast
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  show_progress=False)
     tok.train_from_iterator(corpus, trainer)
     tok.post_processor = processors.TemplateProcessing(
         single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
@@ -115,6 +117,9 @@ def build_checkpoint(out_dir: str | Path, *, family: str, seed: int, tokenizer_v
     """Write a random-weight checkpoint. The model's vocabulary may be larger than the trained
     tokenizer's (`vocab_size`), so the output layer costs what the real model's does."""
     import torch
+    import transformers
+
+    from .fetch import make_readable
     from transformers import (BartConfig, BartForConditionalGeneration, PegasusConfig,
                               PegasusForConditionalGeneration, T5Config,
                               T5ForConditionalGeneration)
@@ -149,6 +154,8 @@ def build_checkpoint(out_dir: str | Path, *, family: str, seed: int, tokenizer_v
         config = PegasusConfig(**bart_like, pad_token_id=0, eos_token_id=1,
                                decoder_start_token_id=0, forced_eos_token_id=1)
         model = PegasusForConditionalGeneration(config)
+    transformers.utils.logging.disable_progress_bar()
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+    make_readable(out)
     return out

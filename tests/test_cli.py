@@ -122,7 +122,60 @@ def test_summarize_command_reads_stdin_and_reports_errors(bart_server: ServerPro
     bad = subprocess.run([*CLI, "summarize", "--server", bart_server.target, "-"],
                          input="   \n", capture_output=True, text=True, timeout=120, env=env())
     assert bad.returncode == 1
-    assert bad.stderr.startswith("summarizer: error: INVALID_ARGUMENT: articles.text")
+    assert bad.stderr == "summarizer: error: stdin: is empty; nothing to summarise\n"
+
+
+def test_summarize_reports_each_bad_input_and_summarises_the_rest(tiny_bart: Path,
+                                                                  tmp_path: Path) -> None:
+    """Files the client can judge (empty, not UTF-8, missing) are reported without being sent;
+    articles the server refuses (too long to chunk, blank) are reported after the call that held
+    them is sent again one article at a time; the good ones still get results."""
+    server = ServerProcess("--model", str(tiny_bart), "--summary-max-tokens", "8",
+                           "--headline-max-tokens", "4", "--num-beams", "1",
+                           "--max-chunks-per-article", "1")
+    try:
+        server.wait_serving()
+        (tmp_path / "good.txt").write_text(ARTICLE)
+        (tmp_path / "empty.txt").write_text("")
+        (tmp_path / "latin1.txt").write_bytes("Caf\u00e9 au lait.".encode("latin-1"))
+        (tmp_path / "long.txt").write_text(" ".join(training_text(60, seed=5)))
+        (tmp_path / "mixed.jsonl").write_text(
+            json.dumps({"id": "j1", "text": "Storm hits the coast."}) + "\n"
+            + json.dumps({"id": "j2", "text": "   "}) + "\n")
+        names = ["good.txt", "empty.txt", "latin1.txt", "absent.txt", "long.txt", "mixed.jsonl"]
+        done = subprocess.run([*CLI, "summarize", "--server", server.target,
+                               *(str(tmp_path / n) for n in names)],
+                              capture_output=True, text=True, timeout=120, env=env())
+    finally:
+        assert server.stop() == 0
+    assert done.returncode == 1
+    assert [json.loads(line)["id"] for line in done.stdout.splitlines()] == ["good", "j1"]
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.splitlines()
+    expected = {"empty.txt": "is empty", "latin1.txt": "is not UTF-8", "absent.txt": "no such file",
+                "long.txt": "pass --long-input truncate", "mixed.jsonl (id 'j2')": "is empty"}
+    assert len(lines) == len(expected), done.stderr
+    for name, reason in expected.items():
+        [line] = [line for line in lines if f"{tmp_path / name}" in line]
+        assert line.startswith("summarizer: error: ") and reason in line, line
+    assert "LONG_INPUT_POLICY" not in done.stderr and "options." not in done.stderr
+
+
+def test_client_commands_find_the_server_at_summarizer_port(bart_server: ServerProcess,
+                                                            tmp_path: Path) -> None:
+    article = tmp_path / "council.txt"
+    article.write_text(ARTICLE)
+    port = str(bart_server.port)
+    by_env = subprocess.run([*CLI, "summarize", str(article)], capture_output=True, text=True,
+                            timeout=120, env=env(SUMMARIZER_PORT=port))
+    assert by_env.returncode == 0, by_env.stderr
+    assert json.loads(by_env.stdout)["id"] == "council"
+    bare = subprocess.run([*CLI, "summarize", "--server", port, str(article)],
+                          capture_output=True, text=True, timeout=120, env=env())
+    assert bare.returncode == 0, bare.stderr
+    health = subprocess.run([*CLI, "health"], capture_output=True, text=True, timeout=60,
+                            env=env(SUMMARIZER_PORT=port))
+    assert (health.returncode, health.stdout.strip()) == (0, "SERVING")
 
 
 def test_concurrent_calls_give_the_same_results_as_sequential(bart_server: ServerProcess) -> None:
@@ -201,15 +254,24 @@ def test_health_command_reports_serving(bart_server: ServerProcess) -> None:
     assert (done.returncode, done.stdout.strip()) == (0, "SERVING")
     down = subprocess.run([*CLI, "health", "--server", "127.0.0.1:1", "--timeout", "1"],
                           capture_output=True, text=True, timeout=60, env=env())
-    assert down.returncode == 1 and "UNAVAILABLE" in down.stderr
+    assert down.returncode == 1
+    assert down.stderr.startswith("summarizer: error: no server at 127.0.0.1:1; start one with "
+                                  "`summarizer serve")
 
 
 def test_make_tiny_model_writes_a_loadable_checkpoint(tmp_path: Path) -> None:
-    done = subprocess.run([*CLI, "make-tiny-model", str(tmp_path / "m"), "--family", "t5"],
-                          capture_output=True, text=True, timeout=120, env=env())
+    """Quietly (only the directory on stdout), and readable by everyone even under a strict
+    umask: a container's non-root user must read it when it is mounted."""
+    out = tmp_path / "m"
+    done = subprocess.run([*CLI, "make-tiny-model", str(out), "--family", "t5"],
+                          capture_output=True, text=True, timeout=120, env=env(),
+                          preexec_fn=lambda: os.umask(0o077))
     assert done.returncode == 0, done.stderr
+    assert (done.stdout, done.stderr) == (f"{out}\n", "")
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {
-        p.name for p in (tmp_path / "m").iterdir()}
+        p.name for p in out.iterdir()}
+    modes = {str(p.relative_to(out)): p.stat().st_mode & 0o777 for p in [out, *out.rglob("*")]}
+    assert modes == {name: 0o755 if (out / name).is_dir() else 0o644 for name in modes}
 
 
 def test_fetch_offline_without_cache_is_one_clear_line(tmp_path: Path) -> None:

@@ -102,6 +102,18 @@ def test_every_manifest_parses_and_kustomization_lists_them() -> None:
         documents())
 
 
+def test_kustomization_images_block_sets_the_deployments_image() -> None:
+    """`kubectl apply -k` (no standalone kustomize) takes the pushed image from `images:`; its
+    name must be the Deployment's image name, or the block silently changes nothing."""
+    kustomization = yaml.safe_load((KUBERNETES / "kustomization.yaml").read_text())
+    name, _, tag = container()["image"].partition(":")
+    [image] = kustomization["images"]
+    assert image["name"] == name and {"newName", "newTag"} <= set(image)
+    readme = (ROOT / "README.md").read_text()
+    assert "images:\n  - name: summarizer " in readme  # the README shows kubectl users the block
+    assert "newName: registry.example.com/summarizer" in readme
+
+
 def test_container_runs_the_image_command_with_real_arguments_and_settings() -> None:
     spec = container()
     entrypoint = exec_form(dockerfile()["ENTRYPOINT"][-1])

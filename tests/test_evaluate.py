@@ -266,7 +266,8 @@ def test_evaluate_without_a_server_is_one_clear_line(tmp_path: Path,
     assert main(["evaluate", "--data", str(data), "--server", "127.0.0.1:1",
                  "--timeout", "1"]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("summarizer: error: 127.0.0.1:1: ") and "Traceback" not in err
+    assert err.startswith("summarizer: error: no server at 127.0.0.1:1; start one with "
+                          "`summarizer serve") and "Traceback" not in err
 
 
 def test_evaluate_refuses_a_bad_data_file(tmp_path: Path,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 
 import grpc
@@ -435,3 +436,67 @@ async def test_model_failure_is_internal_with_a_generic_message() -> None:
         assert caught.value.code() == grpc.StatusCode.INTERNAL
         assert caught.value.details() == "internal error while summarising; see the server log"
         assert (await stub.Summarize(request("healthy"), timeout=10)).results[0].summary
+
+
+class _CallLog(logging.Handler):
+    """Collects the servicer's per-call log lines and signals each one to a test's loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(logging.INFO)
+        self.loop = loop
+        self.logged = asyncio.Event()
+        self.calls: list[dict] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        fields = getattr(record, "request", None)
+        if isinstance(fields, dict):
+            self.calls.append(fields)
+            self.loop.call_soon_threadsafe(self.logged.set)
+
+
+@pytest.mark.parametrize("timeout_s", [0.001, 0.3])
+async def test_a_call_past_its_deadline_is_logged_as_the_caller_saw_it(timeout_s: float) -> None:
+    """gRPC cancels the handler when the deadline passes; the log line must say
+    DEADLINE_EXCEEDED, as the caller saw, not CANCELLED."""
+    engine = FakeEngine()
+    engine.hold = threading.Event()  # the call cannot finish before its deadline
+    watch = _CallLog(asyncio.get_running_loop())
+    servicer_log = logging.getLogger("service.servicer")
+    servicer_log.addHandler(watch)
+    level = servicer_log.level
+    servicer_log.setLevel(logging.INFO)
+    try:
+        async with serving(BASE, lambda s: engine) as (_, channel):
+            stub = pb_grpc.SummarizerStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.Summarize(request("An article about buses."), timeout=timeout_s)
+            await asyncio.wait_for(watch.logged.wait(), 10)
+            engine.hold.set()
+    finally:
+        engine.hold.set()
+        servicer_log.removeHandler(watch)
+        servicer_log.setLevel(level)
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert [c["status"] for c in watch.calls if c["method"] == "Summarize"] == [
+        "DEADLINE_EXCEEDED"]
+
+
+async def test_reflection_v1_lists_the_services() -> None:
+    """Current grpcurl and Postman ask grpc.reflection.v1 first; its messages are v1alpha's on
+    the wire, so a v1 call made with them is what those clients send."""
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    engine = FakeEngine()
+    async with serving(BASE, lambda s: engine) as (_, channel):
+        call = channel.stream_stream(
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString)(
+                iter([reflection_pb2.ServerReflectionRequest(list_services=""),
+                      reflection_pb2.ServerReflectionRequest(
+                          file_containing_symbol=SERVICE_NAME)]), timeout=10)
+        replies = [reply async for reply in call]
+    listed = {s.name for s in replies[0].list_services_response.service}
+    assert {SERVICE_NAME, "grpc.health.v1.Health",
+            "grpc.reflection.v1alpha.ServerReflection"} <= listed
+    assert replies[1].file_descriptor_response.file_descriptor_proto

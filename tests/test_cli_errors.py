@@ -1,0 +1,260 @@
+"""First-run mistakes: every subcommand, run as a real process, answers a user's error with one
+line that says what went wrong and what to do, a non-zero exit, and no traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from service import cli
+from service.checkpoint import looks_like_path, resolve_source
+from service.config import Settings, client_target
+from service.errors import ConfigError, ModelLoadError
+
+CLI = [sys.executable, "-m", "service"]
+
+
+def env(**extra: str) -> dict[str, str]:
+    environ = {k: v for k, v in os.environ.items()
+               if not k.startswith(("SUMMARIZER_", "HF_"))}
+    environ.update({"HF_HUB_OFFLINE": "1", **extra})
+    return environ
+
+
+def run(*args: str, stdin: bytes | None = None, **environ: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], input=stdin, capture_output=True, timeout=120,
+                          env=env(**environ))
+
+
+def assert_one_clear_line(done: subprocess.CompletedProcess, *expected: str) -> str:
+    stderr = done.stderr.decode("utf-8", "replace")
+    assert "Traceback" not in stderr, stderr
+    assert done.returncode not in (0, None), stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
+    [line] = lines
+    assert line.startswith("summarizer") and "error:" in line, line
+    for text in expected:
+        assert text in line, line
+    return line
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("inputs")
+    paths = {
+        "good": root / "good.txt", "binary": root / "program", "latin1": root / "latin1.txt",
+        "empty": root / "empty.txt", "missing": root / "absent.txt",
+        "unreadable": root / "secret.txt", "data": root / "eval.jsonl",
+        "model": root / "model", "file": root / "a-file",
+    }
+    paths["good"].write_text("The council voted to expand the bus network.\n")
+    paths["binary"].write_bytes(b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)) * 4)
+    paths["latin1"].write_bytes("Caf\u00e9 prices rose in M\u00fcnchen.\n".encode("latin-1"))
+    paths["empty"].write_text("  \n")
+    paths["unreadable"].write_text("text")
+    paths["unreadable"].chmod(0)
+    paths["data"].write_text(json.dumps({"text": "An article.", "summary": "A summary."}) + "\n")
+    paths["model"].mkdir()
+    (paths["model"] / "config.json").write_text("{}")  # enough to get past the path checks
+    paths["file"].write_text("x")
+    return paths
+
+
+@pytest.fixture()
+def free_port() -> int:
+    """A port nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture()
+def taken_port() -> Iterator[int]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield sock.getsockname()[1]
+
+
+NO_SERVER = "no server at 127.0.0.1:{port}; start one with `summarizer serve"
+
+# (subcommand arguments, texts the one line must hold); {good}, {port}... are filled in.
+MISTAKES = [
+    # serve
+    (["serve", "--model", "{missing}", "--port", "0"], ["does not exist"]),
+    (["serve", "--model", "{model}", "--host", "127.0.0.1", "--port", "{taken}"],
+     ["cannot listen on 127.0.0.1:{taken}", "--port"]),
+    (["serve", "--model", "distilbart-cnn"], ["did you mean distilbart-cnn-12-6"]),
+    (["serve", "--port", "abc"], ["summarizer serve: error:", "--port"]),
+    (["serve", "--bogus"], ["summarizer serve: error: unrecognized arguments: --bogus",
+                            "summarizer serve --help"]),
+    # summarize
+    (["summarize", "--server", "127.0.0.1:{port}", "{missing}"], ["{missing}", "no such file"]),
+    (["summarize", "--server", "127.0.0.1:{port}", "{binary}"], ["{binary}", "binary"]),
+    (["summarize", "--server", "127.0.0.1:{port}", "{latin1}"],
+     ["{latin1}", "is not UTF-8", "convert it"]),
+    (["summarize", "--server", "127.0.0.1:{port}", "{unreadable}"],
+     ["{unreadable}", "permission denied"]),
+    (["summarize", "--server", "127.0.0.1:{port}", "{empty}"], ["{empty}", "is empty"]),
+    (["summarize", "--server", "127.0.0.1:{port}", "{model}"], ["{model}", "is a directory"]),
+    (["summarize", "--server", "127.0.0.1:{port}", "{good}"], [NO_SERVER]),
+    (["summarize", "--server", "host:port", "{good}"], ["--server", "HOST:PORT"]),
+    (["summarize", "--batch", "0", "{good}"], ["--batch", "at least 1"]),
+    (["summarize", "{good}", "--bogus"], ["summarizer summarize: error: unrecognized"]),
+    (["summarize", "--server", "127.0.0.1:{port}", "--input", "{missing}"], ["no such file"]),
+    # fetch
+    (["fetch", "distilbart-cnn", "--out", "{missing}"], ["did you mean distilbart-cnn-12-6"]),
+    (["fetch", "distilbart-cnn-12-6"], ["summarizer fetch: error:", "--out"]),
+    (["fetch", "x/y", "--out", "{missing}", "--bogus"], ["summarizer fetch: error:"]),
+    # convert
+    (["convert", "{missing}", "--out", "{missing}"], ["does not exist"]),
+    (["convert", "{model}", "--out", "x", "--compute-type", "int3"], ["--compute-type"]),
+    (["convert", "{model}", "--bogus"], ["summarizer convert: error:"]),
+    # health
+    (["health", "--server", "127.0.0.1:{port}"], [NO_SERVER]),
+    (["health", "--server", "127.0.0.1:99999"], ["--server"]),
+    (["health", "--timeout", "soon"], ["--timeout"]),
+    (["health", "--bogus"], ["summarizer health: error:"]),
+    # soak
+    (["soak", "--server", "127.0.0.1:{port}", "--duration", "1"], [NO_SERVER]),
+    (["soak", "--clients", "0"], ["--clients", "at least 1"]),
+    (["soak", "--server", "127.0.0.1:{port}", "--max-chars", "5"], ["--max-chars"]),
+    (["soak", "--bogus"], ["summarizer soak: error:"]),
+    # evaluate
+    (["evaluate", "--server", "127.0.0.1:{port}", "--data", "{missing}"], ["no such file"]),
+    (["evaluate", "--server", "127.0.0.1:{port}", "--data", "{binary}"], ["binary"]),
+    (["evaluate", "--server", "127.0.0.1:{port}", "--data", "{data}"], [NO_SERVER]),
+    (["evaluate", "--model", "{missing}", "--data", "{data}"], ["does not exist"]),
+    (["evaluate", "--data", "{data}", "--limit", "-1"], ["--limit"]),
+    (["evaluate", "--bogus"], ["summarizer evaluate: error:"]),
+    # models
+    (["models", "--bogus"], ["summarizer models: error:"]),
+    # make-tiny-model
+    (["make-tiny-model", "{file}"], ["{file}", "is a file"]),
+    (["make-tiny-model", "{missing}", "--family", "gpt"], ["--family"]),
+    (["make-tiny-model"], ["summarizer make-tiny-model: error:"]),
+    # no subcommand
+    (["frobnicate"], ["summarizer: error:"]),
+]
+
+
+@pytest.mark.parametrize(("args", "expected"), MISTAKES,
+                         ids=[" ".join(args) for args, _ in MISTAKES])
+def test_a_mistake_is_one_clear_line(args: list[str], expected: list[str],
+                                     files: dict[str, Path], free_port: int,
+                                     taken_port: int) -> None:
+    if "{unreadable}" in args and os.geteuid() == 0:
+        pytest.skip("root reads any file: an unreadable file cannot be made")
+    values = {name: str(path) for name, path in files.items()}
+    values.update(port=str(free_port), taken=str(taken_port))
+    done = run(*(a.format(**values) for a in args))
+    assert_one_clear_line(done, *(e.format(**values) for e in expected))
+
+
+def test_binary_stdin_is_one_clear_line(free_port: int) -> None:
+    done = run("summarize", "--server", f"127.0.0.1:{free_port}", "-",
+               stdin=Path(sys.executable).read_bytes()[:65536])
+    assert_one_clear_line(done, "stdin", "binary")
+    latin1 = run("summarize", "--server", f"127.0.0.1:{free_port}", "-",
+                 stdin="Caf\u00e9".encode("latin-1"))
+    assert_one_clear_line(latin1, "stdin", "is not UTF-8")
+
+
+def test_an_unreachable_hub_fails_fast_and_says_what_to_do(tmp_path: Path,
+                                                           free_port: int) -> None:
+    hub = dict(HF_ENDPOINT=f"http://127.0.0.1:{free_port}", HF_HUB_OFFLINE="0",
+               HF_HOME=str(tmp_path / "hf"))
+    started = time.monotonic()
+    served = run("serve", "--model", "distilbart-cnn-12-6", "--port", "0", **hub)
+    elapsed_s = time.monotonic() - started
+    line = assert_one_clear_line(served, "cannot reach the model hub")
+    assert elapsed_s < 15  # huggingface_hub's own retries took about 30 s
+    for advice in ("--offline", "summarizer fetch distilbart-cnn-12-6", "--model DIR",
+                   "make-tiny-model"):
+        assert advice in line
+    fetched = run("fetch", "distilbart-cnn-12-6", "--out", str(tmp_path / "m"), **hub)
+    assert_one_clear_line(fetched, "cannot fetch", "cannot reach the model hub",
+                          "make-tiny-model")
+
+
+def test_serve_checks_the_model_before_binding_the_port(tmp_path: Path) -> None:
+    done = run("serve", "--model", "./tiny-modle", "--port", "0")
+    assert "listening" not in done.stderr.decode()
+    assert_one_clear_line(done, "'./tiny-modle' does not exist", "make-tiny-model")
+
+
+def test_model_references(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    assert looks_like_path("./x") and looks_like_path("~/x") and looks_like_path("a/b/c")
+    assert looks_like_path("models/tiny")  # ./models exists: a path, not the hub org "models"
+    assert not looks_like_path("facebook/bart-large-cnn") and not looks_like_path("t5-small")
+    offline = Settings(offline=True)
+    with pytest.raises(ModelLoadError, match="did you mean flan-t5-base"):
+        resolve_source("flan-t5-bse", offline)
+    with pytest.raises(ModelLoadError, match="ORG/NAME"):
+        resolve_source("t5-small", offline)  # a legacy single name, not in the hub cache
+    # ORG/NAME hub ids and manifest names get past the name check (then: not in the cache).
+    for ref in ("facebook/bart-large-cnn", "distilbart-cnn-12-6"):
+        with pytest.raises(ModelLoadError, match="offline, and the hub cache does not hold"):
+            resolve_source(ref, offline)
+    with pytest.raises(ModelLoadError, match="did you mean .*tiny-model"):
+        (tmp_path / "tiny-model").mkdir()
+        resolve_source("./tiny-modle", offline)
+
+
+def test_api_wording_becomes_flags() -> None:
+    message = ("articles.text (article 0, id 'x'): too long to summarise in chunks (...); send "
+               "a shorter text, or set options.long_input to LONG_INPUT_POLICY_TRUNCATE to "
+               "summarise its beginning")
+    assert cli.cli_wording(message).endswith(
+        "or pass --long-input truncate to summarise its beginning")
+    assert cli.cli_wording("options.summary_min_tokens: 9 is more than summary_max_tokens (4)"
+                           ) == "--summary-min-tokens: 9 is more than --summary-max-tokens (4)"
+    assert cli.cli_wording("options.num_beams: 9 is over this server's limit (--max-num-beams)"
+                           ) == "--num-beams: 9 is over this server's limit (--max-num-beams)"
+
+
+def test_server_targets() -> None:
+    assert cli.server_target("50051") == "localhost:50051"
+    assert cli.server_target(":7000") == "localhost:7000"
+    assert cli.server_target("10.0.0.2:8000") == "10.0.0.2:8000"
+    assert cli.server_target("::1:50051") == "[::1]:50051"
+    assert cli.server_target("dns:///svc.ns:50051") == "dns:///svc.ns:50051"
+    for bad in ("host", "host:port", "0", "host:70000"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            cli.server_target(bad)
+    assert client_target({}) == "localhost:50051"
+    assert client_target({"SUMMARIZER_PORT": "6000"}) == "localhost:6000"
+    with pytest.raises(ConfigError, match="--server"):
+        client_target({"SUMMARIZER_PORT": "0"})
+
+
+def test_help_describes_every_command_and_flag() -> None:
+    health = run("health", "--help").stdout.decode()
+    assert "grpc.health.v1" in health and "localhost:50051" in health
+    send = run("summarize", "--help").stdout.decode()
+    assert "only the summary or the headline" in send  # --outputs
+    assert "model family's value" in send  # what 0 means for the generation flags
+    assert "SUMMARIZER_PORT" in send
+
+
+def test_hub_warnings_are_printed_once_in_the_server_log() -> None:
+    """huggingface_hub's own handler printed each retry warning a second time, unformatted."""
+    script = ("import logging; from service.logs import configure_logging; "
+              "configure_logging('DEBUG', 'text'); "
+              "import huggingface_hub.utils._http; "  # as model loading does, after set-up
+              "logging.getLogger('huggingface_hub.utils._http').warning('Retrying in 1s')")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60, env=env())
+    assert done.stderr.count("Retrying in 1s") == 1, done.stderr
