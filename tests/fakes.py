@@ -17,7 +17,7 @@ class FakeEngine:
     messages), the headline "H:" + its first 6.
     Set `hold` to make generate() block until it is set again; `batches` records every batch,
     `durations_s` how long each took; `batch_delay_s` makes every batch take that long (a model's
-    time, for load tests).
+    time, for load tests), `fail_delay_s` a failing one that much longer.
     """
 
     name = "fake"
@@ -37,6 +37,7 @@ class FakeEngine:
         self.started = threading.Event()
         self.fail_on: str | None = None
         self.batch_delay_s = 0.0
+        self.fail_delay_s = 0.0
         self.durations_s: list[float] = []
         self.warmed_up = False
 
@@ -64,6 +65,7 @@ class FakeEngine:
             time.sleep(self.batch_delay_s)
         self.durations_s.append(time.monotonic() - started)
         if self.fail_on is not None and any(self.fail_on in t for t in texts):
+            time.sleep(self.fail_delay_s)  # an input that fails late keeps its batch longer
             raise RuntimeError("injected failure")
         pad = "." * self.summary_padding
         return [Generated(summary=("S:" + t[:12] + pad) if params.outputs.summary else "",

@@ -279,6 +279,7 @@ async def test_soak_loses_nothing_crosses_nothing_and_isolates_injected_faults()
     engine = FakeEngine(window=256)
     engine.fail_on = "POISON"
     engine.batch_delay_s = 0.005  # a model's time, so that batches, not overhead, set the pace
+    engine.fail_delay_s = 0.03  # callers go away while the poison's (solo) retries run
     settings = REAL.replace(max_batch_size=8, max_queue=400, max_articles_per_request=16)
     async with serving(settings, lambda s: engine) as (server, _channel):
         config = SoakConfig(duration_s=6.0, clients=12, max_articles=12, pool=120,
