@@ -85,6 +85,15 @@ RUN --mount=type=secret,id=pip_ca \
         HF_HOME=/tmp/hf summarizer fetch "${MODEL}" --out /models/default; \
         rm -rf /models/default/.cache /tmp/hf /tmp/pip-ca.pem; \
     fi; \
+    # Convert for the default engine now, so that a container never converts at start-up: the
+    # CTranslate2 model (int8, what --compute-type auto picks on a CPU) goes into the checkpoint
+    # directory itself, which torch (--engine torch) still loads as before.
+    if [ -f /models/default/config.json ] \
+            && python -m service.engine_choice /models/default; then \
+        HF_HOME=/tmp/hf summarizer convert /models/default --in-place --compute-type int8 \
+            --offline; \
+        rm -rf /tmp/hf; \
+    fi; \
     chmod -R a+rX /models
 
 # ---- runtime: the base image, the virtual environment, the model; no build tools, no secrets ---

@@ -6,7 +6,8 @@ sequence early):
 
 - the naive baseline: transformers `generate`, one article at a time, the summary then the
   headline (what a user would write without this service);
-- for each engine given (`--engines torch:float32 ctranslate2:int8 ...`):
+- for each engine given (`--engines default torch:float32 ctranslate2:int8 ...`; `default` is
+  the server with no engine flags, as the Quick start runs it):
   - the real server (`summarizer serve`, a separate process) driven by `--clients` concurrent
     gRPC clients, each sending single-article Summarize calls until the articles run out;
   - the same engine called in-process on batches formed as the batcher forms them (sorted by
@@ -19,7 +20,7 @@ raw throughput; then the same two ratios per CPU-second of the measured process 
 whatever share of the cores it got: steadier than wall time on a machine shared with other jobs).
 Ratios within one run carry over between machines; absolute figures do not.
 
-    python benchmarks/throughput.py --preset bart-base --engines torch:float32 ctranslate2:int8
+    python benchmarks/throughput.py --preset bart-base --engines default torch:float32
 
 Checkpoints are built (and converted for ctranslate2) once into --cache.
 """
@@ -175,9 +176,13 @@ def run_in_process(work: Work, engine: str, compute_type: str, cache: str) -> Re
     # Mean padding ratio per batch, as the server's metrics count it.
     padding = statistics.mean(1 - sum(a.cost for a in b) / (len(b) * max(a.cost for a in b))
                               for b in batches)
-    return Result(f"{engine} {compute_type}: in-process, batched", len(work.texts), seconds,
+    return Result(f"{label(engine, compute_type)}: in-process, batched", len(work.texts), seconds,
                   peak_rss_mb(), cpu, mean_batch=len(work.texts) / len(batches),
                   padding=padding, tokens_out=tokens_out)
+
+
+def label(engine: str, compute_type: str) -> str:
+    return "default (auto)" if engine == compute_type == "auto" else f"{engine} {compute_type}"
 
 
 def free_port() -> int:
@@ -207,7 +212,10 @@ def run_server(work: Work, engine: str, compute_type: str, cache: str, clients: 
     metrics_port = free_port()
     process, target = start_server(Path(work.model), [
         "--metrics-port", str(metrics_port),
-        "--engine", engine, "--compute-type", compute_type, "--convert-cache-dir", cache,
+        # "default" passes no engine flags at all: what a user gets from the Quick start.
+        *([] if engine == "auto" and compute_type == "auto"
+          else ["--engine", engine, "--compute-type", compute_type]),
+        "--convert-cache-dir", cache,
         "--max-batch-size", str(work.max_batch_size),
         "--max-batch-tokens", str(work.max_batch_tokens), "--threads", str(work.threads)])
     options = pb.GenerationOptions(
@@ -255,7 +263,7 @@ def run_server(work: Work, engine: str, compute_type: str, cache: str, clients: 
         process.communicate(timeout=120)
     if failures:
         raise SystemExit(f"server calls failed: {failures[0]}")
-    return Result(f"{engine} {compute_type}: server, {clients} clients", len(work.texts),
+    return Result(f"{label(engine, compute_type)}: server, {clients} clients", len(work.texts),
                   seconds, rss, cpu, latencies, mean_batch=mean_batch, padding=padding,
                   tokens_out=sum(tokens_out))
 
@@ -295,8 +303,10 @@ def row(result: Result, baseline: Result, raw: Result | None) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="bart-base")
-    parser.add_argument("--engines", nargs="+", default=["torch:float32", "ctranslate2:int8"],
-                        metavar="ENGINE:COMPUTE_TYPE")
+    parser.add_argument("--engines", nargs="+", default=["default", "torch:float32"],
+                        metavar="ENGINE:COMPUTE_TYPE",
+                        help="engines to measure; 'default' passes no engine flags (what "
+                             "--engine auto and --compute-type auto pick)")
     parser.add_argument("--articles", type=int, default=24)
     parser.add_argument("--min-tokens", type=int, default=200, help="shortest article")
     parser.add_argument("--max-tokens", type=int, default=400, help="longest article")
@@ -342,7 +352,7 @@ def main() -> int:
     baseline = in_child(run_baseline, work)
     results: list[tuple[Result, Result | None]] = [(baseline, None)]
     for spec in args.engines:
-        engine, _, compute_type = spec.partition(":")
+        engine, _, compute_type = ("auto:auto" if spec == "default" else spec).partition(":")
         raw = None if args.skip_raw else in_child(run_in_process, work, engine,
                                                   compute_type or "auto", cache)
         server = run_server(work, engine, compute_type or "auto", cache, args.clients)

@@ -20,6 +20,7 @@ from .domain import Generated, GenerationParams, Outputs, PreparedArticle
 from .engine import WARMUP_TEXT, ModelDescription
 from .errors import ModelLoadError, first_line
 from .manifests import Manifest, manifest_for, source_for, unknown_name
+from .tokenizer import HFTokenizer, SideFile, TextTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,9 @@ class Checkpoint:
 
     ref: str
     config: Any
-    tokenizer: Any
+    """transformers' config, or for a converted directory served without transformers the
+    dict of the values the engine reads."""
+    tokenizer: TextTokenizer
     manifest: Manifest
     window: int
     summary_prefix: str
@@ -60,12 +63,8 @@ class Checkpoint:
         """Token ids per text, cut to `window` while keeping the special tokens at both ends."""
         if not texts:
             return []  # the tokenizer refuses an empty batch
-        # split_special_tokens: "</s>" or "<pad>" typed in an article is text, not a control token.
-        encoded = self.tokenizer(texts, padding=False, truncation=False,
-                                 return_special_tokens_mask=True, split_special_tokens=True,
-                                 verbose=False)
         out = []
-        for ids, mask in zip(encoded["input_ids"], encoded["special_tokens_mask"]):
+        for ids, mask in self.tokenizer.encode_batch(texts):
             if len(ids) <= window:
                 out.append((tuple(ids), False))
                 continue
@@ -79,7 +78,7 @@ class Checkpoint:
     def decode(self, rows: Sequence[Sequence[int]], tidy: Callable[[str], str]
                ) -> list[tuple[str, int]]:
         """Text and number of text tokens (special tokens not counted) per row of output ids."""
-        texts = self.tokenizer.batch_decode(rows, skip_special_tokens=True)
+        texts = self.tokenizer.decode_batch(rows)
         counts = [sum(1 for t in row if t not in self.special_ids) for row in rows]
         return [(tidy(text), count) for text, count in zip(texts, counts)]
 
@@ -180,35 +179,52 @@ def load_checkpoint(source: Source, settings: Settings) -> Checkpoint:
     from transformers import AutoConfig, AutoTokenizer
 
     transformers.utils.logging.disable_progress_bar()
+    if settings.log_level != "DEBUG":
+        transformers.utils.logging.set_verbosity_error()
     try:
         config = AutoConfig.from_pretrained(source.location, **source.options)
         tokenizer = AutoTokenizer.from_pretrained(source.location, **source.options)
     except Exception as error:  # noqa: BLE001 - any failure here means "this model won't load"
         raise load_failure(source, settings, error) from error
-    manifest = manifest_for(source.ref, config.model_type, settings.family)
+    values = {key: getattr(config, key, None) for key in (
+        "model_type", "pad_token_id", "max_position_embeddings",
+        "max_encoder_position_embeddings", "max_decoder_position_embeddings")}
+    return _checkpoint(source.ref, config, values, HFTokenizer(tokenizer), settings)
+
+
+def load_converted_checkpoint(ref: str, side: SideFile, settings: Settings) -> Checkpoint:
+    """A converted directory's tokenizer and defaults from its side file: no transformers."""
+    return _checkpoint(ref, side.config, side.config, side.tokenizer, settings)
+
+
+def _checkpoint(ref: str, config: Any, values: dict[str, Any], tokenizer: TextTokenizer,
+                settings: Settings) -> Checkpoint:
+    model_type = values["model_type"]
+    manifest = manifest_for(ref, model_type, settings.family)
     window = settings.max_input_tokens or manifest.max_input_tokens
-    position_limit = getattr(config, "max_encoder_position_embeddings", None) or getattr(
-        config, "max_position_embeddings", None)
-    relative_positions = config.model_type in RELATIVE_POSITION_TYPES
+    position_limit = (values.get("max_encoder_position_embeddings")
+                      or values.get("max_position_embeddings"))
+    relative_positions = model_type in RELATIVE_POSITION_TYPES
     if position_limit and not relative_positions:
         window = min(window, position_limit)
-    decoder_limit = getattr(config, "max_decoder_position_embeddings", None) or getattr(
-        config, "max_position_embeddings", None)
+    decoder_limit = (values.get("max_decoder_position_embeddings")
+                     or values.get("max_position_embeddings"))
     # The decoder start token takes one position.
     max_new_tokens = None if relative_positions or not decoder_limit else decoder_limit - 1
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else config.pad_token_id
+    pad_id = (tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+              else values.get("pad_token_id"))
     if pad_id is None:
-        raise ModelLoadError(f"cannot load model {source.ref!r}: its tokenizer defines no "
+        raise ModelLoadError(f"cannot load model {ref!r}: its tokenizer defines no "
                              "padding token")
     return Checkpoint(
-        ref=source.ref, config=config, tokenizer=tokenizer, manifest=manifest, window=window,
+        ref=ref, config=config, tokenizer=tokenizer, manifest=manifest, window=window,
         summary_prefix=(settings.summary_prefix if settings.summary_prefix is not None
                         else manifest.summary_prefix),
         headline_prefix=(settings.headline_prefix if settings.headline_prefix is not None
                          else manifest.headline_prefix),
-        model_type=config.model_type,
+        model_type=model_type,
         pad_id=pad_id,
-        special_ids=frozenset(tokenizer.all_special_ids) | {pad_id},
+        special_ids=tokenizer.special_ids | {pad_id},
         max_new_tokens=max_new_tokens,
     )
 
@@ -224,10 +240,6 @@ class CheckpointEngine:
     compute_type = ""
 
     def __init__(self, settings: Settings) -> None:
-        if settings.log_level != "DEBUG":
-            import transformers
-
-            transformers.utils.logging.set_verbosity_error()
         self.summary = self.load(settings.model, settings)
         self.headline = (self.load(settings.headline_model, settings)
                          if settings.headline_model else self.summary)

@@ -187,7 +187,12 @@ def _parser() -> argparse.ArgumentParser:
                     "(e.g. in a Docker build). Without it the engine converts on first start "
                     "into --convert-cache-dir.")
     convert.add_argument("model", help="checkpoint directory, hub id or manifest name")
-    convert.add_argument("--out", required=True, help="directory to write")
+    convert.add_argument("--out", default="",
+                         help="directory to write (a new directory with the checkpoint's configs "
+                              "and tokenizer, and the converted model)")
+    convert.add_argument("--in-place", action="store_true",
+                         help="add the converted model to the checkpoint directory itself, so "
+                              "one directory serves both engines (the Dockerfile does this)")
     convert.add_argument("--compute-type", choices=("float32", "bfloat16", "float16", "int8"),
                          default="int8", help="weights' data type (default int8)")
     convert.add_argument("--revision", default="", help="branch, tag or commit (hub ids)")
@@ -473,11 +478,19 @@ def _fetch(args: argparse.Namespace) -> int:
 
 def _convert(args: argparse.Namespace) -> int:
     from .checkpoint import resolve_source
-    from .convert import convert
+    from .convert import convert, convert_in_place
 
     settings = config_module.Settings(offline=args.offline, revision=args.revision)
-    print(convert(resolve_source(args.model, settings), args.out, args.compute_type,
-                  args.revision))
+    if bool(args.out) == args.in_place:
+        raise SummarizerError("convert: give either --out DIR or --in-place")
+    source = resolve_source(args.model, settings)
+    if args.in_place:
+        if not source.local:
+            raise SummarizerError(f"convert --in-place: {args.model!r} is not a local directory; "
+                                  "use --out DIR")
+        print(convert_in_place(source, args.compute_type))
+    else:
+        print(convert(source, args.out, args.compute_type, args.revision))
     return 0
 
 

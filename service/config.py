@@ -51,15 +51,18 @@ class Settings:
         False, "Never contact the model hub; load from local files and the hub cache only. "
                "Also turned on by HF_HUB_OFFLINE=1.", env=("HF_HUB_OFFLINE",))
     engine: str = _setting(
-        "torch", "Inference engine: torch (transformers), or ctranslate2 (converts the checkpoint "
-                 "once into --convert-cache-dir; needs the ct2 extra).",
-        choices=("torch", "ctranslate2"))
+        "auto", "Inference engine: auto (ctranslate2 where it supports the model and device, else "
+                "torch; the start-up log says which and why), ctranslate2 (converts the "
+                "checkpoint once into --convert-cache-dir), or torch (transformers: the reference, "
+                "token-exact).",
+        choices=("auto", "torch", "ctranslate2"))
     device: str = _setting("auto", "Where the model runs: auto (cuda when available), cpu, cuda, "
                                    "cuda:N.")
     compute_type: str = _setting(
-        "auto", "Data type the engine computes in; auto: float32 on CPU, bfloat16 on GPUs that "
-                "support it, else float16. int8: torch quantises its linear layers dynamically "
-                "(CPU only), ctranslate2 stores int8 weights.",
+        "auto", "Data type the engine computes in; auto: ctranslate2 int8 on CPU and float16 "
+                "on GPU; torch float32 on CPU, bfloat16 on GPUs that support it, else float16. "
+                "float32 gives token-exact parity with transformers. int8: torch quantises its "
+                "linear layers dynamically (CPU only), ctranslate2 stores int8 weights.",
         choices=("auto", "float32", "bfloat16", "float16", "int8"),
         env=("SUMMARIZER_DTYPE",), aliases=("--dtype",))
     threads: int = _setting(0, "CPU threads for inference; 0: the engine's default (all cores).")

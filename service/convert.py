@@ -29,6 +29,7 @@ from typing import Any
 from .checkpoint import Source
 from .errors import ModelLoadError, first_line
 from .manifests import MARKER_FILE, write_marker
+from .tokenizer import SIDE_FILE, write_side_file
 
 log = logging.getLogger(__name__)
 
@@ -130,11 +131,14 @@ def convert(source: Source, out: str | Path, compute_type: str, revision: str = 
         import ctranslate2  # noqa: F401
     except ImportError as error:
         raise ModelLoadError("the ctranslate2 engine needs the ctranslate2 package: "
-                             "pip install 'summarizer[ct2]'") from error
+                             "pip install ctranslate2") from error
     out = Path(out).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
         converter = _converter_class()(source.location, revision=revision or None)
         converter.local_files_only = bool(source.options.get("local_files_only"))
         try:
@@ -144,6 +148,7 @@ def convert(source: Source, out: str | Path, compute_type: str, revision: str = 
             raise ModelLoadError(f"cannot convert {source.ref!r} for ctranslate2: "
                                  f"{first_line(error)}") from error
         _copy_hf_side(source, staging, revision)
+        write_side_file(staging)
         (staging / CT2_MARKER).write_text(json.dumps({
             "source": source.ref, "compute_type": compute_type,
             "ctranslate2": ctranslate2.__version__}) + "\n", encoding="utf-8")
@@ -153,6 +158,24 @@ def convert(source: Source, out: str | Path, compute_type: str, revision: str = 
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
+
+
+def convert_in_place(source: Source, compute_type: str) -> Path:
+    """Add the CTranslate2 model (and the side file) to a local checkpoint directory: it then
+    loads as a converted directory with `--engine ctranslate2` and as a checkpoint with torch."""
+    directory = Path(source.location)
+    staging = Path(tempfile.mkdtemp(prefix=".convert.", dir=directory.parent))
+    try:
+        converted = convert(source, staging / "out", compute_type)
+        for name in (CT2_DIR, CT2_MARKER, SIDE_FILE):
+            target = directory / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            if (converted / name).exists():
+                shutil.move(str(converted / name), str(target))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return directory
 
 
 def _copy_hf_side(source: Source, out: Path, revision: str) -> None:

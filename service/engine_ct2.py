@@ -17,12 +17,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import Checkpoint, CheckpointEngine, Source, load_checkpoint, resolve_source
+from .checkpoint import (Checkpoint, CheckpointEngine, Source, load_checkpoint,
+                         load_converted_checkpoint, resolve_source)
 from .config import Settings
 from .convert import CT2_DIR, converted_for, is_converted
 from .domain import Generated, GenerationParams, PreparedArticle
+from .engine_choice import ct2_compute_type
 from .errors import ModelLoadError
 from .text import tidy_headline, tidy_summary
+from .tokenizer import read_side_file
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +45,7 @@ class CTranslate2Engine(CheckpointEngine):
             import ctranslate2
         except ImportError as error:
             raise ModelLoadError("the ctranslate2 engine needs the ctranslate2 package: "
-                                 "pip install 'summarizer[ct2]'") from error
+                                 "pip install ctranslate2") from error
         self._ct2 = ctranslate2
         device = settings.device
         if device == "auto":
@@ -55,8 +58,9 @@ class CTranslate2Engine(CheckpointEngine):
         supported = ctranslate2.get_supported_compute_types(kind)
         compute_type = settings.compute_type
         if compute_type == "auto":
-            compute_type = "float32" if kind == "cpu" else (
-                "bfloat16" if "bfloat16" in supported else "float16")
+            compute_type = ct2_compute_type(kind)
+            if compute_type not in supported:
+                compute_type = "float32"
         if compute_type not in supported:
             raise ModelLoadError(f"compute type {compute_type} is not supported by ctranslate2 on "
                                  f"this {kind}; supported: {', '.join(sorted(supported))}")
@@ -67,9 +71,17 @@ class CTranslate2Engine(CheckpointEngine):
         source = resolve_source(ref, settings, weights=not is_converted(ref))
         directory = converted_for(source, self.compute_type, settings.convert_cache_dir,
                                   settings.revision)
-        ckpt = load_checkpoint(
-            Source(ref=ref, location=str(directory), local=True,
-                   options={"trust_remote_code": False, "local_files_only": True}), settings)
+        side = read_side_file(directory)
+        if side is not None:  # the tokenizer without transformers (and so without torch)
+            ckpt = load_converted_checkpoint(ref, side, settings)
+            generation = side.generation
+        else:
+            log.info("%s was converted before summarizer-side.json existed: its tokenizer "
+                     "loads through transformers (convert it again to leave torch out)", ref)
+            ckpt = load_checkpoint(
+                Source(ref=ref, location=str(directory), local=True,
+                       options={"trust_remote_code": False, "local_files_only": True}), settings)
+            generation = _generation_values(directory, ckpt)
         try:
             translator = self._ct2.Translator(
                 str(directory / CT2_DIR), device=self._device_kind,
@@ -77,7 +89,7 @@ class CTranslate2Engine(CheckpointEngine):
                 inter_threads=1, intra_threads=settings.threads or _default_threads())
         except (RuntimeError, ValueError, OSError) as error:
             raise ModelLoadError(f"cannot load model {ref!r} with ctranslate2: {error}") from error
-        ckpt.model = _Model(translator, directory, ckpt)
+        ckpt.model = _Model(translator, directory, ckpt, generation)
         return ckpt
 
     def generate(self, params: GenerationParams,
@@ -99,20 +111,14 @@ class CTranslate2Engine(CheckpointEngine):
 class _Model:
     """A CTranslate2 translator with what it needs from the checkpoint's generation config."""
 
-    def __init__(self, translator: Any, directory: Path, ckpt: Checkpoint) -> None:
-        from transformers import GenerationConfig
-
+    def __init__(self, translator: Any, directory: Path, ckpt: Checkpoint,
+                 generation: dict[str, Any]) -> None:
         self.translator = translator
         self.ckpt = ckpt
-        if (directory / "generation_config.json").is_file():
-            generation = GenerationConfig.from_pretrained(directory)
-        else:
-            generation = GenerationConfig.from_model_config(ckpt.config)
-        self.length_penalty = float(generation.length_penalty or 1.0)
-        self.no_repeat_ngram_size = int(generation.no_repeat_ngram_size or 0)
-        forced = generation.forced_bos_token_id
-        self.prefix = ([ckpt.tokenizer.convert_ids_to_tokens(forced)]
-                       if forced is not None else None)
+        self.length_penalty = float(generation.get("length_penalty") or 1.0)
+        self.no_repeat_ngram_size = int(generation.get("no_repeat_ngram_size") or 0)
+        forced = generation.get("forced_bos_token_id")
+        self.prefix = [ckpt.tokenizer.id_to_token(forced)] if forced is not None else None
         vocabulary = json.loads((directory / CT2_DIR / "shared_vocabulary.json").read_text(
             encoding="utf-8"))
         # Output tokens back to ids by the model's own vocabulary (it may hold placeholders the
@@ -121,8 +127,8 @@ class _Model:
 
     def run(self, rows: Sequence[tuple[int, ...] | None], min_tokens: int, max_tokens: int,
             params: GenerationParams, tidy: Callable[[str], str]) -> list[tuple[str, int]]:
-        tokenizer = self.ckpt.tokenizer
-        source = [tokenizer.convert_ids_to_tokens(list(row or ())) for row in rows]
+        token = self.ckpt.tokenizer.id_to_token
+        source = [[token(i) for i in row or ()] for row in rows]
         greedy = params.num_beams == 1
         results = self.translator.translate_batch(
             source,
@@ -138,3 +144,16 @@ class _Model:
             return_end_token=True,
         )
         return self.ckpt.decode([[self.ids[t] for t in r.hypotheses[0]] for r in results], tidy)
+
+
+def _generation_values(directory: Path, ckpt: Checkpoint) -> dict[str, Any]:
+    """What the engine reads of a generation config, through transformers."""
+    from transformers import GenerationConfig
+
+    if (directory / "generation_config.json").is_file():
+        generation = GenerationConfig.from_pretrained(directory)
+    else:
+        generation = GenerationConfig.from_model_config(ckpt.config)
+    return {"length_penalty": generation.length_penalty,
+            "no_repeat_ngram_size": generation.no_repeat_ngram_size,
+            "forced_bos_token_id": generation.forced_bos_token_id}

@@ -98,6 +98,9 @@ def _bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredent
 
 def default_engine_factory(settings: Settings) -> Engine:
     # Engines are imported only when a model is loaded (and ctranslate2 never imports torch).
+    from .engine_choice import resolved
+
+    settings = resolved(settings)
     if settings.engine == "ctranslate2":
         from .engine_ct2 import CTranslate2Engine
 

@@ -55,6 +55,11 @@ class SoakConfig:
     stream_share: float = 0.2
     short_deadline_share: float = 0.05
     cancel_share: float = 0.05
+    cancel_within_s: float = 0.05
+    """A cancelled call is cancelled at a random moment this soon after it starts."""
+    poison_cancel_share: float = 0.0
+    """Share of the calls carrying a poison article that are cancelled (instead of
+    `cancel_share`): callers that go away while the server isolates their failure."""
     timeout_s: float = 120.0
     max_call_s: float = 0.0
     """Fail the run if any call takes longer than this (0: no bound). A stalled call shows up here
@@ -191,13 +196,15 @@ async def _unary(stub: pb_grpc.SummarizerStub, rng: random.Random, config: SoakC
                                             for i, p in zip(ids, picks)])
     short_deadline = rng.random() < config.short_deadline_share
     timeout = SHORT_DEADLINE_S if short_deadline else config.timeout_s
-    cancelled = rng.random() < config.cancel_share
+    poisoned_call = bool(config.poison) and any(config.poison in checker.texts[p] for p in picks)
+    cancelled = rng.random() < (config.poison_cancel_share if poisoned_call
+                                and config.poison_cancel_share else config.cancel_share)
     report.calls += 1
     report.articles_sent += count
     started = time.monotonic()
     call = stub.Summarize(request, timeout=timeout, metadata=auth_metadata(config.token))
     if cancelled:
-        await asyncio.sleep(rng.random() * 0.05)
+        await asyncio.sleep(rng.random() * config.cancel_within_s)
         call.cancel()
     try:
         reply = await call

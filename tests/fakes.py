@@ -17,7 +17,8 @@ class FakeEngine:
     messages), the headline "H:" + its first 6.
     Set `hold` to make generate() block until it is set again; `batches` records every batch,
     `durations_s` how long each took; `batch_delay_s` makes every batch take that long (a model's
-    time, for load tests), `fail_delay_s` a failing one that much longer.
+    time, for load tests), `solo_fail_delay_s` a failing
+    input run alone that long (its caller has time to go away meanwhile).
     """
 
     name = "fake"
@@ -37,7 +38,7 @@ class FakeEngine:
         self.started = threading.Event()
         self.fail_on: str | None = None
         self.batch_delay_s = 0.0
-        self.fail_delay_s = 0.0
+        self.solo_fail_delay_s = 0.0
         self.durations_s: list[float] = []
         self.warmed_up = False
 
@@ -63,10 +64,12 @@ class FakeEngine:
             self.hold.wait(timeout=30)
         if self.batch_delay_s:
             time.sleep(self.batch_delay_s)
-        self.durations_s.append(time.monotonic() - started)
         if self.fail_on is not None and any(self.fail_on in t for t in texts):
-            time.sleep(self.fail_delay_s)  # an input that fails late keeps its batch longer
+            if len(batch) == 1:  # alone, a failing input takes this long to fail
+                time.sleep(self.solo_fail_delay_s)
+            self.durations_s.append(time.monotonic() - started)
             raise RuntimeError("injected failure")
+        self.durations_s.append(time.monotonic() - started)
         pad = "." * self.summary_padding
         return [Generated(summary=("S:" + t[:12] + pad) if params.outputs.summary else "",
                           headline=("H:" + t[:6]) if params.outputs.headline else "",

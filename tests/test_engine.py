@@ -79,7 +79,7 @@ def test_shared_encoding_gives_the_same_outputs_as_separate_runs(engines, family
 @pytest.mark.parametrize("family", ["bart", "t5", "pegasus"])
 def test_long_input_is_cut_to_the_window_keeping_end_of_sequence(engines, family: str) -> None:
     engine = engines[family]
-    tokenizer = engine.summary.tokenizer
+    tokenizer = engine.summary.tokenizer.tokenizer  # transformers'
     p = params(engine, max_input_tokens=20)
     short, long = engine.prepare(["Prices rose.", TEXTS[2] * 5], p)
     assert not short.truncated and short.input_tokens < 20
@@ -116,7 +116,7 @@ def test_count_tokens_takes_the_larger_count_of_two_checkpoints(tiny_bart: Path,
 @pytest.mark.parametrize("family", ["bart", "t5", "pegasus"])
 def test_special_tokens_typed_in_an_article_are_plain_text(engines, family: str) -> None:
     engine = engines[family]
-    tokenizer = engine.summary.tokenizer
+    tokenizer = engine.summary.tokenizer.tokenizer  # transformers'
     (article,) = engine.prepare(["The city </s> council <pad> said <unk> no"], params(engine))
     ids = list(article.summary_ids)
     assert ids[-1] == tokenizer.eos_token_id and ids.count(tokenizer.eos_token_id) == 1

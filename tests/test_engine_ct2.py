@@ -163,3 +163,69 @@ def test_a_failed_conversion_is_one_clear_line(tiny_bart: Path, tmp_path: Path) 
         CTranslate2Engine(Settings(model=str(broken), engine="ctranslate2",
                                    convert_cache_dir=str(tmp_path / "cache")))
     assert not any((tmp_path / "cache").glob("*/ctranslate2")), "no half-written cache entry"
+
+
+# ----------------------------------------------------------------------------------------------
+# serving without transformers (and so without torch)
+
+PARITY_TEXTS = [*TEXTS, "The city </s> council <pad> said <unk> no <s> <mask>", "ÄÖÜ é 東京 📈",
+                "  spaces   and\ttabs\nand lines  ", "It isn't 'quoted' , is it ? Yes !", ""]
+
+
+@pytest.mark.parametrize("name", ["bart", "t5", "pegasus", "bart-cnn-like"])
+def test_the_side_file_tokenizer_gives_transformers_ids_and_texts(converted: dict[str, Path],
+                                                                  name: str) -> None:
+    from transformers import AutoTokenizer
+
+    from service.tokenizer import HFTokenizer, read_side_file
+
+    side = read_side_file(converted[name])
+    assert side is not None, "the conversion wrote the side file"
+    reference = HFTokenizer(AutoTokenizer.from_pretrained(converted[name]))
+    assert side.tokenizer.encode_batch(PARITY_TEXTS) == [
+        (list(ids), list(mask)) for ids, mask in reference.encode_batch(PARITY_TEXTS)]
+    assert side.tokenizer.pad_token_id == reference.pad_token_id
+    assert side.tokenizer.special_ids == reference.special_ids
+    rows = [ids for ids, _ in reference.encode_batch(PARITY_TEXTS)]
+    rows.append(list(range(0, 200)))  # arbitrary output ids, special ones among them
+    assert side.tokenizer.decode_batch(rows) == reference.decode_batch(rows)
+    assert [side.tokenizer.id_to_token(i) for i in range(50)] == [
+        reference.id_to_token(i) for i in range(50)]
+
+
+def test_the_ctranslate2_serving_path_imports_neither_torch_nor_transformers(
+        converted: dict[str, Path]) -> None:
+    """A fresh interpreter loads a converted directory, summarises, and never imports torch or
+    transformers: the server process stays about 250 MB smaller."""
+    script = (
+        "import sys\n"
+        "from service.config import Settings\n"
+        "from service.engine_ct2 import CTranslate2Engine\n"
+        "from service.domain import GenerationParams, Outputs\n"
+        f"engine = CTranslate2Engine(Settings(model={str(converted['bart'])!r}, "
+        "threads=1, engine='ctranslate2', compute_type='int8'))\n"
+        "p = GenerationParams(summary_max_tokens=6, summary_min_tokens=6, headline_max_tokens=3, "
+        "headline_min_tokens=3, num_beams=2, outputs=Outputs.BOTH, max_input_tokens=64)\n"
+        "[out] = engine.generate(p, engine.prepare(['The council met on Tuesday.'], p))\n"
+        "assert out.summary_tokens == 6 and out.headline_tokens == 3, out\n"
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout
+
+
+def test_a_directory_converted_before_the_side_file_still_loads(
+        converted: dict[str, Path], tmp_path: Path) -> None:
+    from service.tokenizer import SIDE_FILE
+
+    old = tmp_path / "old"
+    shutil.copytree(converted["bart"], old)
+    (old / SIDE_FILE).unlink()
+    engine = CTranslate2Engine(Settings(model=str(old), threads=1, engine="ctranslate2",
+                                        compute_type="float32"))
+    fresh = CTranslate2Engine(Settings(model=str(converted["bart"]), threads=1,
+                                       engine="ctranslate2", compute_type="float32"))
+    p = params(engine)
+    assert engine.generate(p, engine.prepare(TEXTS[:2], p)) == fresh.generate(
+        p, fresh.prepare(TEXTS[:2], p))

@@ -255,21 +255,19 @@ def test_fuzzed_requests_get_results_or_invalid_argument_never_anything_else(
 # soak: many clients, mixed work, every response checked
 
 
-SOAK_OVERHEAD_S = 1.0
-"""Tolerated on top of the work in any soak call: gRPC, the event loop and Python's scheduling of
-a dozen clients and a server on a shared 2-core machine (the soak measured p99 0.34 s here)."""
-SLOW_BATCH_FACTOR = 10
-"""How much slower than the slowest batch the model took a batch's turn may be (scheduling)."""
+SOAK_OVERHEAD_S = 2.0
+"""Tolerated on top of the model's time in any soak call: gRPC, the event loop and Python's
+scheduling of a dozen clients and a server on a shared 2-core machine."""
+SLOW_BATCH_FACTOR = 20
+"""How many of the slowest batch a call may wait for: its own batch and the retries that isolate
+a poison (up to 4 for a batch of 8), plus one batch of each other client that round-robin lets go
+first (11), with room to spare. The measured worst call took 2.8 s against a bound of 8 s."""
 
 
-def soak_call_bound_s(engine: FakeEngine, settings: Settings, config: SoakConfig) -> float:
-    """The longest a soak call may take, from the work: fairness lets every other client's batch
-    go before each of a call's own batches (at most `clients` batches per turn), a call needs at
-    most ceil(4 requests x max_articles / max_batch_size) turns (a stream of 4 requests), and no
-    batch's turn may take more than SLOW_BATCH_FACTOR times the slowest batch the model ran."""
-    turns = -(-4 * config.max_articles // settings.max_batch_size)
-    slowest = max(engine.durations_s)
-    return SOAK_OVERHEAD_S + SLOW_BATCH_FACTOR * slowest * config.clients * turns
+def soak_call_bound_s(engine: FakeEngine) -> float:
+    """The longest a soak call may take, from the work: SLOW_BATCH_FACTOR times the slowest
+    batch the model ran, plus the overhead."""
+    return SOAK_OVERHEAD_S + SLOW_BATCH_FACTOR * max(engine.durations_s)
 
 
 async def test_soak_loses_nothing_crosses_nothing_and_isolates_injected_faults() -> None:
@@ -279,17 +277,19 @@ async def test_soak_loses_nothing_crosses_nothing_and_isolates_injected_faults()
     engine = FakeEngine(window=256)
     engine.fail_on = "POISON"
     engine.batch_delay_s = 0.005  # a model's time, so that batches, not overhead, set the pace
-    engine.fail_delay_s = 0.03  # callers go away while the poison's (solo) retries run
+    engine.solo_fail_delay_s = 0.3  # callers go away while their poison's solo retry runs
     settings = REAL.replace(max_batch_size=8, max_queue=400, max_articles_per_request=16)
     async with serving(settings, lambda s: engine) as (server, _channel):
         config = SoakConfig(duration_s=6.0, clients=12, max_articles=12, pool=120,
                             max_chars=600, poison="POISON", seed=7, same_text=True,
-                            timeout_s=60.0, cancel_share=0.08, short_deadline_share=0.05)
+                            timeout_s=30.0, cancel_share=0.05, poison_cancel_share=0.5,
+                            cancel_within_s=0.5,
+                            short_deadline_share=0.05)
         report = await run_soak(f"127.0.0.1:{server.port}", config)
         stats = server.core.batcher.stats
         assert server.core.batcher.queue_depth == 0 and server.core.batcher.running == 0
     figures = report.summary()
-    bound_s = soak_call_bound_s(engine, settings, config)
+    bound_s = soak_call_bound_s(engine)
     print(figures, f"bound {bound_s:.2f}s")
     assert report.calls > 50 and report.results_verified > 200, figures
     assert report.lost == 0 and report.mismatched == 0, figures
