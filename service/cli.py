@@ -56,25 +56,23 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (usage: `{self.prog} --help`)\n")
 
 
-def _positive_int(value: str) -> int:
+def _whole_number(value: str, least: int) -> int:
     try:
         number = int(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    if number < least:
+        raise argparse.ArgumentTypeError(f"{value} must be at least {least}")
     return number
+
+
+def _positive_int(value: str) -> int:
+    return _whole_number(value, 1)
 
 
 def _count(value: str) -> int:
     """A whole number of 0 or more (0: the default)."""
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"{value} must not be negative")
-    return number
+    return _whole_number(value, 0)
 
 
 def _seconds(value: str) -> float:
