@@ -11,8 +11,8 @@ import pytest
 
 from service import manifests
 from service.errors import ConfigError
-from service.gen.summarizer.v1 import summarizer_pb2 as pb
-from service.gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
+from summarizer_client.gen.summarizer.v1 import summarizer_pb2 as pb
+from summarizer_client.gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
 
 
 def test_every_family_manifest_is_complete() -> None:
