@@ -2,9 +2,10 @@
 
 Usage: python protos/generate.py [--out DIR]
 
-Writes `summarizer_pb2.py`, `summarizer_pb2.pyi` and `summarizer_pb2_grpc.py` into
-`service/gen/summarizer/v1/` (or DIR). The generated files are committed; never edit them by hand:
-change the .proto and run this script again (a test fails when they are out of date).
+Writes `summarizer_pb2.py`, `summarizer_pb2.pyi` and `summarizer_pb2_grpc.py` into the client
+distribution, `clients/python/summarizer_client/gen/summarizer/v1/` (or DIR), where the server
+imports them from too. The generated files are committed; never edit them by hand: change the
+.proto and run this script again (a test fails when they are out of date).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 PROTO_ROOT = Path(__file__).resolve().parent
 PROTO_FILE = "summarizer/v1/summarizer.proto"
-DEFAULT_OUT = PROTO_ROOT.parent / "service" / "gen"
+DEFAULT_OUT = PROTO_ROOT.parent / "clients" / "python" / "summarizer_client" / "gen"
 
 
 def generate(out_root: Path) -> list[Path]:
@@ -41,7 +42,7 @@ def generate(out_root: Path) -> list[Path]:
     grpc_module = package_dir / "summarizer_pb2_grpc.py"
     source = grpc_module.read_text()
     # protoc writes an absolute import (`from summarizer.v1 import ...`); the stubs live inside
-    # the `service.gen` package, so make it relative.
+    # the `summarizer_client.gen` package, so make it relative.
     source = re.sub(r"^from summarizer\.v1 import ", "from . import ", source, flags=re.M)
     grpc_module.write_text(source)
     for directory in (out_root, out_root / "summarizer", package_dir):

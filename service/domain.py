@@ -6,7 +6,11 @@ import enum
 import math
 from dataclasses import dataclass
 
+from summarizer_client.results import ArticleFailure, ArticleSummary
+
 from .errors import InvalidArgument
+
+__all__ = ["ArticleFailure", "ArticleSummary"]  # results: the client's types, shared
 
 
 MIN_WINDOW_TOKENS = 16
@@ -157,27 +161,3 @@ class Generated:
     headline: str = ""
     summary_tokens: int = 0
     headline_tokens: int = 0
-
-
-@dataclass(frozen=True)
-class ArticleSummary:
-    id: str
-    summary: str
-    headline: str
-    input_tokens: int
-    truncated: bool
-    summary_tokens: int
-    headline_tokens: int
-    chunks: int = 1
-    """How many pieces the model read the article in; 1 when it fit the window (or was cut)."""
-
-
-@dataclass(frozen=True)
-class ArticleFailure:
-    """One article that failed on its own, reported in-band (streams, and partial unary results).
-
-    `code` is the numeric gRPC status code (e.g. 13 for INTERNAL)."""
-
-    id: str
-    code: int
-    message: str

@@ -8,6 +8,9 @@ goes to the log, never to the caller).
 from __future__ import annotations
 
 import grpc
+from summarizer_client.errors import code_name
+
+__all__ = ["code_name"]  # re-exported: the client owns it
 
 
 class SummarizerError(Exception):
@@ -102,11 +105,3 @@ def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(error, SummarizerError) and not isinstance(error, GenerationFailed):
         return error.code, error.message
     return grpc.StatusCode.INTERNAL, "internal error while summarising; see the server log"
-
-
-def code_name(number: int) -> str:
-    """A numeric gRPC status code's name, e.g. 13 -> "INTERNAL"."""
-    for code in grpc.StatusCode:
-        if code.value[0] == number:
-            return code.name
-    return str(number)

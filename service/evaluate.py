@@ -328,7 +328,7 @@ def _collect(articles: Sequence[tuple[str, str]], batch_size: int,
 
 def run_server(client: Any, records: Sequence[Record], batch_size: int,
                options: Any) -> list[Result]:
-    """The model's outputs from a running server, through a `service.client.SummarizerClient`
+    """The model's outputs from a running server, through a `summarizer_client.SummarizerClient`
     (`options`: its protobuf GenerationOptions)."""
     import grpc
 

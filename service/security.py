@@ -1,5 +1,6 @@
-"""Transport security and caller authentication: TLS / mutual TLS credentials and a bearer-token
-check that runs before any handler (so before any model work).
+"""Transport security and caller authentication, server side: TLS / mutual TLS credentials and a
+bearer-token check that runs before any handler (so before any model work). The client side
+(channel credentials, the token's metadata) is in `summarizer_client.client`.
 
 Health checks are exempt from the token, so load balancers and Kubernetes probes need no secret;
 reflection is not (it describes the API to whoever asks).
@@ -14,12 +15,12 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health
+from summarizer_client.client import AUTH_METADATA_KEY
 
 from .config import Settings
 from .errors import ConfigError, Unauthenticated, status_for
 
 EXEMPT_SERVICES = frozenset({health.SERVICE_NAME})
-AUTH_METADATA_KEY = "authorization"
 TOKEN_SCHEME = "bearer"
 
 
@@ -125,15 +126,3 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
 def interceptors(settings: Settings) -> list[grpc.aio.ServerInterceptor]:
     tokens = accepted_tokens(settings)
     return [BearerTokenInterceptor(tokens)] if tokens else []
-
-
-def channel_credentials(*, ca_cert: str = "", client_cert: str = "",
-                        client_key: str = "") -> grpc.ChannelCredentials:
-    """Client side: TLS verified against `ca_cert` (system roots when empty), with a client
-    certificate for mutual TLS when `client_cert` and `client_key` are given."""
-    if bool(client_cert) != bool(client_key):
-        raise ConfigError("a client certificate and its key must be given together")
-    return grpc.ssl_channel_credentials(
-        root_certificates=_read(ca_cert, "CA bundle") if ca_cert else None,
-        private_key=_read(client_key, "client key") if client_key else None,
-        certificate_chain=_read(client_cert, "client certificate") if client_cert else None)

@@ -16,6 +16,8 @@ from typing import NoReturn
 
 import grpc
 from google.protobuf.message import DecodeError, Message
+from summarizer_client.gen.summarizer.v1 import summarizer_pb2 as pb
+from summarizer_client.gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
 
 from . import __version__
 from .metrics import Metrics
@@ -23,8 +25,6 @@ from .core import ArticleIn, SummarizerCore
 from .domain import (ArticleFailure, ArticleSummary, GenerationParams, LongInput, Outputs,
                      RequestedOptions)
 from .errors import InvalidArgument, Overloaded, SummarizerError, Unavailable, status_for
-from .gen.summarizer.v1 import summarizer_pb2 as pb
-from .gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 REQUEST_ID_KEY = "x-request-id"

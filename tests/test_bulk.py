@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from service import cli
-from service.bulk import Progress, finished_ids, read_jsonl_articles
-from service.errors import SummarizerError
+from summarizer_client.bulk import Progress, finished_ids, read_jsonl_articles
+from summarizer_client.errors import ClientError
 
 from .conftest import server_in_thread
 from .fakes import FakeEngine
@@ -94,10 +94,10 @@ def test_finished_ids_skips_failures_and_repairs_a_cut_off_line(tmp_path: Path) 
 def test_corpus_errors_name_the_line(tmp_path: Path) -> None:
     corpus = tmp_path / "bad.jsonl"
     corpus.write_text('{"id": "x", "text": "fine"}\n{"id": "x", "text": "again"}\n')
-    with pytest.raises(SummarizerError, match=r"bad.jsonl:2: duplicate id 'x'"):
+    with pytest.raises(ClientError, match=r"bad.jsonl:2: duplicate id 'x'"):
         list(read_jsonl_articles(corpus))
     corpus.write_text('{"id": "x", "text": "fine"}\n\n{"title": "no text"}\n')
-    with pytest.raises(SummarizerError, match=r"bad.jsonl:3: expected a JSON object"):
+    with pytest.raises(ClientError, match=r"bad.jsonl:3: expected a JSON object"):
         list(read_jsonl_articles(corpus))
     corpus.write_text('{"text": "no id"}\n')
     assert list(read_jsonl_articles(corpus)) == [("bad.jsonl:1", "no id")]

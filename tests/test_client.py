@@ -10,10 +10,10 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 
-from service.client import (ArticleFailure, ArticleSummary, AsyncSummarizerClient, RetryPolicy,
+from summarizer_client.client import (ArticleFailure, ArticleSummary, AsyncSummarizerClient, RetryPolicy,
                             SummarizerClient, make_options)
-from service.gen.summarizer.v1 import summarizer_pb2 as pb
-from service.gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
+from summarizer_client.gen.summarizer.v1 import summarizer_pb2 as pb
+from summarizer_client.gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
 from service.server import SummarizerServer
 
 from .conftest import server_in_thread

@@ -18,8 +18,8 @@ import pytest
 import yaml
 
 from service import cli, config
-from service.gen.summarizer.v1 import summarizer_pb2 as pb
-from service.gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
+from summarizer_client.gen.summarizer.v1 import summarizer_pb2 as pb
+from summarizer_client.gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
 
 from .conftest import serving
 from .fakes import FakeEngine

@@ -13,8 +13,8 @@ import pytest
 
 from service.config import Settings
 from service.engine_torch import TorchEngine
-from service.gen.summarizer.v1 import summarizer_pb2 as pb
-from service.gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
+from summarizer_client.gen.summarizer.v1 import summarizer_pb2 as pb
+from summarizer_client.gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
 from service.tiny import training_text
 
 from .conftest import serving

@@ -11,8 +11,8 @@ import pytest
 
 from service import manifests
 from service.errors import ConfigError
-from service.gen.summarizer.v1 import summarizer_pb2 as pb
-from service.gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
+from summarizer_client.gen.summarizer.v1 import summarizer_pb2 as pb
+from summarizer_client.gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
 
 
 def test_every_family_manifest_is_complete() -> None:
@@ -76,18 +76,21 @@ def test_a_fetched_directory_keeps_its_named_manifest(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_an_installed_wheel_carries_the_manifests(tmp_path: Path) -> None:
-    """Outside a checkout the manifests come from package data; build the wheel and look."""
+    """Outside a checkout the manifests come from package data; build the wheels (the server
+    and the client it depends on) and look."""
     import subprocess
     import sys
     import zipfile
 
     root = Path(__file__).resolve().parent.parent
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                    "-q", "-w", str(tmp_path / "dist"), str(root)], check=True, timeout=300,
-                   capture_output=True)
-    wheel = next((tmp_path / "dist").glob("summarizer-*.whl"))
-    with zipfile.ZipFile(wheel) as archive:
-        archive.extractall(tmp_path / "site")
+                    "-q", "-w", str(tmp_path / "dist"), str(root), str(root / "clients" / "python")],
+                   check=True, timeout=300, capture_output=True)
+    for wheel in (tmp_path / "dist").glob("summarizer*.whl"):
+        with zipfile.ZipFile(wheel) as archive:
+            archive.extractall(tmp_path / "site")
+    assert (tmp_path / "site" / "summarizer_client" / "gen" / "summarizer" / "v1"
+            / "summarizer_pb2.pyi").is_file()
     probe = ("from service import manifests; "
              "print(sorted(manifests.families())); print(sorted(manifests.named_models()))")
     done = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True,

@@ -17,10 +17,10 @@ from hypothesis import HealthCheck, given, settings as hypothesis_settings, stra
 
 from service.config import Settings
 from service.domain import Generated, GenerationParams, PreparedArticle
-from service.gen.summarizer.v1 import summarizer_pb2 as pb
-from service.gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
+from summarizer_client.gen.summarizer.v1 import summarizer_pb2 as pb
+from summarizer_client.gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
 from service.server import SummarizerServer
-from service.soak import SoakConfig, run_soak
+from summarizer_client.soak import SoakConfig, run_soak
 
 from .conftest import server_in_thread, serving
 from .fakes import FakeEngine
@@ -303,7 +303,7 @@ async def test_soak_loses_nothing_crosses_nothing_and_isolates_injected_faults()
 def test_the_soak_counts_an_unanswered_call_as_a_failure_not_as_provoked() -> None:
     """The check the old soak lacked: a DEADLINE_EXCEEDED on a call that the soak did not give
     a short deadline is unexpected, and a call over the bound is reported."""
-    from service.soak import SoakReport
+    from summarizer_client.soak import SoakReport
 
     report = SoakReport(max_call_s=2.0)
     report.codes["DEADLINE_EXCEEDED_PROVOKED"] += 3

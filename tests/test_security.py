@@ -13,7 +13,7 @@ from grpc_reflection.v1alpha import reflection_pb2_grpc
 from service import cli
 from service.config import Settings, markdown_table
 from service.errors import ConfigError
-from service.gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
+from summarizer_client.gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
 from service.server import SummarizerServer
 
 from .conftest import server_in_thread, serving

@@ -8,7 +8,9 @@
 - TLS, mutual TLS and bearer tokens.
 - `summarize_many`: any number of articles through one `SummarizeStream`, at most
   `max_in_flight` at a time, results as they finish; if the stream breaks with a retryable code,
-  the unanswered articles are sent again on a new stream (nothing lost, nothing twice).
+  the unanswered articles are sent again on a new stream (nothing lost, nothing twice). It is
+  written once, on asyncio; the blocking client runs it on a private event loop in a thread of
+  its own for the length of the iteration.
 
     with SummarizerClient("localhost:50051") as client:
         for result in client.summarize_many(("id-%d" % n, text) for n, text in enumerate(texts)):
@@ -23,25 +25,26 @@ import itertools
 import random
 import threading
 import time
-from collections.abc import (AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable,
-                             Iterator, Sequence)
+from collections.abc import (AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable,
+                             Iterable, Iterator, Sequence)
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 import grpc
 
-from .domain import ArticleFailure, ArticleSummary
+from .errors import ClientError
 from .gen.summarizer.v1 import summarizer_pb2 as pb
 from .gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
-from .security import AUTH_METADATA_KEY, channel_credentials
+from .results import ArticleFailure, ArticleSummary, Result
 
 __all__ = ["ArticleFailure", "ArticleSummary", "AsyncSummarizerClient", "Result", "RetryPolicy",
            "SummarizerClient", "make_options"]
 
-Result = ArticleSummary | ArticleFailure
 T = TypeVar("T")
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-_POLL_S = 0.1
+AUTH_METADATA_KEY = "authorization"
+"""The metadata key of the bearer token (`authorization: Bearer <token>`)."""
 
 
 def result_from_pb(message: pb.ArticleResult) -> Result:
@@ -128,6 +131,28 @@ def open_aio_channel(target: str, *, tls: bool = False, ca_cert: str = "",
     return grpc.aio.secure_channel(target, credentials, options=list(options))
 
 
+def _read_pem(path: str, what: str) -> bytes:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as error:
+        raise ClientError(f"cannot read the {what} {path!r}: {error.strerror}") from None
+    if not data.strip():
+        raise ClientError(f"the {what} {path!r} is empty")
+    return data
+
+
+def channel_credentials(*, ca_cert: str = "", client_cert: str = "",
+                        client_key: str = "") -> grpc.ChannelCredentials:
+    """TLS verified against `ca_cert` (system roots when empty), with a client certificate for
+    mutual TLS when `client_cert` and `client_key` are given."""
+    if bool(client_cert) != bool(client_key):
+        raise ClientError("a client certificate and its key must be given together")
+    return grpc.ssl_channel_credentials(
+        root_certificates=_read_pem(ca_cert, "CA bundle") if ca_cert else None,
+        private_key=_read_pem(client_key, "client key") if client_key else None,
+        certificate_chain=_read_pem(client_cert, "client certificate") if client_cert else None)
+
+
 def _credentials(tls: bool, ca_cert: str, client_cert: str,
                  client_key: str) -> grpc.ChannelCredentials | None:
     if tls or ca_cert or client_cert or client_key:
@@ -157,30 +182,35 @@ def _channel_options(max_message_bytes: int) -> list[tuple[str, object]]:
 
 
 class _Pending:
-    """Articles sent on a stream and not answered yet, shared by the thread or task that feeds
-    the stream and the one that reads it; on a broken stream they are sent again."""
+    """Articles sent on a stream and not answered yet; on a broken stream they are sent again."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
         self._texts: dict[str, str] = {}
 
     def add(self, article_id: str, text: str) -> None:
-        with self._lock:
-            if article_id in self._texts:
-                raise ValueError(f"duplicate article id {article_id!r} in flight")
-            self._texts[article_id] = text
+        if article_id in self._texts:
+            raise ValueError(f"duplicate article id {article_id!r} in flight")
+        self._texts[article_id] = text
 
     def answered(self, article_id: str) -> bool:
-        with self._lock:
-            return self._texts.pop(article_id, None) is not None
+        return self._texts.pop(article_id, None) is not None
 
     def snapshot(self) -> list[tuple[str, str]]:
-        with self._lock:
-            return list(self._texts.items())
+        return list(self._texts.items())
 
     def __len__(self) -> int:
-        with self._lock:
-            return len(self._texts)
+        return len(self._texts)
+
+
+@dataclass
+class _Source:
+    """The caller's articles, read lazily by whichever stream is feeding; kept across streams."""
+
+    articles: AsyncIterator[tuple[str, str]]
+    exhausted: bool = False
+    error: BaseException | None = None
+    """What reading the articles raised: the run ends with it once the articles already sent
+    are answered (re-raised as it is, never as a gRPC status)."""
 
 
 def _check_id(article: tuple[str, str]) -> tuple[str, str]:
@@ -221,6 +251,9 @@ class SummarizerClient(_ClientBase):
                  client_cert: str = "", client_key: str = "", token: str = "",
                  max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
         super().__init__(timeout_s, retry, token)
+        self._settings = dict(target=target, timeout_s=timeout_s, retry=retry, tls=tls,
+                              ca_cert=ca_cert, client_cert=client_cert, client_key=client_key,
+                              token=token, max_message_bytes=max_message_bytes)
         self._channel = open_channel(target, tls=tls, ca_cert=ca_cert, client_cert=client_cert,
                                      client_key=client_key,
                                      options=_channel_options(max_message_bytes))
@@ -276,81 +309,28 @@ class SummarizerClient(_ClientBase):
                        request_size: int = 16) -> Iterator[Result]:
         """Summarise an iterable of (id, text) of any size through SummarizeStream, with at most
         `max_in_flight` articles sent and unanswered; results in completion order. Ids must be
-        unique among the articles in flight. The iterable is read lazily."""
+        unique among the articles in flight. The iterable is read lazily (on the client's own
+        thread, see below); an exception it raises ends the run, after the articles already sent
+        are answered, and reaches the caller as it is.
+
+        `AsyncSummarizerClient.summarize_many` does the work, on a private event loop in a thread
+        that lives as long as the iteration: closing the generator (or leaving a `for` loop
+        early, or Ctrl-C) cancels the stream and ends the thread."""
         if max_in_flight < 1 or request_size < 1:
             raise ValueError("max_in_flight and request_size must be at least 1")
-        source = iter(articles)
-        pending = _Pending()
-        slots = threading.Semaphore(max_in_flight)
-        exhausted = threading.Event()
-        feeding = threading.Lock()
-        source_error: list[Exception] = []
-        retries = 0
-        while True:
-            stop = threading.Event()
-
-            def requests(resend: list[tuple[str, str]],
-                         stop: threading.Event) -> Iterator[pb.SummarizeRequest]:
-                for start in range(0, len(resend), request_size):
-                    yield _request(resend[start:start + request_size], options)
-                while not exhausted.is_set() and not stop.is_set():
-                    batch: list[tuple[str, str]] = []
-                    while len(batch) < request_size:
-                        if not slots.acquire(timeout=_POLL_S):
-                            if batch or stop.is_set():
-                                break  # send what we have rather than wait for a slot
-                            continue
-                        # Under the lock, so a broken stream's feeder cannot take an article
-                        # after the next stream has listed what to send again.
-                        with feeding:
-                            try:
-                                article = None if stop.is_set() else next(source, None)
-                                if article is not None:
-                                    article_id, text = _check_id(article)
-                                    pending.add(article_id, text)
-                            except Exception as error:  # noqa: BLE001 - re-raised to the caller
-                                # gRPC would swallow it into UNKNOWN; end the stream and keep it.
-                                source_error.append(error)
-                                stop.set()
-                                slots.release()
-                                return
-                            if article is None:
-                                slots.release()
-                                if not stop.is_set():
-                                    exhausted.set()
-                                break
-                        batch.append((article_id, text))
-                    if batch:
-                        yield _request(batch, options)
-
-            stream = self._stub.SummarizeStream(requests(pending.snapshot(), stop),
-                                                metadata=self._metadata)
+        with _LoopThread() as loop:
+            client = loop.run(self._async_twin())
+            results = client.summarize_many(articles, options, max_in_flight=max_in_flight,
+                                            request_size=request_size)
             try:
-                for message in stream:
-                    if pending.answered(message.id):
-                        retries = 0  # progress: a later break gets the full retry budget
-                        slots.release()
-                        yield result_from_pb(message)
-                    if exhausted.is_set() and not len(pending):
-                        break
-                if source_error:
-                    raise source_error[0]
-                if exhausted.is_set() and not len(pending):
-                    return
-                raise RuntimeError("the stream ended with articles unanswered")
-            except grpc.RpcError as error:
-                if source_error:
-                    raise source_error[0] from None
-                with feeding:
-                    stop.set()
-                retries += 1
-                if retries >= self.retry.attempts or not self.retry.retryable(error):
-                    raise
-                time.sleep(self.retry.pause_s(retries))
+                while (result := loop.next(results)) is not _DONE:
+                    yield result
             finally:
-                with feeding:
-                    stop.set()
-                stream.cancel()
+                loop.finish(results, client)
+
+    async def _async_twin(self) -> AsyncSummarizerClient:
+        """An asyncio client with this one's settings, made on the running loop."""
+        return AsyncSummarizerClient(**self._settings)
 
     def model_info(self, *, timeout_s: float | None = None) -> pb.ModelInfo:
         return self._with_retries(
@@ -406,58 +386,35 @@ class AsyncSummarizerClient(_ClientBase):
     async def summarize_many(self, articles: Iterable[tuple[str, str]] | AsyncIterable[
             tuple[str, str]], options: pb.GenerationOptions | None = None, *,
             max_in_flight: int = 64, request_size: int = 16) -> AsyncIterator[Result]:
-        """See SummarizerClient.summarize_many; `articles` may also be an async iterable."""
+        """See SummarizerClient.summarize_many; `articles` may also be an async iterable. A
+        plain iterable is read on the event loop, so it should not block."""
         if max_in_flight < 1 or request_size < 1:
             raise ValueError("max_in_flight and request_size must be at least 1")
-        source = _aiter(articles)
+        source = _Source(_aiter(articles))
         pending = _Pending()
         slots = asyncio.Semaphore(max_in_flight)
-        exhausted = asyncio.Event()
         retries = 0
-
-        async def feed(call: grpc.aio.StreamStreamCall, resend: list[tuple[str, str]]) -> None:
-            # Writes requests; a write to a stream that has failed ends the feeding, and the
-            # reader sees the stream's real status.
-            with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
-                for start in range(0, len(resend), request_size):
-                    await call.write(_request(resend[start:start + request_size], options))
-                while not exhausted.is_set():
-                    batch: list[tuple[str, str]] = []
-                    while len(batch) < request_size:
-                        if batch and slots.locked():
-                            break  # send what we have rather than wait for a slot
-                        await slots.acquire()
-                        article = await anext(source, None)
-                        if article is None:
-                            slots.release()
-                            exhausted.set()
-                            break
-                        article_id, text = _check_id(article)
-                        pending.add(article_id, text)
-                        batch.append((article_id, text))
-                    if batch:
-                        await call.write(_request(batch, options))
-                await call.done_writing()
-
         while True:
             call = self._stub.SummarizeStream(metadata=self._metadata)
-            feeder = asyncio.ensure_future(feed(call, pending.snapshot()))
-            # A feeder that fails on its own (e.g. a duplicate id) ends the call.
-            feeder.add_done_callback(
-                lambda f, c=call: c.cancel() if not f.cancelled() and f.exception() else None)
+            feeder = asyncio.ensure_future(_feed(call, pending, source, slots, options,
+                                                 request_size))
             try:
-                while (message := await _read_unless_feeder_failed(call, feeder)
-                       ) is not grpc.aio.EOF:
+                while (message := await call.read()) is not grpc.aio.EOF:
                     if pending.answered(message.id):
                         retries = 0  # progress: a later break gets the full retry budget
                         slots.release()
                         yield result_from_pb(message)
-                if feeder.done() and feeder.exception() is not None:
-                    raise feeder.exception()
-                if exhausted.is_set() and not len(pending):
+                    if source.exhausted and not len(pending):
+                        break
+                await feeder  # a bug in the feeding itself surfaces here
+                if source.error is not None:
+                    raise source.error
+                if source.exhausted and not len(pending):
                     return
                 raise RuntimeError("the stream ended with articles unanswered")
             except grpc.RpcError as error:
+                if source.error is not None:
+                    raise source.error from None
                 retries += 1
                 retryable = self.retry.retryable(error) or _lost_status(error)
                 if retries >= self.retry.attempts or not retryable:
@@ -482,14 +439,93 @@ def _lost_status(error: grpc.RpcError) -> bool:
             and error.details() == "Internal error from Core")
 
 
-async def _read_unless_feeder_failed(call: grpc.aio.StreamStreamCall,
-                                     feeder: asyncio.Future) -> object:
-    try:
-        return await call.read()
-    except (asyncio.CancelledError, grpc.RpcError):
-        if feeder.done() and not feeder.cancelled() and feeder.exception() is not None:
-            raise feeder.exception() from None
-        raise
+async def _feed(call: grpc.aio.StreamStreamCall, pending: _Pending, source: _Source,
+                slots: asyncio.Semaphore, options: pb.GenerationOptions | None,
+                request_size: int) -> None:
+    """Write the unanswered articles again (after a broken stream), then new ones from the
+    source while a slot is free. A write to a stream that has failed ends the feeding: the
+    reader sees the stream's real status."""
+    with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
+        resend = pending.snapshot()
+        for start in range(0, len(resend), request_size):
+            await call.write(_request(resend[start:start + request_size], options))
+        while not source.exhausted:
+            batch: list[tuple[str, str]] = []
+            while len(batch) < request_size:
+                if batch and slots.locked():
+                    break  # send what we have rather than wait for a slot
+                await slots.acquire()
+                try:
+                    article = await anext(source.articles, None)
+                    if article is not None:
+                        article_id, text = _check_id(article)
+                        pending.add(article_id, text)
+                except Exception as error:  # noqa: BLE001 - re-raised to the caller at the end
+                    article, source.error = None, error
+                if article is None:
+                    slots.release()
+                    source.exhausted = True
+                    break
+                batch.append((article_id, text))
+            if batch:
+                await call.write(_request(batch, options))
+        await call.done_writing()
+
+
+class _Done:
+    """The end of an iteration driven by `_LoopThread.next`."""
+
+
+_DONE = _Done()
+
+
+class _LoopThread:
+    """A private event loop in a thread of its own, for the blocking client to drive the asyncio
+    implementation; the thread ends when the `with` block does."""
+
+    def __init__(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever,
+                                        name="summarizer-client-loop", daemon=True)
+        self._step: asyncio.Task | None = None
+
+    def __enter__(self) -> _LoopThread:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+    def run(self, coroutine: Awaitable[T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+    def next(self, iterator: AsyncIterator[T]) -> T | _Done:
+        """The next item, or _DONE. Interrupted (Ctrl-C), the step goes on until `finish`."""
+
+        async def step() -> T | _Done:
+            self._step = asyncio.current_task()
+            return await anext(iterator, _DONE)
+
+        return self.run(step())
+
+    def finish(self, iterator: AsyncGenerator, client: AsyncSummarizerClient) -> None:
+        """Cancel a step still running (the caller was interrupted), close the iterator (which
+        cancels its stream) and the client's channel."""
+
+        async def finish() -> None:
+            if self._step is not None and not self._step.done():
+                self._step.cancel()
+                with contextlib.suppress(BaseException):
+                    await self._step
+            try:
+                await iterator.aclose()
+            finally:
+                await client.close()
+                await self._loop.shutdown_asyncgens()
+
+        self.run(finish())
 
 
 async def _aiter(items: Iterable[T] | AsyncIterable[T]) -> AsyncIterator[T]:

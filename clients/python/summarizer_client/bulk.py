@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO
 
-from .domain import ArticleFailure, ArticleSummary
-from .errors import SummarizerError, code_name
+from .errors import ClientError, code_name
+from .results import ArticleFailure, ArticleSummary
 
 PROGRESS_EVERY_S = 0.25
 
@@ -44,12 +44,12 @@ def parse_jsonl_articles(lines: Iterable[str], name: str, where: str,
             text = record["text"]
             article_id = str(record.get("id") or f"{name}:{number}")
         except (ValueError, KeyError, TypeError, AttributeError):
-            raise SummarizerError(f"{where}:{number}: expected a JSON object with a 'text' "
+            raise ClientError(f"{where}:{number}: expected a JSON object with a 'text' "
                                   "field") from None
         if not isinstance(text, str):
-            raise SummarizerError(f"{where}:{number}: 'text' must be a string")
+            raise ClientError(f"{where}:{number}: 'text' must be a string")
         if article_id in seen:
-            raise SummarizerError(f"{where}:{number}: duplicate id {article_id!r}")
+            raise ClientError(f"{where}:{number}: duplicate id {article_id!r}")
         seen.add(article_id)
         if article_id not in skip:
             yield article_id, text

@@ -1,0 +1,152 @@
+"""Fixtures of the client's tests: the address of a real server, and a scripted one.
+
+The real server is SUMMARIZER_TEST_SERVER (HOST:PORT of a running `summarizer serve`, as CI
+gives it). Unset, the tests start one themselves with a tiny random-weight model when the server
+package is importable (the repository's `python -m pytest`), and fail otherwise: these tests
+never skip silently. The scripted server (`scripted`) needs only grpcio: it injects the faults
+summarize_many must survive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+import grpc
+import pytest
+
+from summarizer_client.cli import _health_check
+from summarizer_client.gen.summarizer.v1 import summarizer_pb2 as pb
+from summarizer_client.gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
+
+SERVER_VARIABLE = "SUMMARIZER_TEST_SERVER"
+LOST_STATUS = "Internal error from Core"
+"""What grpcio's asyncio client says when a write races the end of a stream (grpc/grpc#36066)."""
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_serving(target: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if _health_check(target, {}, 2.0) == 1:  # SERVING
+                return
+        except grpc.RpcError:
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no SERVING server at {target} after {timeout_s}s")
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """HOST:PORT of a real server."""
+    if os.environ.get(SERVER_VARIABLE):
+        target = os.environ[SERVER_VARIABLE]
+        wait_serving(target, 60)
+        yield target
+        return
+    try:
+        from service.tiny import build_tiny_checkpoint
+    except ModuleNotFoundError as error:
+        pytest.fail(f"set {SERVER_VARIABLE}=HOST:PORT to a running server (`summarizer serve`), "
+                    f"or install the server so that the tests can start one ({error})")
+    model = build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-bart"), "bart")
+    target = f"127.0.0.1:{_free_port()}"
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("SUMMARIZER_")}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service", "serve", "--model", str(model), "--host", "127.0.0.1",
+         "--port", target.rsplit(":", 1)[1]],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env=environ | {"HF_HUB_OFFLINE": "1"})
+    try:
+        wait_serving(target, 180)
+        yield target
+    finally:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+class Scripted(pb_grpc.SummarizerServicer):
+    """Answers each article with its id; the first `breaks` streams end with `code` and
+    `details` after `answer_before_break` answers; with `stall`, answers nothing."""
+
+    def __init__(self) -> None:
+        self.breaks = 0
+        self.answer_before_break = 2
+        self.code = grpc.StatusCode.INTERNAL
+        self.details = LOST_STATUS
+        self.stall = False
+        self.streams = 0
+        self.cancelled = threading.Event()
+
+    async def SummarizeStream(self, request_iterator, context):  # noqa: N802 - gRPC's name
+        self.streams += 1
+        broken = self.streams <= self.breaks
+        try:
+            if broken:
+                # Read everything first: a break while the client still writes could come back
+                # to it as grpcio's own lost-status INTERNAL instead of this status.
+                requests = [request async for request in request_iterator]
+                answers = [a for r in requests for a in r.articles][:self.answer_before_break]
+                for article in answers:
+                    yield self._answer(article)
+                await context.abort(self.code, self.details)
+            async for request in request_iterator:
+                for article in request.articles:
+                    if self.stall:
+                        await asyncio.sleep(3600)
+                    yield self._answer(article)
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+
+    @staticmethod
+    def _answer(article: pb.Article) -> pb.ArticleResult:
+        return pb.ArticleResult(id=article.id, summary=f"S:{article.id}",
+                                input_tokens=len(article.text.split()))
+
+
+@pytest.fixture
+def scripted() -> Iterator[tuple[str, Scripted]]:
+    """A scripted server on its own event loop in a thread: (target, script)."""
+    script = Scripted()
+    loop = asyncio.new_event_loop()
+    started: list[tuple[grpc.aio.Server, int]] = []
+
+    async def start() -> None:
+        server = grpc.aio.server()
+        pb_grpc.add_SummarizerServicer_to_server(script, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        started.append((server, port))
+
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    asyncio.run_coroutine_threadsafe(start(), loop).result(30)
+    server, port = started[0]
+    try:
+        yield f"127.0.0.1:{port}", script
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(0), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        with contextlib.suppress(Exception):
+            loop.close()
+
