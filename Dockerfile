@@ -53,13 +53,14 @@ COPY pyproject.toml README.md ./
 COPY protos ./protos
 COPY models ./models
 COPY service ./service
+COPY clients ./clients
 RUN --mount=type=secret,id=pip_ca \
     set -eu; \
     if [ -s /run/secrets/pip_ca ]; then \
         cat /etc/ssl/certs/ca-certificates.crt /run/secrets/pip_ca > /tmp/pip-ca.pem; \
         export PIP_CERT=/tmp/pip-ca.pem; \
     fi; \
-    pip install .; \
+    pip install ./clients/python .; \
     rm -f /tmp/pip-ca.pem
 
 # ---- model: /models/default, baked in or left empty for a mount --------------------------------

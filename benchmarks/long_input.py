@@ -29,8 +29,8 @@ from pathlib import Path
 import grpc
 from concurrency import cpu_seconds, start_server  # this directory: run as `python benchmarks/long_input.py`
 
-from service.gen.summarizer.v1 import summarizer_pb2 as pb
-from service.gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
+from summarizer_client.gen.summarizer.v1 import summarizer_pb2 as pb
+from summarizer_client.gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
 from service.tiny import PRESETS, cached_preset_checkpoint
 
 # Words the benchmark tokenizer knows whole (it was trained on service.tiny's word list) and

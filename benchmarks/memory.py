@@ -22,8 +22,8 @@ from pathlib import Path
 import grpc
 
 from concurrency import start_server
-from service.gen.summarizer.v1 import summarizer_pb2 as pb
-from service.gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
+from summarizer_client.gen.summarizer.v1 import summarizer_pb2 as pb
+from summarizer_client.gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
 from service.tiny import PRESETS, cached_preset_checkpoint, training_text
 
 

@@ -46,8 +46,8 @@ from typing import Any
 
 import grpc
 
-from service.gen.summarizer.v1 import summarizer_pb2 as pb
-from service.gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
+from summarizer_client.gen.summarizer.v1 import summarizer_pb2 as pb
+from summarizer_client.gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
 from service.tiny import PRESETS, cached_preset_checkpoint, training_text
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
