@@ -90,7 +90,7 @@ RUN --mount=type=secret,id=pip_ca \
     # CTranslate2 model (int8, what --compute-type auto picks on a CPU) goes into the checkpoint
     # directory itself, which torch (--engine torch) still loads as before.
     if [ -f /models/default/config.json ] \
-            && python -m service.engine_choice /models/default; then \
+            && python -m service.engines.choice /models/default; then \
         HF_HOME=/tmp/hf summarizer convert /models/default --in-place --compute-type int8 \
             --offline; \
         rm -rf /tmp/hf; \

@@ -26,7 +26,7 @@ import grpc
 
 from summarizer_client.gen.summarizer.v1 import summarizer_pb2 as pb
 from summarizer_client.gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
-from service.tiny import PRESETS, cached_preset_checkpoint, training_text
+from service.engines.tiny import PRESETS, cached_preset_checkpoint, training_text
 
 
 def articles(count: int, seed: int = 1) -> list[str]:

@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import make_articles  # noqa: E402 - sibling helpers
 
-from service.tiny import PRESETS, cached_preset_checkpoint  # noqa: E402
+from service.engines.tiny import PRESETS, cached_preset_checkpoint  # noqa: E402
 
 
 def timed(function, repeats: int) -> float:  # noqa: ANN001 - a closure
@@ -52,7 +52,7 @@ def main() -> int:
 
     from service.config import Settings
     from service.domain import GenerationParams, Outputs
-    from service.engine_ct2 import CTranslate2Engine
+    from service.engines.ct2_engine import CTranslate2Engine
     from service.text import clean_article, model_text
 
     model = cached_preset_checkpoint(args.cache, args.preset)

@@ -31,9 +31,9 @@ from concurrency import cpu_seconds, start_server  # this directory: run as `pyt
 
 from summarizer_client.gen.summarizer.v1 import summarizer_pb2 as pb
 from summarizer_client.gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
-from service.tiny import PRESETS, cached_preset_checkpoint
+from service.engines.tiny import PRESETS, cached_preset_checkpoint
 
-# Words the benchmark tokenizer knows whole (it was trained on service.tiny's word list) and
+# Words the benchmark tokenizer knows whole (it was trained on service.engines.tiny's word list) and
 # words it must spell in pieces; the mix sets the tokens per character.
 _KNOWN = ("the city council said on monday that new bus routes would open in march after "
           "officials agreed a budget of two million for the northern suburbs hospital "

@@ -24,7 +24,7 @@ import grpc
 from concurrency import start_server
 from summarizer_client.gen.summarizer.v1 import summarizer_pb2 as pb
 from summarizer_client.gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
-from service.tiny import PRESETS, cached_preset_checkpoint, training_text
+from service.engines.tiny import PRESETS, cached_preset_checkpoint, training_text
 
 
 def memory_mib(pid: int) -> dict[str, float]:

@@ -48,7 +48,7 @@ import grpc
 
 from summarizer_client.gen.summarizer.v1 import summarizer_pb2 as pb
 from summarizer_client.gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
-from service.tiny import PRESETS, cached_preset_checkpoint, training_text
+from service.engines.tiny import PRESETS, cached_preset_checkpoint, training_text
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from concurrency import cpu_seconds, peak_rss_mb, start_server  # noqa: E402 - sibling helpers
@@ -145,7 +145,7 @@ def run_in_process(work: Work, engine: str, compute_type: str, cache: str) -> Re
     """The engine alone, on the batches the batcher would form with every article queued."""
     from service.config import Settings
     from service.domain import GenerationParams, Outputs
-    from service.server import default_engine_factory
+    from service.api.server import default_engine_factory
     from service.text import clean_article, model_text
 
     settings = Settings(model=work.model, engine=engine, compute_type=compute_type,

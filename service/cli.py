@@ -144,15 +144,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _fetch(args: argparse.Namespace) -> int:
-    from .fetch import fetch
+    from .engines.fetch import fetch
 
     print(fetch(args.model, args.out, args.revision))
     return 0
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from .checkpoint import resolve_source
-    from .convert import convert, convert_in_place
+    from .engines.checkpoint import resolve_source
+    from .engines.convert import convert, convert_in_place
 
     settings = config_module.Settings(offline=args.offline, revision=args.revision)
     if bool(args.out) == args.in_place:
@@ -169,7 +169,7 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _make_tiny_model(args: argparse.Namespace) -> int:
-    from .tiny import build_tiny_checkpoint
+    from .engines.tiny import build_tiny_checkpoint
 
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise InputError(f"{args.out}: is a file; give a directory to write the model into")
@@ -180,7 +180,7 @@ def _make_tiny_model(args: argparse.Namespace) -> int:
 def _models(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from .manifests import catalogue, score_figures
+    from .engines.manifests import catalogue, score_figures
 
     manifests = catalogue()
     if args.json:
@@ -222,9 +222,9 @@ def _evaluate(args: argparse.Namespace) -> int:
                 make_options(outputs=outputs.value, long_input=args.long_input, **lengths))
         source = f"server {target} ({', '.join(m.model_id for m in info.models)})"
     else:
-        from .checkpoint import check_model_refs
+        from .engines.checkpoint import check_model_refs
         from .domain import LongInput, RequestedOptions
-        from .server import default_engine_factory
+        from .api.server import default_engine_factory
 
         overrides = {"model": args.model, "headline_model": args.headline_model,
                      "family": args.family, "device": args.device, "threads": args.threads}
@@ -247,9 +247,9 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .checkpoint import check_model_refs
-    from .logs import configure_logging
-    from .server import run
+    from .engines.checkpoint import check_model_refs
+    from .api.logs import configure_logging
+    from .api.server import run
 
     settings = config_module.from_arguments(args)
     if not settings.model:

@@ -7,16 +7,46 @@ goes to the log, never to the caller).
 
 from __future__ import annotations
 
-import grpc
-from summarizer_client.errors import code_name
+import enum
 
 __all__ = ["code_name"]  # re-exported: the client owns it
+
+
+class Code(enum.IntEnum):
+    """gRPC's status codes, by their standard numbers, without importing grpc: the serving layer
+    names its errors' codes with these, and the API layer hands them to grpc by name."""
+
+    OK = 0
+    CANCELLED = 1
+    UNKNOWN = 2
+    INVALID_ARGUMENT = 3
+    DEADLINE_EXCEEDED = 4
+    NOT_FOUND = 5
+    ALREADY_EXISTS = 6
+    PERMISSION_DENIED = 7
+    RESOURCE_EXHAUSTED = 8
+    FAILED_PRECONDITION = 9
+    ABORTED = 10
+    OUT_OF_RANGE = 11
+    UNIMPLEMENTED = 12
+    INTERNAL = 13
+    UNAVAILABLE = 14
+    DATA_LOSS = 15
+    UNAUTHENTICATED = 16
+
+
+def code_name(number: int) -> str:
+    """A numeric status code's name, e.g. 13 -> "INTERNAL"."""
+    try:
+        return Code(number).name
+    except ValueError:
+        return str(number)
 
 
 class SummarizerError(Exception):
     """Base of every error the service reports on purpose."""
 
-    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    code: Code = Code.INTERNAL
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -26,7 +56,7 @@ class SummarizerError(Exception):
 class InvalidArgument(SummarizerError):
     """The caller sent something unusable; the message names the field and the article."""
 
-    code = grpc.StatusCode.INVALID_ARGUMENT
+    code = Code.INVALID_ARGUMENT
 
     def __init__(self, field: str, problem: str, *, article_index: int | None = None,
                  article_id: str = "") -> None:
@@ -42,7 +72,7 @@ class InvalidArgument(SummarizerError):
 class Overloaded(SummarizerError):
     """Too much work already: retry later, with backoff."""
 
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    code = Code.RESOURCE_EXHAUSTED
 
 
 class QueueFull(Overloaded):
@@ -56,35 +86,35 @@ class OutOfMemory(Overloaded):
 class Unauthenticated(SummarizerError):
     """No valid bearer token: checked before any other work."""
 
-    code = grpc.StatusCode.UNAUTHENTICATED
+    code = Code.UNAUTHENTICATED
 
 
 class DeadlineExceeded(SummarizerError):
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    code = Code.DEADLINE_EXCEEDED
 
 
 class Unavailable(SummarizerError):
     """The server is starting up or shutting down."""
 
-    code = grpc.StatusCode.UNAVAILABLE
+    code = Code.UNAVAILABLE
 
 
 class GenerationFailed(SummarizerError):
     """The engine misbehaved; the details go to the log, the caller sees a generic message."""
 
-    code = grpc.StatusCode.INTERNAL
+    code = Code.INTERNAL
 
 
 class ConfigError(SummarizerError):
     """Bad settings: reported on the command line, never over gRPC."""
 
-    code = grpc.StatusCode.FAILED_PRECONDITION
+    code = Code.FAILED_PRECONDITION
 
 
 class ModelLoadError(SummarizerError):
     """The model is missing, not a seq2seq checkpoint, or not loadable safely."""
 
-    code = grpc.StatusCode.FAILED_PRECONDITION
+    code = Code.FAILED_PRECONDITION
 
 
 def first_line(error: BaseException) -> str:
@@ -100,8 +130,8 @@ def is_out_of_memory(error: BaseException) -> bool:
             or (isinstance(error, RuntimeError) and "out of memory" in str(error).lower()))
 
 
-def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
+def status_for(error: BaseException) -> tuple[Code, str]:
     """The status code and caller-facing message for any exception."""
     if isinstance(error, SummarizerError) and not isinstance(error, GenerationFailed):
         return error.code, error.message
-    return grpc.StatusCode.INTERNAL, "internal error while summarising; see the server log"
+    return Code.INTERNAL, "internal error while summarising; see the server log"

@@ -27,7 +27,7 @@ from typing import Any
 
 from .domain import ArticleFailure, ArticleSummary, Outputs, RequestedOptions
 from .errors import SummarizerError, code_name, status_for
-from .chunking import sentence_spans
+from .serving.chunking import sentence_spans
 from .text import clean_article
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
@@ -350,13 +350,13 @@ def run_in_process(engine: Any, settings: Any, records: Sequence[Record], batch_
                    options: RequestedOptions) -> list[Result]:
     """The model's outputs from an engine in this process, through the same core the server
     uses (clean-up, validation, batching), without gRPC."""
-    from .core import ArticleIn, SummarizerCore
+    from .serving.core import ArticleIn, SummarizerCore
 
     def failure(error: BaseException) -> tuple[int, str] | None:
         if not isinstance(error, SummarizerError):
             return None
         code, message = status_for(error)
-        return code.value[0], message
+        return int(code), message
 
     with asyncio.Runner() as runner:
         core = SummarizerCore(engine, settings)

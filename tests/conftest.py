@@ -12,8 +12,8 @@ import grpc
 import pytest
 
 from service.config import Settings
-from service.server import SummarizerServer
-from service.tiny import build_tiny_checkpoint
+from service.api.server import SummarizerServer
+from service.engines.tiny import build_tiny_checkpoint
 
 
 @pytest.fixture(scope="session")

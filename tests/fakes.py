@@ -7,7 +7,7 @@ import time
 from collections.abc import Sequence
 
 from service.domain import Generated, GenerationParams, Outputs, PreparedArticle
-from service.engine import ModelDescription
+from service.engines.protocol import ModelDescription
 
 
 class FakeEngine:

@@ -1,4 +1,4 @@
-"""Unit tests for service/batcher.py, with a fake blocking `run_batch` (no torch, no gRPC).
+"""Unit tests for service/serving/batcher.py, with a fake blocking `run_batch` (no torch, no gRPC).
 
 The fake records every call (key, payloads, thread) and can hold chosen calls on a
 `threading.Event`, so a test decides exactly when the worker is busy and when it is free.
@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from service.batcher import Batcher, BatcherStats, BatchReport, DropReason, Job
+from service.serving.batcher import Batcher, BatcherStats, BatchReport, DropReason, Job
 from service.errors import DeadlineExceeded, GenerationFailed, QueueFull, Unavailable
 
 pytestmark = pytest.mark.timeout(10)

@@ -1,4 +1,4 @@
-"""Chunking long texts (service/chunking.py): with a character-counting fake and with the real
+"""Chunking long texts (service/serving/chunking.py): with a character-counting fake and with the real
 tokenisers of the tiny checkpoints, whose counts are the ones the model reads."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from service.chunking import OVERLAP_MAX_FRACTION, Chunk, chunks, sentence_spans
+from service.serving.chunking import OVERLAP_MAX_FRACTION, Chunk, chunks, sentence_spans
 from service.config import Settings
 from service.domain import Limits, Outputs, RequestedOptions, resolve_options
-from service.engine_torch import TorchEngine
-from service.tiny import training_text
+from service.engines.torch_engine import TorchEngine
+from service.engines.tiny import training_text
 
 OVERHEAD = 3
 """Tokens the fake counter adds to every text: a stand-in for a task prefix and special tokens."""

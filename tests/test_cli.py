@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from summarizer_client.gen.summarizer.v1 import summarizer_pb2 as pb
 from summarizer_client.gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
-from service.tiny import training_text
+from service.engines.tiny import training_text
 
 pytestmark = pytest.mark.slow
 CLI = [sys.executable, "-m", "service"]

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from service import cli
-from service.checkpoint import looks_like_path, resolve_source
+from service.engines.checkpoint import looks_like_path, resolve_source
 from service.config import Settings, client_target
 from service.errors import ConfigError, ModelLoadError
 
@@ -251,7 +251,7 @@ def test_help_describes_every_command_and_flag() -> None:
 
 def test_hub_warnings_are_printed_once_in_the_server_log() -> None:
     """huggingface_hub's own handler printed each retry warning a second time, unformatted."""
-    script = ("import logging; from service.logs import configure_logging; "
+    script = ("import logging; from service.api.logs import configure_logging; "
               "configure_logging('DEBUG', 'text'); "
               "import huggingface_hub.utils._http; "  # as model loading does, after set-up
               "logging.getLogger('huggingface_hub.utils._http').warning('Retrying in 1s')")

@@ -14,7 +14,7 @@ from summarizer_client.client import (ArticleFailure, ArticleSummary, AsyncSumma
                             SummarizerClient, make_options)
 from summarizer_client.gen.summarizer.v1 import summarizer_pb2 as pb
 from summarizer_client.gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
-from service.server import SummarizerServer
+from service.api.server import SummarizerServer
 
 from .conftest import server_in_thread
 from .fakes import FakeEngine

@@ -10,7 +10,7 @@ import pytest
 
 from service.config import Settings
 from service.domain import GenerationParams, Limits, Outputs, RequestedOptions, resolve_options
-from service.engine_torch import TorchEngine
+from service.engines.torch_engine import TorchEngine
 from service.errors import ModelLoadError
 
 TEXTS = [

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from service.config import Settings
-from service.engine_choice import choose_engine, resolved
-from service.server import default_engine_factory
+from service.engines.choice import choose_engine, resolved
+from service.api.server import default_engine_factory
 
 pytest.importorskip("ctranslate2")
 
@@ -71,7 +71,7 @@ def test_explicit_engines_are_left_alone(tiny_bart: Path) -> None:
 
 def test_the_default_serves_ctranslate2_int8_on_cpu_and_logs_why(
         tiny_bart: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="service.engine_choice")
+    caplog.set_level(logging.INFO, logger="service.engines.choice")
     engine = default_engine_factory(Settings(model=str(tiny_bart), device="cpu", threads=1,
                                              convert_cache_dir=str(tmp_path / "cache")))
     assert Settings().engine == "auto" and Settings().compute_type == "auto"

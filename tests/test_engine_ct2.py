@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from service.checkpoint import resolve_source
+from service.engines.checkpoint import resolve_source
 from service.config import Settings
-from service.convert import CT2_MARKER, cache_path, convert, is_converted
-from service.engine_ct2 import CTranslate2Engine
-from service.engine_torch import TorchEngine
+from service.engines.convert import CT2_MARKER, cache_path, convert, is_converted
+from service.engines.ct2_engine import CTranslate2Engine
+from service.engines.torch_engine import TorchEngine
 from service.errors import ModelLoadError
 from tests.test_engine import TEXTS, params
 
@@ -177,7 +177,7 @@ def test_the_side_file_tokenizer_gives_transformers_ids_and_texts(converted: dic
                                                                   name: str) -> None:
     from transformers import AutoTokenizer
 
-    from service.tokenizer import HFTokenizer, read_side_file
+    from service.engines.tokenizer import HFTokenizer, read_side_file
 
     side = read_side_file(converted[name])
     assert side is not None, "the conversion wrote the side file"
@@ -200,7 +200,7 @@ def test_the_ctranslate2_serving_path_imports_neither_torch_nor_transformers(
     script = (
         "import sys\n"
         "from service.config import Settings\n"
-        "from service.engine_ct2 import CTranslate2Engine\n"
+        "from service.engines.ct2_engine import CTranslate2Engine\n"
         "from service.domain import GenerationParams, Outputs\n"
         f"engine = CTranslate2Engine(Settings(model={str(converted['bart'])!r}, "
         "threads=1, engine='ctranslate2', compute_type='int8'))\n"
@@ -217,7 +217,7 @@ def test_the_ctranslate2_serving_path_imports_neither_torch_nor_transformers(
 
 def test_a_directory_converted_before_the_side_file_still_loads(
         converted: dict[str, Path], tmp_path: Path) -> None:
-    from service.tokenizer import SIDE_FILE
+    from service.engines.tokenizer import SIDE_FILE
 
     old = tmp_path / "old"
     shutil.copytree(converted["bart"], old)

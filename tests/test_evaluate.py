@@ -16,7 +16,7 @@ from service.cli import main
 from service.config import Settings
 from service.domain import ArticleFailure, ArticleSummary
 from service.errors import SummarizerError
-from service.server import default_engine_factory
+from service.api.server import default_engine_factory
 
 from .conftest import server_in_thread
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from service.fetch import CONVERSION_BOT, CONVERSION_PR_TITLE, conversion_pr_revision
+from service.engines.fetch import CONVERSION_BOT, CONVERSION_PR_TITLE, conversion_pr_revision
 
 
 @dataclass

@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from service.config import Settings
 from summarizer_client.gen.summarizer.v1 import summarizer_pb2 as pb
 from summarizer_client.gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
-from service.server import SERVICE_NAME, SummarizerServer
+from service.api.server import SERVICE_NAME, SummarizerServer
 
 from .conftest import serving
 from .fakes import FakeEngine
@@ -461,7 +461,7 @@ async def test_a_call_past_its_deadline_is_logged_as_the_caller_saw_it(timeout_s
     engine = FakeEngine()
     engine.hold = threading.Event()  # the call cannot finish before its deadline
     watch = _CallLog(asyncio.get_running_loop())
-    servicer_log = logging.getLogger("service.servicer")
+    servicer_log = logging.getLogger("service.api.servicer")
     servicer_log.addHandler(watch)
     level = servicer_log.level
     servicer_log.setLevel(logging.INFO)

@@ -12,10 +12,10 @@ import grpc
 import pytest
 
 from service.config import Settings
-from service.engine_torch import TorchEngine
+from service.engines.torch_engine import TorchEngine
 from summarizer_client.gen.summarizer.v1 import summarizer_pb2 as pb
 from summarizer_client.gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
-from service.tiny import training_text
+from service.engines.tiny import training_text
 
 from .conftest import serving
 from .fakes import FakeEngine

@@ -9,7 +9,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from service import manifests
+from service.engines import manifests
 from service.errors import ConfigError
 from summarizer_client.gen.summarizer.v1 import summarizer_pb2 as pb
 from summarizer_client.gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
@@ -91,7 +91,7 @@ def test_an_installed_wheel_carries_the_manifests(tmp_path: Path) -> None:
             archive.extractall(tmp_path / "site")
     assert (tmp_path / "site" / "summarizer_client" / "gen" / "summarizer" / "v1"
             / "summarizer_pb2.pyi").is_file()
-    probe = ("from service import manifests; "
+    probe = ("from service.engines import manifests; "
              "print(sorted(manifests.families())); print(sorted(manifests.named_models()))")
     done = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True,
                           text=True, timeout=120, env={"PYTHONPATH": str(tmp_path / "site")})
@@ -151,7 +151,7 @@ def test_family_manifests_and_old_style_named_manifests_load_without_the_new_fie
 def test_readme_model_table_is_generated_from_the_manifests() -> None:
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
     assert manifests.markdown_table() in readme, (
-        "README model table is stale: paste the output of `python -c 'from service.manifests "
+        "README model table is stale: paste the output of `python -c 'from service.engines.manifests "
         "import markdown_table; print(markdown_table())'`")
 
 

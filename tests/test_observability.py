@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from summarizer_client.gen.summarizer.v1 import summarizer_pb2 as pb
 from summarizer_client.gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
-from service.logs import JsonFormatter
+from service.api.logs import JsonFormatter
 
 from .conftest import serving
 from .fakes import FakeEngine
@@ -107,7 +107,7 @@ async def test_metrics_endpoint_moves_with_real_traffic() -> None:
 
 async def test_one_info_line_per_call_with_its_figures_and_the_callers_request_id(
         caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="service.servicer")
+    caplog.set_level(logging.INFO, logger="service.api.servicer")
     async with serving(BASE, lambda s: FakeEngine(window=8)) as (_, channel):
         stub = pb_grpc.SummarizerStub(channel)
         call = stub.Summarize(request("secret article body", "another",
@@ -118,7 +118,7 @@ async def test_one_info_line_per_call_with_its_figures_and_the_callers_request_i
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.Summarize(request(""), timeout=10)
         generated_id = dict(caught.value.trailing_metadata())["x-request-id"]
-    lines = [r for r in caplog.records if r.name == "service.servicer" and hasattr(r, "request")]
+    lines = [r for r in caplog.records if r.name == "service.api.servicer" and hasattr(r, "request")]
     assert len(lines) == 2
     ok, bad = (r.request for r in lines)
     assert ok["request_id"] == "trace-42" and ok["status"] == "OK"
@@ -130,7 +130,7 @@ async def test_one_info_line_per_call_with_its_figures_and_the_callers_request_i
     assert all(r.levelno == logging.INFO for r in lines)
 
     entry = json.loads(JsonFormatter().format(lines[0]))
-    assert entry["level"] == "INFO" and entry["logger"] == "service.servicer"
+    assert entry["level"] == "INFO" and entry["logger"] == "service.api.servicer"
     assert entry["request_id"] == "trace-42" and entry["status"] == "OK"
     assert entry["input_tokens"] == 15 and "time" in entry
 
@@ -139,7 +139,7 @@ def test_json_log_lines_carry_exceptions_as_a_field() -> None:
     try:
         raise ValueError("broken engine")
     except ValueError:
-        record = logging.LogRecord("service.batcher", logging.ERROR, __file__, 1,
+        record = logging.LogRecord("service.serving.batcher", logging.ERROR, __file__, 1,
                                    "input failed on its own (%s)", ("ValueError",),
                                    exc_info=sys.exc_info())
     entry = json.loads(JsonFormatter().format(record))

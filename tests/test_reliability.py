@@ -19,7 +19,7 @@ from service.config import Settings
 from service.domain import Generated, GenerationParams, PreparedArticle
 from summarizer_client.gen.summarizer.v1 import summarizer_pb2 as pb
 from summarizer_client.gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
-from service.server import SummarizerServer
+from service.api.server import SummarizerServer
 from summarizer_client.soak import SoakConfig, run_soak
 
 from .conftest import server_in_thread, serving

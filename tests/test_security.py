@@ -14,7 +14,7 @@ from service import cli
 from service.config import Settings, markdown_table
 from service.errors import ConfigError
 from summarizer_client.gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
-from service.server import SummarizerServer
+from service.api.server import SummarizerServer
 
 from .conftest import server_in_thread, serving
 from .fakes import FakeEngine

@@ -277,7 +277,7 @@ kill -0 "$runner" 2>/dev/null && { server_log; fail "still running 60 s after SI
 status=0; wait "$runner" || status=$?
 runner=""
 [ "$status" = 0 ] || { server_log; fail "exit status $status after SIGTERM, want 0"; }
-grep -q "service.server: stopped" "$work/server.log" || { server_log; fail "no 'stopped' in the log"; }
+grep -q "service.api.server: stopped" "$work/server.log" || { server_log; fail "no 'stopped' in the log"; }
 say "SIGTERM: drained and exited with status 0"
 
 passed=1

@@ -5,10 +5,19 @@
 
 __version__ = "0.1.0"
 
-from .client import (AsyncSummarizerClient, RetryPolicy, SummarizerClient,  # noqa: E402
-                     make_options)
-from .errors import ClientError, code_name  # noqa: E402
-from .results import ArticleFailure, ArticleSummary, Result  # noqa: E402
+_EXPORTS = {
+    "AsyncSummarizerClient": "client", "RetryPolicy": "client", "SummarizerClient": "client",
+    "make_options": "client", "ClientError": "errors", "code_name": "errors",
+    "ArticleFailure": "results", "ArticleSummary": "results", "Result": "results",
+}
+__all__ = sorted(_EXPORTS)
 
-__all__ = ["ArticleFailure", "ArticleSummary", "AsyncSummarizerClient", "ClientError", "Result",
-           "RetryPolicy", "SummarizerClient", "code_name", "make_options"]
+
+def __getattr__(name: str) -> object:
+    # Lazy (PEP 562): `from summarizer_client.results import ...` does not load grpc and the
+    # stubs, so the server's core can share the result types without its gRPC layer.
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'summarizer_client' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

@@ -59,7 +59,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield target
         return
     try:
-        from service.tiny import build_tiny_checkpoint
+        from service.engines.tiny import build_tiny_checkpoint
     except ModuleNotFoundError as error:
         pytest.fail(f"set {SERVER_VARIABLE}=HOST:PORT to a running server (`summarizer serve`), "
                     f"or install the server so that the tests can start one ({error})")

@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import Checkpoint, CheckpointEngine, load_checkpoint, load_failure, resolve_source
-from .config import Settings
-from .domain import Generated, GenerationParams
-from .errors import ModelLoadError
-from .text import tidy_headline, tidy_summary
+from ..config import Settings
+from ..domain import Generated, GenerationParams
+from ..errors import ModelLoadError
+from ..text import tidy_headline, tidy_summary
 
 log = logging.getLogger(__name__)
 

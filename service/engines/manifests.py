@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, ModelLoadError
+from ..errors import ConfigError, ModelLoadError
 
 ROLES = ("summary", "headline")
 
@@ -71,10 +71,11 @@ class Manifest:
 def _manifest_root() -> Path:
     # In a source checkout (or editable install) the files sit in <repo>/models; an installed
     # wheel carries them as the package data directory `service/model_manifests`.
-    checkout = Path(__file__).resolve().parent.parent / "models"
+    package = Path(__file__).resolve().parent.parent  # service/
+    checkout = package.parent / "models"
     if (checkout / "families").is_dir():
         return checkout
-    return Path(__file__).resolve().parent / "model_manifests"
+    return package / "model_manifests"
 
 
 CHUNKED_HEADLINE_SOURCES = ("summary", "opening+summary")

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from .domain import Generated, GenerationParams, PreparedArticle
+from ..domain import Generated, GenerationParams, PreparedArticle
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import Source
-from .errors import ModelLoadError, first_line
+from ..errors import ModelLoadError, first_line
 from .manifests import MARKER_FILE, write_marker
 from .tokenizer import SIDE_FILE, write_side_file
 

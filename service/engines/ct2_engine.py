@@ -2,7 +2,7 @@
 
 `--model` takes what the torch engine takes (a directory, hub id or manifest name; the checkpoint is
 converted into `--convert-cache-dir` on first use) or a directory `summarizer convert` wrote.
-Tokenising, windows, defaults and results are the shared ones (service/checkpoint.py), so both
+Tokenising, windows, defaults and results are the shared ones (service/engines/checkpoint.py), so both
 engines read the same ids and answer in the same format; the options are passed to CTranslate2
 explicitly, since it reads no `generation_config.json`: beams, lengths, `length_penalty`,
 `no_repeat_ngram_size` and a checkpoint's forced first token (BART-CNN's `forced_bos_token_id`).
@@ -19,12 +19,12 @@ from typing import Any
 
 from .checkpoint import (Checkpoint, CheckpointEngine, Source, load_checkpoint,
                          load_converted_checkpoint, resolve_source)
-from .config import Settings
+from ..config import Settings
 from .convert import CT2_DIR, converted_for, is_converted
-from .domain import Generated, GenerationParams, PreparedArticle
-from .engine_choice import ct2_compute_type
-from .errors import ModelLoadError
-from .text import tidy_headline, tidy_summary
+from ..domain import Generated, GenerationParams, PreparedArticle
+from .choice import ct2_compute_type
+from ..errors import ModelLoadError
+from ..text import tidy_headline, tidy_summary
 from .tokenizer import read_side_file
 
 log = logging.getLogger(__name__)

@@ -40,7 +40,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from .errors import DeadlineExceeded, GenerationFailed, QueueFull, Unavailable
+from ..errors import DeadlineExceeded, GenerationFailed, QueueFull, Unavailable
 
 log = logging.getLogger(__name__)
 

@@ -14,10 +14,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
-from .batcher import BatcherStats, BatchReport, DropReason
-from .domain import ArticleFailure, ArticleSummary
-from .engine import ModelDescription
-from .errors import code_name
+from ..serving.batcher import BatcherStats, BatchReport, DropReason
+from ..domain import ArticleFailure, ArticleSummary
+from ..engines.protocol import ModelDescription
+from ..errors import code_name
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import Settings
+from ..config import Settings
 from .convert import is_converted
 from .manifests import lookup, source_for
 
@@ -114,13 +114,13 @@ def ct2_compute_type(device_kind: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m service.engine_choice MODEL`: print what auto picks and why; exit 0 for
+    """`python -m service.engines.choice MODEL`: print what auto picks and why; exit 0 for
     ctranslate2, 1 for torch (the Dockerfile converts at build time only when it is 0)."""
     import sys
 
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m service.engine_choice MODEL", file=sys.stderr)
+        print("usage: python -m service.engines.choice MODEL", file=sys.stderr)
         return 2
     choice = choose_engine(Settings.load({"model": args[0]}))
     print(f"{choice.engine}: {choice.reason}")

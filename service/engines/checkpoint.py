@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import Settings
-from .domain import Generated, GenerationParams, Outputs, PreparedArticle
-from .engine import WARMUP_TEXT, ModelDescription
-from .errors import ModelLoadError, first_line
+from ..config import Settings
+from ..domain import Generated, GenerationParams, Outputs, PreparedArticle
+from .protocol import WARMUP_TEXT, ModelDescription
+from ..errors import ModelLoadError, first_line
 from .manifests import Manifest, manifest_for, source_for, unknown_name
 from .tokenizer import HFTokenizer, SideFile, TextTokenizer
 

@@ -14,14 +14,14 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from .batcher import Batcher, BatchReport, Job
-from .config import Settings
-from .domain import (ArticleFailure, ArticleSummary, Generated, GenerationParams, Limits,
+from ..config import Settings
+from ..domain import (ArticleFailure, ArticleSummary, Generated, GenerationParams, Limits,
                      LongInput, Outputs, PreparedArticle, RequestedOptions, resolve_options)
-from .engine import Engine
-from .errors import (GenerationFailed, InvalidArgument, OutOfMemory, QueueFull, SummarizerError,
+from ..engines.protocol import Engine
+from ..errors import (GenerationFailed, InvalidArgument, OutOfMemory, QueueFull, SummarizerError,
                      is_out_of_memory, status_for)
 from .mapreduce import ChunkedArticle, MapReduce, with_outputs
-from .text import clean_article, has_nul, model_text
+from ..text import clean_article, has_nul, model_text
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class ArticleIn:
 
 def _failure(article_id: str, error: BaseException) -> ArticleFailure:
     code, message = status_for(error)
-    return ArticleFailure(article_id, code.value[0], message)
+    return ArticleFailure(article_id, int(code), message)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .errors import ModelLoadError, first_line
+from ..errors import ModelLoadError, first_line
 from .manifests import hub_id_for, write_marker
 
 log = logging.getLogger(__name__)

@@ -17,8 +17,8 @@ import grpc
 from grpc_health.v1 import health
 from summarizer_client.client import AUTH_METADATA_KEY
 
-from .config import Settings
-from .errors import ConfigError, Unauthenticated, status_for
+from ..config import Settings
+from ..errors import ConfigError, Unauthenticated, status_for
 
 EXEMPT_SERVICES = frozenset({health.SERVICE_NAME})
 TOKEN_SCHEME = "bearer"
@@ -73,7 +73,7 @@ def _denying(handler: grpc.RpcMethodHandler, error: Unauthenticated) -> grpc.Rpc
     code, message = status_for(error)
 
     async def deny(_request: Any, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(code, message)
+        await context.abort(grpc.StatusCode[code.name], message)
 
     shape = (handler.request_streaming, handler.response_streaming)
     make = {

@@ -19,12 +19,12 @@ from google.protobuf.message import DecodeError, Message
 from summarizer_client.gen.summarizer.v1 import summarizer_pb2 as pb
 from summarizer_client.gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
 
-from . import __version__
+from .. import __version__
 from .metrics import Metrics
-from .core import ArticleIn, SummarizerCore
-from .domain import (ArticleFailure, ArticleSummary, GenerationParams, LongInput, Outputs,
+from ..serving.core import ArticleIn, SummarizerCore
+from ..domain import (ArticleFailure, ArticleSummary, GenerationParams, LongInput, Outputs,
                      RequestedOptions)
-from .errors import InvalidArgument, Overloaded, SummarizerError, Unavailable, status_for
+from ..errors import InvalidArgument, Overloaded, SummarizerError, Unavailable, status_for
 
 log = logging.getLogger(__name__)
 REQUEST_ID_KEY = "x-request-id"
@@ -149,7 +149,7 @@ async def abort(context: grpc.aio.ServicerContext, error: Exception,
         log.error("unexpected error in a call", exc_info=error)
     if call is not None:
         call.code = code.name
-    await context.abort(code, message)
+    await context.abort(grpc.StatusCode[code.name], message)
     raise AssertionError("unreachable")  # pragma: no cover - context.abort always raises
 
 

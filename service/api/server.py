@@ -17,10 +17,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
-from .config import Settings
-from .core import SummarizerCore
-from .engine import Engine
-from .errors import ConfigError
+from ..config import Settings
+from ..serving.core import SummarizerCore
+from ..engines.protocol import Engine
+from ..errors import ConfigError
 from .metrics import Metrics
 from .security import interceptors, server_credentials
 from .servicer import SERVICE_NAME, SummarizerServicer, add_to_server
@@ -98,14 +98,14 @@ def _bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredent
 
 def default_engine_factory(settings: Settings) -> Engine:
     # Engines are imported only when a model is loaded (and ctranslate2 never imports torch).
-    from .engine_choice import resolved
+    from ..engines.choice import resolved
 
     settings = resolved(settings)
     if settings.engine == "ctranslate2":
-        from .engine_ct2 import CTranslate2Engine
+        from ..engines.ct2_engine import CTranslate2Engine
 
         return CTranslate2Engine(settings)
-    from .engine_torch import TorchEngine
+    from ..engines.torch_engine import TorchEngine
 
     return TorchEngine(settings)
 

@@ -24,10 +24,10 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from .chunking import Chunk, chunks
-from .domain import (MIN_WINDOW_TOKENS, ArticleSummary, Generated, GenerationParams, Outputs,
+from ..domain import (MIN_WINDOW_TOKENS, ArticleSummary, Generated, GenerationParams, Outputs,
                      PreparedArticle)
-from .engine import Engine
-from .text import model_text
+from ..engines.protocol import Engine
+from ..text import model_text
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import sentencex
 
-from .text import model_text
+from ..text import model_text
 
 SENTENCE_LANGUAGE = "en"
 """Segmentation rules. English rules also split at the sentence marks of other scripts (。？！);

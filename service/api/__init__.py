@@ -1,0 +1,1 @@
+"""The gRPC edge: servicer (protobuf <-> domain), server wiring, security, metrics and logs."""
