@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from summarizer_client.results import ArticleFailure, ArticleSummary
 
-from .errors import InvalidArgument
+from .errors import InvalidArgument, status_for
 
 __all__ = ["ArticleFailure", "ArticleSummary"]  # results: the client's types, shared
 
@@ -161,3 +161,9 @@ class Generated:
     headline: str = ""
     summary_tokens: int = 0
     headline_tokens: int = 0
+
+
+def failure_for(article_id: str, error: BaseException) -> ArticleFailure:
+    """One article's in-band failure: the status code and message its error maps to."""
+    code, message = status_for(error)
+    return ArticleFailure(article_id, int(code), message)

@@ -219,6 +219,8 @@ async def test_a_caller_gone_drops_every_chunk_of_its_article(gone: str) -> None
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await stub.Summarize(request(long_article(10), long_input=CHUNK), timeout=0.5)
             assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            # The server sees the deadline pass a moment after the caller does.
+            await wait_until(lambda: server.core.batcher.queue_depth == 0)
         else:
             call = stub.Summarize(request(long_article(10), long_input=CHUNK), timeout=10)
             await wait_until(lambda: server.core.batcher.queue_depth == 10)

@@ -294,25 +294,24 @@ class SummarizerServicer(pb_grpc.SummarizerServicer):
 
     @staticmethod
     def _model_info(core: SummarizerCore) -> pb.ModelInfo:
-        engine = core.engine
-        settings = core.settings
-        defaults = options_to_pb(engine.defaults)
-        defaults.long_input = LONG_INPUT_TO_PB[core.long_input]
+        info = core.describe()
+        defaults = options_to_pb(info.defaults)
+        defaults.long_input = LONG_INPUT_TO_PB[info.long_input]
         return pb.ModelInfo(
             models=[pb.ModelDescription(
                 role=m.role, model_id=m.model_id, family=m.family, model_type=m.model_type,
                 max_input_tokens=m.max_input_tokens, summary_prefix=m.summary_prefix,
                 headline_prefix=m.headline_prefix, dtype=m.dtype, device=m.device)
-                for m in engine.models],
-            engine=engine.name,
+                for m in info.models],
+            engine=info.engine,
             default_options=defaults,
             limits=pb.ServerLimits(
-                max_articles_per_request=settings.max_articles_per_request,
-                max_article_chars=settings.max_article_chars,
-                max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
-                max_num_beams=core.limits.max_num_beams,
-                max_new_tokens=core.limits.max_new_tokens,
-                max_chunks_per_article=core.mapreduce.max_chunks,
-                max_chunk_depth=settings.max_chunk_depth),
+                max_articles_per_request=info.max_articles_per_request,
+                max_article_chars=info.max_article_chars,
+                max_batch_size=info.max_batch_size, max_queue=info.max_queue,
+                max_num_beams=info.limits.max_num_beams,
+                max_new_tokens=info.limits.max_new_tokens,
+                max_chunks_per_article=info.max_chunks_per_article,
+                max_chunk_depth=info.max_chunk_depth),
             server_version=__version__,
         )

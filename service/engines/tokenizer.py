@@ -13,6 +13,7 @@ the side file existed). Both give the same ids and texts (tested).
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,22 +37,28 @@ class TextTokenizer(Protocol):
 
 
 class HFTokenizer:
-    """A transformers tokenizer."""
+    """A transformers tokenizer. Encoding (the prep thread) and decoding (the model's thread) can
+    overlap; transformers' fast tokenizers reset truncation and padding on the shared Rust object
+    at every call, which fails with "Already borrowed" when two threads meet, so one lock
+    serialises them (each call takes milliseconds)."""
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
+        self._lock = threading.Lock()
         self.pad_token_id = tokenizer.pad_token_id
         self.special_ids = frozenset(tokenizer.all_special_ids)
 
     def encode_batch(self, texts: list[str]) -> list[tuple[list[int], list[int]]]:
         # split_special_tokens: "</s>" or "<pad>" typed in an article is text, not a control token.
-        encoded = self.tokenizer(texts, padding=False, truncation=False,
-                                 return_special_tokens_mask=True, split_special_tokens=True,
-                                 verbose=False)
+        with self._lock:
+            encoded = self.tokenizer(texts, padding=False, truncation=False,
+                                     return_special_tokens_mask=True, split_special_tokens=True,
+                                     verbose=False)
         return list(zip(encoded["input_ids"], encoded["special_tokens_mask"]))
 
     def decode_batch(self, rows: Sequence[Sequence[int]]) -> list[str]:
-        return self.tokenizer.batch_decode(rows, skip_special_tokens=True)
+        with self._lock:
+            return self.tokenizer.batch_decode(rows, skip_special_tokens=True)
 
     def id_to_token(self, index: int) -> str:
         return self.tokenizer.convert_ids_to_tokens(index)
@@ -67,7 +74,8 @@ def _clean_up_tokenization(text: str) -> str:
 
 
 class RustTokenizer:
-    """The same tokenizer from its `tokenizers` JSON, without transformers."""
+    """The same tokenizer from its `tokenizers` JSON, without transformers. Its settings are made
+    once, here; encoding and decoding never change them, so two threads may use it at once."""
 
     def __init__(self, tokenizer_json: str, pad_token_id: int | None,
                  special_ids: Sequence[int], clean_up_spaces: bool) -> None:

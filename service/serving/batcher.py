@@ -272,6 +272,17 @@ class Batcher(Generic[P, R]):
             self._check()
         return [entry.future for entry in entries]
 
+    async def admit(self, jobs: Sequence[Job[P]], *, group: Hashable | None = None,
+                    deadline: float | None = None) -> list[asyncio.Future[R]]:
+        """`submit`, waiting for room until `deadline` (QueueFull after it)."""
+        while True:
+            try:
+                return self.submit(jobs, group=group)
+            except QueueFull:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
+                await asyncio.sleep(0.05)
+
     def _on_done(self, entry: _Entry) -> None:
         # A queued job's future finished early (its caller cancelled it): it leaves the queue
         # now, not at the next cut, so its payload is freed while the worker is busy.

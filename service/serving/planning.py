@@ -1,0 +1,116 @@
+"""From checked articles to model work, and from model results back to articles.
+
+- Planning: each article cleaned and tokenised and, when it is longer than the window under the
+  CHUNK policy, split into chunks (`Plan`). Tokenising runs in one thread of its own (the prep
+  thread): a request of long articles takes long enough to stall the event loop otherwise.
+- The first round of work: the jobs a plan queues (the article whole, or its chunks).
+- Assembly: an article's result from its model outputs, or, for a chunked article, from the
+  map-reduce passes (service/serving/mapreduce.py), which queue their later passes through the
+  caller's `CallWork`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from ..domain import ArticleSummary, Generated, GenerationParams, LongInput, Outputs, PreparedArticle
+from ..engines.protocol import Engine
+from ..errors import InvalidArgument
+from ..text import model_text
+from .batcher import Job
+from .calls import CallWork, jobs_for
+from .mapreduce import ChunkedArticle, MapReduce, with_outputs
+from .validation import ArticleIn, Validator
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """An accepted article and its first round of model work: the article whole (it fits the
+    window, or is to be truncated), or its chunks."""
+
+    article: ArticleIn
+    whole: PreparedArticle | None = None
+    chunked: ChunkedArticle | None = None
+
+    @property
+    def model_inputs(self) -> int:
+        return len(self.chunked.prepared) if self.chunked else 1
+
+    def first_jobs(self, params: GenerationParams, deadline: float | None) -> list[Job]:
+        if self.chunked is None:
+            return jobs_for([self.whole], params, deadline)
+        return jobs_for(self.chunked.prepared, with_outputs(params, Outputs.SUMMARY), deadline)
+
+
+class Planner:
+    def __init__(self, engine: Engine, validator: Validator, *, max_chunks: int,
+                 max_depth: int) -> None:
+        self.engine = engine
+        self.validator = validator
+        # Tokenising (prepare, count_tokens) runs here, one call at a time; decoding output ids
+        # runs inside generate, in the model's thread. The tokenizers allow that (see
+        # service/engines/tokenizer.py).
+        self._prep = ThreadPoolExecutor(max_workers=1, thread_name_prefix="summarizer-prep")
+        self.mapreduce = MapReduce(engine, self.in_prep, max_chunks=max_chunks,
+                                   max_depth=max_depth)
+
+    def shutdown(self) -> None:
+        self._prep.shutdown(wait=False, cancel_futures=True)
+
+    async def in_prep(self, function: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._prep, function, *args)
+
+    # ----- planning -----
+    async def plan_all(self, articles: Sequence[ArticleIn], params: GenerationParams,
+                       policy: LongInput) -> list[Plan | InvalidArgument]:
+        """Each article's plan, or what is wrong with it, in request order."""
+        def work() -> list[Plan | InvalidArgument]:
+            cleaned: list[str | InvalidArgument] = []
+            for index, article in enumerate(articles):
+                try:
+                    cleaned.append(self.validator.clean(index, article))
+                except InvalidArgument as error:
+                    cleaned.append(error)
+            texts = [t for t in cleaned if isinstance(t, str)]
+            prepared = iter(self.engine.prepare([model_text(t) for t in texts], params)
+                            if texts else [])
+            return [text if isinstance(text, InvalidArgument)
+                    else self._plan(index, article, text, next(prepared), params, policy)
+                    for index, (article, text) in enumerate(zip(articles, cleaned))]
+
+        return await self.in_prep(work)
+
+    def _plan(self, index: int, article: ArticleIn, text: str, whole: PreparedArticle,
+              params: GenerationParams, policy: LongInput) -> Plan | InvalidArgument:
+        if not whole.truncated or policy is LongInput.TRUNCATE:
+            return Plan(article, whole=whole)
+        chunked = self.mapreduce.split(text, params)
+        if chunked is None:
+            return InvalidArgument(
+                "articles.text", f"too long to summarise in chunks: it needs more than "
+                f"{self.mapreduce.max_chunks} chunks of the model's "
+                f"{params.max_input_tokens}-token window (--max-chunks-per-article); send a "
+                "shorter text, or set options.long_input to LONG_INPUT_POLICY_TRUNCATE to "
+                "summarise its beginning", article_index=index, article_id=article.id)
+        return Plan(article, chunked=chunked)
+
+    # ----- assembly -----
+    async def assemble(self, plan: Plan, first: Sequence[asyncio.Future[Generated]],
+                       params: GenerationParams, call: CallWork) -> ArticleSummary:
+        """The article's result, once its first round (`first`, queued) and any later passes are
+        done."""
+        if plan.chunked is not None:
+            return await self.mapreduce.finish(plan.article.id, plan.chunked, first, params,
+                                               call.queue)
+        out = await first[0]
+        whole = plan.whole
+        return ArticleSummary(id=plan.article.id, summary=out.summary, headline=out.headline,
+                              input_tokens=whole.input_tokens, truncated=whole.truncated,
+                              summary_tokens=out.summary_tokens,
+                              headline_tokens=out.headline_tokens)
