@@ -1,4 +1,5 @@
-"""Unit tests for service/serving/batcher.py, with a fake blocking `run_batch` (no torch, no gRPC).
+"""Unit tests for service/serving/batcher.py and its parts (queue.py, executor.py), with a fake
+blocking `run_batch` (no torch, no gRPC).
 
 The fake records every call (key, payloads, thread) and can hold chosen calls on a
 `threading.Event`, so a test decides exactly when the worker is busy and when it is free.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import queue as queue_module
 import threading
 import weakref
 import time
@@ -19,6 +21,9 @@ from typing import Any
 import pytest
 
 from service.serving.batcher import Batcher, BatcherStats, BatchReport, DropReason, Job
+from service.serving.executor import Executor
+from service.serving.jobs import Entry, JobState
+from service.serving.queue import BatchQueue
 from service.errors import DeadlineExceeded, GenerationFailed, QueueFull, Unavailable
 
 pytestmark = pytest.mark.timeout(10)
@@ -1081,3 +1086,348 @@ async def test_isolation_stress_every_future_resolved_once_with_its_own_outcome(
         DropReason.CANCELLED], "each dropped job is counted once, under one reason"
     assert any(v for v in cancel_during.values()), "some callers went while their job ran"
     assert stats.failed_jobs > 0 and unmeetable + expired > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# 13. admission: waiting for room (admit), without polling
+
+
+class Resumptions:
+    """Wraps a coroutine and counts how often the event loop resumes it: a waiter that polls
+    (sleeps and retries) is resumed again and again, one woken by an event exactly once."""
+
+    def __init__(self, coro: Any) -> None:
+        self._coro = coro
+        self.count = 0
+
+    def __await__(self) -> Resumptions:
+        return self
+
+    def __iter__(self) -> Resumptions:
+        return self
+
+    def __next__(self) -> Any:
+        return self.send(None)
+
+    def send(self, value: Any) -> Any:
+        self.count += 1
+        return self._coro.send(value)
+
+    def throw(self, *args: Any) -> Any:
+        self.count += 1
+        return self._coro.throw(*args)
+
+    def close(self) -> None:
+        self._coro.close()
+
+
+@pytest.fixture
+def timers(monkeypatch):
+    """Records every timer scheduled on the running loop from the moment `timers.watch()` is
+    called (asyncio.sleep, wait_for and call_later all go through `loop.call_at`)."""
+    class Timers(list):
+        def watch(self) -> None:
+            loop = asyncio.get_running_loop()
+            call_at = loop.call_at
+
+            def recording(when: float, *args: Any, **kwargs: Any) -> Any:
+                self.append(args[0])
+                return call_at(when, *args, **kwargs)
+
+            monkeypatch.setattr(loop, "call_at", recording)
+
+    return Timers()
+
+
+async def full_queue(make, max_queue: int, **options: Any
+                     ) -> tuple[Batcher, FakeRunBatch, list[asyncio.Future]]:
+    """A started batcher whose worker is busy (gate 0) and whose queue is full of key "k"."""
+    batcher, fake = await make(max_queue=max_queue, max_wait_ms=0, **options)
+    await busy(batcher, fake)
+    queued = batcher.submit(jobs(*range(1, max_queue + 1)))
+    assert batcher.queue_depth == max_queue
+    return batcher, fake, queued
+
+
+async def test_admit_waits_without_polling_and_is_woken_when_a_queued_job_is_cancelled(
+        make, timers):
+    batcher, fake, queued = await full_queue(make, max_queue=2)
+    timers.watch()
+    waiting = Resumptions(batcher.admit(jobs(7), group="stream"))
+    task = asyncio.ensure_future(waiting)
+    await settle(50)
+    assert not task.done()
+    assert waiting.count == 1, "the waiter ran once, then slept until woken"
+    assert timers == [], "no timer runs while a waiter without a deadline waits"
+
+    queued[0].cancel()  # room for one: the waiter is woken by that, not by a timer
+    [admitted] = await asyncio.wait_for(task, WAIT_S)
+    assert waiting.count == 2
+    assert batcher.queue_depth == 2
+    fake.release(0)
+    assert await asyncio.wait_for(asyncio.gather(queued[1], admitted), WAIT_S) == [20, 70]
+
+
+async def test_admit_is_woken_when_a_batch_is_cut(make):
+    batcher, fake = await make(max_batch_size=2, max_wait_ms=0, max_queue=2)
+    fake.hold(0)
+    first = batcher.submit(jobs(1, 2))
+    await fake.wait_calls(1)  # in the engine (held): the queue is empty again
+    second = batcher.submit(jobs(3, 4))  # the queue is full
+    waiting = Resumptions(batcher.admit(jobs(5, 6)))
+    task = asyncio.ensure_future(waiting)
+    await settle()
+    assert not task.done() and waiting.count == 1
+    fake.release(0)  # the worker is free, pulls [3, 4]: room for the waiter
+    third = await asyncio.wait_for(task, WAIT_S)
+    assert waiting.count == 2
+    results = await asyncio.wait_for(asyncio.gather(*first, *second, *third), WAIT_S)
+    assert results == [10, 20, 30, 40, 50, 60]
+    assert fake.batches == [[1, 2], [3, 4], [5, 6]]
+
+
+async def test_admit_takes_room_at_once_when_there_is_some(make):
+    batcher, _fake = await make(max_wait_ms=LONG_WAIT_MS, max_queue=4)
+    futures = await batcher.admit(jobs(1, 2), group="g")
+    assert len(futures) == 2 and batcher.queue_depth == 2
+    assert await batcher.admit([]) == []
+    for future in futures:
+        future.cancel()
+
+
+async def test_admit_waiters_are_served_first_come_first_served(make):
+    batcher, fake, queued = await full_queue(make, max_queue=3)
+    big = asyncio.ensure_future(batcher.admit(jobs(10, 11, 12), group="big"))
+    await settle()
+    small = asyncio.ensure_future(batcher.admit(jobs(20), group="small"))
+    await settle()
+    with pytest.raises(QueueFull):
+        batcher.submit(jobs(30))  # the waiters are in line first
+
+    queued[0].cancel()  # room for one: the small waiter fits, but the big one is first
+    await until(lambda: batcher.queue_depth == 2)
+    await settle()
+    assert not big.done() and not small.done(), "a small waiter does not overtake a big one"
+
+    queued[1].cancel()
+    queued[2].cancel()  # room for three: the big waiter goes, the small one still waits
+    big_futures = await asyncio.wait_for(big, WAIT_S)
+    await settle()
+    assert not small.done() and batcher.queue_depth == 3
+
+    fake.release(0)  # batches are cut: room for the small waiter too
+    small_futures = await asyncio.wait_for(small, WAIT_S)
+    assert await asyncio.wait_for(asyncio.gather(*big_futures, *small_futures), WAIT_S) == [
+        100, 110, 120, 200]
+    assert 30 not in fake.all_payloads()
+
+
+async def test_admit_raises_queue_full_when_its_deadline_passes_while_waiting(make):
+    batcher, fake, queued = await full_queue(make, max_queue=2)
+    deadline = time.monotonic() + 0.05
+    with pytest.raises(QueueFull, match="deadline"):
+        await asyncio.wait_for(batcher.admit(jobs(7), deadline=deadline), WAIT_S)
+    assert time.monotonic() >= deadline
+    queued[0].cancel()  # room appears later: the expired waiter left nothing that takes it
+    await until(lambda: batcher.queue_depth == 1)
+    assert batcher.submit(jobs(8))
+    assert batcher.queue_depth == 2 and batcher.stats.dropped == 1
+    fake.release(0)
+
+
+async def test_a_waiter_whose_deadline_passed_is_not_admitted_when_room_appears(make):
+    now = [1000.0]
+    batcher, fake, queued = await full_queue(make, max_queue=2, clock=lambda: now[0])
+    task = asyncio.ensure_future(batcher.admit(jobs(7), deadline=now[0] + 5.0))
+    await settle()
+    now[0] += 10.0  # (fake) time passes; the waiter's real-time timer is far away
+    queued[0].cancel()
+    with pytest.raises(QueueFull, match="deadline"):
+        await asyncio.wait_for(task, WAIT_S)
+    assert batcher.queue_depth == 1
+    fake.release(0)
+
+
+async def test_admit_refuses_at_once_what_could_never_fit(make, timers):
+    batcher, fake = await make(max_queue=3, max_wait_ms=LONG_WAIT_MS)
+    timers.watch()
+    waiting = Resumptions(batcher.admit(jobs(1, 2, 3, 4)))
+    with pytest.raises(QueueFull, match="can never fit"):
+        await asyncio.wait_for(asyncio.ensure_future(waiting), WAIT_S)
+    assert waiting.count == 1, "refused on its first step, without waiting"
+    assert batcher.queue_depth == 0 and fake.calls == []
+
+
+async def test_admit_with_a_deadline_already_passed_is_refused_at_once(make):
+    batcher, fake, _queued = await full_queue(make, max_queue=1)
+    with pytest.raises(QueueFull, match="deadline"):
+        await batcher.admit(jobs(7), deadline=time.monotonic() - 1.0)
+    fake.release(0)
+
+
+async def test_stop_while_admit_waits_raises_unavailable(make):
+    batcher, fake, queued = await full_queue(make, max_queue=2)
+    task = asyncio.ensure_future(batcher.admit(jobs(7)))
+    await settle()
+    fake.release(0)
+    await asyncio.wait_for(batcher.stop(), WAIT_S)
+    with pytest.raises(Unavailable):
+        await asyncio.wait_for(task, WAIT_S)
+    with pytest.raises(Unavailable):
+        await batcher.admit(jobs(8))
+    assert 7 not in fake.all_payloads()
+    assert batcher.queue_depth == 0
+
+
+async def test_admit_before_start_is_refused():
+    batcher = Batcher(lambda _k, p: p, max_batch_size=4, max_wait_ms=0, max_queue=4)
+    with pytest.raises(Unavailable):
+        await batcher.admit(jobs(1))
+
+
+async def test_a_cancelled_waiter_leaves_no_trace_and_the_next_in_line_moves_up(make):
+    batcher, fake, queued = await full_queue(make, max_queue=2)
+    first = asyncio.ensure_future(batcher.admit(jobs(7, 8)))
+    await settle()
+    second = asyncio.ensure_future(batcher.admit(jobs(9)))
+    await settle()
+    queued[0].cancel()  # room for one: not enough for the first waiter
+    await until(lambda: batcher.queue_depth == 1)
+    await settle()
+    assert not second.done()
+    first.cancel()  # the first waiter goes: the second one fits now
+    [admitted] = await asyncio.wait_for(second, WAIT_S)
+    assert first.cancelled()
+    assert batcher.queue_depth == 2
+    assert batcher.stats.dropped == 1  # queued[0], cancelled by its caller: nothing else
+    fake.release(0)
+    assert await asyncio.wait_for(asyncio.gather(queued[1], admitted), WAIT_S) == [20, 90]
+    assert batcher.queue_depth == 0 and batcher.running == 0
+    assert batcher.stats.dropped == 1
+
+
+async def test_a_waiter_cancelled_after_room_was_given_gives_the_room_back():
+    """Room is reserved for a waiter the moment it is woken; if its caller goes before its task
+    runs, the reservation goes with it and the next waiter gets the room."""
+    queue = BatchQueue(max_batch_size=4, max_wait_ms=0, max_queue=1, check_invariants=True)
+    queue.open()
+    [queued] = queue.submit(jobs(1))
+    first = asyncio.ensure_future(queue.admit(jobs(2)))
+    second = asyncio.ensure_future(queue.admit(jobs(3)))
+    await settle()
+    assert queue.waiting == 2
+    queued.cancel()
+    await asyncio.sleep(0)  # the cancelled job's callback ran: room given to the first waiter
+    assert queue.reserved == 1 and queue.waiting == 1 and not first.done()
+    first.cancel()  # before the first waiter's task resumed
+    [admitted] = await asyncio.wait_for(second, WAIT_S)
+    assert first.cancelled()
+    assert queue.depth == 1 and queue.reserved == 0 and queue.waiting == 0
+    assert queue.stats.dropped == 1  # the job its caller cancelled; the waiter left no count
+    queue.close()
+    queue.drain()
+    with pytest.raises(Unavailable):
+        admitted.result()
+
+
+def test_the_queue_is_the_one_place_that_knows_the_limits():
+    queue = BatchQueue(max_batch_size=4, max_wait_ms=0, max_queue=3)
+    assert queue.fits_ever(3) and not queue.fits_ever(4)
+    assert (queue.max_batch_size, queue.max_queue, queue.depth) == (4, 3, 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# 14. the seam: an executor pulls from a queue and calls a plain run_batch
+
+
+class RemoteWorker:
+    """Stands in for an engine in another process: a thread that receives (key, payloads) on a
+    message queue and sends results back. It knows nothing of jobs, groups or futures."""
+
+    def __init__(self) -> None:
+        self.inbox: queue_module.Queue = queue_module.Queue()
+        self.seen: list[tuple[Hashable, list[Any]]] = []
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while (message := self.inbox.get()) is not None:
+            key, payloads, reply = message
+            self.seen.append((key, list(payloads)))
+            reply.put([f"{key}:{p}" for p in payloads] if -1 not in payloads
+                      else RuntimeError("bad input"))
+
+    def run_batch(self, key: Hashable, payloads: list[Any]) -> list[Any]:
+        """The callable the executor gets: send the batch, block for the reply."""
+        reply: queue_module.Queue = queue_module.Queue()
+        self.inbox.put((key, payloads, reply))
+        answer = reply.get(timeout=5)
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+
+    def close(self) -> None:
+        self.inbox.put(None)
+        self._thread.join(timeout=5)
+
+
+async def test_an_executor_and_a_queue_wired_by_hand_around_a_worker_in_another_thread():
+    remote = RemoteWorker()
+    queue = BatchQueue(max_batch_size=2, max_wait_ms=0, max_queue=10, check_invariants=True)
+    executor = Executor(remote.run_batch, stats=queue.stats, check_invariants=True)
+    queue.open()
+    big = queue.submit(jobs(1, 2, 3, -1, key="a", cost=1), group="big")
+    [small] = queue.submit(jobs(9, key="b", cost=1), group="small")
+    try:
+        await executor.start(queue)
+        outcomes = await asyncio.wait_for(
+            asyncio.gather(*big, small, return_exceptions=True), WAIT_S)
+    finally:
+        queue.close()
+        await executor.stop()
+        queue.drain()
+        remote.close()
+    assert outcomes[:3] + outcomes[4:] == ["a:1", "a:2", "a:3", "b:9"]
+    assert isinstance(outcomes[3], RuntimeError), "the bad input failed alone"
+    # The policy still decides: the first batch is "big"'s shortest two (its turn), then the
+    # small caller's own key before "big" goes on.
+    assert remote.seen[:2] == [("a", [1, 2]), ("b", [9])]
+    assert queue.stats.failed_jobs == 1 and queue.depth == 0 and executor.running == 0
+
+
+async def test_an_executor_runs_any_batch_source_and_knows_no_groups():
+    class HandFed:
+        """A source with no policy at all: batches are put in by hand."""
+
+        def __init__(self) -> None:
+            self.batches: asyncio.Queue = asyncio.Queue()
+            self.durations: list[Hashable] = []
+
+        async def next_batch(self) -> tuple[Hashable, list[Entry]] | None:
+            return await self.batches.get()
+
+        def should_drop(self, _job: Job, _now: float) -> None:
+            return None
+
+        def record_duration(self, key: Hashable, _seconds: float) -> None:
+            self.durations.append(key)
+
+    loop = asyncio.get_running_loop()
+    source = HandFed()
+    reports: list[BatchReport] = []
+    executor = Executor(lambda key, payloads: [(key, p) for p in payloads],
+                        on_batch=reports.append, check_invariants=True)
+    await executor.start(source)
+    entries = [Entry(Job(p, key="x"), loop.create_future(), 0.0, state=JobState.RUNNING)
+               for p in (1, 2)]
+    source.batches.put_nowait(("x", entries))
+    try:
+        results = await asyncio.wait_for(asyncio.gather(*(e.future for e in entries)), WAIT_S)
+        assert results == [("x", 1), ("x", 2)]
+        assert source.durations == ["x"] and [r.costs for r in reports] == [(1, 1)]
+        assert all(e.state is JobState.DONE for e in entries)
+        source.batches.put_nowait(None)  # the source runs dry: the executor stops pulling
+        await until(lambda: not executor.alive)
+    finally:
+        await executor.stop()
+    assert executor.stats.batches == 1 and executor.running == 0

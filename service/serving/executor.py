@@ -1,0 +1,298 @@
+"""Execution: run the batches a queue hands out, isolate failing inputs, deliver every result.
+
+The executor knows nothing of models, callers, groups or fairness. It pulls work when it has room
+(`source.next_batch()`, see `BatchSource`), and runs each batch through `run_batch(key, payloads)
+-> results`, a blocking function it calls in one dedicated worker thread, never on the event loop,
+so the loop stays free to accept, validate, cancel and answer health checks while the model works.
+
+The seam: `run_batch` is all an engine has to be. It gets a key (e.g. generation options) and
+payloads, and returns one result per payload, in order, or raises. An engine in another process
+plugs in behind that callable (send the batch, block for the reply) without the queue policy or
+this module changing; a worker that wants to pull differently (several batches in flight, or
+continuous batching) replaces this executor with another one that pulls from the same
+`BatchSource` and resolves each entry it is handed exactly once.
+
+- Failure isolation: when `run_batch` raises, the batch is retried in halves, down to single jobs,
+  so only the input that makes the engine fail gets the error; its batch-mates get their results.
+  The loop itself survives anything.
+- Between tries, jobs whose caller went, or which the source says are no longer worth running
+  (`should_drop`: a deadline passed or cannot be met), are not run.
+- Each job has its own future, so a caller only ever receives its own results.
+- After each successful call the source hears how long it took (`record_duration`), and the
+  `on_batch` hook gets a `BatchReport` after every call (metrics).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
+
+from ..errors import GenerationFailed, Unavailable
+from .jobs import P, BatcherStats, Drop, Entry, InvariantViolation, Job, JobState
+
+log = logging.getLogger(__name__)
+
+R = TypeVar("R")
+RunBatch = Callable[[Hashable, list[P]], Sequence[R]]
+
+
+class BatchSource(Protocol):
+    """What an executor needs from a queue policy."""
+
+    async def next_batch(self) -> tuple[Hashable, list[Entry]] | None:
+        """The next batch, when there is one (entries in state RUNNING); None: no more work."""
+
+    def should_drop(self, job: Job, now: float) -> Drop | None:
+        """Whether a job handed out is no longer worth running (checked before every try)."""
+
+    def record_duration(self, key: Hashable, seconds: float) -> None:
+        """How long a successful engine call with `key` took."""
+
+
+@dataclass(frozen=True)
+class BatchReport:
+    """What one engine call did, for metrics: handed to the `on_batch` hook after every call."""
+
+    key: Hashable
+    costs: tuple[int, ...]
+    """Each job's cost (input tokens), in batch order."""
+    waited_s: tuple[float, ...]
+    """How long each job queued, from submit to the start of this call."""
+    duration_s: float
+    failed: bool
+
+    @property
+    def padding_ratio(self) -> float:
+        """Share of a padded batch (size x longest input) that is padding."""
+        if not self.costs or max(self.costs) == 0:
+            return 0.0
+        return 1.0 - sum(self.costs) / (len(self.costs) * max(self.costs))
+
+
+class Executor(Generic[P, R]):
+    """Runs one batch at a time in one worker thread. Owns the entries it was handed (`running`)
+    until each is resolved, in `_finish` only (or `_drop`, which counts and finishes)."""
+
+    def __init__(self, run_batch: RunBatch, *, clock: Callable[[], float] = time.monotonic,
+                 on_batch: Callable[[BatchReport], None] | None = None,
+                 stats: BatcherStats | None = None, check_invariants: bool = False,
+                 on_exit: Callable[[], None] | None = None) -> None:
+        self._run_batch = run_batch
+        self._clock = clock
+        self._on_batch = on_batch
+        self._on_exit = on_exit
+        self.stats = stats if stats is not None else BatcherStats()
+        self.check_invariants = check_invariants
+        self._source: BatchSource | None = None
+        self._running: set[Entry] = set()
+        self._task: asyncio.Task | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._in_batch = False
+        self._in_engine = False
+        self._stopping = False
+
+    # ----- lifecycle -----
+    async def start(self, source: BatchSource) -> None:
+        """Pull batches from `source` and run them until stopped (or the source runs dry)."""
+        if self._task is not None:
+            raise RuntimeError("executor already started")
+        self._source = source
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="summarizer-model")
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="batch-executor")
+        if self._on_exit is not None:
+            on_exit = self._on_exit
+            self._task.add_done_callback(lambda _t: on_exit())
+
+    async def stop(self, timeout_s: float | None = None) -> None:
+        """Let the running batch finish (for at most `timeout_s`; its callers get UNAVAILABLE
+        after that), then stop pulling."""
+        self._stopping = True
+        task, self._task = self._task, None
+        if task is not None:
+            if not self._in_batch:
+                task.cancel()  # waiting for work: nothing to finish
+            # Returns once the running batch (if any) has been delivered.
+            done, _ = await asyncio.wait({task}, timeout=timeout_s)
+            if not done:
+                log.warning("the running batch did not finish in time; its callers get "
+                            "UNAVAILABLE")
+                task.cancel()
+                await asyncio.wait({task})
+        shutting_down = Unavailable("server is shutting down")
+        for entry in list(self._running):
+            self._finish(entry, error=shutting_down)
+        self._check()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
+        if task is not None and not task.cancelled() and task.exception() is not None:
+            raise task.exception()  # the loop died (an InvariantViolation): say so
+
+    @property
+    def alive(self) -> bool:
+        """Started, and still pulling work."""
+        return self._task is not None and not self._task.done()
+
+    @property
+    def worker_busy(self) -> bool:
+        """True while the model thread is still inside `run_batch` (even after stop gave up)."""
+        return self._in_engine
+
+    @property
+    def running(self) -> int:
+        """Jobs handed to this executor and not yet resolved."""
+        return len(self._running)
+
+    # ----- the loop -----
+    async def _loop(self) -> None:
+        assert self._source is not None
+        while not self._stopping:
+            try:
+                batch = await self._source.next_batch()
+                if batch is None:
+                    return
+                await self.execute(*batch)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # the loop must survive anything
+                log.exception("batch executor error; continuing")
+                if isinstance(error, InvariantViolation):
+                    raise
+            finally:
+                self._in_batch = False
+                # Whatever happened, no job cut into a batch is left waiting: the batch is over.
+                for entry in list(self._running):
+                    self._finish(entry, error=GenerationFailed(
+                        "the batch scheduler failed while this article was in a batch"))
+                self._check()
+
+    async def execute(self, key: Hashable, entries: list[Entry]) -> None:
+        """Run a batch; if the engine raises, retry it in halves down to single jobs, so only the
+        inputs that fail on their own get the error. Every entry is resolved when this returns
+        normally (see `_loop` for the other ways out)."""
+        self._in_batch = True
+        self._running.update(entries)
+        self._check()
+        parts: list[list[Entry]] = [entries]
+        try:
+            while parts:
+                part = self._still_wanted(parts.pop())
+                if not part:
+                    continue
+                error = await self._run(key, part)
+                if error is None:
+                    continue
+                self.stats.failed_batches += 1
+                if len(part) == 1:
+                    self.stats.failed_jobs += 1
+                    log.error("input failed on its own (%s)", type(error).__name__,
+                              exc_info=error)
+                    self._finish(part[0], error=error)
+                else:
+                    # The type only: an engine's message could quote the input.
+                    log.warning("batch of %d failed (%s); retrying it in halves to isolate the "
+                                "failing input", len(part), type(error).__name__)
+                    middle = len(part) // 2
+                    parts += [part[middle:], part[:middle]]  # the first half runs first
+        except asyncio.CancelledError:
+            for entry in (e for part in parts for e in part):
+                self._finish(entry, error=Unavailable("server is shutting down"))
+            raise
+        finally:
+            self._in_batch = False
+
+    def _still_wanted(self, part: list[Entry]) -> list[Entry]:
+        """A caller may have gone, or a deadline passed, since the cut (or the last try): don't
+        spend the model on it."""
+        assert self._source is not None
+        now = self._clock()
+        wanted = []
+        for entry in part:
+            if entry.future.done():
+                self._finish(entry)  # its caller went while it waited for this try
+                continue
+            drop = self._source.should_drop(entry.job, now)
+            if drop is None:
+                wanted.append(entry)
+            else:
+                self.stats.dropped_by_reason[drop.reason] += 1
+                self._finish(entry, error=drop.error)
+        return wanted
+
+    async def _run(self, key: Hashable, entries: list[Entry]) -> BaseException | None:
+        """One engine call; delivers the results, or returns what went wrong."""
+        assert self._source is not None
+        payloads = [e.job.payload for e in entries]
+        started = self._clock()
+        try:
+            results = await asyncio.get_running_loop().run_in_executor(
+                self._pool, self._tracked, key, payloads)
+            if len(results) != len(entries):
+                raise GenerationFailed(
+                    f"engine returned {len(results)} results for {len(entries)} inputs")
+        except asyncio.CancelledError:
+            for entry in entries:
+                self._finish(entry, error=Unavailable("server is shutting down"))
+            raise
+        except Exception as error:  # noqa: BLE001 - isolated and reported by the caller
+            self._report(key, entries, started, failed=True)
+            return error
+        except BaseException as error:  # noqa: BLE001 - e.g. SystemExit raised inside the engine
+            self._report(key, entries, started, failed=True)
+            return GenerationFailed(f"engine raised {type(error).__name__}: {error}")
+        elapsed = self._report(key, entries, started, failed=False)
+        self._source.record_duration(key, elapsed)
+        self.stats.batches += 1
+        self.stats.jobs += len(entries)
+        log.debug("batch of %d done in %.3fs", len(entries), elapsed)
+        for entry, result in zip(entries, results):
+            self._finish(entry, result=result)
+        return None
+
+    def _report(self, key: Hashable, entries: list[Entry], started: float, *,
+                failed: bool) -> float:
+        elapsed = self._clock() - started
+        if self._on_batch is not None:
+            try:
+                self._on_batch(BatchReport(
+                    key=key, costs=tuple(e.job.cost for e in entries),
+                    waited_s=tuple(max(0.0, started - e.enqueued_at) for e in entries),
+                    duration_s=elapsed, failed=failed))
+            except Exception:  # noqa: BLE001 - metrics must never break serving
+                log.exception("on_batch hook failed")
+        return elapsed
+
+    def _tracked(self, key: Hashable, payloads: list[P]) -> Sequence[R]:
+        # Runs in the worker thread.
+        self._in_engine = True
+        try:
+            return self._run_batch(key, payloads)
+        finally:
+            self._in_engine = False
+
+    # ----- the only place where a running job changes state -----
+    def _finish(self, entry: Entry, *, result: object = None,
+                error: BaseException | None = None) -> None:
+        """RUNNING -> DONE: delivered, failed, or (the future already done) let go."""
+        if entry.state is JobState.QUEUED:  # the queue ends queued jobs, never the executor
+            raise InvariantViolation("a queued job finished without leaving the queue")
+        self._running.discard(entry)
+        entry.resolve(result=result, error=error, strict=self.check_invariants)
+
+    def _check(self) -> None:
+        """With check_invariants: everything held is RUNNING, and nothing is held between
+        batches."""
+        if not self.check_invariants:
+            return
+        problems = []
+        if any(e.state is not JobState.RUNNING for e in self._running):
+            problems.append("a job in the running set is not in state RUNNING")
+        if self._running and not self._in_batch:
+            problems.append(f"{len(self._running)} jobs held between batches")
+        if problems:
+            raise InvariantViolation("; ".join(problems))
