@@ -50,20 +50,23 @@ class StreamCall:
 
     async def results(self) -> AsyncIterator[Result]:
         reader = asyncio.ensure_future(self._read())
+        taken: asyncio.Future[Result] | None = None
         try:
             while True:
                 taken = asyncio.ensure_future(self._results.get())
                 await asyncio.wait({taken, reader}, return_when=asyncio.FIRST_COMPLETED)
                 if not taken.done():
-                    taken.cancel()
                     break  # the reader has finished: every result it started is in the queue
-                yield taken.result()
+                result, taken = taken.result(), None
+                yield result
                 self._slots.release()  # only once the caller has taken the result
             while not self._results.empty():
                 yield self._results.get_nowait()
                 self._slots.release()
             reader.result()  # a malformed request's error ends the stream here
         finally:
+            if taken is not None:
+                taken.cancel()
             reader.cancel()
             self._work.close()
 
