@@ -97,6 +97,7 @@ def _bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredent
 
 
 def default_engine_factory(settings: Settings) -> Engine:
+    """The engine `settings` ask for (or `auto` chooses), loaded: ready to serve."""
     # Engines are imported only when a model is loaded (and ctranslate2 never imports torch).
     from ..engines.choice import resolved
 
@@ -104,10 +105,10 @@ def default_engine_factory(settings: Settings) -> Engine:
     if settings.engine == "ctranslate2":
         from ..engines.ct2_engine import CTranslate2Engine
 
-        return CTranslate2Engine(settings)
+        return CTranslate2Engine(settings).load()
     from ..engines.torch_engine import TorchEngine
 
-    return TorchEngine(settings)
+    return TorchEngine(settings).load()
 
 
 def _settle(future: asyncio.Future, result: object, error: BaseException | None) -> None:
