@@ -35,11 +35,16 @@ def articles(count: int, seed: int = 1) -> list[str]:
     return [" ".join(sentences[i * 30:i * 30 + 12 + (i * 7) % 18]) for i in range(count)]
 
 
-def start_server(model: Path, extra: list[str]) -> tuple[subprocess.Popen, str]:
+def start_server(model: Path, extra: list[str],
+                 startup_log: list[str] | None = None) -> tuple[subprocess.Popen, str]:
+    """A server on a free port, once SERVING: (process, HOST:PORT). Its log lines up to SERVING
+    are appended to `startup_log` (other ports it chose are there, e.g. `--metrics-port -1`)."""
     process = subprocess.Popen(
         [sys.executable, "-m", "service", "serve", "--model", str(model), "--host", "127.0.0.1",
          "--port", "0", *extra], stderr=subprocess.PIPE, text=True)
+    startup_log = [] if startup_log is None else startup_log
     for line in process.stderr:
+        startup_log.append(line)
         match = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
         if match:
             target = f"127.0.0.1:{match.group(1)}"
@@ -47,6 +52,7 @@ def start_server(model: Path, extra: list[str]) -> tuple[subprocess.Popen, str]:
     else:
         raise SystemExit("server did not start")
     for line in process.stderr:
+        startup_log.append(line)
         if "SERVING" in line and "NOT_SERVING" not in line:
             return process, target
         if "error" in line.lower():

@@ -58,7 +58,7 @@ def main() -> int:
     model = cached_preset_checkpoint(args.cache, args.preset)
     engine = CTranslate2Engine(Settings(model=str(model), engine="ctranslate2",
                                         compute_type="int8", threads=args.threads,
-                                        convert_cache_dir=str(args.cache / "ctranslate2")))
+                                        convert_cache_dir=str(args.cache / "ctranslate2"))).load()
     texts = make_articles(str(model), args.batch, args.tokens, args.tokens)
     params = GenerationParams(
         summary_max_tokens=args.summary_tokens, summary_min_tokens=args.summary_tokens,

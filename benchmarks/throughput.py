@@ -34,7 +34,6 @@ import queue
 import random
 import re
 import signal
-import socket
 import statistics
 import sys
 import threading
@@ -185,12 +184,6 @@ def label(engine: str, compute_type: str) -> str:
     return "default (auto)" if engine == compute_type == "auto" else f"{engine} {compute_type}"
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def batch_metrics(port: int) -> tuple[float | None, float | None]:
     """Mean batch size and mean padding ratio per batch, from the server's Prometheus metrics."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as reply:
@@ -209,15 +202,18 @@ def batch_metrics(port: int) -> tuple[float | None, float | None]:
 
 def run_server(work: Work, engine: str, compute_type: str, cache: str, clients: int) -> Result:
     """The real server, driven by `clients` concurrent callers of single-article Summarize."""
-    metrics_port = free_port()
+    startup_log: list[str] = []
     process, target = start_server(Path(work.model), [
-        "--metrics-port", str(metrics_port),
+        "--metrics-port", "-1",  # any free port; the log says which
         # "default" passes no engine flags at all: what a user gets from the Quick start.
         *([] if engine == "auto" and compute_type == "auto"
           else ["--engine", engine, "--compute-type", compute_type]),
         "--convert-cache-dir", cache,
         "--max-batch-size", str(work.max_batch_size),
-        "--max-batch-tokens", str(work.max_batch_tokens), "--threads", str(work.threads)])
+        "--max-batch-tokens", str(work.max_batch_tokens), "--threads", str(work.threads)],
+        startup_log)
+    [metrics_port] = [int(m.group(1)) for line in startup_log
+                      if (m := re.search(r"metrics on http://[^:]+:(\d+)/metrics", line))]
     options = pb.GenerationOptions(
         summary_min_tokens=work.summary_tokens, summary_max_tokens=work.summary_tokens,
         headline_min_tokens=work.headline_tokens, headline_max_tokens=work.headline_tokens,

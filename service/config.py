@@ -143,7 +143,8 @@ class Settings:
         "text", "Log lines as text, or as one JSON object per line for log shippers (request "
                 "lines then carry their figures as fields).", choices=("text", "json"))
     metrics_port: int = _setting(
-        0, "Port for Prometheus metrics (http://HOST:PORT/metrics, on --host); 0: off.")
+        0, "Port for Prometheus metrics (http://HOST:PORT/metrics, on --host); 0: off; -1: any "
+           "free port (the log says which).")
 
     # --- security ---
     tls_cert: str = _setting("", "PEM certificate chain of the server; with --tls-key, the server "
@@ -152,7 +153,7 @@ class Settings:
     health_port: int = _setting(
         0, "Also serve grpc.health.v1 alone, in plaintext, on this port: for probes that cannot "
            "speak TLS (Kubernetes gRPC probes, `summarizer health` without certificates) when "
-           "--tls-cert is on. 0: off.")
+           "--tls-cert is on. 0: off; -1: any free port (the log says which).")
     tls_client_ca: str = _setting(
         "", "PEM CA bundle; when set, clients must present a certificate it signed (mutual TLS).")
     auth_token: str = _setting(
@@ -172,10 +173,12 @@ class Settings:
                 problems.append(f"{name} must be at least 1")
         for name in ("threads", "max_input_tokens", "summary_max_tokens", "summary_min_tokens",
                      "headline_max_tokens", "headline_min_tokens", "num_beams",
-                     "max_batch_tokens", "max_concurrent_rpcs", "port", "metrics_port",
-                     "health_port", "max_chunk_depth"):
+                     "max_batch_tokens", "max_concurrent_rpcs", "port", "max_chunk_depth"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative")
+        for name in ("metrics_port", "health_port"):  # 0: off, -1: any free port
+            if getattr(self, name) < -1:
+                problems.append(f"{name} must be a port, 0 (off) or -1 (any free port)")
         if not (0 <= self.max_wait_ms < math.inf and 0 <= self.grace_period_s < math.inf
                 and 0 <= self.max_connection_age_s < math.inf):
             problems.append("max_wait_ms, grace_period_s and max_connection_age_s must be finite "

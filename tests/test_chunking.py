@@ -173,8 +173,8 @@ def test_empty_and_blank_texts_have_no_chunks() -> None:
 
 @pytest.fixture(scope="module")
 def tiny_engines(tiny_bart: Path, tiny_t5: Path) -> dict[str, TorchEngine]:
-    return {"bart": TorchEngine(Settings(model=str(tiny_bart), threads=1)),
-            "t5": TorchEngine(Settings(model=str(tiny_t5), threads=1))}
+    return {"bart": TorchEngine(Settings(model=str(tiny_bart), threads=1)).load(),
+            "t5": TorchEngine(Settings(model=str(tiny_t5), threads=1)).load()}
 
 
 @pytest.mark.parametrize("family", ["bart", "t5"])

@@ -10,12 +10,14 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from summarizer_client.gen.summarizer.v1 import summarizer_pb2 as pb
 from summarizer_client.gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
@@ -207,25 +209,48 @@ def test_concurrent_calls_give_the_same_results_as_sequential(bart_server: Serve
           f"ratio {sequential_s / concurrent_s:.2f}x")
 
 
+def metrics_port(server: ServerProcess) -> int:
+    """The port a `--metrics-port -1` server chose, from its log."""
+    for line in server.log:
+        match = re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", line)
+        if match:
+            return int(match.group(1))
+    raise AssertionError("no metrics line in the log:\n" + "".join(server.log))
+
+
+def scrape(port: int) -> dict[str, float]:
+    """The endpoint's unlabelled samples, by name."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    return {s.name: s.value for family in text_string_to_metric_families(text)
+            for s in family.samples if not s.labels}
+
+
 def test_sigterm_drains_in_flight_work_and_exits_zero(tiny_bart: Path) -> None:
-    # torch: slow enough that 48 articles are still being generated when SIGTERM comes (the
-    # default, ctranslate2 int8, finishes them within the 0.3 s this test waits).
+    # torch: a batch of 4 takes about a second, so SIGTERM surely comes while batches are still
+    # queued (ctranslate2 int8 may finish them all between a scrape and the signal).
     server = ServerProcess("--model", str(tiny_bart), "--grace-period-s", "300",
-                           "--max-batch-size", "4", "--engine", "torch")
+                           "--max-batch-size", "4", "--engine", "torch", "--metrics-port", "-1")
     try:
         server.wait_serving()
+        port = metrics_port(server)
         channel = grpc.insecure_channel(server.target)
         stub = pb_grpc.SummarizerStub(channel)
         options = pb.GenerationOptions(summary_min_tokens=60, summary_max_tokens=60,
                                        num_beams=4)
         big = pb.SummarizeRequest(articles=[pb.Article(id=str(n), text=ARTICLE * 3)
-                                            for n in range(48)], options=options)
+                                            for n in range(16)], options=options)
         future = stub.Summarize.future(big, timeout=300)
-        time.sleep(0.3)  # the call is being generated (48 articles: seconds of work)
+        deadline = time.monotonic() + 60
+        # The call is being generated: a batch of it is done and the rest still queued.
+        while not ((samples := scrape(port)).get("summarizer_batch_size_count", 0) >= 1
+                   and samples.get("summarizer_queue_depth", 0) > 0):
+            assert not future.done() and time.monotonic() < deadline, samples
+            time.sleep(0.02)
         assert not future.done()
         server.process.send_signal(signal.SIGTERM)
         reply = future.result()
-        assert len(reply.results) == 48
+        assert len(reply.results) == 16
         assert server.process.wait(timeout=120) == 0
         channel.close()
     finally:

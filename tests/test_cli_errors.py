@@ -71,11 +71,12 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture()
-def free_port() -> int:
-    """A port nothing listens on (bound, then released)."""
+def closed_port() -> Iterator[int]:
+    """A port nothing listens on: held bound (so no other process can take it meanwhile) but
+    never listening, so connections to it are refused."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        yield sock.getsockname()[1]
 
 
 @pytest.fixture()
@@ -151,28 +152,28 @@ MISTAKES = [
 @pytest.mark.parametrize(("args", "expected"), MISTAKES,
                          ids=[" ".join(args) for args, _ in MISTAKES])
 def test_a_mistake_is_one_clear_line(args: list[str], expected: list[str],
-                                     files: dict[str, Path], free_port: int,
+                                     files: dict[str, Path], closed_port: int,
                                      taken_port: int) -> None:
     if "{unreadable}" in args and os.geteuid() == 0:
         pytest.skip("root reads any file: an unreadable file cannot be made")
     values = {name: str(path) for name, path in files.items()}
-    values.update(port=str(free_port), taken=str(taken_port))
+    values.update(port=str(closed_port), taken=str(taken_port))
     done = run(*(a.format(**values) for a in args))
     assert_one_clear_line(done, *(e.format(**values) for e in expected))
 
 
-def test_binary_stdin_is_one_clear_line(free_port: int) -> None:
-    done = run("summarize", "--server", f"127.0.0.1:{free_port}", "-",
+def test_binary_stdin_is_one_clear_line(closed_port: int) -> None:
+    done = run("summarize", "--server", f"127.0.0.1:{closed_port}", "-",
                stdin=Path(sys.executable).read_bytes()[:65536])
     assert_one_clear_line(done, "stdin", "binary")
-    latin1 = run("summarize", "--server", f"127.0.0.1:{free_port}", "-",
+    latin1 = run("summarize", "--server", f"127.0.0.1:{closed_port}", "-",
                  stdin="Caf\u00e9".encode("latin-1"))
     assert_one_clear_line(latin1, "stdin", "is not UTF-8")
 
 
 def test_an_unreachable_hub_fails_fast_and_says_what_to_do(tmp_path: Path,
-                                                           free_port: int) -> None:
-    hub = dict(HF_ENDPOINT=f"http://127.0.0.1:{free_port}", HF_HUB_OFFLINE="0",
+                                                           closed_port: int) -> None:
+    hub = dict(HF_ENDPOINT=f"http://127.0.0.1:{closed_port}", HF_HUB_OFFLINE="0",
                HF_HOME=str(tmp_path / "hf"))
     started = time.monotonic()
     served = run("serve", "--model", "distilbart-cnn-12-6", "--port", "0", **hub)

@@ -18,7 +18,7 @@ from service.api.server import SummarizerServer
 
 from .conftest import server_in_thread
 from .fakes import FakeEngine
-from .test_grpc import BASE
+from .test_grpc import BASE, wait_until
 
 FAST_RETRY = RetryPolicy(attempts=20, initial_backoff_s=0.05, max_backoff_s=0.2)
 
@@ -52,19 +52,21 @@ def test_invalid_argument_is_never_retried() -> None:
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+def unavailable_answers(server: SummarizerServer) -> float:
+    return server.metrics.requests.labels("Summarize", "UNAVAILABLE")._value.get()
+
+
 async def test_unavailable_is_retried_until_the_model_is_ready() -> None:
     server = SummarizerServer(BASE.replace(host="127.0.0.1", port=0), lambda s: FakeEngine())
     port = await server.listen()  # listening, model not loaded: UNAVAILABLE
     try:
         async with AsyncSummarizerClient(f"127.0.0.1:{port}", retry=FAST_RETRY) as client:
             call = asyncio.ensure_future(client.summarize([("a", "patience pays")]))
-            await asyncio.sleep(0.3)
+            await wait_until(lambda: unavailable_answers(server) >= 2)  # refused, then retried
             assert not call.done()
             await server.load()
             [result] = await asyncio.wait_for(call, 10)
         assert result.summary == "S:patience pay"
-        unavailable = server.metrics.requests.labels("Summarize", "UNAVAILABLE")._value.get()
-        assert unavailable >= 2, "the client retried"
     finally:
         await server.stop(grace_s=1)
 

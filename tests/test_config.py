@@ -43,6 +43,11 @@ def test_compute_type_also_answers_to_its_old_name_dtype() -> None:
     assert parse(environ={"SUMMARIZER_COMPUTE_TYPE": "int8"}).compute_type == "int8"
 
 
+def test_side_ports_take_any_free_port_at_minus_one() -> None:
+    assert parse("--metrics-port", "-1", "--health-port", "-1").metrics_port == -1
+    assert parse(environ={"SUMMARIZER_HEALTH_PORT": "-1"}).health_port == -1
+
+
 def test_hf_hub_offline_turns_offline_on() -> None:
     assert parse(environ={"HF_HUB_OFFLINE": "1"}).offline
     assert not parse(environ={"HF_HUB_OFFLINE": "1", "SUMMARIZER_OFFLINE": "0"}).offline
@@ -59,6 +64,8 @@ def test_hf_hub_offline_turns_offline_on() -> None:
     ({"SUMMARIZER_GRACE_PERIOD_S": "nan"}, "must be finite and not negative"),
     ({"SUMMARIZER_MAX_QUEUE": "8"}, r"max_articles_per_request \(256\) must not exceed max_queue"),
     ({"SUMMARIZER_MAX_INPUT_TOKENS": "4"}, "max_input_tokens must be 0 or at least 16"),
+    ({"SUMMARIZER_METRICS_PORT": "-2"}, r"metrics_port must be a port, 0 \(off\) or -1"),
+    ({"SUMMARIZER_PORT": "-1"}, "port must not be negative"),
 ])
 def test_bad_values_are_reported_by_name(env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):

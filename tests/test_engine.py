@@ -28,7 +28,7 @@ def params(engine: TorchEngine, **changes) -> GenerationParams:
 
 @pytest.fixture(scope="module")
 def engines(tiny_bart: Path, tiny_t5: Path, tiny_pegasus: Path) -> dict[str, TorchEngine]:
-    return {name: TorchEngine(Settings(model=str(path), threads=1))
+    return {name: TorchEngine(Settings(model=str(path), threads=1)).load()
             for name, path in (("bart", tiny_bart), ("t5", tiny_t5), ("pegasus", tiny_pegasus))}
 
 
@@ -105,7 +105,8 @@ def test_count_tokens_is_what_prepare_reads_without_the_cut(engines, family: str
 
 def test_count_tokens_takes_the_larger_count_of_two_checkpoints(tiny_bart: Path,
                                                                 tiny_t5: Path) -> None:
-    engine = TorchEngine(Settings(model=str(tiny_bart), headline_model=str(tiny_t5), threads=1))
+    engine = TorchEngine(Settings(model=str(tiny_bart), headline_model=str(tiny_t5),
+                                  threads=1)).load()
     text = [TEXTS[0]]
     summary = engine.count_tokens(text, params(engine, outputs=Outputs.SUMMARY))
     headline = engine.count_tokens(text, params(engine, outputs=Outputs.HEADLINE))
@@ -133,7 +134,8 @@ def test_window_defaults_to_the_family_manifest_capped_by_positions(engines) -> 
 
 
 def test_a_second_checkpoint_can_write_the_headlines(tiny_bart: Path, tiny_t5: Path) -> None:
-    engine = TorchEngine(Settings(model=str(tiny_bart), headline_model=str(tiny_t5), threads=1))
+    engine = TorchEngine(Settings(model=str(tiny_bart), headline_model=str(tiny_t5),
+                                  threads=1)).load()
     assert [(m.role, m.family) for m in engine.models] == [("summary", "bart"),
                                                            ("headline", "t5")]
     p = params(engine, summary_max_tokens=6, headline_max_tokens=4, num_beams=1)
@@ -145,7 +147,7 @@ def test_a_second_checkpoint_can_write_the_headlines(tiny_bart: Path, tiny_t5: P
 
 def test_settings_override_manifest_defaults(tiny_t5: Path) -> None:
     engine = TorchEngine(Settings(model=str(tiny_t5), summary_max_tokens=33, num_beams=1,
-                                  headline_prefix="headline: ", max_input_tokens=64))
+                                  headline_prefix="headline: ", max_input_tokens=64)).load()
     assert engine.defaults.summary_max_tokens == 33
     assert engine.defaults.num_beams == 1
     assert engine.defaults.max_input_tokens == 64
@@ -155,7 +157,8 @@ def test_settings_override_manifest_defaults(tiny_t5: Path) -> None:
 @pytest.mark.parametrize("compute_type", ["int8", "bfloat16"])
 def test_lower_precision_compute_types_generate_the_requested_lengths(
         tiny_bart: Path, compute_type: str) -> None:
-    engine = TorchEngine(Settings(model=str(tiny_bart), threads=1, compute_type=compute_type))
+    engine = TorchEngine(Settings(model=str(tiny_bart), threads=1,
+                                  compute_type=compute_type)).load()
     assert engine.models[0].dtype == compute_type
     quantised = any(type(m).__module__.startswith("torch.ao.nn.quantized.dynamic")
                     for m in engine.summary.model.modules())
@@ -182,13 +185,14 @@ def test_warmup_runs(engines) -> None:
 # ----- loading failures: one clear line, never a traceback wall -----
 
 def test_missing_directory_is_a_clear_error(tmp_path: Path) -> None:
+    engine = TorchEngine(Settings(model=str(tmp_path / "nope")))  # constructing loads nothing
     with pytest.raises(ModelLoadError, match="does not exist"):
-        TorchEngine(Settings(model=str(tmp_path / "nope")))
+        engine.load()
 
 
 def test_directory_without_config_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match="no config.json"):
-        TorchEngine(Settings(model=str(tmp_path)))
+        TorchEngine(Settings(model=str(tmp_path))).load()
 
 
 def test_pickled_weights_are_refused(tiny_bart: Path, tmp_path: Path) -> None:
@@ -196,7 +200,7 @@ def test_pickled_weights_are_refused(tiny_bart: Path, tmp_path: Path) -> None:
     shutil.copytree(tiny_bart, copy)
     (copy / "model.safetensors").rename(copy / "pytorch_model.bin")
     with pytest.raises(ModelLoadError, match="no .safetensors weights"):
-        TorchEngine(Settings(model=str(copy)))
+        TorchEngine(Settings(model=str(copy))).load()
 
 
 def test_broken_weights_are_a_clear_error(tiny_bart: Path, tmp_path: Path) -> None:
@@ -204,7 +208,7 @@ def test_broken_weights_are_a_clear_error(tiny_bart: Path, tmp_path: Path) -> No
     shutil.copytree(tiny_bart, copy)
     (copy / "model.safetensors").write_bytes(b"not really safetensors")
     with pytest.raises(ModelLoadError, match="cannot load model"):
-        TorchEngine(Settings(model=str(copy)))
+        TorchEngine(Settings(model=str(copy))).load()
 
 
 def test_a_model_that_is_not_seq2seq_is_refused(tiny_bart: Path, tmp_path: Path) -> None:
@@ -214,13 +218,13 @@ def test_a_model_that_is_not_seq2seq_is_refused(tiny_bart: Path, tmp_path: Path)
     config.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])
     (copy / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelLoadError, match="cannot load model"):
-        TorchEngine(Settings(model=str(copy)))
+        TorchEngine(Settings(model=str(copy))).load()
 
 
 def test_unknown_hub_id_offline_is_a_clear_error(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     with pytest.raises(ModelLoadError, match=r"cannot load model 'nobody/no-such-model'.*offline"):
-        TorchEngine(Settings(model="nobody/no-such-model", offline=True))
+        TorchEngine(Settings(model="nobody/no-such-model", offline=True)).load()
 
 
 def test_output_length_is_capped_by_the_decoder_positions(engines) -> None:

@@ -54,9 +54,10 @@ def converted(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFac
 @pytest.fixture(scope="module")
 def pairs(checkpoints: dict[str, Path], converted: dict[str, Path]
           ) -> dict[str, tuple[TorchEngine, CTranslate2Engine]]:
-    return {name: (TorchEngine(Settings(model=str(checkpoints[name]), threads=1)),
+    return {name: (TorchEngine(Settings(model=str(checkpoints[name]), threads=1)).load(),
                    CTranslate2Engine(Settings(model=str(converted[name]), threads=1,
-                                              compute_type="float32", engine="ctranslate2")))
+                                              compute_type="float32",
+                                              engine="ctranslate2")).load())
             for name in checkpoints}
 
 
@@ -115,12 +116,12 @@ def test_a_plain_checkpoint_is_converted_once_into_the_cache(tiny_t5: Path,
     cache = tmp_path / "cache"
     settings = Settings(model=str(tiny_t5), engine="ctranslate2", compute_type="int8",
                         convert_cache_dir=str(cache), threads=1)
-    CTranslate2Engine(settings)
+    CTranslate2Engine(settings).load()
     [entry] = list(cache.iterdir())
     assert is_converted(entry) and entry.name.endswith("-int8")
     weights = entry / "ctranslate2" / "model.bin"
     stamp = weights.stat().st_mtime_ns
-    engine = CTranslate2Engine(settings)  # the second start reuses the conversion
+    engine = CTranslate2Engine(settings).load()  # the second start reuses the conversion
     assert [p.name for p in cache.iterdir()] == [entry.name]
     assert weights.stat().st_mtime_ns == stamp
     p = params(engine, summary_max_tokens=5, summary_min_tokens=5, num_beams=2)
@@ -131,6 +132,7 @@ def test_a_plain_checkpoint_is_converted_once_into_the_cache(tiny_t5: Path,
     assert cache_path(str(cache), source, "", "float32") != entry
 
 
+@pytest.mark.slow  # another process
 def test_convert_command_writes_a_directory_the_engine_loads_as_is(tiny_bart: Path,
                                                                    tmp_path: Path) -> None:
     out = tmp_path / "converted"
@@ -141,7 +143,7 @@ def test_convert_command_writes_a_directory_the_engine_loads_as_is(tiny_bart: Pa
     assert is_converted(out) and not list(out.glob("*.safetensors"))
     cache = tmp_path / "cache"
     engine = CTranslate2Engine(Settings(model=str(out), engine="ctranslate2",
-                                        compute_type="int8", convert_cache_dir=str(cache)))
+                                        compute_type="int8", convert_cache_dir=str(cache))).load()
     assert not cache.exists()
     assert engine.models[0].dtype == "int8"
 
@@ -152,7 +154,7 @@ def test_a_directory_without_weights_is_a_clear_error(tiny_bart: Path, tmp_path:
     (copy / "model.safetensors").unlink()
     with pytest.raises(ModelLoadError, match="no .safetensors weights"):
         CTranslate2Engine(Settings(model=str(copy), engine="ctranslate2",
-                                   convert_cache_dir=str(tmp_path / "cache")))
+                                   convert_cache_dir=str(tmp_path / "cache"))).load()
 
 
 def test_a_failed_conversion_is_one_clear_line(tiny_bart: Path, tmp_path: Path) -> None:
@@ -161,7 +163,7 @@ def test_a_failed_conversion_is_one_clear_line(tiny_bart: Path, tmp_path: Path) 
     (broken / "model.safetensors").write_bytes(b"not really safetensors")
     with pytest.raises(ModelLoadError, match="cannot convert .* for ctranslate2"):
         CTranslate2Engine(Settings(model=str(broken), engine="ctranslate2",
-                                   convert_cache_dir=str(tmp_path / "cache")))
+                                   convert_cache_dir=str(tmp_path / "cache"))).load()
     assert not any((tmp_path / "cache").glob("*/ctranslate2")), "no half-written cache entry"
 
 
@@ -193,6 +195,7 @@ def test_the_side_file_tokenizer_gives_transformers_ids_and_texts(converted: dic
         reference.id_to_token(i) for i in range(50)]
 
 
+@pytest.mark.slow  # another process
 def test_the_ctranslate2_serving_path_imports_neither_torch_nor_transformers(
         converted: dict[str, Path]) -> None:
     """A fresh interpreter loads a converted directory, summarises, and never imports torch or
@@ -203,7 +206,7 @@ def test_the_ctranslate2_serving_path_imports_neither_torch_nor_transformers(
         "from service.engines.ct2_engine import CTranslate2Engine\n"
         "from service.domain import GenerationParams, Outputs\n"
         f"engine = CTranslate2Engine(Settings(model={str(converted['bart'])!r}, "
-        "threads=1, engine='ctranslate2', compute_type='int8'))\n"
+        "threads=1, engine='ctranslate2', compute_type='int8')).load()\n"
         "p = GenerationParams(summary_max_tokens=6, summary_min_tokens=6, headline_max_tokens=3, "
         "headline_min_tokens=3, num_beams=2, outputs=Outputs.BOTH, max_input_tokens=64)\n"
         "[out] = engine.generate(p, engine.prepare(['The council met on Tuesday.'], p))\n"
@@ -223,9 +226,9 @@ def test_a_directory_converted_before_the_side_file_still_loads(
     shutil.copytree(converted["bart"], old)
     (old / SIDE_FILE).unlink()
     engine = CTranslate2Engine(Settings(model=str(old), threads=1, engine="ctranslate2",
-                                        compute_type="float32"))
+                                        compute_type="float32")).load()
     fresh = CTranslate2Engine(Settings(model=str(converted["bart"]), threads=1,
-                                       engine="ctranslate2", compute_type="float32"))
+                                       engine="ctranslate2", compute_type="float32")).load()
     p = params(engine)
     assert engine.generate(p, engine.prepare(TEXTS[:2], p)) == fresh.generate(
         p, fresh.prepare(TEXTS[:2], p))

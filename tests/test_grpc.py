@@ -43,6 +43,26 @@ async def wait_until(condition, timeout_s: float = 20.0) -> None:
         await asyncio.sleep(0.01)
 
 
+async def wait_until_stalled(server: SummarizerServer, engine: FakeEngine,
+                             quiet_s: float = 0.25, timeout_s: float = 20.0) -> int:
+    """Wait until the server has nothing queued or running and the engine has started no batch for
+    `quiet_s`; return how many articles it generated."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    batcher = server.core.batcher
+    seen, quiet_since = -1, loop.time()
+    while True:
+        generated = sum(len(b) for b in engine.batches)
+        idle = not batcher.worker_busy and batcher.queue_depth == 0 and batcher.running == 0
+        if not idle or generated != seen:
+            seen, quiet_since = generated, loop.time()
+        elif loop.time() - quiet_since >= quiet_s:
+            return generated
+        if loop.time() > deadline:
+            raise AssertionError("the server never stalled")
+        await asyncio.sleep(0.01)
+
+
 async def occupy_worker(stub: pb_grpc.SummarizerStub, engine: FakeEngine,
                         text: str) -> asyncio.Future:
     """Start a call and return once the (held) fake engine is generating it."""
@@ -70,13 +90,14 @@ async def test_concurrent_callers_are_batched_and_never_crossed() -> None:
     engine = FakeEngine()
     engine.hold = threading.Event()
     settings = BASE.replace(max_batch_size=8, max_wait_ms=50)
-    async with serving(settings, lambda s: engine) as (_, channel):
+    async with serving(settings, lambda s: engine) as (server, channel):
         stub = pb_grpc.SummarizerStub(channel)
         first = await occupy_worker(stub, engine, "warm the worker")
         calls = [stub.Summarize(request(f"caller {n} text", f"caller {n} more", ids=["x", "y"]),
                                 timeout=10) for n in range(12)]
         tasks = [asyncio.ensure_future(c) for c in calls]
-        await asyncio.sleep(0.2)  # let every call reach the queue while the worker is held
+        # Every call's two articles wait in the queue while the worker is held.
+        await wait_until(lambda: server.core.batcher.queue_depth == 24)
         engine.hold.set()
         replies = await asyncio.gather(*tasks)
         await first
@@ -391,7 +412,7 @@ async def test_invalid_utf8_on_the_wire_is_invalid_argument() -> None:
 async def test_stream_stops_generating_when_the_caller_stops_reading() -> None:
     engine = FakeEngine(summary_padding=200_000)  # big results: transport buffers fill fast
     settings = BASE.replace(max_articles_per_request=4, max_message_bytes=1 << 20)
-    async with serving(settings, lambda s: engine) as (_, channel):
+    async with serving(settings, lambda s: engine) as (server, channel):
         stub = pb_grpc.SummarizerStub(channel)
 
         async def requests():
@@ -401,8 +422,9 @@ async def test_stream_stops_generating_when_the_caller_stops_reading() -> None:
         call = stub.SummarizeStream(requests(), timeout=30)
         first = await call.read()
         assert first.id
-        await asyncio.sleep(0.5)  # the caller stops reading; the server must stop too
-        generated_while_idle = sum(len(b) for b in engine.batches)
+        # The caller stops reading; the server must stop too. A server that ignored flow control
+        # would settle only once all 200 are generated.
+        generated_while_idle = await wait_until_stalled(server, engine)
         received = 1
         while (await call.read()) is not grpc.aio.EOF:
             received += 1

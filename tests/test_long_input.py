@@ -281,7 +281,7 @@ def tiny_settings(tiny_bart: Path) -> Settings:
 
 async def test_tiny_checkpoint_both_policies_end_to_end(tiny_settings: Settings) -> None:
     text = " ".join(training_text(60, seed=5))  # several windows of the tiny model's 256 tokens
-    async with serving(tiny_settings, TorchEngine) as (_, channel):
+    async with serving(tiny_settings, lambda s: TorchEngine(s).load()) as (_, channel):
         stub = pb_grpc.SummarizerStub(channel)
         truncated = await stub.Summarize(request(text, long_input=TRUNCATE), timeout=120)
         chunked = await stub.Summarize(request(text, "A short one.", long_input=CHUNK),

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import socket
 import sys
 import threading
 import urllib.request
@@ -21,12 +20,6 @@ from service.api.logs import JsonFormatter
 from .conftest import serving
 from .fakes import FakeEngine
 from .test_grpc import BASE, occupy_worker, request, wait_until
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 async def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -47,10 +40,10 @@ def value(samples: dict, name: str, **labels: str) -> float:
 async def test_metrics_endpoint_moves_with_real_traffic() -> None:
     engine = FakeEngine()
     engine.fail_on = "poison"
-    port = free_port()
-    settings = BASE.replace(metrics_port=port, max_batch_size=4, max_wait_ms=0)
+    settings = BASE.replace(metrics_port=-1, max_batch_size=4, max_wait_ms=0)  # any free port
     async with serving(settings, lambda s: engine) as (server, channel):
-        assert server.metrics_port == port
+        port = server.metrics_port
+        assert port
         stub = pb_grpc.SummarizerStub(channel)
         before = await scrape(port)
         assert value(before, "summarizer_model_load_seconds") > 0

@@ -54,13 +54,14 @@ async def test_a_poison_article_fails_alone_and_other_callers_in_its_batch_get_r
     engine.fail_on = "poison"
     engine.hold = threading.Event()
     settings = BASE.replace(max_batch_size=8, max_wait_ms=50)
-    async with serving(settings, lambda s: engine) as (_, channel):
+    async with serving(settings, lambda s: engine) as (server, channel):
         stub = pb_grpc.SummarizerStub(channel)
         first = await occupy_worker(stub, engine, "warm the worker")
         texts = [f"caller {n} healthy text" for n in range(7)]
         texts.insert(3, "caller with a poison pill")
         calls = [asyncio.ensure_future(stub.Summarize(request(t), timeout=10)) for t in texts]
-        await asyncio.sleep(0.2)  # all eight queue behind the held worker: one batch
+        # All eight queue behind the held worker: one batch.
+        await wait_until(lambda: server.core.batcher.queue_depth == 8)
         engine.hold.set()
         outcomes = await asyncio.gather(*calls, return_exceptions=True)
         await first

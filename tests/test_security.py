@@ -20,7 +20,6 @@ from .conftest import server_in_thread, serving
 from .fakes import FakeEngine
 from .pki import Pki, make_pki
 from .test_grpc import BASE, request
-from .test_observability import free_port
 
 TOKEN = "s3cret-token-for-tests"
 ROTATED = "next-token-after-rotation"
@@ -77,11 +76,11 @@ async def test_mutual_tls_admits_only_clients_with_a_certificate_from_the_ca(pki
 
 
 async def test_health_alone_in_plaintext_for_probes_beside_a_tls_server(pki: Pki) -> None:
-    health_port = free_port()
     settings = BASE.replace(tls_cert=str(pki.server_cert), tls_key=str(pki.server_key),
-                            health_port=health_port)
+                            health_port=-1)  # any free port
     async with serving(settings, lambda s: FakeEngine()) as (server, _):
-        assert server.health_port == health_port
+        health_port = server.health_port
+        assert health_port and health_port != server.port
         async with grpc.aio.insecure_channel(f"127.0.0.1:{health_port}") as probe:
             reply = await health_pb2_grpc.HealthStub(probe).Check(
                 health_pb2.HealthCheckRequest(), timeout=5)

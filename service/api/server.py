@@ -97,6 +97,7 @@ def _bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredent
 
 
 def default_engine_factory(settings: Settings) -> Engine:
+    """The engine `settings` ask for (or `auto` chooses), loaded: ready to serve."""
     # Engines are imported only when a model is loaded (and ctranslate2 never imports torch).
     from ..engines.choice import resolved
 
@@ -104,10 +105,10 @@ def default_engine_factory(settings: Settings) -> Engine:
     if settings.engine == "ctranslate2":
         from ..engines.ct2_engine import CTranslate2Engine
 
-        return CTranslate2Engine(settings)
+        return CTranslate2Engine(settings).load()
     from ..engines.torch_engine import TorchEngine
 
-    return TorchEngine(settings)
+    return TorchEngine(settings).load()
 
 
 def _settle(future: asyncio.Future, result: object, error: BaseException | None) -> None:
@@ -181,17 +182,17 @@ class SummarizerServer:
         self.port = _bind(self.server, address, self._credentials,
                           "--port/--host (SUMMARIZER_PORT/SUMMARIZER_HOST)")
         await self.server.start()
-        if self.settings.metrics_port:
+        if self.settings.metrics_port:  # -1: any free port
             try:
                 self.metrics_port = self.metrics.serve(self.settings.host,
-                                                       self.settings.metrics_port)
+                                                       max(self.settings.metrics_port, 0))
             except OSError as error:
                 raise ConfigError(
                     f"cannot serve metrics on {self.settings.host}:{self.settings.metrics_port} "
                     f"({error.strerror or error}); choose another --metrics-port "
                     "(SUMMARIZER_METRICS_PORT), or 0 for none") from None
         if self.settings.health_port:
-            self.health_port = await self._serve_health_alone(self.settings.health_port)
+            self.health_port = await self._serve_health_alone(max(self.settings.health_port, 0))
         log.info("listening on %s:%d%s (NOT_SERVING until the model is ready)",
                  self.settings.host, self.port, self._security_summary())
         return self.port

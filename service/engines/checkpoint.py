@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from ..config import Settings
 from ..domain import Generated, GenerationParams, Outputs, PreparedArticle
@@ -232,16 +232,34 @@ def _checkpoint(ref: str, config: Any, values: dict[str, Any], tokenizer: TextTo
 class CheckpointEngine:
     """The Engine protocol's shared half: loading both roles, defaults, `prepare`, `warmup`.
 
-    A subclass sets `name`, `device`, `compute_type` and implements `load` (one checkpoint with
-    its model) and `generate`."""
+    Built in two steps: the constructor only takes the settings and decides the device and
+    compute type (cheap; it fails early on impossible ones), `load()` loads the checkpoints and
+    models. A subclass sets `name`, `device` and `compute_type` in its constructor and implements
+    `_load_model` (one checkpoint with its model) and `generate`."""
 
     name = ""
     device = "cpu"
     compute_type = ""
 
+    # Set by load().
+    summary: Checkpoint
+    headline: Checkpoint
+    max_new_tokens: int | None
+    defaults: GenerationParams
+    models: list[ModelDescription]
+
     def __init__(self, settings: Settings) -> None:
-        self.summary = self.load(settings.model, settings)
-        self.headline = (self.load(settings.headline_model, settings)
+        self.settings = settings
+        self.loaded = False
+
+    def load(self) -> Self:
+        """Load the summary model (and the headline model, when separate); returns the engine,
+        so that `TorchEngine(settings).load()` is a ready engine. Once only."""
+        if self.loaded:
+            raise RuntimeError(f"{type(self).__name__} is already loaded")
+        settings = self.settings
+        self.summary = self._load_model(settings.model)
+        self.headline = (self._load_model(settings.headline_model)
                          if settings.headline_model else self.summary)
         limits = [c.max_new_tokens for c in (self.summary, self.headline) if c.max_new_tokens]
         self.max_new_tokens = min(limits) if limits else None
@@ -261,8 +279,11 @@ class CheckpointEngine:
         else:
             self.models = [self._describe(self.summary, "summary"),
                            self._describe(self.headline, "headline")]
+        self.loaded = True
+        return self
 
-    def load(self, ref: str, settings: Settings) -> Checkpoint:
+    def _load_model(self, ref: str) -> Checkpoint:
+        """One checkpoint (`ref`: directory, hub id or manifest name) with its model."""
         raise NotImplementedError
 
     def _describe(self, ckpt: Checkpoint, role: str) -> ModelDescription:

@@ -41,6 +41,8 @@ class CTranslate2Engine(CheckpointEngine):
     name = "ctranslate2"
 
     def __init__(self, settings: Settings) -> None:
+        """Settings, device and compute type only; `load()` converts (once) and loads."""
+        super().__init__(settings)
         try:
             import ctranslate2
         except ImportError as error:
@@ -65,9 +67,9 @@ class CTranslate2Engine(CheckpointEngine):
             raise ModelLoadError(f"compute type {compute_type} is not supported by ctranslate2 on "
                                  f"this {kind}; supported: {', '.join(sorted(supported))}")
         self.compute_type = compute_type
-        super().__init__(settings)
 
-    def load(self, ref: str, settings: Settings) -> Checkpoint:
+    def _load_model(self, ref: str) -> Checkpoint:
+        settings = self.settings
         source = resolve_source(ref, settings, weights=not is_converted(ref))
         directory = converted_for(source, self.compute_type, settings.convert_cache_dir,
                                   settings.revision)

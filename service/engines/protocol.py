@@ -1,9 +1,12 @@
 """The small interface between the service and an inference engine. No torch here.
 
 The service calls `prepare` and `count_tokens` (tokenise; any thread but one at a time) and
-`generate` (one worker thread) and reads `models` and `defaults`. `engine_torch.TorchEngine` and
-`engine_ct2.CTranslate2Engine` implement it (their shared half is `checkpoint.CheckpointEngine`);
+`generate` (one worker thread) and reads `models` and `defaults`. `torch_engine.TorchEngine` and
+`ct2_engine.CTranslate2Engine` implement it (their shared half is `checkpoint.CheckpointEngine`);
 tests swap in a fake engine.
+
+The service only ever sees loaded engines: the server's engine factory builds one and returns it
+ready (`TorchEngine(settings).load()`), so loading is not part of this interface.
 """
 
 from __future__ import annotations

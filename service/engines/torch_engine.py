@@ -71,6 +71,8 @@ class TorchEngine(CheckpointEngine):
     name = "torch"
 
     def __init__(self, settings: Settings) -> None:
+        """Settings, threads, device and compute type only; `load()` loads the models."""
+        super().__init__(settings)
         try:
             import torch
         except ImportError as error:  # pragma: no cover - depends on the install
@@ -86,12 +88,12 @@ class TorchEngine(CheckpointEngine):
             pass
         self.device = _resolve_device(settings.device, torch)
         self.compute_type = _resolve_compute_type(settings.compute_type, self.device, torch)
-        super().__init__(settings)
 
-    def load(self, ref: str, settings: Settings) -> Checkpoint:
+    def _load_model(self, ref: str) -> Checkpoint:
         from transformers import AutoModelForSeq2SeqLM
 
         torch = self._torch
+        settings = self.settings
         source = resolve_source(ref, settings)
         ckpt = load_checkpoint(source, settings)
         dtype = torch.float32 if self.compute_type == "int8" else getattr(torch,

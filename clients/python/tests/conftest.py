@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
+import re
 import subprocess
 import sys
 import threading
@@ -29,12 +29,6 @@ from summarizer_client.gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
 SERVER_VARIABLE = "SUMMARIZER_TEST_SERVER"
 LOST_STATUS = "Internal error from Core"
 """What grpcio's asyncio client says when a write races the end of a stream (grpc/grpc#36066)."""
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def wait_serving(target: str, timeout_s: float) -> None:
@@ -64,14 +58,14 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         pytest.fail(f"set {SERVER_VARIABLE}=HOST:PORT to a running server (`summarizer serve`), "
                     f"or install the server so that the tests can start one ({error})")
     model = build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-bart"), "bart")
-    target = f"127.0.0.1:{_free_port()}"
     environ = {k: v for k, v in os.environ.items() if not k.startswith("SUMMARIZER_")}
     process = subprocess.Popen(
         [sys.executable, "-m", "service", "serve", "--model", str(model), "--host", "127.0.0.1",
-         "--port", target.rsplit(":", 1)[1]],
+         "--port", "0"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         env=environ | {"HF_HUB_OFFLINE": "1"})
     try:
+        target = _listening_address(process)
         wait_serving(target, 180)
         yield target
     finally:
@@ -81,6 +75,19 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def _listening_address(process: subprocess.Popen) -> str:
+    """HOST:PORT from the server's "listening on" log line; the rest of its log is drained in the
+    background (a full pipe would stall the server)."""
+    seen = []
+    for line in process.stderr:
+        seen.append(line)
+        match = re.search(r"listening on (127\.0\.0\.1:\d+)", line)
+        if match:
+            threading.Thread(target=process.stderr.read, daemon=True).start()
+            return match.group(1)
+    raise AssertionError("the server exited before listening:\n" + "".join(seen))
 
 
 class Scripted(pb_grpc.SummarizerServicer):

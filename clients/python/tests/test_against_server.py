@@ -9,9 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from summarizer_client import (ArticleSummary, AsyncSummarizerClient, SummarizerClient,
                                make_options)
 
+pytestmark = pytest.mark.slow  # a real server, started as a process unless one is given
 COMMAND = [sys.executable, "-m", "summarizer_client"]
 
 
