@@ -112,8 +112,21 @@ def _pem_certificates(data: bytes, what: str, path: str) -> None:
 def load_material(files: TlsFiles) -> TlsMaterial:
     """Read the files and check that they make usable credentials: certificates that parse, a
     key that matches the certificate. Raises ConfigError saying what is wrong, or FilesChanging
-    when the files changed while being checked."""
+    when the files changed while being checked (then what looked wrong may be a half-done
+    update: a Kubernetes secret's swap between reading the certificate and the key)."""
     material = _read_all(files)
+    try:
+        _check(files, material)
+    except (ConfigError, FilesChanging):
+        if _read_all(files) != material:
+            raise FilesChanging("the TLS files changed while being read") from None
+        raise
+    if _read_all(files) != material:
+        raise FilesChanging("the TLS files changed while being read")
+    return material
+
+
+def _check(files: TlsFiles, material: TlsMaterial) -> None:
     _pem_certificates(material.cert, "TLS certificate (--tls-cert)", files.cert)
     try:
         ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(files.cert, files.key,
@@ -129,9 +142,6 @@ def load_material(files: TlsFiles) -> TlsMaterial:
     if material.client_ca is not None:
         _pem_certificates(material.client_ca, "client CA bundle (--tls-client-ca)",
                           str(files.client_ca))
-    if _read_all(files) != material:
-        raise FilesChanging("the TLS files changed while being read")
-    return material
 
 
 def _load_at_start(files: TlsFiles, attempts: int = 3) -> TlsMaterial:
@@ -151,9 +161,10 @@ class ReloadingCertificates:
     """The current TLS material, and gRPC credentials that take a new set when the files hold
     one. Construction reads and checks the files (ConfigError if they are unusable)."""
 
-    def __init__(self, files: TlsFiles,
-                 check_interval_s: float = DEFAULT_CHECK_INTERVAL_S,
+    def __init__(self, files: TlsFiles, check_interval_s: float | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
+        if check_interval_s is None:
+            check_interval_s = DEFAULT_CHECK_INTERVAL_S
         if check_interval_s < 0:
             raise ValueError("check_interval_s must be >= 0")
         self.files = files
