@@ -20,7 +20,7 @@ import grpc
 import pytest
 
 from service.api import credentials
-from service.api.credentials import TlsFiles, load_material
+from service.api.credentials import ReloadingCertificates, TlsFiles, load_material
 from service.errors import ConfigError
 from summarizer_client.gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
 
@@ -271,6 +271,26 @@ async def test_a_rotated_client_ca_is_honoured_for_mutual_tls(tmp_path: Path) ->
             return await summarize(trusted) == grpc.StatusCode.UNAVAILABLE
         await eventually(old_refused, "the retired client CA to be refused")
         assert await summarize(newcomer) == grpc.StatusCode.OK
+
+
+def test_handshakes_look_at_the_files_at_most_once_per_interval(tmp_path: Path) -> None:
+    pki = make_pki(tmp_path)
+    cert_b, key_b = issue_server_cert(pki, tmp_path, "server-b")
+    live_cert, live_key = tmp_path / "live.pem", tmp_path / "live.key"
+    live_cert.write_bytes(pki.server_cert.read_bytes())
+    live_key.write_bytes(pki.server_key.read_bytes())
+    now = [100.0]
+    certificates = ReloadingCertificates(TlsFiles(str(live_cert), str(live_key)),
+                                         check_interval_s=1.0, clock=lambda: now[0])
+    live_cert.write_bytes(cert_b.read_bytes())
+    live_key.write_bytes(key_b.read_bytes())
+    assert certificates.fetch() is None, "checked too soon after the start"
+    now[0] += 1.0
+    assert certificates.fetch() is not None
+    assert certificates.current.fingerprint == fingerprint_of(cert_b)
+    assert certificates.fetch() is None, "nothing new"
+    now[0] += 1.0
+    assert certificates.fetch() is None, "still nothing new"
 
 
 @pytest.mark.parametrize(("broken", "needle"), [
