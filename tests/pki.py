@@ -76,7 +76,8 @@ def make_pki(directory: Path, ca_name: str = "summarizer test CA") -> Pki:
            client_key)
     _write(directory / "rogue-client.pem",
            _issue("rogue client", rogue_client_key, rogue.subject, rogue_key), rogue_client_key)
-    return Pki(ca_cert=directory / "ca.pem", ca_key=directory / "ca.key", server_cert=directory / "server.pem",
+    return Pki(ca_cert=directory / "ca.pem", ca_key=directory / "ca.key",
+               server_cert=directory / "server.pem",
                server_key=directory / "server.key", client_cert=directory / "client.pem",
                client_key=directory / "client.key",
                rogue_client_cert=directory / "rogue-client.pem",

@@ -238,7 +238,8 @@ async def test_a_rotated_client_ca_is_honoured_for_mutual_tls(tmp_path: Path) ->
     (tmp_path / "one").mkdir()
     (tmp_path / "two").mkdir()
     pki = make_pki(tmp_path / "one")
-    other = make_pki(tmp_path / "two", "next CA")  # a second CA; its client certificate is not trusted yet
+    # A second CA: its client certificate is not trusted yet.
+    other = make_pki(tmp_path / "two", "next CA")
     client_ca = tmp_path / "client-ca.pem"
     client_ca.write_bytes(pki.ca_cert.read_bytes())
     settings = BASE.replace(tls_cert=str(pki.server_cert), tls_key=str(pki.server_key),

@@ -137,6 +137,8 @@ def _check(files: TlsFiles, material: TlsMaterial) -> None:
                               f"certificate (--tls-cert) {files.cert!r}") from None
         raise ConfigError(f"cannot use the TLS key (--tls-key) {files.key!r} with the "
                           f"certificate {files.cert!r}: {error}") from None
+    except ConfigError as error:  # from _no_password
+        raise ConfigError(f"cannot use the TLS key (--tls-key) {files.key!r}: {error}") from None
     except OSError as error:  # gone between the read and the check
         raise FilesChanging(str(error)) from None
     if material.client_ca is not None:
