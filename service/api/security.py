@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Awaitable, Callable, Iterable
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -19,41 +18,27 @@ from summarizer_client.client import AUTH_METADATA_KEY
 
 from ..config import Settings
 from ..errors import ConfigError, Unauthenticated, status_for
+from .credentials import ReloadingCertificates, TlsFiles, read_nonempty
 
 EXEMPT_SERVICES = frozenset({health.SERVICE_NAME})
 TOKEN_SCHEME = "bearer"
 
 
-def _read(path: str, what: str) -> bytes:
-    try:
-        data = Path(path).read_bytes()
-    except OSError as error:
-        raise ConfigError(f"cannot read the {what} {path!r}: {error.strerror}") from None
-    if not data.strip():
-        raise ConfigError(f"the {what} {path!r} is empty")
-    return data
-
-
 def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
-    """TLS credentials from the settings, or None for plaintext."""
+    """TLS credentials from the settings, or None for plaintext. They follow the files: a
+    certificate renewed in place is served to new connections (see `credentials`)."""
     if not settings.tls_cert:
         return None
-    cert = _read(settings.tls_cert, "TLS certificate (--tls-cert)")
-    key = _read(settings.tls_key, "TLS key (--tls-key)")
-    client_ca = (_read(settings.tls_client_ca, "client CA bundle (--tls-client-ca)")
-                 if settings.tls_client_ca else None)
-    try:
-        return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca,
-                                           require_client_auth=client_ca is not None)
-    except Exception as error:  # noqa: BLE001 - grpc reports bad PEM as various errors
-        raise ConfigError(f"cannot use the TLS certificate and key: {error}") from None
+    return ReloadingCertificates(TlsFiles(
+        cert=settings.tls_cert, key=settings.tls_key,
+        client_ca=settings.tls_client_ca or None)).credentials()
 
 
 def accepted_tokens(settings: Settings) -> tuple[str, ...]:
     """Every bearer token the server accepts; empty means authentication is off."""
     tokens = [settings.auth_token.strip()] if settings.auth_token.strip() else []
     if settings.auth_tokens_file:
-        text = _read(settings.auth_tokens_file, "tokens file (--auth-tokens-file)").decode(
+        text = read_nonempty(settings.auth_tokens_file, "tokens file (--auth-tokens-file)").decode(
             "utf-8", errors="replace")
         tokens += [line.strip() for line in text.splitlines()
                    if line.strip() and not line.lstrip().startswith("#")]
