@@ -181,7 +181,8 @@ class Tracing:
         batch.end(end_time=ended_ns)
         served = batch.get_span_context()
         for owner in sampled:
-            owner.span.add_link(served)
+            if owner.span.is_recording():  # not ended (its caller may have gone meanwhile)
+                owner.span.add_link(served)
         if report.isolation_depth:
             return  # the jobs' queue wait ended at their first try
         for owner, waited_s, cost in zip(report.traces, report.waited_s, report.costs):

@@ -47,10 +47,11 @@ class Plan:
 
     def first_jobs(self, params: GenerationParams, deadline: float | None,
                    trace: ArticleTrace | None = None) -> list[Job]:
+        trace = UNTRACED if trace is None else trace
         if self.chunked is None:
-            return jobs_for([self.whole], params, deadline, trace and trace.article)
+            return jobs_for([self.whole], params, deadline, trace.article)
         return jobs_for(self.chunked.prepared, with_outputs(params, Outputs.SUMMARY), deadline,
-                        trace and trace.map)
+                        trace.map)
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,9 @@ class ArticleTrace:
     def end(self) -> None:
         self.map.end()
         self.article.end()
+
+
+UNTRACED = ArticleTrace(NO_SPAN)
 
 
 class Planner:
@@ -122,6 +126,8 @@ class Planner:
     def trace(self, plan: Plan, index: int) -> ArticleTrace:
         """Start the article's spans (children of the current span: the call's), before its
         first jobs are queued. `assemble` ends them; so must whoever never calls it."""
+        if self.tracer is NO_TRACER:
+            return UNTRACED  # nothing to build per article
         attributes: dict[str, Any] = {"article_index": index, "chunks": plan.model_inputs}
         if plan.article.id:
             attributes["article_id"] = plan.article.id
@@ -137,7 +143,7 @@ class Planner:
     # ----- assembly -----
     async def assemble(self, plan: Plan, first: Sequence[asyncio.Future[Generated]],
                        params: GenerationParams, call: CallWork,
-                       trace: ArticleTrace = ArticleTrace(NO_SPAN)) -> ArticleSummary:
+                       trace: ArticleTrace = UNTRACED) -> ArticleSummary:
         """The article's result, once its first round (`first`, queued) and any later passes are
         done. Ends the article's spans."""
         try:
