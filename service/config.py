@@ -2,7 +2,10 @@
 
 Every field of `Settings` is documented here and is settable three ways, strongest first: a command
 line flag (`--max-batch-size`), an environment variable (`SUMMARIZER_MAX_BATCH_SIZE`), the default.
-Environment variables are read here and nowhere else.
+Environment variables are read here and nowhere else, with one exception: tracing. Whether it is
+on is decided here (`trace_exporters`, from the standard `OTEL_*` variables), and the rest of the
+`OTEL_*` variables (endpoint, headers, service name, resource, sampler, batch processor) are read
+by the OpenTelemetry SDK itself, as it defines them.
 """
 
 from __future__ import annotations
@@ -315,3 +318,35 @@ def client_target(environ: Mapping[str, str] | None = None) -> str:
         raise ConfigError(f"SUMMARIZER_PORT={value} is not a port a client can connect to; "
                           "pass --server HOST:PORT")
     return f"localhost:{value}"
+
+
+def trace_exporters(environ: Mapping[str, str] | None = None) -> tuple[str, ...]:
+    """The span exporters tracing is configured with, as OpenTelemetry entry point names
+    (group `opentelemetry_traces_exporter`: `otlp_proto_http`, `console`, ...); empty: tracing
+    is off. The one place that decides it, from the standard variables only:
+
+    - off when `OTEL_SDK_DISABLED` is true, or `OTEL_TRACES_EXPORTER` is `none`;
+    - on with the exporters `OTEL_TRACES_EXPORTER` names (comma-separated);
+    - else on with OTLP when `OTEL_EXPORTER_OTLP_ENDPOINT` or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`
+      is set (the specification's default exporter, made explicit by an endpoint);
+    - else off: the SDK's default would export to localhost:4318, and a server should not send
+      spans nobody asked for.
+
+    `otlp` is OTLP over the protocol `OTEL_EXPORTER_OTLP_TRACES_PROTOCOL` (or
+    `OTEL_EXPORTER_OTLP_PROTOCOL`) names: `http/protobuf` (the specification's default, and what
+    the `otel` extra installs) or `grpc` (needs opentelemetry-exporter-otlp-proto-grpc)."""
+    environ = os.environ if environ is None else environ
+    if environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return ()
+    names = [n.strip().lower() for n in environ.get("OTEL_TRACES_EXPORTER", "").split(",")
+             if n.strip()]
+    if not names and (environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+                      or environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")):
+        names = ["otlp"]
+    if "none" in names:
+        return ()
+    protocol = (environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+                or environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "http/protobuf").strip().lower()
+    otlp = {"http/protobuf": "otlp_proto_http", "grpc": "otlp_proto_grpc"}.get(
+        protocol, f"otlp ({protocol})")
+    return tuple(dict.fromkeys(otlp if name == "otlp" else name for name in names))

@@ -7,6 +7,7 @@ import contextlib
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -32,12 +33,13 @@ def tiny_pegasus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @contextlib.asynccontextmanager
-async def serving(settings: Settings, engine_factory: Callable) -> AsyncIterator[
-        tuple[SummarizerServer, grpc.aio.Channel]]:
+async def serving(settings: Settings, engine_factory: Callable, **server_options: Any
+                  ) -> AsyncIterator[tuple[SummarizerServer, grpc.aio.Channel]]:
     """A real server on a free loopback port with a real channel to it; the batch queue checks
-    its bookkeeping after every change."""
+    its bookkeeping after every change. `server_options`: more SummarizerServer arguments (e.g.
+    `tracing`)."""
     server = SummarizerServer(settings.replace(host="127.0.0.1", port=0, check_invariants=True),
-                              engine_factory)
+                              engine_factory, **server_options)
     port = await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     try:

@@ -11,19 +11,24 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
-from ..config import Settings
+from ..config import Settings, trace_exporters
 from ..serving.core import SummarizerCore
+from ..serving.executor import BatchReport
+from ..serving.tracing import NO_TRACER
 from ..engines.protocol import Engine
 from ..errors import ConfigError
 from .metrics import Metrics
 from .security import interceptors, server_credentials
 from .servicer import SERVICE_NAME, SummarizerServicer, add_to_server
+
+if TYPE_CHECKING:
+    from .tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +116,22 @@ def default_engine_factory(settings: Settings) -> Engine:
     return TorchEngine(settings).load()
 
 
+def tracing_from_environment() -> Tracing | None:
+    """Tracing as the standard `OTEL_*` variables configure it (see config.trace_exporters);
+    None when they don't, or when the `otel` extra is not installed (said once in the log)."""
+    exporters = trace_exporters()
+    if not exporters:
+        return None
+    try:
+        from .tracing import Tracing
+    except ImportError as error:
+        log.warning("tracing is configured (OTEL_* variables) but OpenTelemetry is not "
+                    "installed (%s): serving without tracing; pip install 'summarizer[otel]'",
+                    error.name)
+        return None
+    return Tracing.from_exporters(exporters)
+
+
 def _settle(future: asyncio.Future, result: object, error: BaseException | None) -> None:
     if future.done():
         return
@@ -142,9 +163,12 @@ class SummarizerServer:
     then reports SERVING; stop() drains in-flight calls within the grace period."""
 
     def __init__(self, settings: Settings,
-                 engine_factory: EngineFactory = default_engine_factory) -> None:
+                 engine_factory: EngineFactory = default_engine_factory,
+                 tracing: Tracing | None = None) -> None:
+        """`tracing`: None takes it from the environment (off unless `OTEL_*` configure it)."""
         self.settings = settings
         self._engine_factory = engine_factory
+        self.tracing = tracing if tracing is not None else tracing_from_environment()
         self.metrics = Metrics()
         self.metrics_port: int | None = None
         self.health_port: int | None = None
@@ -166,7 +190,9 @@ class SummarizerServer:
         self._credentials = server_credentials(settings)
         auth = interceptors(settings)
         self._authenticating = bool(auth)
-        self.server = grpc.aio.server(options=options, interceptors=auth)
+        # Tracing first: a call refused for its token still has its server span.
+        traced = [self.tracing.interceptor()] if self.tracing is not None else []
+        self.server = grpc.aio.server(options=options, interceptors=[*traced, *auth])
         add_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if settings.reflection:
@@ -224,7 +250,17 @@ class SummarizerServer:
         if self.settings.warmup:
             await _in_daemon_thread(engine.warmup, "summarizer-warmup")
         warmed = time.perf_counter()
-        core = SummarizerCore(engine, self.settings, on_batch=self.metrics.observe_batch)
+        on_batch = self.metrics.observe_batch
+        tracing = self.tracing
+        if tracing is not None:
+            tracing.engine_loaded(engine)
+
+            def on_batch(report: BatchReport) -> None:
+                self.metrics.observe_batch(report)
+                tracing.observe_batch(report)
+
+        core = SummarizerCore(engine, self.settings, on_batch=on_batch,
+                              tracer=tracing if tracing is not None else NO_TRACER)
         await core.start()
         self.metrics.attach(lambda: core.batcher.queue_depth, core.batcher.stats)
         self.metrics.model_loaded(engine.name, engine.models, loaded - started, warmed - loaded)
@@ -252,6 +288,8 @@ class SummarizerServer:
         if self.core is not None:
             await self.core.stop(timeout_s=max(0.0, deadline - time.monotonic()))
         self.metrics.stop()
+        if self.tracing is not None:
+            self.tracing.shutdown()
         if self._health_server is not None:
             await self._health_server.stop(None)
         log.info("stopped")

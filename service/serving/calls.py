@@ -15,15 +15,17 @@ from typing import Any, TypeVar
 
 from ..domain import Generated, GenerationParams, PreparedArticle
 from .batcher import Batcher, Job
+from .tracing import Span
 
 T = TypeVar("T")
 
 
 def jobs_for(prepared: Sequence[PreparedArticle], params: GenerationParams,
-             deadline: float | None) -> list[Job]:
+             deadline: float | None, trace: Span | None = None) -> list[Job]:
     """One job per model input; its cost (input tokens) orders it and counts against the
-    batch's token budget, and its options are its key (only equal options share a batch)."""
-    return [Job(p, key=params, cost=p.cost, deadline=deadline) for p in prepared]
+    batch's token budget, and its options are its key (only equal options share a batch).
+    `trace`: the span the work belongs to (the article's, or a map or reduce pass's)."""
+    return [Job(p, key=params, cost=p.cost, deadline=deadline, trace=trace) for p in prepared]
 
 
 class CallWork:
@@ -49,10 +51,10 @@ class CallWork:
         return self._track(await self.batcher.admit(jobs, group=self.group,
                                                     deadline=self.deadline))
 
-    async def queue(self, prepared: Sequence[PreparedArticle],
-                    params: GenerationParams) -> list[asyncio.Future[Generated]]:
+    async def queue(self, prepared: Sequence[PreparedArticle], params: GenerationParams,
+                    trace: Span | None = None) -> list[asyncio.Future[Generated]]:
         """`admit` for model inputs with one set of options (what map-reduce passes use)."""
-        return await self.admit(jobs_for(prepared, params, self.deadline))
+        return await self.admit(jobs_for(prepared, params, self.deadline, trace))
 
     def start(self, work: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
         """A task for the caller (e.g. an article's assembly), cancelled with the call."""

@@ -5,6 +5,8 @@
   caller's work in the queue (and cancels it, in one place); `stream.py` runs a stream;
   `batcher.py` queues and runs batches; `generation.py` is what a batch runs.
 - `summarize` (a unary call) and `summarize_stream`; `describe` is what GetModelInfo reports.
+- `tracer` (service/serving/tracing.py): spans for checking and tokenising a request, each
+  article and its passes; the engine batches and queue waits are traced by the `on_batch` hook.
 
 Speaks only domain types (no protobuf): the gRPC servicer converts at the edge.
 """
@@ -23,8 +25,9 @@ from ..errors import GenerationFailed, InvalidArgument, SummarizerError
 from .batcher import Batcher, BatchReport
 from .calls import CallWork
 from .generation import generate_batch
-from .planning import Plan, Planner
+from .planning import ArticleTrace, Plan, Planner
 from .stream import Requests, StreamCall
+from .tracing import NO_TRACER, Tracer, span
 from .validation import ArticleIn, Validator
 
 __all__ = ["ArticleIn", "ServiceDescription", "SummarizerCore"]
@@ -49,9 +52,11 @@ class ServiceDescription:
 
 class SummarizerCore:
     def __init__(self, engine: Engine, settings: Settings,
-                 on_batch: Callable[[BatchReport], None] | None = None) -> None:
+                 on_batch: Callable[[BatchReport], None] | None = None,
+                 tracer: Tracer = NO_TRACER) -> None:
         self.engine = engine
         self.settings = settings
+        self.tracer = tracer
         self.limits = Limits(max_num_beams=settings.max_num_beams,
                              max_new_tokens=min(settings.max_new_tokens,
                                                 engine.max_new_tokens or settings.max_new_tokens))
@@ -67,7 +72,7 @@ class SummarizerCore:
         self.planner = Planner(engine, self.validator,
                                max_chunks=min(settings.max_chunks_per_article,
                                               self.batcher.max_queue),
-                               max_depth=settings.max_chunk_depth)
+                               max_depth=settings.max_chunk_depth, tracer=tracer)
 
     async def start(self) -> None:
         await self.batcher.start()
@@ -97,16 +102,18 @@ class SummarizerCore:
         starts. An article that fails in the model (after its batch was split to isolate it)
         comes back as an ArticleFailure beside its neighbours' results; when every article
         failed, the call fails with the first failure."""
-        self.validator.check_count(articles)
-        self.validator.check_ids(articles, required=False)
-        params = self.resolve(options)
-        planned = await self.planner.plan_all(articles, params,
-                                              options.long_input or self.long_input)
-        plans: list[Plan] = []
-        for plan in planned:
-            if isinstance(plan, InvalidArgument):
-                raise plan
-            plans.append(plan)
+        with span(self.tracer, "prepare", articles=len(articles)) as prepare:
+            self.validator.check_count(articles)
+            self.validator.check_ids(articles, required=False)
+            params = self.resolve(options)
+            planned = await self.planner.plan_all(articles, params,
+                                                  options.long_input or self.long_input)
+            plans: list[Plan] = []
+            for plan in planned:
+                if isinstance(plan, InvalidArgument):
+                    raise plan
+                plans.append(plan)
+            prepare.set(model_inputs=sum(plan.model_inputs for plan in plans))
         needed = sum(plan.model_inputs for plan in plans)
         if needed > self.batcher.max_queue:
             raise InvalidArgument(
@@ -114,17 +121,22 @@ class SummarizerCore:
                 f"model inputs, more than the server's queue holds ({self.batcher.max_queue}); "
                 "send fewer long articles per call, or use SummarizeStream")
         call = CallWork(self.batcher, deadline)
+        traces: list[ArticleTrace] = []
         try:
+            traces = [self.planner.trace(plan, index) for index, plan in enumerate(plans)]
             # The first round of every article at once, all or none: a full queue refuses the
             # call (RESOURCE_EXHAUSTED) rather than holding it.
-            jobs = [plan.first_jobs(params, deadline) for plan in plans]
+            jobs = [plan.first_jobs(params, deadline, trace)
+                    for plan, trace in zip(plans, traces)]
             futures = iter(call.submit_now([job for group in jobs for job in group]))
             assembled = [call.start(self.planner.assemble(
-                plan, [next(futures) for _ in group], params, call))
-                for plan, group in zip(plans, jobs)]
+                plan, [next(futures) for _ in group], params, call, trace))
+                for plan, group, trace in zip(plans, jobs, traces)]
             outcomes = await asyncio.gather(*assembled, return_exceptions=True)
         finally:
             call.close()
+            for trace in traces:  # those never assembled (e.g. the queue was full)
+                trace.end()
         errors = [o for o in outcomes if isinstance(o, BaseException)]
         if len(errors) == len(outcomes):
             if isinstance(errors[0], SummarizerError):
@@ -140,4 +152,4 @@ class SummarizerCore:
         malformed request raises InvalidArgument and ends the stream (see stream.py)."""
         return StreamCall(requests, validator=self.validator, planner=self.planner,
                           resolve=self.resolve, long_input=self.long_input,
-                          work=CallWork(self.batcher, deadline)).results()
+                          work=CallWork(self.batcher, deadline), tracer=self.tracer).results()

@@ -19,7 +19,7 @@ continuous batching) replaces this executor with another one that pulls from the
   (`should_drop`: a deadline passed or cannot be met), are not run.
 - Each job has its own future, so a caller only ever receives its own results.
 - After each successful call the source hears how long it took (`record_duration`), and the
-  `on_batch` hook gets a `BatchReport` after every call (metrics).
+  `on_batch` hook gets a `BatchReport` after every call (metrics, tracing).
 """
 
 from __future__ import annotations
@@ -56,7 +56,8 @@ class BatchSource(Protocol):
 
 @dataclass(frozen=True)
 class BatchReport:
-    """What one engine call did, for metrics: handed to the `on_batch` hook after every call."""
+    """What one engine call did, for metrics and tracing: handed to the `on_batch` hook after
+    every call."""
 
     key: Hashable
     costs: tuple[int, ...]
@@ -65,6 +66,16 @@ class BatchReport:
     """How long each job queued, from submit to the start of this call."""
     duration_s: float
     failed: bool
+    started_s: float = 0.0
+    """When the call started, on the executor's clock (`time.monotonic()` unless a test gives
+    another)."""
+    traces: tuple[object, ...] = ()
+    """Each job's `Job.trace`, in batch order."""
+    isolation_depth: int = 0
+    """0: the batch as the queue cut it; n: a part of it after n halvings, retried to isolate the
+    input that made the engine fail (its jobs' queue wait ended at the first try)."""
+    error_type: str = ""
+    """The failed call's exception type (never its message: it could quote the input)."""
 
     @property
     def padding_ratio(self) -> float:
@@ -178,13 +189,14 @@ class Executor(Generic[P, R]):
         self._in_batch = True
         self._running.update(entries)
         self._check()
-        parts: list[list[Entry]] = [entries]
+        parts: list[tuple[list[Entry], int]] = [(entries, 0)]  # (jobs, halvings)
         try:
             while parts:
-                part = self._still_wanted(parts.pop())
+                part, depth = parts.pop()
+                part = self._still_wanted(part)
                 if not part:
                     continue
-                error = await self._run(key, part)
+                error = await self._run(key, part, depth)
                 if error is None:
                     continue
                 self.stats.failed_batches += 1
@@ -198,9 +210,10 @@ class Executor(Generic[P, R]):
                     log.warning("batch of %d failed (%s); retrying it in halves to isolate the "
                                 "failing input", len(part), type(error).__name__)
                     middle = len(part) // 2
-                    parts += [part[middle:], part[:middle]]  # the first half runs first
+                    # The first half runs first.
+                    parts += [(part[middle:], depth + 1), (part[:middle], depth + 1)]
         except asyncio.CancelledError:
-            for entry in (e for part in parts for e in part):
+            for entry in (e for part, _ in parts for e in part):
                 self._finish(entry, error=Unavailable("server is shutting down"))
             raise
         finally:
@@ -224,7 +237,8 @@ class Executor(Generic[P, R]):
                 self._finish(entry, error=drop.error)
         return wanted
 
-    async def _run(self, key: Hashable, entries: list[Entry]) -> BaseException | None:
+    async def _run(self, key: Hashable, entries: list[Entry],
+                   depth: int = 0) -> BaseException | None:
         """One engine call; delivers the results, or returns what went wrong."""
         assert self._source is not None
         payloads = [e.job.payload for e in entries]
@@ -240,12 +254,12 @@ class Executor(Generic[P, R]):
                 self._finish(entry, error=Unavailable("server is shutting down"))
             raise
         except Exception as error:  # noqa: BLE001 - isolated and reported by the caller
-            self._report(key, entries, started, failed=True)
+            self._report(key, entries, started, depth, error)
             return error
         except BaseException as error:  # noqa: BLE001 - e.g. SystemExit raised inside the engine
-            self._report(key, entries, started, failed=True)
+            self._report(key, entries, started, depth, error)
             return GenerationFailed(f"engine raised {type(error).__name__}: {error}")
-        elapsed = self._report(key, entries, started, failed=False)
+        elapsed = self._report(key, entries, started, depth)
         self._source.record_duration(key, elapsed)
         self.stats.batches += 1
         self.stats.jobs += len(entries)
@@ -254,16 +268,18 @@ class Executor(Generic[P, R]):
             self._finish(entry, result=result)
         return None
 
-    def _report(self, key: Hashable, entries: list[Entry], started: float, *,
-                failed: bool) -> float:
+    def _report(self, key: Hashable, entries: list[Entry], started: float, depth: int,
+                error: BaseException | None = None) -> float:
         elapsed = self._clock() - started
         if self._on_batch is not None:
             try:
                 self._on_batch(BatchReport(
                     key=key, costs=tuple(e.job.cost for e in entries),
                     waited_s=tuple(max(0.0, started - e.enqueued_at) for e in entries),
-                    duration_s=elapsed, failed=failed))
-            except Exception:  # noqa: BLE001 - metrics must never break serving
+                    duration_s=elapsed, failed=error is not None, started_s=started,
+                    traces=tuple(e.job.trace for e in entries), isolation_depth=depth,
+                    error_type="" if error is None else type(error).__name__))
+            except Exception:  # noqa: BLE001 - metrics and tracing must never break serving
                 log.exception("on_batch hook failed")
         return elapsed
 

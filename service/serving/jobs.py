@@ -30,6 +30,9 @@ class Job(Generic[P]):
     """Input size in tokens: orders jobs and counts against `max_batch_tokens`."""
     deadline: float | None = None
     """Absolute `time.monotonic()` after which the result is useless."""
+    trace: object = None
+    """The span the job's work belongs to (service/serving/tracing.py), or None. The batcher
+    does not look inside: it hands it to the `on_batch` hook in `BatchReport.traces`."""
 
 
 class JobState(enum.Enum):

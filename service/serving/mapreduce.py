@@ -11,6 +11,9 @@ Every model call goes through `Submit`, which the core gives: the same batcher a
 work, the caller's round-robin turn, deadline and cancellation. Tokenising goes through `Prep`
 (the core's one tokenising thread). Chunk and reduce passes write summaries only (no headline), so
 they batch with each other and with summary-only requests.
+
+Each pass has a span (map, each reduce, the final reduce, the headline), under the article's, and
+its jobs carry it, so each input's queue wait and engine batch show under the pass that queued it.
 """
 
 from __future__ import annotations
@@ -28,15 +31,17 @@ from ..domain import (MIN_WINDOW_TOKENS, ArticleSummary, Generated, GenerationPa
                      PreparedArticle)
 from ..engines.protocol import Engine
 from ..text import model_text
+from .tracing import NO_SPAN, NO_TRACER, Span, Tracer, span
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Prep = Callable[..., Awaitable[Any]]
 """`await prep(function, *args)` runs function(*args) in the tokenising thread."""
-Submit = Callable[[Sequence[PreparedArticle], GenerationParams],
+Submit = Callable[[Sequence[PreparedArticle], GenerationParams, Span],
                   Awaitable[list[asyncio.Future[Generated]]]]
-"""Queue inputs for the model (waiting for room), one result future per input."""
+"""Queue inputs for the model (waiting for room), one result future per input; the span is the
+pass's, which the jobs carry."""
 
 
 @dataclass(frozen=True)
@@ -68,8 +73,10 @@ async def _all(futures: Sequence[asyncio.Future[T]]) -> list[T]:
 
 
 class MapReduce:
-    def __init__(self, engine: Engine, prep: Prep, *, max_chunks: int, max_depth: int) -> None:
+    def __init__(self, engine: Engine, prep: Prep, *, max_chunks: int, max_depth: int,
+                 tracer: Tracer = NO_TRACER) -> None:
         self.engine = engine
+        self.tracer = tracer
         self.prep = prep
         self.max_chunks = max_chunks
         self.max_depth = max_depth
@@ -107,11 +114,17 @@ class MapReduce:
     # ----- on the event loop -----
     async def finish(self, article_id: str, article: ChunkedArticle,
                      mapped: Sequence[asyncio.Future[Generated]], params: GenerationParams,
-                     submit: Submit) -> ArticleSummary:
-        """Wait for the map pass (`mapped`, already queued), then reduce and write the
-        headline."""
+                     submit: Submit, map_span: Span = NO_SPAN) -> ArticleSummary:
+        """Wait for the map pass (`mapped`, already queued, under `map_span`, which this ends),
+        then reduce and write the headline."""
         summary = with_outputs(params, Outputs.SUMMARY)
-        summaries = await _all(mapped)
+        try:
+            summaries = await _all(mapped)
+        except BaseException as error:
+            map_span.fail(error)
+            raise
+        finally:
+            map_span.end()
         pieces = len(mapped)
         for depth in itertools.count():
             joined = "\n".join(s.summary for s in summaries)
@@ -120,24 +133,29 @@ class MapReduce:
             # shorten them (summaries as long as their inputs never converge).
             if len(inputs) <= 1 or depth >= self.max_depth or len(inputs) >= pieces:
                 break
-            summaries = await _all(await submit(inputs, summary))
+            with span(self.tracer, "reduce", depth=depth + 1, inputs=len(inputs)) as pass_span:
+                summaries = await _all(await submit(inputs, summary, pass_span))
             pieces = len(inputs)
         final_input = (await self.prep(self.engine.prepare, [model_text(joined)], summary))[0]
         if final_input.truncated:
             log.warning("article %r: after %d reduce passes its chunk summaries still exceed "
                         "the window; the final pass reads them cut to the window",
                         article_id, depth)
-        final = (await _all(await submit([final_input], summary)))[0]
+        with span(self.tracer, "reduce", depth=depth + 1, inputs=1, final=True,
+                  input_tokens=final_input.input_tokens,
+                  truncated=final_input.truncated) as pass_span:
+            final = (await _all(await submit([final_input], summary, pass_span)))[0]
 
         headline, headline_tokens = "", 0
         if params.outputs.headline:
             headline_params = with_outputs(params, Outputs.HEADLINE)
-            source = final.summary
-            if self.headline_from == "opening+summary":
-                source = await self.prep(self._with_opening, article.text, final.summary,
-                                         headline_params)
-            prepared = await self.prep(self.engine.prepare, [source], headline_params)
-            written = (await _all(await submit(prepared, headline_params)))[0]
+            with span(self.tracer, "headline", source=self.headline_from) as pass_span:
+                source = final.summary
+                if self.headline_from == "opening+summary":
+                    source = await self.prep(self._with_opening, article.text, final.summary,
+                                             headline_params)
+                prepared = await self.prep(self.engine.prepare, [source], headline_params)
+                written = (await _all(await submit(prepared, headline_params, pass_span)))[0]
             headline, headline_tokens = written.headline, written.headline_tokens
         return ArticleSummary(
             id=article_id, summary=final.summary if params.outputs.summary else "",

@@ -7,6 +7,8 @@
 - Assembly: an article's result from its model outputs, or, for a chunked article, from the
   map-reduce passes (service/serving/mapreduce.py), which queue their later passes through the
   caller's `CallWork`.
+- Tracing: each accepted article has a span from its first job to its result (`ArticleTrace`),
+  and a chunked article's map pass one of its own; its jobs carry the span their work belongs to.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from ..text import model_text
 from .batcher import Job
 from .calls import CallWork, jobs_for
 from .mapreduce import ChunkedArticle, MapReduce, with_outputs
+from .tracing import NO_SPAN, NO_TRACER, Span, Tracer
 from .validation import ArticleIn, Validator
 
 T = TypeVar("T")
@@ -42,23 +45,42 @@ class Plan:
     def model_inputs(self) -> int:
         return len(self.chunked.prepared) if self.chunked else 1
 
-    def first_jobs(self, params: GenerationParams, deadline: float | None) -> list[Job]:
+    def first_jobs(self, params: GenerationParams, deadline: float | None,
+                   trace: ArticleTrace | None = None) -> list[Job]:
+        trace = UNTRACED if trace is None else trace
         if self.chunked is None:
-            return jobs_for([self.whole], params, deadline)
-        return jobs_for(self.chunked.prepared, with_outputs(params, Outputs.SUMMARY), deadline)
+            return jobs_for([self.whole], params, deadline, trace.article)
+        return jobs_for(self.chunked.prepared, with_outputs(params, Outputs.SUMMARY), deadline,
+                        trace.map)
+
+
+@dataclass(frozen=True)
+class ArticleTrace:
+    """An article's spans: its own, and its map pass's when it is chunked (else NO_SPAN)."""
+
+    article: Span
+    map: Span = NO_SPAN
+
+    def end(self) -> None:
+        self.map.end()
+        self.article.end()
+
+
+UNTRACED = ArticleTrace(NO_SPAN)
 
 
 class Planner:
     def __init__(self, engine: Engine, validator: Validator, *, max_chunks: int,
-                 max_depth: int) -> None:
+                 max_depth: int, tracer: Tracer = NO_TRACER) -> None:
         self.engine = engine
         self.validator = validator
+        self.tracer = tracer
         # Tokenising (prepare, count_tokens) runs here, one call at a time; decoding output ids
         # runs inside generate, in the model's thread. The tokenizers allow that (see
         # service/engines/tokenizer.py).
         self._prep = ThreadPoolExecutor(max_workers=1, thread_name_prefix="summarizer-prep")
         self.mapreduce = MapReduce(engine, self.in_prep, max_chunks=max_chunks,
-                                   max_depth=max_depth)
+                                   max_depth=max_depth, tracer=tracer)
 
     def shutdown(self) -> None:
         self._prep.shutdown(wait=False, cancel_futures=True)
@@ -100,17 +122,47 @@ class Planner:
                 "summarise its beginning", article_index=index, article_id=article.id)
         return Plan(article, chunked=chunked)
 
+    # ----- tracing -----
+    def trace(self, plan: Plan, index: int) -> ArticleTrace:
+        """Start the article's spans (children of the current span: the call's), before its
+        first jobs are queued. `assemble` ends them; so must whoever never calls it."""
+        if self.tracer is NO_TRACER:
+            return UNTRACED  # nothing to build per article
+        attributes: dict[str, Any] = {"article_index": index, "chunks": plan.model_inputs}
+        if plan.article.id:
+            attributes["article_id"] = plan.article.id
+        if plan.chunked is None:
+            return ArticleTrace(self.tracer.start(
+                "article", input_tokens=plan.whole.input_tokens,
+                truncated=plan.whole.truncated, **attributes))
+        article = self.tracer.start("article", input_tokens=plan.chunked.input_tokens,
+                                    **attributes)
+        return ArticleTrace(article, self.tracer.start("map", article,
+                                                       chunks=plan.model_inputs))
+
     # ----- assembly -----
     async def assemble(self, plan: Plan, first: Sequence[asyncio.Future[Generated]],
-                       params: GenerationParams, call: CallWork) -> ArticleSummary:
+                       params: GenerationParams, call: CallWork,
+                       trace: ArticleTrace = UNTRACED) -> ArticleSummary:
         """The article's result, once its first round (`first`, queued) and any later passes are
-        done."""
-        if plan.chunked is not None:
-            return await self.mapreduce.finish(plan.article.id, plan.chunked, first, params,
-                                               call.queue)
-        out = await first[0]
-        whole = plan.whole
-        return ArticleSummary(id=plan.article.id, summary=out.summary, headline=out.headline,
-                              input_tokens=whole.input_tokens, truncated=whole.truncated,
-                              summary_tokens=out.summary_tokens,
-                              headline_tokens=out.headline_tokens)
+        done. Ends the article's spans."""
+        try:
+            with self.tracer.current(trace.article):
+                if plan.chunked is not None:
+                    result = await self.mapreduce.finish(plan.article.id, plan.chunked, first,
+                                                         params, call.queue, trace.map)
+                else:
+                    out = await first[0]
+                    whole = plan.whole
+                    result = ArticleSummary(
+                        id=plan.article.id, summary=out.summary, headline=out.headline,
+                        input_tokens=whole.input_tokens, truncated=whole.truncated,
+                        summary_tokens=out.summary_tokens, headline_tokens=out.headline_tokens)
+            trace.article.set(summary_tokens=result.summary_tokens,
+                              headline_tokens=result.headline_tokens, truncated=result.truncated)
+            return result
+        except BaseException as error:
+            trace.article.fail(error)
+            raise
+        finally:
+            trace.end()

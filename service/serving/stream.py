@@ -24,7 +24,8 @@ from ..domain import (ArticleFailure, ArticleSummary, GenerationParams, LongInpu
                       RequestedOptions)
 from ..errors import InvalidArgument, SummarizerError, Unavailable
 from .calls import CallWork
-from .planning import Plan, Planner
+from .planning import ArticleTrace, Plan, Planner
+from .tracing import NO_TRACER, Tracer, span
 from .validation import ArticleIn, Validator
 
 log = logging.getLogger(__name__)
@@ -36,8 +37,9 @@ Requests = AsyncIterator[tuple[Sequence[ArticleIn], RequestedOptions]]
 class StreamCall:
     def __init__(self, requests: Requests, *, validator: Validator, planner: Planner,
                  resolve: Callable[[RequestedOptions], GenerationParams],
-                 long_input: LongInput, work: CallWork) -> None:
+                 long_input: LongInput, work: CallWork, tracer: Tracer = NO_TRACER) -> None:
         self._requests = requests
+        self._tracer = tracer
         self._validator = validator
         self._planner = planner
         self._resolve = resolve
@@ -72,32 +74,54 @@ class StreamCall:
 
     async def _read(self) -> None:
         async for articles, options in self._requests:
-            self._validator.check_count(articles)
-            self._validator.check_ids(articles, required=True, taken=self._in_flight)
-            params = self._resolve(options)
-            for _ in articles:
-                await self._slots.acquire()
-            plans = await self._planner.plan_all(articles, params,
-                                                 options.long_input or self._long_input)
+            with span(self._tracer, "prepare", articles=len(articles)) as prepare:
+                self._validator.check_count(articles)
+                self._validator.check_ids(articles, required=True, taken=self._in_flight)
+                params = self._resolve(options)
+                await self._take_slots(len(articles))
+                plans = await self._planner.plan_all(articles, params,
+                                                     options.long_input or self._long_input)
+                prepare.set(model_inputs=sum(p.model_inputs for p in plans
+                                             if isinstance(p, Plan)))
             for article, plan in zip(articles, plans):
                 if isinstance(plan, InvalidArgument):
                     self._results.put_nowait(failure_for(article.id, plan))
                 else:
                     self._in_flight.add(article.id)
-            for plan in plans:
+            for index, plan in enumerate(plans):
                 if isinstance(plan, Plan):
-                    first = await self._work.admit(plan.first_jobs(params, self._work.deadline))
-                    delivery = self._work.start(self._deliver(plan, first, params))
+                    trace = self._planner.trace(plan, index)
+                    try:
+                        first = await self._work.admit(
+                            plan.first_jobs(params, self._work.deadline, trace))
+                    except BaseException as error:
+                        trace.article.fail(error)
+                        trace.end()
+                        raise
+                    delivery = self._work.start(self._deliver(plan, first, params, trace))
                     self._deliveries.add(delivery)
                     delivery.add_done_callback(self._deliveries.discard)
         if self._deliveries:
             await asyncio.wait(set(self._deliveries))
 
+    async def _take_slots(self, count: int) -> None:
+        """One slot per article; when the stream has to wait for room (backpressure), the wait
+        has a span of its own."""
+        taken = 0
+        while taken < count and not self._slots.locked():
+            await self._slots.acquire()
+            taken += 1
+        if taken < count:
+            with span(self._tracer, "backpressure", articles=count - taken):
+                for _ in range(count - taken):
+                    await self._slots.acquire()
+
     async def _deliver(self, plan: Plan, first: list[asyncio.Future],
-                       params: GenerationParams) -> None:
+                       params: GenerationParams, trace: ArticleTrace) -> None:
         article_id = plan.article.id
         try:
-            result: Result = await self._planner.assemble(plan, first, params, self._work)
+            result: Result = await self._planner.assemble(plan, first, params, self._work,
+                                                          trace)
         except asyncio.CancelledError:
             if asyncio.current_task().cancelling():
                 raise  # the stream is ending
