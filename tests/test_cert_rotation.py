@@ -199,10 +199,18 @@ async def test_a_renewed_certificate_is_served_to_new_connections_without_a_fail
     assert "tls.crt" in error and "not PEM certificates" in error and b in error
 
 
+def replace_file(path: Path, data: bytes) -> None:
+    """Rewrite `path` in one step (a new file renamed over it), as editors and tools do: a
+    handshake never reads it half written."""
+    staging = path.with_name(path.name + ".new")
+    staging.write_bytes(data)
+    os.replace(staging, path)
+
+
 async def test_a_key_that_does_not_match_keeps_the_old_pair_and_is_reported_once(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """Files written one after the other, in place: the certificate first (it does not match
-    the old key: refused, reported once), then its key (taken)."""
+    """Files replaced one after the other: the certificate first (it does not match the old key:
+    refused, reported once), then its key (taken)."""
     pki = make_pki(tmp_path)
     cert_b, key_b = issue_server_cert(pki, tmp_path, "server-b")
     live_cert, live_key = tmp_path / "live.pem", tmp_path / "live.key"
@@ -213,7 +221,7 @@ async def test_a_key_that_does_not_match_keeps_the_old_pair_and_is_reported_once
     async with serving(settings, lambda s: FakeEngine()) as (server, _):
         port = server.port
         async with under_load(port, pki.ca_cert) as load:
-            live_cert.write_bytes(cert_b.read_bytes())
+            replace_file(live_cert, cert_b.read_bytes())
 
             async def refused() -> bool:
                 return bool(errors_logged(caplog))
@@ -224,7 +232,7 @@ async def test_a_key_that_does_not_match_keeps_the_old_pair_and_is_reported_once
             [error] = errors_logged(caplog)
             assert "does not match" in error and str(live_key) in error
 
-            live_key.write_bytes(key_b.read_bytes())
+            replace_file(live_key, key_b.read_bytes())
 
             async def serves_b() -> bool:
                 return await asyncio.to_thread(served_fingerprint, port, pki.ca_cert) == b
