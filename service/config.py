@@ -73,6 +73,25 @@ class Settings:
         "", "Where the ctranslate2 engine keeps converted checkpoints, one directory per "
             "checkpoint and compute type; empty: ~/.cache/summarizer/ctranslate2.")
     warmup: bool = _setting(True, "Run a warm-up generation before reporting SERVING.")
+    workers: int = _setting(
+        1, "Engine worker processes: each loads the model and runs batches, supervised (a worker "
+           "that crashes or hangs is replaced; its batch is retried, then split to isolate the "
+           "input that kills it). The CPU threads are split between them. 0: run the model in the "
+           "server process (no isolation; for debugging).")
+    devices: str = _setting(
+        "", "Comma-separated devices, one worker each (e.g. cuda:0,cuda:1); sets --workers. "
+            "Empty: --workers workers on --device.")
+    batch_timeout_s: float = _setting(
+        0.0, "Watchdog: a worker whose batch runs longer than this is killed and replaced, and "
+             "the batch treated as a crash. 0: 10x the slowest recent batch, at least 120 s "
+             "(300 s until a batch has been timed).")
+    max_worker_restarts: int = _setting(
+        20, "Crash loop: more worker restarts than this within 5 minutes (or 3 failed starts "
+            "in a row) sets health NOT_SERVING and makes the server exit non-zero, so an "
+            "orchestrator restarts the pod.")
+    worker_engine: str = _setting(
+        "", "Test hook: build the workers' engine with this callable (module:function taking "
+            "the settings) instead of --engine; used by the fault-injection tests.")
 
     # --- generation defaults (0: the model family's manifest default) ---
     max_input_tokens: int = _setting(
@@ -176,16 +195,18 @@ class Settings:
                 problems.append(f"{name} must be at least 1")
         for name in ("threads", "max_input_tokens", "summary_max_tokens", "summary_min_tokens",
                      "headline_max_tokens", "headline_min_tokens", "num_beams",
-                     "max_batch_tokens", "max_concurrent_rpcs", "port", "max_chunk_depth"):
+                     "max_batch_tokens", "max_concurrent_rpcs", "port", "max_chunk_depth",
+                     "workers", "max_worker_restarts"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative")
         for name in ("metrics_port", "health_port"):  # 0: off, -1: any free port
             if getattr(self, name) < -1:
                 problems.append(f"{name} must be a port, 0 (off) or -1 (any free port)")
         if not (0 <= self.max_wait_ms < math.inf and 0 <= self.grace_period_s < math.inf
-                and 0 <= self.max_connection_age_s < math.inf):
-            problems.append("max_wait_ms, grace_period_s and max_connection_age_s must be finite "
-                            "and not negative")
+                and 0 <= self.max_connection_age_s < math.inf
+                and 0 <= self.batch_timeout_s < math.inf):
+            problems.append("max_wait_ms, grace_period_s, max_connection_age_s and "
+                            "batch_timeout_s must be finite and not negative")
         if self.max_articles_per_request > self.max_queue:
             problems.append(f"max_articles_per_request ({self.max_articles_per_request}) must not "
                             f"exceed max_queue ({self.max_queue}): such a request could never "
@@ -350,3 +371,11 @@ def trace_exporters(environ: Mapping[str, str] | None = None) -> tuple[str, ...]
     otlp = {"http/protobuf": "otlp_proto_http", "grpc": "otlp_proto_grpc"}.get(
         protocol, f"otlp ({protocol})")
     return tuple(dict.fromkeys(otlp if name == "otlp" else name for name in names))
+
+
+def worker_devices(settings: Settings) -> list[str]:
+    """The device of each worker process (one per entry of --devices, else --workers times
+    --device)."""
+    if settings.devices.strip():
+        return [d.strip() for d in settings.devices.split(",") if d.strip()]
+    return [settings.device] * settings.workers

@@ -11,13 +11,14 @@ import logging
 from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from ..serving.batcher import BatcherStats, BatchReport, DropReason
 from ..domain import ArticleFailure, ArticleSummary
 from ..engines.protocol import ModelDescription
 from ..errors import code_name
+from ..workers.pool import WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,30 @@ class _BatcherStatsCollector(Collector):
         yield CounterMetricFamily("summarizer_isolated_failures",
                                   "Articles that failed on their own after batch splitting.",
                                   value=stats.failed_jobs)
+
+
+class _WorkersCollector(Collector):
+    """The worker processes' state and restarts, read at scrape time."""
+
+    def __init__(self) -> None:
+        self.pool: WorkerPool | None = None
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        pool = self.pool
+        if pool is None:
+            return
+        yield GaugeMetricFamily("summarizer_workers_ready", "Engine worker processes ready.",
+                                value=pool.ready)
+        restarts = CounterMetricFamily(
+            "summarizer_worker_restarts", "Engine workers replaced, by cause: exit (it exited), "
+            "signal (killed, e.g. a segfault or the OOM killer), watchdog (a batch ran too "
+            "long).", labels=["cause"])
+        for cause in ("exit", "signal", "watchdog"):
+            restarts.add_metric([cause], pool.stats.restarts[cause])
+        yield restarts
+        yield CounterMetricFamily("summarizer_batches_retried_after_crash",
+                                  "Batches sent again after their worker died.",
+                                  value=pool.stats.retried_after_crash)
 
 
 class Metrics:
@@ -95,12 +120,17 @@ class Metrics:
         self.info = Info("summarizer_model", "The loaded engine and models.", registry=r)
         self._batcher = _BatcherStatsCollector()
         r.register(self._batcher)
+        self._workers = _WorkersCollector()
+        r.register(self._workers)
         self._http = None
 
     # ----- wiring -----
     def attach(self, queue_depth: Callable[[], int], stats: BatcherStats) -> None:
         self.queue_depth.set_function(lambda: float(queue_depth()))
         self._batcher.stats = stats
+
+    def attach_workers(self, pool: WorkerPool) -> None:
+        self._workers.pool = pool
 
     def model_loaded(self, engine: str, models: Iterable[ModelDescription], load_s: float,
                      warmup_s: float) -> None:

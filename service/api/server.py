@@ -17,10 +17,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
-from ..config import Settings, trace_exporters
+from ..config import Settings, trace_exporters, worker_devices
 from ..serving.core import SummarizerCore
 from ..serving.executor import BatchReport
 from ..serving.tracing import NO_TRACER
+from ..engines.factory import build_engine
+from ..workers.pool import CrashLoop, WorkerPool
 from ..engines.protocol import Engine
 from ..errors import ConfigError
 from .metrics import Metrics
@@ -102,18 +104,8 @@ def _bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredent
 
 
 def default_engine_factory(settings: Settings) -> Engine:
-    """The engine `settings` ask for (or `auto` chooses), loaded: ready to serve."""
-    # Engines are imported only when a model is loaded (and ctranslate2 never imports torch).
-    from ..engines.choice import resolved
-
-    settings = resolved(settings)
-    if settings.engine == "ctranslate2":
-        from ..engines.ct2_engine import CTranslate2Engine
-
-        return CTranslate2Engine(settings).load()
-    from ..engines.torch_engine import TorchEngine
-
-    return TorchEngine(settings).load()
+    """The engine `settings` ask for (or `auto` chooses), loaded in this process."""
+    return build_engine(settings)
 
 
 def tracing_from_environment() -> Tracing | None:
@@ -168,6 +160,8 @@ class SummarizerServer:
         """`tracing`: None takes it from the environment (off unless `OTEL_*` configure it)."""
         self.settings = settings
         self._engine_factory = engine_factory
+        self.workers: WorkerPool | None = None
+        self._stopping = False
         self.tracing = tracing if tracing is not None else tracing_from_environment()
         self.metrics = Metrics()
         self.metrics_port: int | None = None
@@ -242,14 +236,32 @@ class SummarizerServer:
             parts.append("bearer tokens")
         return f" with {' and '.join(parts)}" if parts else ""
 
+    @property
+    def uses_workers(self) -> bool:
+        """The model runs in worker processes: the default engines, with --workers 1 or more
+        (a custom engine factory, as tests pass, runs in this process)."""
+        return (self._engine_factory is default_engine_factory
+                and bool(worker_devices(self.settings)))
+
     async def load(self) -> None:
         started = time.perf_counter()
-        engine = await _in_daemon_thread(lambda: self._engine_factory(self.settings),
-                                         "summarizer-load")
-        loaded = time.perf_counter()
-        if self.settings.warmup:
-            await _in_daemon_thread(engine.warmup, "summarizer-warmup")
-        warmed = time.perf_counter()
+        run_batches = None
+        if self.uses_workers:
+            # This process tokenises (the engine without its weights); the workers generate.
+            engine = await _in_daemon_thread(
+                lambda: build_engine(self.settings, weights=False), "summarizer-load")
+            self.workers = WorkerPool(self.settings, on_change=self._workers_changed)
+            self.metrics.attach_workers(self.workers)
+            await self.workers.start()
+            run_batches = self.workers.run_batches()
+            loaded = warmed = time.perf_counter()
+        else:
+            engine = await _in_daemon_thread(lambda: self._engine_factory(self.settings),
+                                             "summarizer-load")
+            loaded = time.perf_counter()
+            if self.settings.warmup:
+                await _in_daemon_thread(engine.warmup, "summarizer-warmup")
+            warmed = time.perf_counter()
         on_batch = self.metrics.observe_batch
         tracing = self.tracing
         if tracing is not None:
@@ -260,7 +272,8 @@ class SummarizerServer:
                 tracing.observe_batch(report)
 
         core = SummarizerCore(engine, self.settings, on_batch=on_batch,
-                              tracer=tracing if tracing is not None else NO_TRACER)
+                              tracer=tracing if tracing is not None else NO_TRACER,
+                              run_batches=run_batches)
         await core.start()
         self.metrics.attach(lambda: core.batcher.queue_depth, core.batcher.stats)
         self.metrics.model_loaded(engine.name, engine.models, loaded - started, warmed - loaded)
@@ -269,8 +282,19 @@ class SummarizerServer:
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         described = ", ".join(f"{m.model_id} ({m.role}, {m.family}, {m.dtype} on {m.device})"
                               for m in engine.models)
-        log.info("SERVING: %s; engine %s; loaded in %.1fs, warmed up in %.1fs", described,
-                 engine.name, loaded - started, warmed - loaded)
+        log.info("SERVING: %s; engine %s; %s; loaded in %.1fs, warmed up in %.1fs", described,
+                 engine.name, f"{len(self.workers.slots)} worker process(es)" if self.workers
+                 else "in the server process", loaded - started, warmed - loaded)
+
+    def _workers_changed(self) -> None:
+        """Health follows the workers: SERVING while at least one is ready."""
+        workers = self.workers
+        if workers is None or self.core is None or self._stopping:
+            return
+        serving = workers.ready > 0 and workers.failed is None
+        status = (health_pb2.HealthCheckResponse.SERVING if serving
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        asyncio.ensure_future(self._set_health(status))
 
     async def start(self) -> int:
         port = await self.listen()
@@ -283,10 +307,14 @@ class SummarizerServer:
         busy with a batch nobody waits for any more (see `worker_busy`)."""
         grace_s = self.settings.grace_period_s if grace_s is None else grace_s
         deadline = time.monotonic() + grace_s
+        self._stopping = True
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace_s)
         if self.core is not None:
             await self.core.stop(timeout_s=max(0.0, deadline - time.monotonic()))
+        if self.workers is not None:
+            # Their batches are done (or abandoned): they exit, or are killed after the grace.
+            await self.workers.stop(max(1.0, deadline - time.monotonic()))
         self.metrics.stop()
         if self.tracing is not None:
             self.tracing.shutdown()
@@ -297,7 +325,8 @@ class SummarizerServer:
     @property
     def worker_busy(self) -> bool:
         """The model thread is still generating (a batch abandoned at shutdown)."""
-        return self.core is not None and self.core.batcher.worker_busy
+        return (self.workers is None and self.core is not None
+                and self.core.batcher.worker_busy)
 
 
 async def run(settings: Settings, engine_factory: EngineFactory = default_engine_factory) -> bool:
@@ -327,7 +356,14 @@ async def run(settings: Settings, engine_factory: EngineFactory = default_engine
         await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if loading.done():
             loading.result()  # raises a load error
-            await stopping
+            crash_loop = (asyncio.ensure_future(server.workers.crash_loop.wait())
+                          if server.workers is not None else asyncio.Future())
+            await asyncio.wait({stopping, crash_loop}, return_when=asyncio.FIRST_COMPLETED)
+            if crash_loop.done() and server.workers is not None:
+                await server.health.enter_graceful_shutdown()
+                raise CrashLoop(f"the model workers keep crashing ({server.workers.failed}); "
+                                "see the log above")
+            crash_loop.cancel()
             log.info("shutdown requested; draining in-flight calls (grace %.0fs)",
                      settings.grace_period_s)
         else:

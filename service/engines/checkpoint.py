@@ -252,14 +252,18 @@ class CheckpointEngine:
         self.settings = settings
         self.loaded = False
 
-    def load(self) -> Self:
+    def load(self, *, weights: bool = True) -> Self:
         """Load the summary model (and the headline model, when separate); returns the engine,
-        so that `TorchEngine(settings).load()` is a ready engine. Once only."""
+        so that `TorchEngine(settings).load()` is a ready engine. Once only.
+
+        `weights=False` loads everything but the model weights: tokenizers, defaults and
+        descriptions, what the server process needs when the models run in worker processes
+        (it prepares inputs and decodes nothing; `generate` is the workers')."""
         if self.loaded:
             raise RuntimeError(f"{type(self).__name__} is already loaded")
         settings = self.settings
-        self.summary = self._load_model(settings.model)
-        self.headline = (self._load_model(settings.headline_model)
+        self.summary = self._load_model(settings.model, weights=weights)
+        self.headline = (self._load_model(settings.headline_model, weights=weights)
                          if settings.headline_model else self.summary)
         limits = [c.max_new_tokens for c in (self.summary, self.headline) if c.max_new_tokens]
         self.max_new_tokens = min(limits) if limits else None
@@ -282,8 +286,9 @@ class CheckpointEngine:
         self.loaded = True
         return self
 
-    def _load_model(self, ref: str) -> Checkpoint:
-        """One checkpoint (`ref`: directory, hub id or manifest name) with its model."""
+    def _load_model(self, ref: str, *, weights: bool = True) -> Checkpoint:
+        """One checkpoint (`ref`: directory, hub id or manifest name) with its model (without it
+        when not `weights`)."""
         raise NotImplementedError
 
     def _describe(self, ckpt: Checkpoint, role: str) -> ModelDescription:

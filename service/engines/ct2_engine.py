@@ -68,7 +68,7 @@ class CTranslate2Engine(CheckpointEngine):
                                  f"this {kind}; supported: {', '.join(sorted(supported))}")
         self.compute_type = compute_type
 
-    def _load_model(self, ref: str) -> Checkpoint:
+    def _load_model(self, ref: str, *, weights: bool = True) -> Checkpoint:
         settings = self.settings
         source = resolve_source(ref, settings, weights=not is_converted(ref))
         directory = converted_for(source, self.compute_type, settings.convert_cache_dir,
@@ -84,6 +84,8 @@ class CTranslate2Engine(CheckpointEngine):
                 Source(ref=ref, location=str(directory), local=True,
                        options={"trust_remote_code": False, "local_files_only": True}), settings)
             generation = _generation_values(directory, ckpt)
+        if not weights:
+            return ckpt
         try:
             translator = self._ct2.Translator(
                 str(directory / CT2_DIR), device=self._device_kind,

@@ -89,13 +89,15 @@ class TorchEngine(CheckpointEngine):
         self.device = _resolve_device(settings.device, torch)
         self.compute_type = _resolve_compute_type(settings.compute_type, self.device, torch)
 
-    def _load_model(self, ref: str) -> Checkpoint:
+    def _load_model(self, ref: str, *, weights: bool = True) -> Checkpoint:
         from transformers import AutoModelForSeq2SeqLM
 
         torch = self._torch
         settings = self.settings
         source = resolve_source(ref, settings)
         ckpt = load_checkpoint(source, settings)
+        if not weights:
+            return ckpt
         dtype = torch.float32 if self.compute_type == "int8" else getattr(torch,
                                                                           self.compute_type)
         try:

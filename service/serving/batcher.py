@@ -32,7 +32,8 @@ class Batcher(Generic[P, R]):
     reason it was dropped. Queued jobs belong to the queue, jobs cut into a batch to the executor;
     with `check_invariants`, each checks its own bookkeeping after every change (for tests)."""
 
-    def __init__(self, run_batch: RunBatch, *, max_batch_size: int, max_wait_ms: float,
+    def __init__(self, run_batch: RunBatch | Sequence[RunBatch], *, max_batch_size: int,
+                 max_wait_ms: float,
                  max_queue: int, max_batch_tokens: int = 0,
                  clock: Callable[[], float] = time.monotonic,
                  on_batch: Callable[[BatchReport], None] | None = None,
@@ -42,10 +43,13 @@ class Batcher(Generic[P, R]):
             max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue,
             max_batch_tokens=max_batch_tokens, clock=clock, stats=self.stats,
             check_invariants=check_invariants)
-        # If the executor's loop ever dies, nothing would take work any more: refuse it.
-        self._executor: Executor[P, R] = Executor(
-            run_batch, clock=clock, on_batch=on_batch, stats=self.stats,
-            check_invariants=check_invariants, on_exit=self._queue.close)
+        # One executor per engine instance (a worker process each), all pulling from the one
+        # queue when they have room. If an executor's loop ever dies, refuse work.
+        run_batches = [run_batch] if callable(run_batch) else list(run_batch)
+        self._executors: list[Executor[P, R]] = [
+            Executor(run, clock=clock, on_batch=on_batch, stats=self.stats,
+                     check_invariants=check_invariants, on_exit=self._queue.close)
+            for run in run_batches]
         self._started = False
 
     # ----- limits -----
@@ -75,21 +79,22 @@ class Batcher(Generic[P, R]):
             raise RuntimeError("batcher already started")
         self._started = True
         self._queue.open()
-        await self._executor.start(self._queue)
+        for executor in self._executors:
+            await executor.start(self._queue)
 
     async def stop(self, timeout_s: float | None = None) -> None:
         """Stop taking work, let the running batch finish (for at most `timeout_s`; its callers
         get UNAVAILABLE after that), fail what is still queued."""
         self._queue.close()
         try:
-            await self._executor.stop(timeout_s)
+            await asyncio.gather(*(e.stop(timeout_s) for e in self._executors))
         finally:
             self._queue.drain()
 
     @property
     def worker_busy(self) -> bool:
         """True while the model thread is still inside `run_batch` (even after stop gave up)."""
-        return self._executor.worker_busy
+        return any(e.worker_busy for e in self._executors)
 
     @property
     def queue_depth(self) -> int:
@@ -99,7 +104,7 @@ class Batcher(Generic[P, R]):
     @property
     def running(self) -> int:
         """Jobs cut into the current batch and not yet delivered."""
-        return self._executor.running
+        return sum(e.running for e in self._executors)
 
     # ----- submitting -----
     def submit(self, jobs: Sequence[Job[P]], *,

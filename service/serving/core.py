@@ -24,7 +24,7 @@ from ..engines.protocol import Engine, ModelDescription
 from ..errors import GenerationFailed, InvalidArgument, SummarizerError
 from .batcher import Batcher, BatchReport
 from .calls import CallWork
-from .generation import generate_batch
+from .generation import RunBatch, generate_batch
 from .planning import ArticleTrace, Plan, Planner
 from .stream import Requests, StreamCall
 from .tracing import NO_TRACER, Tracer, span
@@ -53,7 +53,10 @@ class ServiceDescription:
 class SummarizerCore:
     def __init__(self, engine: Engine, settings: Settings,
                  on_batch: Callable[[BatchReport], None] | None = None,
-                 tracer: Tracer = NO_TRACER) -> None:
+                 tracer: Tracer = NO_TRACER,
+                 run_batches: Sequence[RunBatch] | None = None) -> None:
+        """`engine` prepares inputs (and generates, unless `run_batches` is given: one blocking
+        callable per engine instance elsewhere, e.g. a worker process each)."""
         self.engine = engine
         self.settings = settings
         self.tracer = tracer
@@ -62,7 +65,8 @@ class SummarizerCore:
                                                 engine.max_new_tokens or settings.max_new_tokens))
         self.long_input = LongInput(settings.long_input)
         self.batcher: Batcher[PreparedArticle, Generated] = Batcher(
-            generate_batch(engine), max_batch_size=settings.max_batch_size,
+            list(run_batches) if run_batches else generate_batch(engine),
+            max_batch_size=settings.max_batch_size,
             max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue,
             max_batch_tokens=settings.max_batch_tokens, on_batch=on_batch,
             check_invariants=settings.check_invariants)

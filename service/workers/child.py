@@ -1,0 +1,81 @@
+"""The worker process: load the engine, then run batches from the pipe until told to stop.
+
+Started with the `spawn` method (a fresh interpreter: no torch, OpenMP or gRPC state inherited
+from the server). It dies with its parent: PR_SET_PDEATHSIG asks the kernel for SIGKILL when the
+server goes, even by SIGKILL, and a parent that went before that call is caught by checking
+`getppid()` right after it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib
+import logging
+import os
+import signal
+import sys
+import time
+from multiprocessing.connection import Connection
+
+from ..config import Settings
+from ..errors import OutOfMemory, first_line
+from ..serving.generation import generate_batch
+from .messages import Failed, Generate, Generated_, LoadFailed, Ready, Stop
+
+PR_SET_PDEATHSIG = 1
+log = logging.getLogger(__name__)
+
+
+def die_with_parent(parent_pid: int) -> None:
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:  # the parent went before the call above
+        os._exit(1)
+
+
+def build(settings: Settings) -> object:
+    if settings.worker_engine:
+        module, _, name = settings.worker_engine.partition(":")
+        return getattr(importlib.import_module(module), name)(settings)
+    from ..engines.factory import build_engine
+
+    return build_engine(settings)
+
+
+def main(conn: Connection, settings: Settings, parent_pid: int) -> None:
+    die_with_parent(parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server decides when workers stop
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    logging.basicConfig(level=settings.log_level,
+                        format=f"%(asctime)s %(levelname)s worker {os.getpid()}: %(message)s")
+    started = time.perf_counter()
+    try:
+        engine = build(settings)
+        loaded = time.perf_counter()
+        if settings.warmup:
+            engine.warmup()
+    except Exception as error:  # noqa: BLE001 - reported to the server, which exits clearly
+        conn.send(LoadFailed(first_line(error)))
+        conn.close()
+        os._exit(1)
+    warmed = time.perf_counter()
+    conn.send(Ready(os.getpid(), loaded - started, warmed - loaded))
+    run = generate_batch(engine)
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):  # the server went
+            os._exit(0)
+        if isinstance(message, Stop):
+            conn.close()
+            os._exit(0)
+        assert isinstance(message, Generate), message
+        try:
+            reply = Generated_(message.batch, run(message.params, message.articles))
+        except OutOfMemory as error:
+            reply = Failed(message.batch, True, type(error).__name__, error.message)
+        except Exception as error:  # noqa: BLE001 - the server isolates the failing input
+            log.error("batch failed (%s)", type(error).__name__, exc_info=error)
+            reply = Failed(message.batch, False, type(error).__name__, "")
+        conn.send(reply)
