@@ -200,8 +200,22 @@ def batch_metrics(port: int) -> tuple[float | None, float | None]:
             value("summarizer_batch_padding_ratio_sum") / batches)
 
 
-def run_server(work: Work, engine: str, compute_type: str, cache: str, clients: int) -> Result:
-    """The real server, driven by `clients` concurrent callers of single-article Summarize."""
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its child processes (the server's engine workers)."""
+    children = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return [pid, *children]
+
+
+def run_server(work: Work, engine: str, compute_type: str, cache: str, clients: int,
+               extra: list[str], name: str) -> Result:
+    """The real server, driven by `clients` concurrent callers of single-article Summarize.
+    CPU time and peak RSS count the server and its worker processes; both are also printed
+    apart."""
     startup_log: list[str] = []
     process, target = start_server(Path(work.model), [
         "--metrics-port", "-1",  # any free port; the log says which
@@ -210,7 +224,8 @@ def run_server(work: Work, engine: str, compute_type: str, cache: str, clients: 
           else ["--engine", engine, "--compute-type", compute_type]),
         "--convert-cache-dir", cache,
         "--max-batch-size", str(work.max_batch_size),
-        "--max-batch-tokens", str(work.max_batch_tokens), "--threads", str(work.threads)],
+        "--max-batch-tokens", str(work.max_batch_tokens), "--threads", str(work.threads),
+        *extra],  # last: they win over the flags above
         startup_log)
     [metrics_port] = [int(m.group(1)) for line in startup_log
                       if (m := re.search(r"metrics on http://[^:]+:(\d+)/metrics", line))]
@@ -246,20 +261,26 @@ def run_server(work: Work, engine: str, compute_type: str, cache: str, clients: 
         with grpc.insecure_channel(target) as channel:
             stub = pb_grpc.SummarizerStub(channel)
             threads = [threading.Thread(target=client, args=(stub,)) for _ in range(clients)]
-            started, cpu = time.perf_counter(), cpu_seconds(process.pid)
+            tree = process_tree(process.pid)
+            started, cpu = time.perf_counter(), sum(cpu_seconds(p) for p in tree)
             for thread in threads:
                 thread.start()
             for thread in threads:
                 thread.join()
-            seconds, cpu = time.perf_counter() - started, cpu_seconds(process.pid) - cpu
-        rss = peak_rss_mb(process.pid)
+            seconds = time.perf_counter() - started
+            cpu = sum(cpu_seconds(p) for p in tree) - cpu
+        rss_each = [peak_rss_mb(p) for p in tree]
+        rss = sum(rss_each)
+        print(f"{name}: peak RSS {rss_each[0]:.0f} MB in the server process"
+              + (f", {', '.join(f'{r:.0f}' for r in rss_each[1:])} MB in its worker(s)"
+                 if len(rss_each) > 1 else " (no worker processes)"), flush=True)
         mean_batch, padding = batch_metrics(metrics_port)
     finally:
         process.send_signal(signal.SIGTERM)
         process.communicate(timeout=120)
     if failures:
         raise SystemExit(f"server calls failed: {failures[0]}")
-    return Result(f"{label(engine, compute_type)}: server, {clients} clients", len(work.texts),
+    return Result(f"{name}: server, {clients} clients", len(work.texts),
                   seconds, rss, cpu, latencies, mean_batch=mean_batch, padding=padding,
                   tokens_out=sum(tokens_out))
 
@@ -302,7 +323,8 @@ def main() -> int:
     parser.add_argument("--engines", nargs="+", default=["default", "torch:float32"],
                         metavar="ENGINE:COMPUTE_TYPE",
                         help="engines to measure; 'default' passes no engine flags (what "
-                             "--engine auto and --compute-type auto pick)")
+                             "--engine auto and --compute-type auto pick); @flag=value,... adds "
+                             "server flags, e.g. default@workers=2")
     parser.add_argument("--articles", type=int, default=24)
     parser.add_argument("--min-tokens", type=int, default=200, help="shortest article")
     parser.add_argument("--max-tokens", type=int, default=400, help="longest article")
@@ -348,10 +370,17 @@ def main() -> int:
     baseline = in_child(run_baseline, work)
     results: list[tuple[Result, Result | None]] = [(baseline, None)]
     for spec in args.engines:
-        engine, _, compute_type = ("auto:auto" if spec == "default" else spec).partition(":")
+        # ENGINE:COMPUTE_TYPE, or default; then @flag=value,... for the server, e.g.
+        # default@workers=2 or default@workers=0 (the model in the server process).
+        choice, _, flags = spec.partition("@")
+        engine, _, compute_type = ("auto:auto" if choice == "default" else choice).partition(":")
+        extra = [arg for flag in filter(None, flags.split(","))
+                 for arg in (f"--{flag.partition('=')[0]}", flag.partition("=")[2])]
         raw = None if args.skip_raw else in_child(run_in_process, work, engine,
                                                   compute_type or "auto", cache)
-        server = run_server(work, engine, compute_type or "auto", cache, args.clients)
+        name = label(engine, compute_type or "auto") + (f" @{flags}" if flags else "")
+        server = run_server(work, engine, compute_type or "auto", cache, args.clients, extra,
+                            name)
         results += [(server, raw)] + ([(raw, None)] if raw else [])
         expected = args.articles * (args.summary_tokens + args.headline_tokens)
         if server.tokens_out != expected:

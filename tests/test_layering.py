@@ -5,7 +5,9 @@
   wire format.
 - `service/engines/` imports nothing of `service/api/` or `service/serving/`, and no grpc or
   protobuf: an engine can run in another process behind the serving layer.
-- The shared modules (`config`, `errors`, `domain`, `text`) import none of the three subpackages.
+- `service/workers/` (engine worker processes) imports nothing of `service/api/`, no grpc or
+  protobuf: what crosses the pipe is token ids and strings.
+- The shared modules (`config`, `errors`, `domain`, `text`) import none of the subpackages.
 
 Checked twice: each module's own import statements (the direct rule), and a fresh interpreter
 importing every serving module (what they pull in transitively).
@@ -27,7 +29,9 @@ RULES = {
     "serving": HEAVY + ("service.api", "prometheus_client"),
     "engines": ("grpc", "google.protobuf", "summarizer_client.gen", "service.api",
                 "service.serving"),
-    "": ("service.api", "service.serving", "service.engines", "torch", "grpc"),
+    "workers": ("grpc", "google.protobuf", "summarizer_client.gen", "service.api"),
+    "": ("service.api", "service.serving", "service.engines", "service.workers", "torch",
+         "grpc"),
 }
 SHARED = ("config.py", "errors.py", "domain.py", "text.py")
 
