@@ -9,6 +9,7 @@ Poison words in an article's text make a batch holding it misbehave the way a br
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import threading
 import time
@@ -22,6 +23,7 @@ from .fakes import FakeEngine
 WINDOW = 4096
 """Wide enough that no test article is chunked: one article, one generation."""
 BATCH_S = 0.3
+log = logging.getLogger(__name__)
 LOAD_DELAY_FILE_ENV = "SUMMARIZER_TEST_LOAD_DELAY_FILE"
 """A file path: while the file exists, building an engine first sleeps the seconds it holds."""
 
@@ -41,7 +43,10 @@ class _Poisoned(FakeEngine):
 
     def generate(self, params: GenerationParams,
                  batch: Sequence[PreparedArticle]) -> list[Generated]:
-        if self.poison and any(self.poison in t for t in _texts(batch)):
+        poisoned = bool(self.poison) and any(self.poison in t for t in _texts(batch))
+        # In the server's log (a worker's stderr is the server's): the tests wait for it.
+        log.info("generating a batch of %d%s", len(batch), " (poisoned)" if poisoned else "")
+        if poisoned:
             self.poisoned()
         return super().generate(params, batch)
 
