@@ -324,12 +324,18 @@ def test_workers_survive_a_soak_while_one_is_sigkilled_every_two_seconds(serve) 
 
 
 def test_no_orphans_when_the_server_is_sigkilled(serve) -> None:
-    server = serve("fast", "--workers", "2")
+    """Even a worker stuck in a batch (deaf to its pipe closing) dies with the server."""
+    server = serve("hang", "--workers", "2")
     pids = list(worker_pids(server).values())
     assert len(pids) == 2 and all(parent_of(p) == server.process.pid for p in pids)
-    server.process.kill()
-    server.process.wait()
-    wait_until(lambda: not any(alive(p) for p in pids), 5, f"orphaned workers {pids}")
+    with grpc.insecure_channel(server.target) as channel:
+        stuck = pb_grpc.SummarizerStub(channel).Summarize.future(pb.SummarizeRequest(
+            articles=[pb.Article(id="a0", text=text("HANG"))]), timeout=60)
+        wait_for_log(server, r"generating a batch of 1 \(poisoned\)")
+        server.process.kill()
+        server.process.wait()
+        wait_until(lambda: not any(alive(p) for p in pids), 5, f"orphaned workers {pids}")
+        assert stuck.exception(timeout=30).code() == grpc.StatusCode.UNAVAILABLE
 
 
 def test_health_follows_the_one_worker_through_its_restart(serve, tmp_path: Path) -> None:
