@@ -236,12 +236,10 @@ def test_a_hanging_input_is_ended_by_the_watchdog_while_others_are_served(serve)
             poisoned = pool.submit(summarize, stub, [text("HANG")])
             wait_for_log(server, r"generating a batch of 1 \(poisoned\)", after=mark)
             # The poison holds one worker (2 s, twice): the other answers meanwhile.
-            started = time.monotonic()
             for n in range(5):
                 sent = [text(f"during {n}"), text(f"also {n}")]
                 check_results(summarize(stub, sent, ["x", "y"], timeout_s=10), ["x", "y"], sent)
             assert not poisoned.done(), "the calls were not served while the poison hung"
-            assert time.monotonic() - started < 2
             failure = poisoned.exception(timeout=60)  # its only article failed: the call did
     assert isinstance(failure, grpc.RpcError)
     assert (failure.code(), failure.details()) == (grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
