@@ -22,6 +22,7 @@ from ..serving.core import SummarizerCore
 from ..serving.executor import BatchReport
 from ..serving.tracing import NO_TRACER
 from ..engines.factory import build_engine
+from ..workers.child import build as build_worker_engine
 from ..workers.pool import CrashLoop, WorkerPool
 from ..engines.protocol import Engine
 from ..errors import ConfigError
@@ -248,8 +249,10 @@ class SummarizerServer:
         run_batches = None
         if self.uses_workers:
             # This process tokenises (the engine without its weights); the workers generate.
+            # A --worker-engine (test hook) tokenises here too: its ids must be its own.
             engine = await _in_daemon_thread(
-                lambda: build_engine(self.settings, weights=False), "summarizer-load")
+                lambda: (build_worker_engine(self.settings) if self.settings.worker_engine
+                         else build_engine(self.settings, weights=False)), "summarizer-load")
             self.workers = WorkerPool(self.settings, on_change=self._workers_changed)
             self.metrics.attach_workers(self.workers)
             await self.workers.start()

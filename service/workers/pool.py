@@ -25,6 +25,7 @@ import collections
 import itertools
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import threading
@@ -97,6 +98,10 @@ class Slot:
         self.started_at = 0.0
         self.starting = threading.Lock()
         """Held while a replacement starts: the slot's thread and the eager restart share it."""
+        self.busy = False
+        """A batch is in the worker: its death is the batch's to handle, not the idle watch's."""
+        self._state = threading.Lock()
+        """Guards `ready` and `busy` between the executor's thread and the idle watch."""
 
     # ----- starting (the process from the loop thread, the wait from any thread) -----
     def spawn(self) -> None:
@@ -124,17 +129,35 @@ class Slot:
         self.ready, self.pid = True, message.pid
         log.info("worker %d (pid %d) ready: loaded in %.1fs, warmed up in %.1fs", self.index,
                  message.pid, message.load_s, message.warmup_s)
+        threading.Thread(target=self._watch_idle, args=(self.process,), daemon=True,
+                         name=f"summarizer-watch-{self.index}").start()
         return message
+
+    def _watch_idle(self, process: multiprocessing.process.BaseProcess) -> None:
+        """A worker that dies between batches (killed, OOM) is replaced now: no batch would
+        notice until the next one, and health would say SERVING without a live worker."""
+        multiprocessing.connection.wait([process.sentinel])
+        with self._state:
+            if (self.process is not process or self.busy or not self.ready
+                    or self.pool._stopping or self.pool.failed is not None):
+                return  # replaced already, a batch's death (run_batch's), or shutting down
+            self.ready = False
+        cause = _cause(process)
+        log.warning("worker %d (pid %s) died between batches (%s); replacing it", self.index,
+                    process.pid, cause)
+        self.pool.replaced(self, cause)
 
     # ----- running a batch (the executor's thread) -----
     def run_batch(self, params: GenerationParams,
                   articles: list[PreparedArticle]) -> list[Generated]:
         for attempt in (1, 2):
-            self.pool.ensure_running(self)
+            self._claim()
             try:
                 return self._generate(params, articles)
             except _Died as death:
-                self.ready = False
+                with self._state:
+                    self.ready = False
+                    self.busy = False
                 self.pool.replaced(self, death.cause)
                 if attempt == 2:
                     raise WorkerCrashed(f"a batch of {len(articles)} took its worker down twice "
@@ -142,7 +165,18 @@ class Slot:
                 self.pool.stats.retried_after_crash += 1
                 log.warning("worker %d died during a batch of %d (%s); replacing it and trying "
                             "the batch again", self.index, len(articles), death.cause)
+            finally:
+                self.busy = False
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _claim(self) -> None:
+        """Wait for a ready worker and mark it busy (its death is then this batch's)."""
+        while True:
+            self.pool.ensure_running(self)
+            with self._state:
+                if self.ready:  # not lost to the idle watch since
+                    self.busy = True
+                    return
 
     def _generate(self, params: GenerationParams,
                   articles: list[PreparedArticle]) -> list[Generated]:
