@@ -16,6 +16,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings as hypothesis_settings, strategies as st
 
 from service.config import Settings
+from service.domain import failure_for
+from service.errors import DeadlineExceeded
 from service.domain import Generated, GenerationParams, PreparedArticle
 from summarizer_client.gen.summarizer.v1 import summarizer_pb2 as pb
 from summarizer_client.gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
@@ -361,3 +363,18 @@ async def test_stop_returns_within_the_grace_period_even_while_the_model_is_stuc
     finally:
         engine.hold.set()
     await wait_until(lambda: not server.worker_busy)
+
+
+def test_an_in_band_deadline_on_a_call_the_soak_gave_a_short_deadline_is_provoked() -> None:
+    """A fast server can answer a 1 ms call before the client's timer fires, with the articles it
+    could not reach in time failed in-band: provoked, not a failure; on any other call, it is."""
+    from service.api.servicer import result_to_pb
+    from summarizer_client.soak import SoakReport, _Checker
+
+    report = SoakReport()
+    checker = _Checker(report, ["one text"], SoakConfig())
+    late = result_to_pb(failure_for("a", DeadlineExceeded("deadline passed")))
+    checker.result(0, late, short_deadline=True)
+    assert report.ok and report.codes["DEADLINE_EXCEEDED_PROVOKED"] == 1
+    checker.result(0, late)
+    assert not report.ok and report.unexpected_codes == {"DEADLINE_EXCEEDED": 1}

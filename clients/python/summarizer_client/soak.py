@@ -160,13 +160,19 @@ class _Checker:
         self.same_text = config.same_text
         self.seen: dict[int, tuple[object, ...]] = {}
 
-    def result(self, article: int, result: pb.ArticleResult) -> None:
+    def result(self, article: int, result: pb.ArticleResult, *,
+               short_deadline: bool = False) -> None:
+        """Check one article's result; `short_deadline`: its call was given a too-short
+        deadline on purpose (a fast server can still answer it, with the articles it could not
+        reach in time failed in-band: provoked too)."""
         report = self.report
         if result.HasField("error"):
             report.in_band_errors += 1
             name = code_name(result.error.code)
             if name == "INTERNAL" and self.poison and self.poison in self.texts[article]:
                 name = "INTERNAL_POISON"
+            elif name == "DEADLINE_EXCEEDED" and short_deadline:
+                name = "DEADLINE_EXCEEDED_PROVOKED"
             report.codes[name] += 1
             return
         if self.poison and self.poison in self.texts[article]:
@@ -231,7 +237,7 @@ async def _unary(stub: pb_grpc.SummarizerStub, rng: random.Random, config: SoakC
                        f"({len(got)} results for {len(ids)} articles)")
         return
     for pick, result in zip(picks, reply.results):
-        checker.result(pick, result)
+        checker.result(pick, result, short_deadline=short_deadline)
 
 
 async def _stream(stub: pb_grpc.SummarizerStub, rng: random.Random, config: SoakConfig,
