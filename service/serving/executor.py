@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
-from ..errors import GenerationFailed, Unavailable
+from ..errors import GenerationFailed, SummarizerError, Unavailable
 from .jobs import P, BatcherStats, Drop, Entry, InvariantViolation, Job, JobState
 
 log = logging.getLogger(__name__)
@@ -200,10 +200,17 @@ class Executor(Generic[P, R]):
                 if error is None:
                     continue
                 self.stats.failed_batches += 1
-                if len(part) == 1:
+                if isinstance(error, Unavailable):
+                    # Not the input's fault (the engine is gone: shutdown, or workers in a crash
+                    # loop): splitting would fail every half the same way. Callers may retry.
+                    log.warning("batch of %d not run: %s", len(part), error.message)
+                    for entry in part:
+                        self._finish(entry, error=error)
+                elif len(part) == 1:
                     self.stats.failed_jobs += 1
+                    # Our own errors say what they are; anything else gets its traceback.
                     log.error("input failed on its own (%s)", type(error).__name__,
-                              exc_info=error)
+                              exc_info=None if isinstance(error, SummarizerError) else error)
                     self._finish(part[0], error=error)
                 else:
                     # The type only: an engine's message could quote the input.
