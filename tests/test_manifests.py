@@ -82,16 +82,34 @@ def test_an_installed_wheel_carries_the_manifests(tmp_path: Path) -> None:
     import sys
     import zipfile
 
+    import shutil
+
     root = Path(__file__).resolve().parent.parent
+    # Built from a copy: setuptools builds in the source's build/, whose leftovers from earlier
+    # builds would hide a package missing from pyproject's list.
+    source = tmp_path / "source"
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "build", "tests")
+    for name in ("pyproject.toml", "README.md"):
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(root / name, source / name)
+    for name in ("service", "models", "protos", "clients"):
+        shutil.copytree(root / name, source / name, ignore=ignore)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                    "-q", "-w", str(tmp_path / "dist"), str(root), str(root / "clients" / "python")],
+                    "-q", "-w", str(tmp_path / "dist"), str(source),
+                    str(source / "clients" / "python")],
                    check=True, timeout=300, capture_output=True)
     for wheel in (tmp_path / "dist").glob("summarizer*.whl"):
         with zipfile.ZipFile(wheel) as archive:
             archive.extractall(tmp_path / "site")
     assert (tmp_path / "site" / "summarizer_client" / "gen" / "summarizer" / "v1"
             / "summarizer_pb2.pyi").is_file()
-    probe = ("from service.engines import manifests; "
+    # Every package of the checkout is in the wheel (a subpackage missing from pyproject's list
+    # imports fine from a checkout and fails in the container).
+    for init in (root / "service").rglob("__init__.py"):
+        package = init.parent.relative_to(root)
+        assert (tmp_path / "site" / package / "__init__.py").is_file(), f"{package} not packaged"
+    probe = ("import service.api.server, service.workers.child; "
+             "from service.engines import manifests; "
              "print(sorted(manifests.families())); print(sorted(manifests.named_models()))")
     done = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True,
                           text=True, timeout=120, env={"PYTHONPATH": str(tmp_path / "site")})
