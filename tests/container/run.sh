@@ -257,18 +257,24 @@ assert result["input_tokens"] > 0 and result["summary_tokens"] > 0 and result["h
 PY
 say "Summarize over gRPC returned a summary and a headline"
 
-# The server: the one Python process under buildah run. It must run as the image's user.
+# The server: the first Python process under buildah run (its engine workers and
+# multiprocessing's resource tracker are its children). All of them must run as the image's user.
 descendants() { local child; for child in $(pgrep -P "$1"); do echo "$child"; descendants "$child"; done; }
 server_pid=""
+pythons=()
 for pid in $(descendants "$runner"); do
-  case $(ps -o comm= -p "$pid") in python*|summarizer) server_pid=$pid ;; esac
+  case $(ps -o comm= -p "$pid") in
+    python*|summarizer) pythons+=("$pid"); [ -n "$server_pid" ] || server_pid=$pid ;;
+  esac
 done
 [ -n "$server_pid" ] || fail "cannot find the server process under buildah run ($runner)"
-server_uid=$(ps -o uid= -p "$server_pid" | tr -d ' ')
-if [ "$server_uid" != "$image_uid" ] || [ "$server_uid" = 0 ]; then
-  fail "the server runs as UID $server_uid, want the image's $image_uid"
-fi
-say "server process $server_pid runs as UID $server_uid"
+for pid in "${pythons[@]}"; do
+  uid=$(ps -o uid= -p "$pid" | tr -d ' ')
+  if [ "$uid" != "$image_uid" ] || [ "$uid" = 0 ]; then
+    fail "process $pid runs as UID $uid, want the image's $image_uid"
+  fi
+done
+say "server process $server_pid and its ${#pythons[@]} python processes in all run as UID $image_uid"
 
 # What `docker stop` does: SIGTERM to the container's command, then a clean exit.
 kill -TERM "$server_pid"
@@ -278,7 +284,10 @@ status=0; wait "$runner" || status=$?
 runner=""
 [ "$status" = 0 ] || { server_log; fail "exit status $status after SIGTERM, want 0"; }
 grep -q "service.api.server: stopped" "$work/server.log" || { server_log; fail "no 'stopped' in the log"; }
-say "SIGTERM: drained and exited with status 0"
+for pid in "${pythons[@]}"; do
+  kill -0 "$pid" 2>/dev/null && fail "process $pid outlived the server"
+done
+say "SIGTERM: drained and exited with status 0, its worker processes with it"
 
 passed=1
 printf '\ncontainer test: PASS\n'
