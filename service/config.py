@@ -318,29 +318,6 @@ def markdown_table() -> str:
     return "\n".join(rows)
 
 
-def client_auth_token(environ: Mapping[str, str] | None = None) -> str:
-    """The bearer token client commands send when no token file is given: the same variable
-    the server reads, so one secret serves both sides of a deployment."""
-    environ = os.environ if environ is None else environ
-    [auth_token] = [item for item in fields() if item.name == "auth_token"]
-    return next((environ[v].strip() for v in env_names(auth_token) if v in environ), "")
-
-
-def client_target(environ: Mapping[str, str] | None = None) -> str:
-    """Where client commands (summarize, health, soak, evaluate) find a server when --server is
-    not given: this machine, at the port the server's own settings give (SUMMARIZER_PORT), so
-    one variable serves both sides. Only the port is read: a bad unrelated setting does not stop
-    a client."""
-    environ = os.environ if environ is None else environ
-    [port] = [item for item in fields() if item.name == "port"]
-    value = next((_parse(port, environ[v], v) for v in env_names(port) if v in environ),
-                 port.default)
-    if not 1 <= value <= 65535:
-        raise ConfigError(f"SUMMARIZER_PORT={value} is not a port a client can connect to; "
-                          "pass --server HOST:PORT")
-    return f"localhost:{value}"
-
-
 def trace_exporters(environ: Mapping[str, str] | None = None) -> tuple[str, ...]:
     """The span exporters tracing is configured with, as OpenTelemetry entry point names
     (group `opentelemetry_traces_exporter`: `otlp_proto_http`, `console`, ...); empty: tracing

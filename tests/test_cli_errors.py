@@ -16,9 +16,11 @@ from pathlib import Path
 import pytest
 
 from service import cli
+from summarizer_client.cli import default_target
+from summarizer_client.errors import ClientError
 from service.engines.checkpoint import looks_like_path, resolve_source
-from service.config import Settings, client_target
-from service.errors import ConfigError, ModelLoadError
+from service.config import Settings
+from service.errors import ModelLoadError
 
 CLI = [sys.executable, "-m", "service"]
 
@@ -235,10 +237,10 @@ def test_server_targets() -> None:
     for bad in ("host", "host:port", "0", "host:70000"):
         with pytest.raises(argparse.ArgumentTypeError):
             cli.server_target(bad)
-    assert client_target({}) == "localhost:50051"
-    assert client_target({"SUMMARIZER_PORT": "6000"}) == "localhost:6000"
-    with pytest.raises(ConfigError, match="--server"):
-        client_target({"SUMMARIZER_PORT": "0"})
+    assert default_target({}) == "localhost:50051"
+    assert default_target({"SUMMARIZER_PORT": "6000"}) == "localhost:6000"
+    with pytest.raises(ClientError, match="--server"):
+        default_target({"SUMMARIZER_PORT": "0"})
 
 
 def test_help_describes_every_command_and_flag() -> None:
