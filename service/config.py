@@ -318,6 +318,15 @@ def markdown_table() -> str:
     return "\n".join(rows)
 
 
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity, as a container's CPU set gives it): what
+    `--threads 0` means."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def trace_exporters(environ: Mapping[str, str] | None = None) -> tuple[str, ...]:
     """The span exporters tracing is configured with, as OpenTelemetry entry point names
     (group `opentelemetry_traces_exporter`: `otlp_proto_http`, `console`, ...); empty: tracing

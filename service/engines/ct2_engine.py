@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from .checkpoint import (Checkpoint, CheckpointEngine, Source, load_checkpoint,
                          load_converted_checkpoint, resolve_source)
-from ..config import Settings
+from ..config import Settings, available_cpus
 from .convert import CT2_DIR, converted_for, is_converted
 from ..domain import Generated, GenerationParams, PreparedArticle
 from .choice import ct2_compute_type
@@ -28,13 +27,6 @@ from ..text import tidy_headline, tidy_summary
 from .tokenizer import read_side_file
 
 log = logging.getLogger(__name__)
-
-
-def _default_threads() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 class CTranslate2Engine(CheckpointEngine):
@@ -90,7 +82,7 @@ class CTranslate2Engine(CheckpointEngine):
             translator = self._ct2.Translator(
                 str(directory / CT2_DIR), device=self._device_kind,
                 device_index=self._device_index, compute_type=self.compute_type,
-                inter_threads=1, intra_threads=settings.threads or _default_threads())
+                inter_threads=1, intra_threads=settings.threads or available_cpus())
         except (RuntimeError, ValueError, OSError) as error:
             raise ModelLoadError(f"cannot load model {ref!r} with ctranslate2: {error}") from error
         ckpt.model = _Model(translator, directory, ckpt, generation)

@@ -27,14 +27,13 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
-import signal
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
 
-from ..config import Settings, worker_devices
+from ..config import Settings, available_cpus, worker_devices
 from ..domain import Generated, GenerationParams, PreparedArticle
 from ..errors import GenerationFailed, ModelLoadError, OutOfMemory, Unavailable
 from . import child
@@ -238,7 +237,7 @@ class WorkerPool:
         devices = worker_devices(settings)
         if not devices:
             raise ValueError("a worker pool needs at least one worker")
-        threads = settings.threads or _cpu_count()
+        threads = settings.threads or available_cpus()
         per_worker = max(1, threads // len(devices))
         self.context = multiprocessing.get_context("spawn")
         self.slots = [Slot(self, i, replace(settings, device=device, threads=per_worker,
@@ -259,10 +258,6 @@ class WorkerPool:
     @property
     def ready(self) -> int:
         return sum(1 for slot in self.slots if slot.ready)
-
-    @property
-    def pids(self) -> list[int]:
-        return [s.process.pid for s in self.slots if s.process is not None and s.process.pid]
 
     def run_batches(self) -> list[Callable[[GenerationParams, list[PreparedArticle]],
                                            list[Generated]]]:
@@ -373,19 +368,3 @@ class WorkerPool:
             self._loop.call_soon_threadsafe(self.on_change)
         else:
             self.on_change()
-
-
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def kill_all(pids: list[int]) -> None:
-    """SIGKILL `pids` (a last resort at exit)."""
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
