@@ -20,7 +20,7 @@ from multiprocessing.connection import Connection
 from ..config import Settings
 from ..errors import OutOfMemory, first_line
 from ..serving.generation import generate_batch
-from .messages import Failed, Generate, Generated_, LoadFailed, Ready, Stop
+from .messages import Failed, Generate, LoadFailed, Ready, Results, Stop
 
 PR_SET_PDEATHSIG = 1
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ def main(conn: Connection, settings: Settings, parent_pid: int) -> None:
             os._exit(0)
         assert isinstance(message, Generate), message
         try:
-            reply = Generated_(message.batch, run(message.params, message.articles))
+            reply = Results(message.batch, run(message.params, message.articles))
         except OutOfMemory as error:
             reply = Failed(message.batch, True, type(error).__name__, error.message)
         except Exception as error:  # noqa: BLE001 - the server isolates the failing input

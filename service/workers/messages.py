@@ -38,7 +38,7 @@ class Generate:
 
 
 @dataclass(frozen=True)
-class Generated_:
+class Results:
     batch: int
     results: list[Generated]
 

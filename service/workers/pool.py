@@ -37,7 +37,7 @@ from ..config import Settings, available_cpus, worker_devices
 from ..domain import Generated, GenerationParams, PreparedArticle
 from ..errors import GenerationFailed, ModelLoadError, OutOfMemory, Unavailable
 from . import child
-from .messages import Failed, Generate, Generated_, LoadFailed, Ready, Stop
+from .messages import Failed, Generate, LoadFailed, Ready, Results, Stop
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,6 @@ class Slot:
         self.process: multiprocessing.process.BaseProcess | None = None
         self.conn: Connection | None = None
         self.ready = False
-        self.pid: int | None = None
         self._batches = itertools.count()
         self._recent_s: collections.deque[float] = collections.deque(maxlen=RECENT_BATCHES)
         self.started_at = 0.0
@@ -125,7 +124,7 @@ class Slot:
             self.process.join(5)
             raise ModelLoadError(message.message)
         assert isinstance(message, Ready), message
-        self.ready, self.pid = True, message.pid
+        self.ready = True
         log.info("worker %d (pid %d) ready: loaded in %.1fs, warmed up in %.1fs", self.index,
                  message.pid, message.load_s, message.warmup_s)
         threading.Thread(target=self._watch_idle, args=(self.process,), daemon=True,
@@ -192,13 +191,13 @@ class Slot:
                 self.process.join(5)
                 raise _Died("watchdog")
             reply = self.conn.recv()
-        except (EOFError, OSError, BrokenPipeError):
+        except (EOFError, OSError):
             raise _Died(_cause(self.process)) from None
         if isinstance(reply, Failed):
             if reply.out_of_memory:
                 raise OutOfMemory(reply.message)
             raise EngineError(f"the engine raised {reply.error_type}")
-        assert isinstance(reply, Generated_) and reply.batch == batch, reply
+        assert isinstance(reply, Results) and reply.batch == batch, reply
         self._recent_s.append(time.monotonic() - started)
         return reply.results
 
@@ -218,7 +217,7 @@ class Slot:
         if conn is not None:
             try:
                 conn.send(Stop())
-            except (OSError, BrokenPipeError):
+            except OSError:
                 pass
         process.join(timeout_s)
         if process.is_alive():
