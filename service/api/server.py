@@ -21,6 +21,7 @@ from ..config import Settings, trace_exporters, worker_devices
 from ..serving.core import SummarizerCore
 from ..serving.executor import BatchReport
 from ..serving.tracing import NO_TRACER
+from ..engines.choice import resolved
 from ..engines.factory import build_engine
 from ..workers.child import build as build_worker_engine
 from ..workers.pool import CrashLoop, WorkerPool
@@ -250,10 +251,14 @@ class SummarizerServer:
         if self.uses_workers:
             # This process tokenises (the engine without its weights); the workers generate.
             # A --worker-engine (test hook) tokenises here too: its ids must be its own.
+            # `--engine auto` is decided once, here: the workers get the engine it chose.
+            settings = (self.settings if self.settings.worker_engine else
+                        await _in_daemon_thread(lambda: resolved(self.settings),
+                                                "summarizer-choose"))
             engine = await _in_daemon_thread(
-                lambda: (build_worker_engine(self.settings) if self.settings.worker_engine
-                         else build_engine(self.settings, weights=False)), "summarizer-load")
-            self.workers = WorkerPool(self.settings, on_change=self._workers_changed)
+                lambda: (build_worker_engine(settings) if settings.worker_engine
+                         else build_engine(settings, weights=False)), "summarizer-load")
+            self.workers = WorkerPool(settings, on_change=self._workers_changed)
             self.metrics.attach_workers(self.workers)
             await self.workers.start()
             run_batches = self.workers.run_batches()
