@@ -68,3 +68,74 @@ WARMUP_TEXT = (
     "connect the northern suburbs with the hospital and the university. Officials said the new "
     "services would start in March and cost about two million a year."
 )
+
+
+# ----- continuous batching (an engine that decodes step by step) -----
+
+@dataclass(frozen=True)
+class Admit:
+    """A request for a stepping engine: one article with its own options."""
+
+    ticket: int
+    """The caller's id for this article; results and failures name it."""
+    params: GenerationParams
+    article: PreparedArticle
+
+
+@dataclass(frozen=True)
+class StepIn:
+    """What one `DecodingSession.advance` call changes before it decodes one step."""
+
+    admit: tuple[Admit, ...] = ()
+    """New articles: encoded (once, for both outputs) and joined to the running set as soon as
+    the cache budget has room, in the order given; until then they wait in the session."""
+    remove: tuple[int, ...] = ()
+    """Tickets whose caller went (cancelled, deadline): dropped at once, waiting or decoding, and
+    their cache memory freed. An unknown or finished ticket is ignored."""
+
+
+@dataclass(frozen=True)
+class StepFailure:
+    """An article the session gave up on. Plain strings, so it crosses a process pipe."""
+
+    ticket: int
+    kind: str
+    """"too_large" (needs more cache than the whole budget: it could never run),
+    "out_of_memory" (the device ran out while it decoded), or "error" (its step raised)."""
+    message: str
+    """Ours, for the caller: never an engine's message (which could quote the input)."""
+    error_type: str = ""
+
+
+@dataclass(frozen=True)
+class StepOut:
+    """What one `advance` call did."""
+
+    done: tuple[tuple[int, Generated], ...] = ()
+    failed: tuple[StepFailure, ...] = ()
+    waiting: int = 0
+    """Articles admitted but still waiting for cache room."""
+    active: int = 0
+    """Articles decoding (an article leaves when both of its outputs are done)."""
+    rows: int = 0
+    """Sequences (beams included) in the step that ran; 0: no step ran (nothing active)."""
+    step_s: float = 0.0
+    used_bytes: int = 0
+    """Cache memory held by the active articles after this call."""
+    budget_bytes: int = 0
+
+
+class DecodingSession(Protocol):
+    """One running set of sequence groups (continuous batching). One thread calls it."""
+
+    def advance(self, step: StepIn) -> StepOut:
+        """Apply `step`, admit what fits, decode one step for every active sequence, retire what
+        finished. Returns at once (no step) when nothing is active."""
+        ...
+
+
+class SteppingEngine(Engine, Protocol):
+    """An engine that can also batch continuously."""
+
+    def open_session(self) -> DecodingSession:
+        ...
