@@ -22,7 +22,7 @@ from typing import Any
 from .checkpoint import Checkpoint, CheckpointEngine, load_checkpoint, load_failure, resolve_source
 from ..config import Settings
 from ..domain import Generated, GenerationParams
-from ..errors import ModelLoadError
+from ..errors import ConfigError, ModelLoadError
 from ..text import tidy_headline, tidy_summary
 
 log = logging.getLogger(__name__)
@@ -141,6 +141,83 @@ class TorchEngine(CheckpointEngine):
         return [Generated(summary=s, headline=h, summary_tokens=sn, headline_tokens=hn)
                 for (s, sn), (h, hn) in zip(summaries, headlines)]
 
+    # ----- continuous batching -----
+    @property
+    def can_step(self) -> bool:
+        """Continuous batching works here: one checkpoint writes both outputs, and its model type
+        has a step adapter (service/engines/stepping/decoders.py)."""
+        from .stepping.decoders import SUPPORTED_TYPES
+
+        return (self.headline is self.summary and self.summary.model_type in SUPPORTED_TYPES
+                and self.compute_type != "int8")
+
+    def open_session(self) -> Any:
+        """A running set for continuous batching (service/engines/stepping/session.py)."""
+        from .stepping.decoders import adapter_for
+        from .stepping.session import TorchSession
+
+        if not self.can_step:
+            raise ConfigError(
+                f"continuous batching needs one checkpoint of type "
+                f"{', '.join(sorted(_stepping_types()))} in float32, bfloat16 or float16; this "
+                f"engine runs {self.summary.model_type}"
+                + (" with a separate headline model" if self.headline is not self.summary else "")
+                + f" in {self.compute_type}: use --batching static")
+        ckpt = self.summary
+        tidy = {"summary": tidy_summary, "headline": tidy_headline}
+        limits = {"summary": lambda p: (p.summary_min_tokens, p.summary_max_tokens),
+                  "headline": lambda p: (p.headline_min_tokens, p.headline_max_tokens)}
+
+        def generation_config(output: str, params: GenerationParams) -> Any:
+            low, high = limits[output](params)
+            return self._generation_config(ckpt, low, high, params)
+
+        def decode(ids: list[int], output: str) -> tuple[str, int]:
+            return ckpt.decode([ids], tidy[output])[0]
+
+        return TorchSession(adapter=adapter_for(ckpt.model), model=ckpt.model,
+                            device=self.device, budget_bytes=self._cache_budget(),
+                            generation_config=generation_config, decode=decode)
+
+    def _cache_budget(self) -> int:
+        """--kv-cache-mb, or auto: a quarter of the machine's memory on a CPU, 90% of what the
+        GPU has free once the model is loaded."""
+        megabytes = getattr(self.settings, "kv_cache_mb", 0)
+        if megabytes:
+            return int(megabytes) * 2**20
+        torch = self._torch
+        if self.device.startswith("cuda"):
+            free, _total = torch.cuda.mem_get_info(torch.device(self.device))
+            return int(free * 0.9)
+        try:
+            import os
+
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+        except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+            return 4 * 2**30
+
+    def _generation_config(self, ckpt: Checkpoint, min_tokens: int, max_tokens: int,
+                           params: GenerationParams) -> Any:
+        """The generation config one output is written with (both batching modes)."""
+        config = copy.deepcopy(ckpt.model.generation_config)
+        # The *_new_tokens settings take precedence over a checkpoint's own max/min_length
+        # (BART-CNN ships min_length=56, which would otherwise stretch every headline).
+        config.max_length = None
+        config.min_length = None
+        config.max_new_tokens = max_tokens
+        config.min_new_tokens = min_tokens
+        config.num_beams = params.num_beams
+        config.num_return_sequences = 1
+        config.do_sample = False
+        if params.length_penalty is not None:
+            config.length_penalty = params.length_penalty
+        if params.no_repeat_ngram_size is not None:
+            config.no_repeat_ngram_size = params.no_repeat_ngram_size
+        if params.num_beams == 1:
+            config.early_stopping = False
+            config.length_penalty = 1.0
+        return config
+
     # ----- helpers -----
     def _can_share_encoder(self) -> bool:
         return self.summary.model_type != "led"  # LED's encoder needs a global attention mask
@@ -163,26 +240,16 @@ class TorchEngine(CheckpointEngine):
 
     def _run(self, ckpt: Checkpoint, inputs: dict[str, Any], min_tokens: int, max_tokens: int,
              params: GenerationParams, encoder_outputs: Any, tidy: Any) -> list[tuple[str, int]]:
-        config = copy.deepcopy(ckpt.model.generation_config)
-        # The *_new_tokens settings take precedence over a checkpoint's own max/min_length
-        # (BART-CNN ships min_length=56, which would otherwise stretch every headline).
-        config.max_length = None
-        config.min_length = None
-        config.max_new_tokens = max_tokens
-        config.min_new_tokens = min_tokens
-        config.num_beams = params.num_beams
-        config.num_return_sequences = 1
-        config.do_sample = False
-        if params.length_penalty is not None:
-            config.length_penalty = params.length_penalty
-        if params.no_repeat_ngram_size is not None:
-            config.no_repeat_ngram_size = params.no_repeat_ngram_size
-        if params.num_beams == 1:
-            config.early_stopping = False
-            config.length_penalty = 1.0
+        config = self._generation_config(ckpt, min_tokens, max_tokens, params)
         kwargs = dict(inputs)
         if encoder_outputs is not None:
             kwargs = {"encoder_outputs": copy.copy(encoder_outputs),
                       "attention_mask": inputs["attention_mask"]}
         sequences = ckpt.model.generate(**kwargs, generation_config=config)
         return ckpt.decode(sequences.tolist(), tidy)
+
+
+def _stepping_types() -> frozenset[str]:
+    from .stepping.decoders import SUPPORTED_TYPES
+
+    return SUPPORTED_TYPES

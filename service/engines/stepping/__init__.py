@@ -1,0 +1,1 @@
+"""Continuous batching for the torch engine: see session.py."""

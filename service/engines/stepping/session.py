@@ -1,0 +1,492 @@
+"""The running set: sequence groups that join and leave between decoding steps.
+
+`TorchSession.advance(StepIn)` is one iteration of the loop (the serving side calls it
+back to back; see service/serving/continuous.py):
+
+1. drop removed tickets (waiting or decoding; their rows and cache are freed at once);
+2. queue new articles; refuse at once one whose cache could never fit the budget (`too_large`);
+3. admit waiting articles, first come first served, while the budget has room: one batched encoder
+   pass for all of them; an article's encoder output and each decoder layer's cross-attention keys
+   and values are computed once and serve both its summary and its headline (when both read the
+   same input); each (article, output) becomes a group of `beams` rows;
+4. decode one step for every row of every group in one forward pass (rows at different lengths,
+   with different options: see decoders.py);
+5. each group picks its rows' next tokens and parents (search.py), then one gather per layer
+   applies every group's beam reordering and drops the rows of groups that finished;
+6. an article whose outputs are all done is returned.
+
+Memory: each row holds its self-attention keys/values (padded to the longest row: right-aligned)
+and a copy of its article's cross-attention keys/values (padded to the longest source). The budget
+counts the padded worst case of the set: rows x (longest max length + longest source) x bytes per
+token, for the rows decoding plus the article being admitted; the article waits until that fits.
+
+Failure isolation: a group whose search raises fails its article only; if the batched encoder or
+decoder pass raises, each article is run alone to find which one fails, the others go on.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ...domain import Generated, GenerationParams, PreparedArticle
+from ...errors import is_out_of_memory
+from ...text import tidy_headline, tidy_summary
+from ..protocol import Admit, StepFailure, StepIn, StepOut
+from .decoders import KV, Adapter
+from .search import Search, hf_setup, new_search
+
+log = logging.getLogger(__name__)
+
+OUTPUTS = ("summary", "headline")
+
+
+@dataclass(eq=False)
+class _Article:
+    ticket: int
+    params: GenerationParams
+    article: PreparedArticle
+    inputs: dict[str, tuple[int, ...]]
+    """Encoder input ids per output ("summary", "headline")."""
+    reserve: tuple[int, int, int]
+    """(rows, longest max length, longest source) its groups need."""
+    groups: list["_Group"] = field(default_factory=list)
+    texts: dict[str, tuple[str, int]] = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class _Group:
+    article: _Article
+    output: str
+    search: Search
+    width: int
+    source_len: int
+    max_length: int
+    cross: list[KV]
+    """The article's cross-attention keys/values for this output: [1, heads, source, dim]."""
+    tokens: torch.Tensor
+    """The tokens its rows feed to the next step: [width]."""
+    length: int = 0
+    """Tokens its rows hold in the self-attention cache."""
+
+
+class TorchSession:
+    def __init__(self, *, adapter: Adapter, model: Any, device: Any, budget_bytes: int,
+                 generation_config: Callable[[str, GenerationParams], Any],
+                 decode: Callable[[list[int], str], tuple[str, int]]) -> None:
+        """`generation_config(output, params)`: the config the static engine would pass to
+        generate for that output; `decode(ids, output)`: text and token count."""
+        self.adapter = adapter
+        self.model = model
+        self.device = device
+        self.budget_bytes = budget_bytes
+        self._config = generation_config
+        self._decode = decode
+        self._waiting: deque[_Article] = deque()
+        self._articles: dict[int, _Article] = {}
+        self.groups: list[_Group] = []
+        self._self_kv: list[KV] | None = None  # [rows, heads, T, dim] per layer
+        self._cross: list[KV] | None = None  # [rows, heads, S, dim] per layer
+        self.steps = 0
+
+    # ----- sizes -----
+    @property
+    def rows(self) -> int:
+        return sum(g.width for g in self.groups)
+
+    def _bytes(self, rows: int, self_len: int, source_len: int) -> int:
+        return rows * (self_len + source_len) * self.adapter.bytes_per_token()
+
+    def _reserved(self, extra: _Article | None = None) -> int:
+        rows, self_len, source = 0, 0, 0
+        articles = {id(g.article): g.article for g in self.groups}
+        if extra is not None:
+            articles[id(extra)] = extra
+        for a in articles.values():
+            r, s, c = a.reserve
+            rows, self_len, source = rows + r, max(self_len, s), max(source, c)
+        return self._bytes(rows, self_len, source)
+
+    def used_bytes(self) -> int:
+        return self._reserved()
+
+    # ----- the loop -----
+    def advance(self, step: StepIn) -> StepOut:
+        failed: list[StepFailure] = []
+        done: list[tuple[int, Generated]] = []
+        with torch.inference_mode():
+            for ticket in step.remove:
+                self._remove(ticket)
+            for admit in step.admit:
+                failure = self._queue(admit)
+                if failure is not None:
+                    failed.append(failure)
+            failed += self._admit()
+            started = time.perf_counter()
+            rows = self.rows
+            if rows:
+                failed += self._step(done)
+                self.steps += 1
+            elapsed = time.perf_counter() - started if rows else 0.0
+        return StepOut(done=tuple(done), failed=tuple(failed), waiting=len(self._waiting),
+                       active=len({id(g.article) for g in self.groups}), rows=rows,
+                       step_s=elapsed, used_bytes=self.used_bytes(),
+                       budget_bytes=self.budget_bytes)
+
+    # ----- joining -----
+    def _queue(self, admit: Admit) -> StepFailure | None:
+        params, article = admit.params, admit.article
+        inputs = {}
+        if params.outputs.summary:
+            inputs["summary"] = article.summary_ids or ()
+        if params.outputs.headline:
+            inputs["headline"] = article.headline_ids or ()
+        limits = {"summary": params.summary_max_tokens, "headline": params.headline_max_tokens}
+        rows = params.num_beams * len(inputs)
+        longest = 1 + max((limits[o] for o in inputs), default=0)
+        source = max((len(ids) for ids in inputs.values()), default=0)
+        state = _Article(ticket=admit.ticket, params=params, article=article, inputs=inputs,
+                         reserve=(rows, longest, source))
+        need = self._bytes(rows, longest, source)
+        if need > self.budget_bytes:
+            return StepFailure(
+                admit.ticket, "too_large",
+                f"this article needs {_mib(need)} of decoder cache ({params.num_beams} beams, "
+                f"{source} input tokens, up to {longest - 1} new tokens) and the whole budget is "
+                f"{_mib(self.budget_bytes)}; ask for fewer beams or tokens, send a shorter "
+                "article, or raise --kv-cache-mb")
+        self._articles[admit.ticket] = state
+        self._waiting.append(state)
+        return None
+
+    def _admit(self) -> list[StepFailure]:
+        joining: list[_Article] = []
+        while self._waiting:
+            candidate = self._waiting[0]
+            fits = self._reserved_with(joining + [candidate]) <= self.budget_bytes
+            if not fits and (self.groups or joining):
+                break  # first come first served: wait for room
+            joining.append(self._waiting.popleft())
+        if not joining:
+            return []
+        encoded, failed = self._encode(joining)
+        for article in joining:
+            if article.ticket in encoded:
+                self._join(article, encoded[article.ticket])
+        return failed
+
+    def _reserved_with(self, extra: list[_Article]) -> int:
+        rows, self_len, source = 0, 0, 0
+        articles = {id(g.article): g.article for g in self.groups}
+        for a in extra:
+            articles[id(a)] = a
+        for a in articles.values():
+            r, s, c = a.reserve
+            rows, self_len, source = rows + r, max(self_len, s), max(source, c)
+        return self._bytes(rows, self_len, source)
+
+    def _encode(self, articles: list[_Article]
+                ) -> tuple[dict[int, dict[tuple[int, ...], list[KV]]], list[StepFailure]]:
+        """Cross-attention keys/values per article and distinct input; an article whose encoding
+        fails on its own is failed, the others go on."""
+        try:
+            return self._encode_batch(articles), []
+        except Exception as error:  # noqa: BLE001 - isolated below
+            if len(articles) == 1:
+                self._forget(articles[0])
+                return {}, [_failure(articles[0].ticket, error, "encoding")]
+            log.warning("encoder pass for %d articles failed (%s); encoding each alone",
+                        len(articles), type(error).__name__)
+        encoded, failed = {}, []
+        for article in articles:
+            more, fails = self._encode([article])
+            encoded.update(more)
+            failed += fails
+        return encoded, failed
+
+    def _encode_batch(self, articles: list[_Article]) -> dict[int, dict[tuple, list[KV]]]:
+        inputs = []
+        for article in articles:
+            for ids in article.inputs.values():
+                if ids not in inputs:
+                    inputs.append(ids)
+        width = max(len(ids) for ids in inputs)
+        pad = self.model.config.pad_token_id or 0
+        ids = torch.full((len(inputs), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(inputs), width), dtype=torch.long)
+        for i, row in enumerate(inputs):
+            ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+            mask[i, :len(row)] = 1
+        hidden = self.adapter.encode(ids.to(self.device), mask.to(self.device))
+        kv = self.adapter.cross_kv(hidden)
+        out: dict[int, dict[tuple, list[KV]]] = {}
+        for article in articles:
+            per_input = {}
+            for row in article.inputs.values():
+                i, n = inputs.index(row), len(row)
+                per_input[row] = [(k[i:i + 1, :, :n], v[i:i + 1, :, :n]) for k, v in kv]
+            out[article.ticket] = per_input
+        return out
+
+    def _join(self, article: _Article, cross: dict[tuple, list[KV]]) -> None:
+        params = article.params
+        for output, ids in article.inputs.items():
+            config = self._config(output, params)
+            encoder_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
+            setup = hf_setup(self.model, config, encoder_ids)
+            search = new_search(setup, self.model, self.device)
+            group = _Group(article=article, output=output, search=search, width=search.width,
+                           source_len=len(ids), max_length=setup.max_length, cross=cross[ids],
+                           tokens=torch.full((search.width,), setup.start_token,
+                                             dtype=torch.long, device=self.device))
+            article.groups.append(group)
+            self._add_rows(group)
+
+    def _add_rows(self, group: _Group) -> None:
+        """Append a group's rows: an empty self-attention history (masked columns) and copies
+        of its article's cross-attention keys/values, padded to the longest source."""
+        width = group.width
+        if self._self_kv is not None:
+            self._self_kv = [(torch.cat((k, k.new_zeros((width, *k.shape[1:]))), 0),
+                              torch.cat((v, v.new_zeros((width, *v.shape[1:]))), 0))
+                             for k, v in self._self_kv]
+        new = [(k.expand(width, -1, -1, -1), v.expand(width, -1, -1, -1))
+               for k, v in group.cross]
+        if self._cross is None:
+            self._cross = [(k.contiguous(), v.contiguous()) for k, v in new]
+        else:
+            source = max(self._cross[0][0].shape[2], group.source_len)
+            self._cross = [(torch.cat((_pad_to(k, source), _pad_to(nk, source)), 0),
+                            torch.cat((_pad_to(v, source), _pad_to(nv, source)), 0))
+                           for (k, v), (nk, nv) in zip(self._cross, new)]
+        self.groups.append(group)
+
+    # ----- one step -----
+    def _step(self, done: list[tuple[int, Generated]]) -> list[StepFailure]:
+        failed: list[StepFailure] = []
+        try:
+            logits, columns = self._forward(list(range(len(self.groups))))
+        except Exception as error:  # noqa: BLE001 - isolated below
+            logits, columns, failed = self._forward_isolating(error)
+            if not self.groups:
+                return failed
+        keep: list[torch.Tensor] = []  # rows of the next step, in order
+        keep_groups: list[_Group] = []
+        broken: set[int] = set()
+        offset = 0
+        for group in self.groups:
+            rows = slice(offset, offset + group.width)
+            try:
+                tokens, parents = group.search.advance(logits[rows])
+            except Exception as error:  # noqa: BLE001 - this group's article fails alone
+                failed.append(_failure(group.article.ticket, error, "search"))
+                broken.add(id(group.article))
+                offset += group.width
+                continue
+            group.length += 1
+            if group.search.finished:
+                group.article.texts[group.output] = self._decode(group.search.result(),
+                                                                 group.output)
+            else:
+                group.tokens = tokens
+                keep.append(parents + offset)
+                keep_groups.append(group)
+            offset += group.width
+        # Groups of an article that failed leave with it.
+        surviving = []
+        for group, rows in zip(keep_groups, keep):
+            if id(group.article) not in broken:
+                surviving.append((group, rows))
+        for group in self.groups:
+            article = group.article
+            if id(article) in broken:
+                self._articles.pop(article.ticket, None)
+            elif len(article.texts) == len(article.inputs) and article.ticket in self._articles:
+                del self._articles[article.ticket]
+                done.append((article.ticket, _generated(article)))
+        self._reorder(columns, surviving)
+        return failed
+
+    def _forward(self, group_indices: list[int]) -> tuple[torch.Tensor, list[KV]]:
+        """Logits and new key/value columns for the rows of these groups (all of them, in order,
+        for the normal step; one article's when isolating a failure)."""
+        groups = [self.groups[i] for i in group_indices]
+        everything = len(groups) == len(self.groups)
+        rows = None if everything else self._row_index(group_indices)
+        self_kv = self._self_kv
+        cross = self._cross
+        assert cross is not None
+        if rows is not None:
+            cross = [(k[rows], v[rows]) for k, v in cross]
+            if self_kv is not None:
+                self_kv = [(k[rows], v[rows]) for k, v in self_kv]
+        history = 0 if self_kv is None else self_kv[0][0].shape[2]
+        lengths = torch.tensor([g.length for g in groups for _ in range(g.width)],
+                               device=self.device)
+        sources = torch.tensor([g.source_len for g in groups for _ in range(g.width)],
+                               device=self.device)
+        columns = torch.arange(history + 1, device=self.device)
+        self_valid = columns[None, :] >= (history - lengths)[:, None]
+        cross_valid = (torch.arange(cross[0][0].shape[2], device=self.device)[None, :]
+                       < sources[:, None])
+        tokens = torch.cat([g.tokens for g in groups])
+        return self.adapter.step(tokens, lengths, self_kv or [], self_valid, cross, cross_valid)
+
+    def _row_index(self, group_indices: list[int]) -> torch.Tensor:
+        starts, offset = [], 0
+        for group in self.groups:
+            starts.append(offset)
+            offset += group.width
+        return torch.cat([torch.arange(starts[i], starts[i] + self.groups[i].width)
+                          for i in group_indices]).to(self.device)
+
+    def _forward_isolating(self, error: BaseException
+                           ) -> tuple[torch.Tensor, list[KV], list[StepFailure]]:
+        """The batched pass raised: run each article's rows alone; fail the ones that raise
+        alone and drop their rows; return the others' results as if run together."""
+        by_article: dict[int, list[int]] = {}
+        for i, group in enumerate(self.groups):
+            by_article.setdefault(id(group.article), []).append(i)
+        if len(by_article) == 1:
+            article = self.groups[0].article
+            self._drop_article(article)
+            return torch.empty(0), [], [_failure(article.ticket, error, "decoding")]
+        log.warning("decoding step of %d articles failed (%s); stepping each alone",
+                    len(by_article), type(error).__name__)
+        failed, broken, results = [], [], {}
+        for indices in by_article.values():
+            article = self.groups[indices[0]].article
+            try:
+                results[id(article)] = self._forward(indices)
+            except Exception as alone:  # noqa: BLE001
+                failed.append(_failure(article.ticket, alone, "decoding"))
+                broken.append(article)
+        for article in broken:
+            self._drop_article(article)
+        order = []
+        for group in self.groups:
+            if id(group.article) not in [id(a) for a in order]:
+                order.append(group.article)
+        logits = torch.cat([results[id(a)][0] for a in order])
+        layers = len(results[id(order[0])][1]) if order else 0
+        columns = [(torch.cat([results[id(a)][1][i][0] for a in order]),
+                    torch.cat([results[id(a)][1][i][1] for a in order]))
+                   for i in range(layers)]
+        return logits, columns, failed
+
+    # ----- leaving -----
+    def _reorder(self, columns: list[KV], surviving: list[tuple[_Group, torch.Tensor]]) -> None:
+        """Append this step's columns, then keep the surviving rows in their new order (each
+        group's beam reordering and every finished group's exit in one gather per layer), and
+        trim columns no row needs."""
+        if not surviving:
+            self.groups, self._self_kv, self._cross = [], None, None
+            return
+        order = torch.cat([rows for _, rows in surviving])
+        total = sum(g.width for g in self.groups)
+        identity = len(order) == total and bool(
+            (order == torch.arange(total, device=order.device)).all())
+        history = max(g.length for g, _ in surviving)
+        if self._self_kv is None:
+            merged = columns
+        else:
+            merged = [(torch.cat((k, nk), 2), torch.cat((v, nv), 2))
+                      for (k, v), (nk, nv) in zip(self._self_kv, columns)]
+        width = merged[0][0].shape[2]
+        start = width - history
+        if identity:
+            self._self_kv = [(k[:, :, start:], v[:, :, start:]) if start else (k, v)
+                             for k, v in merged]
+        else:
+            self._self_kv = [(k.index_select(0, order)[:, :, start:],
+                              v.index_select(0, order)[:, :, start:]) for k, v in merged]
+        left = len(surviving) != len(self.groups)
+        if left:
+            # Beams of a group share one article: its cross rows need no reordering, only the
+            # rows of the groups that left go.
+            starts, offset = {}, 0
+            for group in self.groups:
+                starts[id(group)] = offset
+                offset += group.width
+            keep = torch.cat([torch.arange(starts[id(g)], starts[id(g)] + g.width)
+                              for g, _ in surviving]).to(order.device)
+            source = max(g.source_len for g, _ in surviving)
+            assert self._cross is not None
+            self._cross = [(k.index_select(0, keep)[:, :, :source],
+                            v.index_select(0, keep)[:, :, :source]) for k, v in self._cross]
+        self.groups = [g for g, _ in surviving]
+
+    def _drop_article(self, article: _Article) -> None:
+        keep_rows, offset, groups = [], 0, []
+        for group in self.groups:
+            if group.article is not article:
+                keep_rows.append(torch.arange(offset, offset + group.width))
+                groups.append(group)
+            offset += group.width
+        self._articles.pop(article.ticket, None)
+        if not groups:
+            self.groups, self._self_kv, self._cross = [], None, None
+            return
+        keep = torch.cat(keep_rows).to(self.device)
+        if self._self_kv is not None:
+            history = max(g.length for g in groups)
+            self._self_kv = [(k.index_select(0, keep)[:, :, k.shape[2] - history:],
+                              v.index_select(0, keep)[:, :, v.shape[2] - history:])
+                             for k, v in self._self_kv]
+            if history == 0:
+                self._self_kv = None
+        source = max(g.source_len for g in groups)
+        assert self._cross is not None
+        self._cross = [(k.index_select(0, keep)[:, :, :source],
+                        v.index_select(0, keep)[:, :, :source]) for k, v in self._cross]
+        self.groups = groups
+
+    def _remove(self, ticket: int) -> None:
+        article = self._articles.get(ticket)
+        if article is None:
+            return
+        if article in self._waiting:
+            self._waiting.remove(article)
+            self._forget(article)
+        else:
+            self._drop_article(article)
+
+    def _forget(self, article: _Article) -> None:
+        self._articles.pop(article.ticket, None)
+
+
+def _pad_to(x: torch.Tensor, length: int) -> torch.Tensor:
+    if x.shape[2] == length:
+        return x
+    pad = x.new_zeros((x.shape[0], x.shape[1], length - x.shape[2], x.shape[3]))
+    return torch.cat((x, pad), 2)
+
+
+def _generated(article: _Article) -> Generated:
+    summary, summary_tokens = article.texts.get("summary", ("", 0))
+    headline, headline_tokens = article.texts.get("headline", ("", 0))
+    return Generated(summary=summary, headline=headline, summary_tokens=summary_tokens,
+                     headline_tokens=headline_tokens)
+
+
+def _failure(ticket: int, error: BaseException, where: str) -> StepFailure:
+    if is_out_of_memory(error):
+        return StepFailure(ticket, "out_of_memory",
+                           f"the model ran out of memory {where} this article; retry later, or "
+                           "send a shorter article or ask for fewer beams", type(error).__name__)
+    log.error("article failed in %s (%s)", where, type(error).__name__, exc_info=error)
+    return StepFailure(ticket, "error", f"the model failed in {where} this article",
+                       type(error).__name__)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+TIDY = {"summary": tidy_summary, "headline": tidy_headline}
