@@ -1,0 +1,268 @@
+"""Continuous batching (service/engines/stepping/) is token-exact: every request's tokens equal
+transformers `generate` run on that request alone with the same options, while it shares
+decoding steps with requests that joined earlier and later with other options.
+
+Random-weight checkpoints write gibberish, so these tests compare token ids, never prose.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from service.config import Settings
+from service.domain import GenerationParams, Outputs, PreparedArticle
+from service.engines.protocol import Admit, StepIn
+from service.engines.stepping.decoders import adapter_for
+from service.engines.stepping.session import TorchSession
+from service.engines.tiny import training_text
+from service.engines.torch_engine import TorchEngine
+
+FAMILIES = ("bart", "t5", "pegasus")
+TEXTS = training_text(80, seed=7)
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_bart: Path, tiny_t5: Path, tiny_pegasus: Path) -> dict[str, TorchEngine]:
+    paths = {"bart": tiny_bart, "t5": tiny_t5, "pegasus": tiny_pegasus}
+    return {family: TorchEngine(Settings(model=str(path), threads=1, engine="torch",
+                                         compute_type="float32")).load()
+            for family, path in paths.items()}
+
+
+def session(engine: TorchEngine, budget_bytes: int = 2**30) -> TorchSession:
+    """A session whose results carry token ids (as text: "1 2 3"), so tests compare ids."""
+    ckpt = engine.summary
+    limits = {"summary": lambda p: (p.summary_min_tokens, p.summary_max_tokens),
+              "headline": lambda p: (p.headline_min_tokens, p.headline_max_tokens)}
+    return TorchSession(
+        adapter=adapter_for(ckpt.model), model=ckpt.model, device="cpu",
+        budget_bytes=budget_bytes,
+        generation_config=lambda output, p: engine._generation_config(ckpt, *limits[output](p), p),
+        decode=lambda ids, output: (" ".join(map(str, ids)), len(ids)))
+
+
+def solo(engine: TorchEngine, params: GenerationParams, article: PreparedArticle
+         ) -> tuple[str, str]:
+    """transformers generate on this request alone: token ids per output ("" if not asked)."""
+    ckpt = engine.summary
+    out = []
+    for wanted, ids, low, high in (
+            (params.outputs.summary, article.summary_ids, params.summary_min_tokens,
+             params.summary_max_tokens),
+            (params.outputs.headline, article.headline_ids, params.headline_min_tokens,
+             params.headline_max_tokens)):
+        if not wanted:
+            out.append("")
+            continue
+        config = engine._generation_config(ckpt, low, high, params)
+        with torch.inference_mode():
+            tokens = ckpt.model.generate(input_ids=torch.tensor([ids]),
+                                         attention_mask=torch.ones((1, len(ids)), dtype=torch.long),
+                                         generation_config=config)
+        out.append(" ".join(map(str, tokens[0].tolist())))
+    return out[0], out[1]
+
+
+def request(engine: TorchEngine, rng: random.Random, **fixed) -> tuple[GenerationParams,
+                                                                       PreparedArticle]:
+    summary_max = rng.randint(2, 24)
+    headline_max = rng.randint(2, 10)
+    options = dict(
+        summary_max_tokens=summary_max, summary_min_tokens=rng.choice([0, 0, 1, summary_max]),
+        headline_max_tokens=headline_max, headline_min_tokens=rng.choice([0, 1, headline_max]),
+        num_beams=rng.choice([1, 2, 4]), length_penalty=rng.choice([None, 2.0, 0.6, -0.5]),
+        no_repeat_ngram_size=rng.choice([None, None, 2, 3]),
+        outputs=rng.choice([Outputs.BOTH, Outputs.BOTH, Outputs.SUMMARY, Outputs.HEADLINE]))
+    options.update(fixed)
+    for task in ("summary", "headline"):
+        low, high = f"{task}_min_tokens", f"{task}_max_tokens"
+        options[low] = min(options[low], options[high])
+    params = dataclasses.replace(engine.defaults, **options)
+    start = rng.randrange(len(TEXTS) - 8)
+    text = " ".join(TEXTS[start:start + rng.randint(1, 8)])
+    return params, engine.prepare([text], params)[0]
+
+
+def run(sess: TorchSession, arrivals: dict[int, list[Admit]], removals: dict[int, list[int]]
+        | None = None, max_steps: int = 10_000) -> tuple[dict, dict, list]:
+    """Advance until everything is done; `arrivals[step]` join before that step. Returns the
+    results by ticket, the failures by ticket and the tickets that shared each step."""
+    removals = removals or {}
+    results, failures, steps = {}, {}, []
+    last = max([*arrivals, *removals, 0])
+    for step in range(max_steps):
+        out = sess.advance(StepIn(admit=tuple(arrivals.get(step, ())),
+                                  remove=tuple(removals.get(step, ()))))
+        results.update(dict(out.done))
+        failures.update({f.ticket: f for f in out.failed})
+        steps.append(sorted({g.article.ticket for g in sess.groups}))
+        if step >= last and out.active == 0 and out.waiting == 0:
+            return results, failures, steps
+    raise AssertionError("the session never finished")
+
+
+def check_exact(engine, requests, results) -> None:
+    for ticket, (params, article) in requests.items():
+        summary, headline = solo(engine, params, article)
+        got = results[ticket]
+        assert (got.summary, got.headline) == (summary, headline), (
+            f"ticket {ticket} with {params} differs from generate alone")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("beams", [1, 2, 4])
+def test_each_option_set_is_exact_while_sharing_steps_with_other_options(engines, family, beams):
+    engine = engines[family]
+    rng = random.Random(beams)
+    option_sets = [dict(length_penalty=None, no_repeat_ngram_size=None),
+                   dict(length_penalty=2.0, no_repeat_ngram_size=None),
+                   dict(length_penalty=None, no_repeat_ngram_size=2),
+                   dict(length_penalty=0.6, no_repeat_ngram_size=3,
+                        summary_min_tokens=6, summary_max_tokens=12)]
+    requests, arrivals = {}, {}
+    for ticket, options in enumerate(option_sets):
+        # The request under test, and others with other options joining before and after it.
+        for offset, other in ((0, dict(num_beams=rng.choice([1, 2, 4]))), (1, dict(num_beams=beams, **options)),
+                              (2, dict(num_beams=rng.choice([1, 2, 4])))):
+            key = ticket * 3 + offset
+            params, article = request(engine, rng, **other)
+            requests[key] = (params, article)
+            arrivals.setdefault(ticket * 2 + offset, []).append(Admit(key, params, article))
+    results, failures, steps = run(session(engine), arrivals)
+    assert not failures
+    assert max(len(s) for s in steps) >= 3, "requests never shared a step"
+    check_exact(engine, requests, results)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_random_arrivals_and_options_are_token_exact(engines, family, seed):
+    """Property-style: random options, random arrival steps, random outputs."""
+    engine = engines[family]
+    rng = random.Random(100 + seed)
+    requests, arrivals = {}, {}
+    for ticket in range(14):
+        params, article = request(engine, rng)
+        requests[ticket] = (params, article)
+        arrivals.setdefault(rng.randint(0, 25), []).append(Admit(ticket, params, article))
+    results, failures, steps = run(session(engine), arrivals)
+    assert not failures
+    assert sorted(results) == sorted(requests)
+    check_exact(engine, requests, results)
+
+
+def test_summary_and_headline_share_one_encoding(engines, monkeypatch):
+    engine = engines["bart"]
+    sess = session(engine)
+    calls = []
+    encode = sess.adapter.encode
+    monkeypatch.setattr(sess.adapter, "encode",
+                        lambda ids, mask: calls.append(ids.shape) or encode(ids, mask))
+    rng = random.Random(3)
+    requests = {t: request(engine, rng, outputs=Outputs.BOTH) for t in range(3)}
+    results, _, _ = run(sess, {0: [Admit(t, p, a) for t, (p, a) in requests.items()]})
+    assert [shape[0] for shape in calls] == [3]  # one pass, one row per article
+    check_exact(engine, requests, results)
+
+
+def test_a_short_request_joins_long_ones_and_leaves_first(engines):
+    engine = engines["bart"]
+    rng = random.Random(4)
+    long = {t: request(engine, rng, summary_min_tokens=40, summary_max_tokens=40, num_beams=4,
+                       outputs=Outputs.SUMMARY) for t in range(3)}
+    short = request(engine, rng, summary_min_tokens=3, summary_max_tokens=3, num_beams=1,
+                    outputs=Outputs.SUMMARY)
+    sess = session(engine)
+    finished_at = {}
+    arrivals = {0: [Admit(t, p, a) for t, (p, a) in long.items()], 5: [Admit(9, *short)]}
+    for step in range(200):
+        out = sess.advance(StepIn(admit=tuple(arrivals.get(step, ()))))
+        for ticket, _ in out.done:
+            finished_at[ticket] = step
+        if step > 5 and out.active == 0:
+            break
+    assert finished_at[9] <= 5 + 4  # joined at step 5, 3 tokens plus the start
+    assert all(finished_at[t] > finished_at[9] for t in long)
+
+
+def test_removed_request_frees_its_cache_and_the_others_stay_exact(engines):
+    engine = engines["t5"]
+    rng = random.Random(5)
+    requests = {t: request(engine, rng, summary_min_tokens=20, summary_max_tokens=20,
+                           num_beams=4) for t in range(4)}
+    sess = session(engine)
+    sess.advance(StepIn(admit=tuple(Admit(t, p, a) for t, (p, a) in requests.items())))
+    before = sess.used_bytes()
+    rows_before = sess.rows
+    out = sess.advance(StepIn(remove=(2,)))
+    assert out.used_bytes < before and sess.rows < rows_before
+    assert 2 not in {g.article.ticket for g in sess.groups}
+    results, failures, _ = run(sess, {})
+    del requests[2]
+    assert 2 not in results and not failures
+    check_exact(engine, requests, results)
+
+
+def test_budget_makes_articles_wait_and_refuses_one_that_can_never_fit(engines):
+    engine = engines["bart"]
+    rng = random.Random(6)
+    requests = {t: request(engine, rng, num_beams=2, outputs=Outputs.SUMMARY,
+                           summary_max_tokens=10) for t in range(4)}
+    probe = session(engine)
+    one = max(probe._bytes(2, 11, len(a.summary_ids)) for _, a in requests.values())
+    sess = session(engine, budget_bytes=one * 2)  # room for about two at a time
+    huge = request(engine, rng, num_beams=4, summary_max_tokens=200, summary_min_tokens=0)
+    arrivals = {0: [Admit(t, p, a) for t, (p, a) in requests.items()] + [Admit(99, *huge)]}
+    results, failures, steps = run(sess, arrivals)
+    assert failures[99].kind == "too_large" and "--kv-cache-mb" in failures[99].message
+    assert max(len(s) for s in steps) <= 2
+    check_exact(engine, requests, results)
+
+
+def test_a_group_that_raises_fails_only_its_article(engines, monkeypatch):
+    engine = engines["pegasus"]
+    rng = random.Random(7)
+    requests = {t: request(engine, rng) for t in range(4)}
+    sess = session(engine)
+    sess.advance(StepIn(admit=tuple(Admit(t, p, a) for t, (p, a) in requests.items())))
+    victim = next(g for g in sess.groups if g.article.ticket == 1)
+
+    def boom(logits):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(victim.search, "advance", boom)
+    results, failures, _ = run(sess, {})
+    assert set(failures) == {1} and failures[1].kind == "error"
+    assert "injected" not in failures[1].message
+    del requests[1]
+    check_exact(engine, requests, results)
+
+
+def test_a_decoding_pass_that_raises_is_isolated_to_the_failing_article(engines, monkeypatch):
+    engine = engines["bart"]
+    rng = random.Random(8)
+    requests = {t: request(engine, rng, num_beams=2) for t in range(4)}
+    sess = session(engine)
+    poison = requests[2][1]
+    poison_len = len(poison.summary_ids or poison.headline_ids)
+    step = sess.adapter.step
+
+    def failing_step(tokens, positions, self_kv, self_valid, cross, cross_valid):
+        if (cross_valid.sum(1) == poison_len).any() and positions.max() >= 2:
+            raise RuntimeError("injected")
+        return step(tokens, positions, self_kv, self_valid, cross, cross_valid)
+
+    others = {t for t, (_, a) in requests.items()
+              if len(a.summary_ids or a.headline_ids) == poison_len}
+    monkeypatch.setattr(sess.adapter, "step", failing_step)
+    results, failures, _ = run(sess, {0: [Admit(t, p, a) for t, (p, a) in requests.items()]})
+    assert set(failures) == others  # the poison, and any article of the same length
+    for t in others:
+        del requests[t]
+    assert requests
+    check_exact(engine, requests, results)
