@@ -165,8 +165,13 @@ def test_summary_and_headline_share_one_encoding(engines, monkeypatch):
                         lambda ids, mask: calls.append(ids.shape) or encode(ids, mask))
     rng = random.Random(3)
     requests = {t: request(engine, rng, outputs=Outputs.BOTH) for t in range(3)}
-    results, _, _ = run(sess, {0: [Admit(t, p, a) for t, (p, a) in requests.items()]})
+    sess.advance(StepIn(admit=tuple(Admit(t, p, a) for t, (p, a) in requests.items())))
     assert [shape[0] for shape in calls] == [3]  # one pass, one row per article
+    # Every beam of both outputs reads its article's one copy of the cross-attention cache.
+    cross_keys = sess._cross[0][0][0]
+    assert cross_keys.shape[0] == 3 and sess.rows == sum(2 * p.num_beams
+                                                         for p, _ in requests.values())
+    results, _, _ = run(sess, {})
     check_exact(engine, requests, results)
 
 
@@ -214,7 +219,7 @@ def test_budget_makes_articles_wait_and_refuses_one_that_can_never_fit(engines):
     requests = {t: request(engine, rng, num_beams=2, outputs=Outputs.SUMMARY,
                            summary_max_tokens=10) for t in range(4)}
     probe = session(engine)
-    one = max(probe._bytes(2, 11, len(a.summary_ids)) for _, a in requests.values())
+    one = max(probe._bytes(2, 11, 1, len(a.summary_ids)) for _, a in requests.values())
     sess = session(engine, budget_bytes=one * 2)  # room for about two at a time
     huge = request(engine, rng, num_beams=4, summary_max_tokens=200, summary_min_tokens=0)
     arrivals = {0: [Admit(t, p, a) for t, (p, a) in requests.items()] + [Admit(99, *huge)]}
@@ -252,10 +257,10 @@ def test_a_decoding_pass_that_raises_is_isolated_to_the_failing_article(engines,
     poison_len = len(poison.summary_ids or poison.headline_ids)
     step = sess.adapter.step
 
-    def failing_step(tokens, positions, self_kv, self_valid, cross, cross_valid):
+    def failing_step(tokens, positions, self_kv, self_valid, cross, cross_valid, layout):
         if (cross_valid.sum(1) == poison_len).any() and positions.max() >= 2:
             raise RuntimeError("injected")
-        return step(tokens, positions, self_kv, self_valid, cross, cross_valid)
+        return step(tokens, positions, self_kv, self_valid, cross, cross_valid, layout)
 
     others = {t for t, (_, a) in requests.items()
               if len(a.summary_ids or a.headline_ids) == poison_len}

@@ -8,8 +8,12 @@ the model's forward runs them, with per-row positions and masks:
 
 - the self-attention cache is right-aligned: every row's newest token is in the last column, and a
   row that has decoded `n` tokens holds its keys in the last `n` columns (the rest is masked);
-- the cross-attention keys and values are computed once per article (`cross_kv`), and rows hold
-  copies padded on the right to the longest source (masked).
+- the cross-attention keys and values are computed once per source (an article's encoded input,
+  `cross_kv`) and never copied per row: all rows that read one source (its summary's and its
+  headline's beams) are that source's queries in one attention call, `[sources, heads, queries,
+  dim]` against `[sources, heads, source length, dim]` padded on the right (masked). So beams
+  share their article's keys and values (FastSeq's "attention cache" idea) and a beam reorder
+  never touches them.
 
 Supported: BART and PEGASUS (`BartLike`), T5 and mT5 (`T5Like`). `adapter_for` says which.
 """
@@ -22,7 +26,30 @@ import torch
 import torch.nn.functional as F
 
 KV = tuple[torch.Tensor, torch.Tensor]
-"""Keys and values of one layer: [rows, heads, length, head_dim] each."""
+"""Keys and values of one layer: [rows (or sources), heads, length, head_dim] each."""
+
+
+class CrossLayout:
+    """Where each row's query goes in the per-source cross-attention call: row r is query
+    `slot[r] % width` of source `slot[r] // width`."""
+
+    def __init__(self, slot: torch.Tensor, sources: int, width: int) -> None:
+        self.slot = slot
+        self.sources = sources
+        self.width = width
+
+    def gather(self, q: torch.Tensor) -> torch.Tensor:
+        """[rows, heads, 1, dim] -> [sources, heads, width, dim] (unused slots zero)."""
+        rows, heads, _, dim = q.shape
+        out = q.new_zeros((self.sources * self.width, heads, dim))
+        out.index_copy_(0, self.slot, q[:, :, 0])
+        return out.view(self.sources, self.width, heads, dim).transpose(1, 2)
+
+    def scatter(self, out: torch.Tensor) -> torch.Tensor:
+        """[sources, heads, width, dim] -> [rows, heads, 1, dim]"""
+        sources, heads, width, dim = out.shape
+        flat = out.transpose(1, 2).reshape(sources * width, heads, dim)
+        return flat.index_select(0, self.slot)[:, :, None]
 
 SUPPORTED_TYPES = frozenset({"bart", "pegasus", "t5", "mt5"})
 
@@ -55,11 +82,12 @@ class Adapter:
         raise NotImplementedError
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, self_kv: list[KV],
-             self_valid: torch.Tensor, cross: list[KV], cross_valid: torch.Tensor
-             ) -> tuple[torch.Tensor, list[KV]]:
+             self_valid: torch.Tensor, cross: list[KV], cross_valid: torch.Tensor,
+             layout: CrossLayout) -> tuple[torch.Tensor, list[KV]]:
         """Decode one token per row. `tokens`, `positions`: [rows]; `self_kv`: the cache before
         this step (length T, possibly 0); `self_valid`: [rows, T + 1] bool, True where a row
-        attends, this step's column included; `cross_valid`: [rows, S] bool.
+        attends, this step's column included; `cross`: per source; `cross_valid`: [sources, S]
+        bool; `layout`: which source each row reads.
         Returns float logits [rows, vocab] and this step's new key/value column per layer
         ([rows, heads, 1, head_dim]); the caller appends it (nothing here is mutated)."""
         raise NotImplementedError
@@ -116,11 +144,14 @@ class BartLike(Adapter):
         return out
 
     def _attention(self, attn: Any, h: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                   mask: torch.Tensor) -> torch.Tensor:
+                   mask: torch.Tensor, layout: CrossLayout | None = None) -> torch.Tensor:
         q = _heads(attn.q_proj(h), self.head_dim)
-        return attn.out_proj(_merge(_attend(q, k, v, mask, self.scaling)))
+        if layout is None:
+            return attn.out_proj(_merge(_attend(q, k, v, mask, self.scaling)))
+        out = _attend(layout.gather(q), k, v, mask, self.scaling)
+        return attn.out_proj(_merge(layout.scatter(out)))
 
-    def step(self, tokens, positions, self_kv, self_valid, cross, cross_valid):
+    def step(self, tokens, positions, self_kv, self_valid, cross, cross_valid, layout):
         decoder = self.decoder
         h = decoder.embed_tokens(tokens[:, None])
         if self.embed_scale is not None:
@@ -145,7 +176,7 @@ class BartLike(Adapter):
             residual = h
             x = layer.encoder_attn_layer_norm(h) if self.pre_norm else h
             h = residual + self._attention(layer.encoder_attn, x, cross[i][0], cross[i][1],
-                                           cross_mask)
+                                           cross_mask, layout)
             if not self.pre_norm:
                 h = layer.encoder_attn_layer_norm(h)
             residual = h
@@ -185,11 +216,13 @@ class T5Like(Adapter):
         return out
 
     def _attention(self, attn: Any, h: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                   mask: torch.Tensor) -> torch.Tensor:
+                   mask: torch.Tensor, layout: CrossLayout | None = None) -> torch.Tensor:
         q = _heads(attn.q(h), self.head_dim)
-        return attn.o(_merge(_attend(q, k, v, mask, 1.0)))
+        if layout is None:
+            return attn.o(_merge(_attend(q, k, v, mask, 1.0)))
+        return attn.o(_merge(layout.scatter(_attend(layout.gather(q), k, v, mask, 1.0))))
 
-    def step(self, tokens, positions, self_kv, self_valid, cross, cross_valid):
+    def step(self, tokens, positions, self_kv, self_valid, cross, cross_valid, layout):
         decoder = self.decoder
         h = decoder.embed_tokens(tokens[:, None])
         length = self_valid.shape[1]
@@ -213,7 +246,7 @@ class T5Like(Adapter):
             h = _clamp(h + self._attention(sa, x, k, v, self_mask))
             x = ca_layer.layer_norm(h)
             h = _clamp(h + self._attention(ca_layer.EncDecAttention, x, cross[i][0], cross[i][1],
-                                           cross_mask))
+                                           cross_mask, layout))
             h = _clamp(h + ff_layer.DenseReluDense(ff_layer.layer_norm(h)))
         h = decoder.final_layer_norm(h)
         if self.tied:
@@ -229,9 +262,5 @@ def _clamp(h: torch.Tensor) -> torch.Tensor:
     return h
 
 
-def rows_bytes(adapter: Adapter, rows: int, self_len: int, source_len: int) -> int:
-    """Cache bytes `rows` sequences hold: self-attention for `self_len` tokens and
-    cross-attention for `source_len` source tokens."""
-    return rows * (self_len + source_len) * adapter.bytes_per_token()
 
 

@@ -7,18 +7,20 @@ back to back; see service/serving/continuous.py):
 2. queue new articles; refuse at once one whose cache could never fit the budget (`too_large`);
 3. admit waiting articles, first come first served, while the budget has room: one batched encoder
    pass for all of them; an article's encoder output and each decoder layer's cross-attention keys
-   and values are computed once and serve both its summary and its headline (when both read the
-   same input); each (article, output) becomes a group of `beams` rows;
+   and values (a "source") are computed once and serve every beam of its summary and of its
+   headline (when both read the same input); each (article, output) becomes a group of `beams`
+   rows, and the rows of one source are kept next to each other;
 4. decode one step for every row of every group in one forward pass (rows at different lengths,
    with different options: see decoders.py);
 5. each group picks its rows' next tokens and parents (search.py), then one gather per layer
    applies every group's beam reordering and drops the rows of groups that finished;
 6. an article whose outputs are all done is returned.
 
-Memory: each row holds its self-attention keys/values (padded to the longest row: right-aligned)
-and a copy of its article's cross-attention keys/values (padded to the longest source). The budget
-counts the padded worst case of the set: rows x (longest max length + longest source) x bytes per
-token, for the rows decoding plus the article being admitted; the article waits until that fits.
+Memory: each row holds its self-attention keys/values, padded to the longest row (right-aligned);
+each source holds its cross-attention keys/values once, padded to the longest source. The budget
+counts the padded worst case of the set, for what is decoding plus the article being admitted:
+(rows x longest max length + sources x longest source) x bytes per token; the article waits until
+that fits.
 
 Failure isolation: a group whose search raises fails its article only; if the batched encoder or
 decoder pass raises, each article is run alone to find which one fails, the others go on.
@@ -37,9 +39,8 @@ import torch
 
 from ...domain import Generated, GenerationParams, PreparedArticle
 from ...errors import is_out_of_memory
-from ...text import tidy_headline, tidy_summary
 from ..protocol import Admit, StepFailure, StepIn, StepOut
-from .decoders import KV, Adapter
+from .decoders import KV, Adapter, CrossLayout
 from .search import Search, hf_setup, new_search
 
 log = logging.getLogger(__name__)
@@ -54,10 +55,19 @@ class _Article:
     article: PreparedArticle
     inputs: dict[str, tuple[int, ...]]
     """Encoder input ids per output ("summary", "headline")."""
-    reserve: tuple[int, int, int]
-    """(rows, longest max length, longest source) its groups need."""
+    reserve: tuple[int, int, int, int]
+    """(rows, longest max length, sources, longest source) its groups need."""
     groups: list["_Group"] = field(default_factory=list)
     texts: dict[str, tuple[str, int]] = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class _Source:
+    """One encoded input: each decoder layer's cross-attention keys and values,
+    [1, heads, length, dim], shared by every row that reads it."""
+
+    kv: list[KV]
+    length: int
 
 
 @dataclass(eq=False)
@@ -66,10 +76,8 @@ class _Group:
     output: str
     search: Search
     width: int
-    source_len: int
+    source: _Source
     max_length: int
-    cross: list[KV]
-    """The article's cross-attention keys/values for this output: [1, heads, source, dim]."""
     tokens: torch.Tensor
     """The tokens its rows feed to the next step: [width]."""
     length: int = 0
@@ -92,7 +100,8 @@ class TorchSession:
         self._articles: dict[int, _Article] = {}
         self.groups: list[_Group] = []
         self._self_kv: list[KV] | None = None  # [rows, heads, T, dim] per layer
-        self._cross: list[KV] | None = None  # [rows, heads, S, dim] per layer
+        self._cross: tuple[list[KV], torch.Tensor, CrossLayout] | None = None
+        """The running set's sources as the step reads them (`_cross_inputs`); None: rebuild."""
         self.steps = 0
 
     # ----- sizes -----
@@ -100,21 +109,12 @@ class TorchSession:
     def rows(self) -> int:
         return sum(g.width for g in self.groups)
 
-    def _bytes(self, rows: int, self_len: int, source_len: int) -> int:
-        return rows * (self_len + source_len) * self.adapter.bytes_per_token()
-
-    def _reserved(self, extra: _Article | None = None) -> int:
-        rows, self_len, source = 0, 0, 0
-        articles = {id(g.article): g.article for g in self.groups}
-        if extra is not None:
-            articles[id(extra)] = extra
-        for a in articles.values():
-            r, s, c = a.reserve
-            rows, self_len, source = rows + r, max(self_len, s), max(source, c)
-        return self._bytes(rows, self_len, source)
+    def _bytes(self, rows: int, self_len: int, sources: int, source_len: int) -> int:
+        return (rows * self_len + sources * source_len) * self.adapter.bytes_per_token()
 
     def used_bytes(self) -> int:
-        return self._reserved()
+        """What the running set may hold at most (its padded worst case)."""
+        return self._reserved_with([])
 
     # ----- the loop -----
     def advance(self, step: StepIn) -> StepOut:
@@ -150,10 +150,11 @@ class TorchSession:
         limits = {"summary": params.summary_max_tokens, "headline": params.headline_max_tokens}
         rows = params.num_beams * len(inputs)
         longest = 1 + max((limits[o] for o in inputs), default=0)
+        sources = len(set(inputs.values()))
         source = max((len(ids) for ids in inputs.values()), default=0)
         state = _Article(ticket=admit.ticket, params=params, article=article, inputs=inputs,
-                         reserve=(rows, longest, source))
-        need = self._bytes(rows, longest, source)
+                         reserve=(rows, longest, sources, source))
+        need = self._bytes(rows, longest, sources, source)
         if need > self.budget_bytes:
             return StepFailure(
                 admit.ticket, "too_large",
@@ -182,17 +183,18 @@ class TorchSession:
         return failed
 
     def _reserved_with(self, extra: list[_Article]) -> int:
-        rows, self_len, source = 0, 0, 0
+        rows, self_len, sources, source_len = 0, 0, 0, 0
         articles = {id(g.article): g.article for g in self.groups}
         for a in extra:
             articles[id(a)] = a
         for a in articles.values():
-            r, s, c = a.reserve
-            rows, self_len, source = rows + r, max(self_len, s), max(source, c)
-        return self._bytes(rows, self_len, source)
+            r, s, n, c = a.reserve
+            rows, self_len = rows + r, max(self_len, s)
+            sources, source_len = sources + n, max(source_len, c)
+        return self._bytes(rows, self_len, sources, source_len)
 
     def _encode(self, articles: list[_Article]
-                ) -> tuple[dict[int, dict[tuple[int, ...], list[KV]]], list[StepFailure]]:
+                ) -> tuple[dict[int, dict[tuple[int, ...], _Source]], list[StepFailure]]:
         """Cross-attention keys/values per article and distinct input; an article whose encoding
         fails on its own is failed, the others go on."""
         try:
@@ -210,7 +212,7 @@ class TorchSession:
             failed += fails
         return encoded, failed
 
-    def _encode_batch(self, articles: list[_Article]) -> dict[int, dict[tuple, list[KV]]]:
+    def _encode_batch(self, articles: list[_Article]) -> dict[int, dict[tuple, _Source]]:
         inputs = []
         for article in articles:
             for ids in article.inputs.values():
@@ -225,47 +227,39 @@ class TorchSession:
             mask[i, :len(row)] = 1
         hidden = self.adapter.encode(ids.to(self.device), mask.to(self.device))
         kv = self.adapter.cross_kv(hidden)
-        out: dict[int, dict[tuple, list[KV]]] = {}
-        for article in articles:
-            per_input = {}
-            for row in article.inputs.values():
-                i, n = inputs.index(row), len(row)
-                per_input[row] = [(k[i:i + 1, :, :n], v[i:i + 1, :, :n]) for k, v in kv]
-            out[article.ticket] = per_input
-        return out
+        sources = [_Source(kv=[(k[i:i + 1, :, :len(row)].contiguous(),
+                                v[i:i + 1, :, :len(row)].contiguous()) for k, v in kv],
+                           length=len(row))
+                   for i, row in enumerate(inputs)]
+        return {article.ticket: {row: sources[inputs.index(row)]
+                                 for row in article.inputs.values()}
+                for article in articles}
 
-    def _join(self, article: _Article, cross: dict[tuple, list[KV]]) -> None:
+    def _join(self, article: _Article, sources: dict[tuple, _Source]) -> None:
         params = article.params
-        for output, ids in article.inputs.items():
+        # Groups that read the same source go next to each other (their rows are one
+        # cross-attention call).
+        for output, ids in sorted(article.inputs.items(), key=lambda item: item[1]):
             config = self._config(output, params)
             encoder_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
             setup = hf_setup(self.model, config, encoder_ids)
             search = new_search(setup, self.model, self.device)
             group = _Group(article=article, output=output, search=search, width=search.width,
-                           source_len=len(ids), max_length=setup.max_length, cross=cross[ids],
+                           source=sources[ids], max_length=setup.max_length,
                            tokens=torch.full((search.width,), setup.start_token,
                                              dtype=torch.long, device=self.device))
             article.groups.append(group)
             self._add_rows(group)
 
     def _add_rows(self, group: _Group) -> None:
-        """Append a group's rows: an empty self-attention history (masked columns) and copies
-        of its article's cross-attention keys/values, padded to the longest source."""
+        """Append a group's rows with an empty self-attention history (masked columns)."""
         width = group.width
         if self._self_kv is not None:
             self._self_kv = [(torch.cat((k, k.new_zeros((width, *k.shape[1:]))), 0),
                               torch.cat((v, v.new_zeros((width, *v.shape[1:]))), 0))
                              for k, v in self._self_kv]
-        new = [(k.expand(width, -1, -1, -1), v.expand(width, -1, -1, -1))
-               for k, v in group.cross]
-        if self._cross is None:
-            self._cross = [(k.contiguous(), v.contiguous()) for k, v in new]
-        else:
-            source = max(self._cross[0][0].shape[2], group.source_len)
-            self._cross = [(torch.cat((_pad_to(k, source), _pad_to(nk, source)), 0),
-                            torch.cat((_pad_to(v, source), _pad_to(nv, source)), 0))
-                           for (k, v), (nk, nv) in zip(self._cross, new)]
         self.groups.append(group)
+        self._cross = None
 
     # ----- one step -----
     def _step(self, done: list[tuple[int, Generated]]) -> list[StepFailure]:
@@ -318,25 +312,49 @@ class TorchSession:
         for the normal step; one article's when isolating a failure)."""
         groups = [self.groups[i] for i in group_indices]
         everything = len(groups) == len(self.groups)
-        rows = None if everything else self._row_index(group_indices)
         self_kv = self._self_kv
-        cross = self._cross
-        assert cross is not None
-        if rows is not None:
-            cross = [(k[rows], v[rows]) for k, v in cross]
-            if self_kv is not None:
-                self_kv = [(k[rows], v[rows]) for k, v in self_kv]
+        if not everything and self_kv is not None:
+            rows = self._row_index(group_indices)
+            self_kv = [(k[rows], v[rows]) for k, v in self_kv]
+        if everything:
+            if self._cross is None:
+                self._cross = self._cross_inputs(groups)
+            cross, cross_valid, layout = self._cross
+        else:
+            cross, cross_valid, layout = self._cross_inputs(groups)
         history = 0 if self_kv is None else self_kv[0][0].shape[2]
         lengths = torch.tensor([g.length for g in groups for _ in range(g.width)],
                                device=self.device)
-        sources = torch.tensor([g.source_len for g in groups for _ in range(g.width)],
-                               device=self.device)
         columns = torch.arange(history + 1, device=self.device)
         self_valid = columns[None, :] >= (history - lengths)[:, None]
-        cross_valid = (torch.arange(cross[0][0].shape[2], device=self.device)[None, :]
-                       < sources[:, None])
         tokens = torch.cat([g.tokens for g in groups])
-        return self.adapter.step(tokens, lengths, self_kv or [], self_valid, cross, cross_valid)
+        return self.adapter.step(tokens, lengths, self_kv or [], self_valid, cross, cross_valid,
+                                 layout)
+
+    def _cross_inputs(self, groups: list[_Group]
+                      ) -> tuple[list[KV], torch.Tensor, CrossLayout]:
+        """The sources these groups read, padded into one tensor per layer, their masks, and
+        where each row's query goes. Rebuilt only when groups join or leave."""
+        sources: list[_Source] = []
+        slots: list[tuple[int, int]] = []  # (source index, query index) per row
+        used: dict[int, int] = {}
+        for group in groups:
+            index = used.get(id(group.source))
+            if index is None:
+                index = used[id(group.source)] = len(sources)
+                sources.append(group.source)
+            start = sum(1 for s, _ in slots if s == index)
+            slots += [(index, start + j) for j in range(group.width)]
+        width = max(j for _, j in slots) + 1
+        longest = max(s.length for s in sources)
+        layers = len(sources[0].kv)
+        cross = [(torch.cat([_pad_to(s.kv[i][0], longest) for s in sources]),
+                  torch.cat([_pad_to(s.kv[i][1], longest) for s in sources]))
+                 for i in range(layers)]
+        lengths = torch.tensor([s.length for s in sources], device=self.device)
+        valid = torch.arange(longest, device=self.device)[None, :] < lengths[:, None]
+        slot = torch.tensor([s * width + j for s, j in slots], device=self.device)
+        return cross, valid, CrossLayout(slot, len(sources), width)
 
     def _row_index(self, group_indices: list[int]) -> torch.Tensor:
         starts, offset = [], 0
@@ -406,20 +424,8 @@ class TorchSession:
         else:
             self._self_kv = [(k.index_select(0, order)[:, :, start:],
                               v.index_select(0, order)[:, :, start:]) for k, v in merged]
-        left = len(surviving) != len(self.groups)
-        if left:
-            # Beams of a group share one article: its cross rows need no reordering, only the
-            # rows of the groups that left go.
-            starts, offset = {}, 0
-            for group in self.groups:
-                starts[id(group)] = offset
-                offset += group.width
-            keep = torch.cat([torch.arange(starts[id(g)], starts[id(g)] + g.width)
-                              for g, _ in surviving]).to(order.device)
-            source = max(g.source_len for g, _ in surviving)
-            assert self._cross is not None
-            self._cross = [(k.index_select(0, keep)[:, :, :source],
-                            v.index_select(0, keep)[:, :, :source]) for k, v in self._cross]
+        if len(surviving) != len(self.groups):
+            self._cross = None  # sources are per source, not per row: rebuilt for who is left
         self.groups = [g for g, _ in surviving]
 
     def _drop_article(self, article: _Article) -> None:
@@ -441,10 +447,7 @@ class TorchSession:
                              for k, v in self._self_kv]
             if history == 0:
                 self._self_kv = None
-        source = max(g.source_len for g in groups)
-        assert self._cross is not None
-        self._cross = [(k.index_select(0, keep)[:, :, :source],
-                        v.index_select(0, keep)[:, :, :source]) for k, v in self._cross]
+        self._cross = None
         self.groups = groups
 
     def _remove(self, ticket: int) -> None:
@@ -488,5 +491,3 @@ def _failure(ticket: int, error: BaseException, where: str) -> StepFailure:
 def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
 
-
-TIDY = {"summary": tidy_summary, "headline": tidy_headline}
