@@ -120,6 +120,7 @@ class StepOut:
     rows: int = 0
     """Sequences (beams included) in the step that ran; 0: no step ran (nothing active)."""
     step_s: float = 0.0
+    """Seconds the call spent in the model: encoding what joined, then the step."""
     used_bytes: int = 0
     """Cache memory held by the active articles after this call."""
     budget_bytes: int = 0

@@ -127,8 +127,8 @@ class TorchSession:
                 failure = self._queue(admit)
                 if failure is not None:
                     failed.append(failure)
-            failed += self._admit()
             started = time.perf_counter()
+            failed += self._admit()
             rows = self.rows
             if rows:
                 failed += self._step(done)
@@ -178,8 +178,15 @@ class TorchSession:
             return []
         encoded, failed = self._encode(joining)
         for article in joining:
-            if article.ticket in encoded:
+            if article.ticket not in encoded:
+                continue
+            try:
                 self._join(article, encoded[article.ticket])
+            except Exception as error:  # noqa: BLE001 - this article fails alone
+                failed.append(_failure(article.ticket, error, "setting up"))
+                if article.groups and any(g.article is article for g in self.groups):
+                    self._drop_article(article)
+                self._forget(article)
         return failed
 
     def _reserved_with(self, extra: list[_Article]) -> int:
@@ -338,13 +345,15 @@ class TorchSession:
         sources: list[_Source] = []
         slots: list[tuple[int, int]] = []  # (source index, query index) per row
         used: dict[int, int] = {}
+        taken: list[int] = []  # queries per source so far
         for group in groups:
             index = used.get(id(group.source))
             if index is None:
                 index = used[id(group.source)] = len(sources)
                 sources.append(group.source)
-            start = sum(1 for s, _ in slots if s == index)
-            slots += [(index, start + j) for j in range(group.width)]
+                taken.append(0)
+            slots += [(index, taken[index] + j) for j in range(group.width)]
+            taken[index] += group.width
         width = max(j for _, j in slots) + 1
         longest = max(s.length for s in sources)
         layers = len(sources[0].kv)
