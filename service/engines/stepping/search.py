@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +64,7 @@ def hf_setup(model: Any, config: Any, encoder_ids: torch.Tensor) -> Setup:
         generation_config=config, input_ids_seq_length=1, encoder_input_ids=encoder_ids,
         prefix_allowed_tokens_fn=None, logits_processor=LogitsProcessorList(), device=device,
         model_kwargs={})
+    processors = LogitsProcessorList(_faster(p) for p in processors)
     stopping = model._get_stopping_criteria(generation_config=config,
                                             stopping_criteria=StoppingCriteriaList())
     eos = config._eos_token_tensor
@@ -72,6 +74,34 @@ def hf_setup(model: Any, config: Any, encoder_ids: torch.Tensor) -> Setup:
     fill = int(pad) if pad is not None else (int(eos.reshape(-1)[0]) if eos is not None else -1)
     return Setup(config=config, processors=processors, stopping=stopping,
                  max_length=int(config.max_length), start_token=start_token, eos=eos, pad=fill)
+
+
+class _MinLength:
+    """transformers' MinLength/MinNewTokensLength processors with the same output, without their
+    per-call `arange` + `isin` over the vocabulary and the copy once the minimum is reached:
+    per group and per step these small costs add up (generate pays them once per batch)."""
+
+    def __init__(self, min_length: int, skip: int, eos: torch.Tensor) -> None:
+        self.min_length = min_length
+        self.skip = skip
+        self.eos = eos.reshape(-1).tolist()
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if input_ids.shape[-1] - self.skip < self.min_length:
+            scores = scores.clone()
+            scores[:, self.eos] = -math.inf
+        return scores
+
+
+def _faster(processor: Any) -> Any:
+    from transformers import MinLengthLogitsProcessor, MinNewTokensLengthLogitsProcessor
+
+    if type(processor) is MinLengthLogitsProcessor:
+        return _MinLength(processor.min_length, 0, processor.eos_token_id)
+    if type(processor) is MinNewTokensLengthLogitsProcessor:
+        return _MinLength(processor.min_new_tokens, processor.prompt_length_to_skip,
+                          processor.eos_token_id)
+    return processor
 
 
 class Search:
