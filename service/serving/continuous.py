@@ -23,7 +23,7 @@ one place, and it resolves each entry it is handed exactly once. Its loop:
    ("too_large" and "out_of_memory": `OutOfMemory`, RESOURCE_EXHAUSTED with the session's
    message; "error": `GenerationFailed`, INTERNAL). One article's failure never touches another's.
 5. `advance` raising: `Unavailable` (the engine is gone: shutdown, or workers in a crash loop)
-   fails every held article with it; anything else is a bug in the engine: every held article
+   fails every held article with it, `OutOfMemory` (the step as a whole) too; anything else is a bug in the engine: every held article
    fails with `GenerationFailed` and is removed from the session at the next step. The loop
    survives both. (A worker process that dies is handled below `advance`, in
    `workers.pool.Slot.advance`: its articles are admitted again once on the new worker.)
@@ -245,6 +245,10 @@ class ContinuousExecutor(Generic[P, R]):
             log.warning("%d decoding articles failed: %s", len(self._held), error.message)
             self.stats.failed_batches += 1
             self._fail_all(error)
+        except OutOfMemory as error:  # the whole step ran out: every article it held
+            log.warning("a decoding step of %d articles ran out of memory", len(self._held))
+            self.stats.failed_batches += 1
+            self._fail_all(error, remove=True)
         except BaseException as error:  # noqa: BLE001 - a bug in the engine: isolated here
             log.error("the decoding session raised %s; failing its %d articles",
                       type(error).__name__, len(self._held), exc_info=error)
