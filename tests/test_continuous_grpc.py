@@ -9,6 +9,7 @@ import threading
 import grpc
 import pytest
 
+from service.api.server import SummarizerServer
 from service.config import Settings
 from service.errors import ConfigError
 from summarizer_client.gen.summarizer.v1 import summarizer_pb2 as pb
@@ -108,6 +109,9 @@ async def test_a_call_whose_client_gives_up_leaves_the_session_at_the_next_step(
 
 
 async def test_continuous_with_an_engine_that_cannot_step_is_refused_at_start() -> None:
-    with pytest.raises(ConfigError, match="fake engine cannot batch continuously for bart"):
-        async with serving(BASE, lambda s: FakeEngine()):
-            pass
+    server = SummarizerServer(BASE.replace(host="127.0.0.1", port=0), lambda s: FakeEngine())
+    try:
+        with pytest.raises(ConfigError, match="fake engine cannot batch continuously for bart"):
+            await server.start()
+    finally:
+        await server.stop(grace_s=0)
