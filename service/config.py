@@ -122,16 +122,32 @@ class Settings:
            "truncated.")
 
     # --- batching ---
+    batching: str = _setting(
+        "auto", "How articles share the model: static (a batch runs from start to end; only "
+                "equal options share one) or continuous (articles join and leave between "
+                "decoding steps, whatever their options; needs an engine that can step). auto: "
+                "continuous when the engine is torch and can step the model type, else static.",
+        choices=("auto", "static", "continuous"))
     max_batch_size: int = _setting(
         16, "Most articles generated together in one batch; --max-batch-tokens is the cap that "
-            "usually binds on a CPU. Raise both on a GPU.")
+            "usually binds on a CPU. Raise both on a GPU. With continuous batching: the most "
+            "articles decoding at once (admitted to the engine, running or waiting for cache "
+            "room).")
     max_wait_ms: float = _setting(
         10.0, "When the model is idle, how long the first queued article may wait for others to "
-              "join its batch. While the model is busy, articles queue without a timer.")
+              "join its batch. While the model is busy, articles queue without a timer. Static "
+              "batching only: with continuous batching the first article starts at once and "
+              "others join at the next decoding step.")
     max_batch_tokens: int = _setting(
         2400, "Cap on a batch's padded input tokens (batch size x longest input): 6 articles of "
               "400 tokens or 12 of 200 (measured for BART-base on a 2-core CPU, both engines); "
-              "0: no cap.")
+              "0: no cap. Static batching only (continuous batching is bounded by "
+              "--kv-cache-mb).")
+    kv_cache_mb: int = _setting(
+        0, "Memory for the decoder caches of continuous batching (self- and cross-attention, "
+           "beams included), in MiB; a request that could never fit is refused with "
+           "RESOURCE_EXHAUSTED. 0: auto (a quarter of system RAM on CPU, 90% of free GPU memory "
+           "after loading)")
     max_queue: int = _setting(
         1024, "Most articles waiting for the model; past it calls get RESOURCE_EXHAUSTED.")
     check_invariants: bool = _setting(
@@ -196,7 +212,7 @@ class Settings:
         for name in ("threads", "max_input_tokens", "summary_max_tokens", "summary_min_tokens",
                      "headline_max_tokens", "headline_min_tokens", "num_beams",
                      "max_batch_tokens", "max_concurrent_rpcs", "port", "max_chunk_depth",
-                     "workers", "max_worker_restarts"):
+                     "workers", "max_worker_restarts", "kv_cache_mb"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative")
         for name in ("metrics_port", "health_port"):  # 0: off, -1: any free port

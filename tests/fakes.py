@@ -7,7 +7,7 @@ import time
 from collections.abc import Sequence
 
 from service.domain import Generated, GenerationParams, Outputs, PreparedArticle
-from service.engines.protocol import ModelDescription
+from service.engines.protocol import Admit, ModelDescription, StepFailure, StepIn, StepOut
 
 
 class FakeEngine:
@@ -78,3 +78,111 @@ class FakeEngine:
 
     def warmup(self) -> None:
         self.warmed_up = True
+
+
+class FakeSteppingEngine(FakeEngine):
+    """A FakeEngine that can also batch continuously (`open_session`), deterministically.
+
+    Each article decodes for as many steps as its longest requested output's max tokens (so its
+    options decide how long it lives) and ends with FakeEngine's result ("S:" + its first 12
+    characters, "H:" + its first 6, token counts = the max tokens asked for). It costs
+    `num_beams x (steps + input tokens)` bytes of a `budget_bytes` budget: articles that do not
+    fit wait in the session (StepOut.waiting); one that alone exceeds the budget fails "too_large".
+    An article whose text holds `fail_on` fails "error" at its first step, alone.
+
+    For tests: `steps` records every step's active tickets, `texts` each ticket's text,
+    `removed` the tickets taken out by `StepIn.remove` (their memory freed at once); `hold`
+    blocks every step until it is set; `started` is set when a step begins; `step_delay_s` makes
+    each step take that long.
+    """
+
+    can_step = True
+
+    def __init__(self, window: int = 64, budget_bytes: int = 1 << 30) -> None:
+        super().__init__(window=window)
+        self.budget_bytes = budget_bytes
+        self.step_delay_s = 0.0
+        self.steps: list[tuple[int, ...]] = []
+        self.texts: dict[int, str] = {}
+        self.removed: list[int] = []
+        self.sessions: list[FakeSession] = []
+
+    def open_session(self) -> FakeSession:
+        session = FakeSession(self)
+        self.sessions.append(session)
+        return session
+
+
+def fake_steps(params: GenerationParams) -> int:
+    """Steps an article with these options decodes for in a FakeSession."""
+    return max(params.summary_max_tokens if params.outputs.summary else 0,
+               params.headline_max_tokens if params.outputs.headline else 0, 1)
+
+
+def fake_cost(params: GenerationParams, article: PreparedArticle) -> int:
+    """An article's cache bytes in a FakeSession."""
+    return max(params.num_beams, 1) * (fake_steps(params) + article.input_tokens)
+
+
+class FakeSession:
+    """The running set of one FakeSteppingEngine session (see there)."""
+
+    def __init__(self, engine: FakeSteppingEngine) -> None:
+        self.engine = engine
+        self.waiting: list[Admit] = []
+        self.active: dict[int, tuple[Admit, int]] = {}
+        """ticket -> (its request, steps left)"""
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(fake_cost(a.params, a.article) for a, _ in self.active.values())
+
+    def advance(self, step: StepIn) -> StepOut:
+        engine = self.engine
+        started = time.monotonic()
+        failed: list[StepFailure] = []
+        for ticket in step.remove:
+            if ticket in self.active or any(a.ticket == ticket for a in self.waiting):
+                engine.removed.append(ticket)
+            self.active.pop(ticket, None)
+            self.waiting = [a for a in self.waiting if a.ticket != ticket]
+        for admit in step.admit:
+            text = "".join(map(chr, admit.article.summary_ids or ()))
+            engine.texts[admit.ticket] = text
+            if fake_cost(admit.params, admit.article) > engine.budget_bytes:
+                failed.append(StepFailure(admit.ticket, "too_large",
+                                          "the article needs more cache than the whole budget"))
+            else:
+                self.waiting.append(admit)
+        while self.waiting and (self.used_bytes + fake_cost(self.waiting[0].params,
+                                                            self.waiting[0].article)
+                                <= engine.budget_bytes):
+            admit = self.waiting.pop(0)
+            self.active[admit.ticket] = (admit, fake_steps(admit.params))
+        done: list[tuple[int, Generated]] = []
+        rows = sum(max(a.params.num_beams, 1) for a, _ in self.active.values())
+        if self.active:
+            engine.started.set()
+            if engine.hold is not None:
+                engine.hold.wait(timeout=30)
+            if engine.step_delay_s:
+                time.sleep(engine.step_delay_s)
+            engine.steps.append(tuple(self.active))
+            for ticket, (admit, left) in list(self.active.items()):
+                text = engine.texts[ticket]
+                if engine.fail_on is not None and engine.fail_on in text:
+                    del self.active[ticket]
+                    failed.append(StepFailure(ticket, "error", "", "RuntimeError"))
+                elif left <= 1:
+                    del self.active[ticket]
+                    p = admit.params
+                    done.append((ticket, Generated(
+                        summary=("S:" + text[:12]) if p.outputs.summary else "",
+                        headline=("H:" + text[:6]) if p.outputs.headline else "",
+                        summary_tokens=p.summary_max_tokens,
+                        headline_tokens=p.headline_max_tokens)))
+                else:
+                    self.active[ticket] = (admit, left - 1)
+        return StepOut(done=tuple(done), failed=tuple(failed), waiting=len(self.waiting),
+                       active=len(self.active), rows=rows, step_s=time.monotonic() - started,
+                       used_bytes=self.used_bytes, budget_bytes=engine.budget_bytes)

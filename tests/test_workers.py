@@ -370,3 +370,53 @@ def test_sigterm_lets_the_running_batch_finish(serve) -> None:
     wait_until(lambda: not any(alive(p) for p in pids), 10, f"workers {pids} still running")
     log = "".join(server.log)
     assert "draining" in log and "stopped" in log and "Traceback" not in log
+
+
+def test_continuous_batching_survives_a_sigkill_mid_decode(serve) -> None:
+    """The worker's session is lost with it: what it held is admitted again on the new worker,
+    and every caller still gets its own result."""
+    server = serve("stepping", "--workers", "1", "--batching", "continuous")
+    assert "continuous batching" in "".join(server.log)
+    [pid] = worker_pids(server).values()
+    callers, rounds = 6, 3
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.SummarizerStub(channel)
+
+        def caller(c: int) -> list[tuple[pb.SummarizeResponse, list[str], list[str]]]:
+            done = []
+            for r in range(rounds):
+                texts = [text(f"C{c}R{r}A{a}") for a in range(c % 3 + 1)]
+                ids = [f"c{c}-r{r}-a{a}" for a in range(len(texts))]
+                done.append((summarize(stub, texts, ids), ids, texts))
+            return done
+
+        with concurrent.futures.ThreadPoolExecutor(callers) as pool:
+            mark = len(server.log)
+            futures = [pool.submit(caller, c) for c in range(callers)]
+            wait_for_log(server, rf"worker {pid}: .*session admitting", after=mark)
+            os.kill(pid, signal.SIGKILL)  # an article decodes for ~0.4 s: it is mid-decode
+            replies = [reply for f in futures for reply in f.result(timeout=120)]
+    assert len(replies) == callers * rounds
+    for reply, ids, texts in replies:
+        check_results(reply, ids, texts)
+    assert not alive(pid)
+    assert restarts(server, "signal") == 1
+    assert retried(server) == 1
+    log = "".join(server.log)
+    assert "admitting" in log and "again after their worker died" in log
+    assert "Traceback" not in log
+
+
+def test_continuous_batching_fails_an_article_that_kills_its_worker_twice(serve) -> None:
+    server = serve("stepping_segfault", "--workers", "1", "--batching", "continuous")
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.SummarizerStub(channel)
+        with pytest.raises(grpc.RpcError) as caught:
+            summarize(stub, [text("SEGFAULT")])
+        assert (caught.value.code(), caught.value.details()) == (grpc.StatusCode.INTERNAL,
+                                                                 INTERNAL_MESSAGE)
+        sent = [text("after it"), text("and another")]
+        check_results(summarize(stub, sent, ["x", "y"]), ["x", "y"], sent)
+    assert restarts(server, "signal") == 2  # its first worker, then the one it was retried on
+    assert retried(server) == 1
+    assert "were decoding in two workers that died" in "".join(server.log)

@@ -18,11 +18,14 @@ from collections.abc import Sequence
 from service.config import Settings
 from service.domain import Generated, GenerationParams, PreparedArticle
 
-from .fakes import FakeEngine
+from service.engines.protocol import StepIn, StepOut
+
+from .fakes import FakeEngine, FakeSession, FakeSteppingEngine
 
 WINDOW = 4096
 """Wide enough that no test article is chunked: one article, one generation."""
 BATCH_S = 0.3
+STEP_S = 0.02
 log = logging.getLogger(__name__)
 LOAD_DELAY_FILE_ENV = "SUMMARIZER_TEST_LOAD_DELAY_FILE"
 """A file path: while the file exists, building an engine first sleeps the seconds it holds."""
@@ -113,3 +116,51 @@ def slow_restart(settings: Settings) -> FakeEngine:
     start); batches take BATCH_S."""
     _load_delay()
     return _Poisoned(batch_delay_s=BATCH_S)
+
+
+class _LoggedSession(FakeSession):
+    """Says in the log when it admits articles (the kill test waits for it)."""
+
+    def advance(self, step: StepIn) -> StepOut:
+        if step.admit:
+            log.info("session admitting %d articles (tickets %s)", len(step.admit),
+                     ",".join(str(a.ticket) for a in step.admit))
+        return super().advance(step)
+
+
+class _SteppingLogged(FakeSteppingEngine):
+    def open_session(self) -> FakeSession:
+        session = _LoggedSession(self)
+        self.sessions.append(session)
+        return session
+
+
+class _SegfaultingSession(_LoggedSession):
+    def advance(self, step: StepIn) -> StepOut:
+        out = super().advance(step)
+        if any("SEGFAULT" in self.engine.texts[t] for t in self.active):
+            ctypes.string_at(0)  # SIGSEGV while it decodes: the worker and its session die
+        return out
+
+
+class _SteppingSegfaults(FakeSteppingEngine):
+    def open_session(self) -> FakeSession:
+        session = _SegfaultingSession(self)
+        self.sessions.append(session)
+        return session
+
+
+def stepping_segfault(settings: Settings) -> FakeEngine:
+    """Batches continuously; dies by SIGSEGV in any step where an article holding "SEGFAULT"
+    is decoding."""
+    engine = _SteppingSegfaults(window=WINDOW)
+    engine.step_delay_s = STEP_S
+    return engine
+
+
+def stepping(settings: Settings) -> FakeEngine:
+    """Batches continuously (`--batching continuous`); each step takes STEP_S, so an article of
+    the default options (20 summary tokens) decodes for about 0.4 s: a kill lands mid-decode."""
+    engine = _SteppingLogged(window=WINDOW)
+    engine.step_delay_s = STEP_S
+    return engine

@@ -2,7 +2,9 @@
 
 One `Metrics` object per server, on its own registry (so several servers in one process, as in
 the tests, never share counters). The servicer records calls and results, the batcher's `on_batch`
-hook records batches, and gauges read the queue at scrape time.
+hook records batches (with continuous batching: each article from admission to done), the
+`on_step` hook records continuous batching's decoding steps, and gauges read the queue (and the
+engines' last steps) at scrape time.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from ..serving.batcher import BatcherStats, BatchReport, DropReason
+from ..engines.protocol import StepOut
+from ..serving.batcher import BatcherStats, BatchReport, DropReason, StepReport
 from ..domain import ArticleFailure, ArticleSummary
 from ..engines.protocol import ModelDescription
 from ..errors import code_name
@@ -26,6 +29,7 @@ LATENCY_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300)
 BATCH_SIZE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128)
 CHUNK_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 RATIO_BUCKETS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+STEP_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
 
 class _BatcherStatsCollector(Collector):
@@ -77,6 +81,31 @@ class _WorkersCollector(Collector):
                                   value=pool.stats.retried_after_crash)
 
 
+class _StepsCollector(Collector):
+    """Continuous batching: what the engines hold now (summed over engine instances), read at
+    scrape time from each one's last step."""
+
+    def __init__(self) -> None:
+        self.last_steps: Callable[[], list[StepOut]] | None = None
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        if self.last_steps is None:
+            return
+        steps = self.last_steps()
+        for name, text, value in (
+                ("summarizer_active_articles", "Continuous batching: articles decoding.",
+                 sum(s.active for s in steps)),
+                ("summarizer_waiting_articles", "Continuous batching: articles admitted to the "
+                 "engine, waiting for cache room.", sum(s.waiting for s in steps)),
+                ("summarizer_active_sequences", "Continuous batching: sequences (beams "
+                 "included) in the last decoding step.", sum(s.rows for s in steps)),
+                ("summarizer_cache_used_bytes", "Continuous batching: decoder cache memory held "
+                 "by the active articles.", sum(s.used_bytes for s in steps)),
+                ("summarizer_cache_budget_bytes", "Continuous batching: decoder cache budget "
+                 "(--kv-cache-mb).", sum(s.budget_bytes for s in steps))):
+            yield GaugeMetricFamily(name, text, value=value)
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -89,7 +118,8 @@ class Metrics:
         self.in_flight = Gauge("summarizer_requests_in_flight", "Calls in progress.", ["method"],
                                registry=r)
         self.queue_wait_seconds = Histogram(
-            "summarizer_queue_wait_seconds", "Time an article queued before its batch started.",
+            "summarizer_queue_wait_seconds", "Time an article queued before its batch started "
+            "(continuous batching: before it was admitted to the engine).",
             buckets=LATENCY_BUCKETS_S, registry=r)
         self.queue_depth = Gauge("summarizer_queue_depth", "Articles waiting for the model.",
                                  registry=r)
@@ -122,12 +152,24 @@ class Metrics:
         r.register(self._batcher)
         self._workers = _WorkersCollector()
         r.register(self._workers)
+        self.decode_steps = Counter("summarizer_decode_steps", "Continuous batching: decoding "
+                                    "steps run.", registry=r)
+        self.step_seconds = Histogram(
+            "summarizer_decode_step_duration_seconds", "Continuous batching: time of one "
+            "engine step (admitting, removing and decoding one token for every active "
+            "sequence).", buckets=STEP_BUCKETS_S, registry=r)
+        self._steps = _StepsCollector()
+        r.register(self._steps)
         self._http = None
 
     # ----- wiring -----
     def attach(self, queue_depth: Callable[[], int], stats: BatcherStats) -> None:
         self.queue_depth.set_function(lambda: float(queue_depth()))
         self._batcher.stats = stats
+
+    def attach_steps(self, last_steps: Callable[[], list[StepOut]]) -> None:
+        """Continuous batching: the gauges read each engine instance's last step."""
+        self._steps.last_steps = last_steps
 
     def attach_workers(self, pool: WorkerPool) -> None:
         self._workers.pool = pool
@@ -145,6 +187,12 @@ class Metrics:
 
     # ----- observations -----
     def observe_batch(self, report: BatchReport) -> None:
+        if report.decoding:
+            # Continuous batching: one article, from admission to done. Its queue wait is
+            # truthful; batch sizes and durations have no meaning here (see observe_step).
+            for waited in report.waited_s:
+                self.queue_wait_seconds.observe(waited)
+            return
         self.batch_seconds.observe(report.duration_s)
         if report.failed:
             return  # counted by the batcher's own stats; its articles are retried or reported
@@ -152,6 +200,11 @@ class Metrics:
         self.padding_ratio.observe(report.padding_ratio)
         for waited in report.waited_s:
             self.queue_wait_seconds.observe(waited)
+
+    def observe_step(self, report: StepReport) -> None:
+        if report.rows:
+            self.decode_steps.inc()
+            self.step_seconds.observe(report.duration_s)
 
     def observe_result(self, result: ArticleSummary | ArticleFailure) -> None:
         if isinstance(result, ArticleFailure):

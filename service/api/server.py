@@ -21,7 +21,7 @@ from ..config import Settings, trace_exporters, worker_devices
 from ..serving.core import SummarizerCore
 from ..serving.executor import BatchReport
 from ..serving.tracing import NO_TRACER
-from ..engines.choice import resolved
+from ..engines.choice import batching_mode, resolved
 from ..engines.factory import build_engine
 from ..workers.child import build as build_worker_engine
 from ..workers.pool import CrashLoop, WorkerPool
@@ -163,6 +163,8 @@ class SummarizerServer:
         self.settings = settings
         self._engine_factory = engine_factory
         self.workers: WorkerPool | None = None
+        self.batching = ""
+        """"static" or "continuous", once loaded (`--batching` decided for the engine)."""
         self._stopping = False
         self.tracing = tracing if tracing is not None else tracing_from_environment()
         self.metrics = Metrics()
@@ -247,7 +249,7 @@ class SummarizerServer:
 
     async def load(self) -> None:
         started = time.perf_counter()
-        run_batches = None
+        run_batches = advancers = None
         if self.uses_workers:
             # This process tokenises (the engine without its weights); the workers generate.
             # A --worker-engine (test hook) tokenises here too: its ids must be its own.
@@ -258,17 +260,28 @@ class SummarizerServer:
             engine = await _in_daemon_thread(
                 lambda: (build_worker_engine(settings) if settings.worker_engine
                          else build_engine(settings, weights=False)), "summarizer-load")
+            # Decided once, here, like the engine: the workers open sessions when it says so.
+            settings = settings.replace(batching=batching_mode(settings, engine))
+            self.batching = settings.batching
             self.workers = WorkerPool(settings, on_change=self._workers_changed)
             self.metrics.attach_workers(self.workers)
             await self.workers.start()
-            run_batches = self.workers.run_batches()
+            if self.batching == "continuous":
+                advancers = self.workers.advancers()
+            else:
+                run_batches = self.workers.run_batches()
             loaded = warmed = time.perf_counter()
         else:
             engine = await _in_daemon_thread(lambda: self._engine_factory(self.settings),
                                              "summarizer-load")
+            self.batching = batching_mode(self.settings, engine)
             loaded = time.perf_counter()
             if self.settings.warmup:
                 await _in_daemon_thread(engine.warmup, "summarizer-warmup")
+            if self.batching == "continuous":
+                session = await _in_daemon_thread(engine.open_session,  # type: ignore[attr-defined]
+                                                  "summarizer-session")
+                advancers = [session.advance]
             warmed = time.perf_counter()
         on_batch = self.metrics.observe_batch
         tracing = self.tracing
@@ -281,18 +294,22 @@ class SummarizerServer:
 
         core = SummarizerCore(engine, self.settings, on_batch=on_batch,
                               tracer=tracing if tracing is not None else NO_TRACER,
-                              run_batches=run_batches)
+                              run_batches=run_batches, advancers=advancers,
+                              on_step=self.metrics.observe_step)
         await core.start()
         self.metrics.attach(lambda: core.batcher.queue_depth, core.batcher.stats)
+        if advancers:
+            self.metrics.attach_steps(core.batcher.last_steps)
         self.metrics.model_loaded(engine.name, engine.models, loaded - started, warmed - loaded)
         self.core = core
         self.servicer.core = core
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         described = ", ".join(f"{m.model_id} ({m.role}, {m.family}, {m.dtype} on {m.device})"
                               for m in engine.models)
-        log.info("SERVING: %s; engine %s; %s; loaded in %.1fs, warmed up in %.1fs", described,
-                 engine.name, f"{len(self.workers.slots)} worker process(es)" if self.workers
-                 else "in the server process", loaded - started, warmed - loaded)
+        log.info("SERVING: %s; engine %s; %s; %s batching; loaded in %.1fs, warmed up in %.1fs",
+                 described, engine.name, f"{len(self.workers.slots)} worker process(es)"
+                 if self.workers else "in the server process", self.batching, loaded - started,
+                 warmed - loaded)
 
     def _workers_changed(self) -> None:
         """Health follows the workers: SERVING while at least one is ready."""

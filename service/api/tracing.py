@@ -14,7 +14,9 @@ Imported only when tracing is configured (service/config.py `trace_exporters`) o
   `summarizer.<name>`.
 - `observe_batch` is an `on_batch` hook (beside the metrics): after every engine call it records
   the batch span (`summarizer.batch`) and, for a batch as the queue cut it, each job's
-  `summarizer.queue_wait` span, both after the fact from the times the executor measured.
+  `summarizer.queue_wait` span, both after the fact from the times the executor measured. With
+  continuous batching, one `summarizer.decode` span per article (admission to done) instead of
+  the batch span.
 
 The provider is this server's own (never the global one), so several servers in one process (the
 tests) keep their spans apart; exporter, sampler, resource and batching come from the `OTEL_*`
@@ -150,7 +152,11 @@ class Tracing:
     def observe_batch(self, report: BatchReport) -> None:
         """The engine batch span, a child of the first sampled job's span and linked to (and
         from) every job's span it served; and, the first time the jobs run, their queue waits.
-        Times come from the executor's monotonic clock, moved onto the wall clock."""
+        Times come from the executor's monotonic clock, moved onto the wall clock.
+
+        Continuous batching reports each article on its own (`report.decoding`): its span is
+        `summarizer.decode`, from its admission to the engine until it finished; the steps it
+        shared with other articles are not traced."""
         owners = list(dict.fromkeys(t for t in report.traces if isinstance(t, OtelSpan)))
         sampled = [o for o in owners if o.span.get_span_context().trace_flags.sampled]
         if not sampled:
@@ -171,8 +177,12 @@ class Tracing:
         outputs = getattr(report.key, "outputs", None)
         if outputs is not None:
             attributes["outputs"] = str(getattr(outputs, "value", outputs))
+        if report.decoding:
+            attributes = {k: v for k, v in attributes.items()
+                          if k not in ("batch_size", "padded_tokens", "padding_ratio",
+                                       "isolation_depth")}
         batch = self.tracer.start_span(
-            PREFIX + "batch", context=trace.set_span_in_context(sampled[0].span),
+            PREFIX + ("decode" if report.decoding else "batch"), context=trace.set_span_in_context(sampled[0].span),
             attributes={**_attributes(attributes), **self.engine_attributes},
             links=[Link(o.span.get_span_context()) for o in sampled], start_time=started_ns)
         if report.failed:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import Settings
+from ..errors import ConfigError
 from .convert import is_converted
 from .manifests import lookup, source_for
 
@@ -129,3 +130,33 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def can_step(engine: object) -> bool:
+    """Whether `engine` can batch continuously: it opens decoding sessions and says it can step
+    its model type (`can_step`; an engine that does not say cannot)."""
+    return callable(getattr(engine, "open_session", None)) and bool(
+        getattr(engine, "can_step", False))
+
+
+def batching_mode(settings: Settings, engine: object) -> str:
+    """What `--batching` means for the engine actually loaded: "static" or "continuous".
+
+    auto is continuous for the torch engine when it can step the model (see `can_step`), static
+    otherwise; continuous with an engine that cannot step is a ConfigError naming the engine and
+    the model type."""
+    if settings.batching == "static":
+        return "static"
+    stepping = can_step(engine)
+    if settings.batching == "continuous":
+        if not stepping:
+            name = getattr(engine, "name", "") or type(engine).__name__
+            types = ", ".join(sorted({m.model_type for m in getattr(engine, "models", ())}))
+            raise ConfigError(
+                f"--batching continuous: the {name} engine cannot batch continuously for "
+                f"{types or 'this'} models; use --batching static (or auto), or --engine torch "
+                "where it supports the model type")
+        return "continuous"
+    mode = "continuous" if stepping and getattr(engine, "name", "") == "torch" else "static"
+    log.info("batching auto: %s", mode)
+    return mode

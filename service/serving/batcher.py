@@ -9,6 +9,11 @@ state, wired together here:
   through the blocking `run_batch(key, payloads)` in one worker thread, isolates failing inputs by
   halving, delivers each result to its own future, and reports batch durations back to the queue.
 
+Continuous batching: given `advancers` (one blocking `advance(StepIn) -> StepOut` per engine
+instance) instead of `run_batch` callables, the batcher builds `continuous.ContinuousExecutor`s
+and a queue whose keys do not separate batches (articles with different options decode side by
+side); the job key stays the generation options, which the executor sends with each article.
+
 The batcher knows nothing of models or torch; see the two modules for the rules and for the seam
 where an engine in another process plugs in.
 """
@@ -20,11 +25,14 @@ import time
 from collections.abc import Callable, Hashable, Sequence
 from typing import Generic
 
+from ..engines.protocol import StepOut
+from .continuous import Advance, ContinuousExecutor, StepReport
 from .executor import R, BatchReport, Executor, RunBatch
 from .jobs import P, BatcherStats, DropReason, InvariantViolation, Job
 from .queue import BatchQueue
 
-__all__ = ["Batcher", "BatcherStats", "BatchReport", "DropReason", "InvariantViolation", "Job"]
+__all__ = ["Batcher", "BatcherStats", "BatchReport", "DropReason", "InvariantViolation", "Job",
+           "StepReport"]
 
 
 class Batcher(Generic[P, R]):
@@ -32,24 +40,43 @@ class Batcher(Generic[P, R]):
     reason it was dropped. Queued jobs belong to the queue, jobs cut into a batch to the executor;
     with `check_invariants`, each checks its own bookkeeping after every change (for tests)."""
 
-    def __init__(self, run_batch: RunBatch | Sequence[RunBatch], *, max_batch_size: int,
-                 max_wait_ms: float,
+    def __init__(self, run_batch: RunBatch | Sequence[RunBatch] | None = None, *,
+                 max_batch_size: int, max_wait_ms: float,
                  max_queue: int, max_batch_tokens: int = 0,
                  clock: Callable[[], float] = time.monotonic,
                  on_batch: Callable[[BatchReport], None] | None = None,
-                 check_invariants: bool = False) -> None:
+                 check_invariants: bool = False,
+                 advancers: Sequence[Advance] | None = None,
+                 on_step: Callable[[StepReport], None] | None = None) -> None:
+        """Either `run_batch` (static batching: one callable, or one per engine instance) or
+        `advancers` (continuous batching: one per engine instance; `max_batch_size` is then the
+        most articles each holds at once, and `max_wait_ms` and `max_batch_tokens` do not
+        apply)."""
+        if (run_batch is None) == (not advancers):
+            raise ValueError("give either run_batch or advancers")
         self.stats = BatcherStats()
+        self.continuous = bool(advancers)
         self._queue: BatchQueue[P] = BatchQueue(
-            max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue,
-            max_batch_tokens=max_batch_tokens, clock=clock, stats=self.stats,
-            check_invariants=check_invariants)
+            max_batch_size=max_batch_size, max_wait_ms=0 if self.continuous else max_wait_ms,
+            max_queue=max_queue, max_batch_tokens=0 if self.continuous else max_batch_tokens,
+            clock=clock, stats=self.stats, check_invariants=check_invariants,
+            share_keys=self.continuous)
         # One executor per engine instance (a worker process each), all pulling from the one
         # queue when they have room. If an executor's loop ever dies, refuse work.
-        run_batches = [run_batch] if callable(run_batch) else list(run_batch)
-        self._executors: list[Executor[P, R]] = [
-            Executor(run, clock=clock, on_batch=on_batch, stats=self.stats,
-                     check_invariants=check_invariants, on_exit=self._queue.close)
-            for run in run_batches]
+        self._executors: list[Executor[P, R] | ContinuousExecutor[P, R]]
+        if advancers:
+            self._executors = [
+                ContinuousExecutor(advance, max_active=max_batch_size, clock=clock,
+                                   on_batch=on_batch, on_step=on_step, stats=self.stats,
+                                   check_invariants=check_invariants, on_exit=self._queue.close)
+                for advance in advancers]
+        else:
+            assert run_batch is not None
+            run_batches = [run_batch] if callable(run_batch) else list(run_batch)
+            self._executors = [
+                Executor(run, clock=clock, on_batch=on_batch, stats=self.stats,
+                         check_invariants=check_invariants, on_exit=self._queue.close)
+                for run in run_batches]
         self._started = False
 
     # ----- limits -----
@@ -103,8 +130,13 @@ class Batcher(Generic[P, R]):
 
     @property
     def running(self) -> int:
-        """Jobs cut into the current batch and not yet delivered."""
+        """Jobs cut into the current batch (or decoding) and not yet delivered."""
         return sum(e.running for e in self._executors)
+
+    def last_steps(self) -> list[StepOut]:
+        """Continuous batching: each engine instance's last step (active articles and rows,
+        cache use); empty for static batching."""
+        return [e.last_step for e in self._executors if isinstance(e, ContinuousExecutor)]
 
     # ----- submitting -----
     def submit(self, jobs: Sequence[Job[P]], *,

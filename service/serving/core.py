@@ -22,7 +22,8 @@ from ..domain import (ArticleFailure, ArticleSummary, Generated, GenerationParam
                       LongInput, PreparedArticle, RequestedOptions, failure_for, resolve_options)
 from ..engines.protocol import Engine, ModelDescription
 from ..errors import GenerationFailed, InvalidArgument, SummarizerError
-from .batcher import Batcher, BatchReport
+from .batcher import Batcher, BatchReport, StepReport
+from .continuous import Advance
 from .calls import CallWork
 from .generation import RunBatch, generate_batch
 from .planning import ArticleTrace, Plan, Planner
@@ -54,9 +55,14 @@ class SummarizerCore:
     def __init__(self, engine: Engine, settings: Settings,
                  on_batch: Callable[[BatchReport], None] | None = None,
                  tracer: Tracer = NO_TRACER,
-                 run_batches: Sequence[RunBatch] | None = None) -> None:
+                 run_batches: Sequence[RunBatch] | None = None,
+                 advancers: Sequence[Advance] | None = None,
+                 on_step: Callable[[StepReport], None] | None = None) -> None:
         """`engine` prepares inputs (and generates, unless `run_batches` is given: one blocking
-        callable per engine instance elsewhere, e.g. a worker process each)."""
+        callable per engine instance elsewhere, e.g. a worker process each). With `advancers`
+        (one blocking `advance(StepIn) -> StepOut` per engine instance: a decoding session's, or
+        a worker's) the batcher batches continuously instead; `on_step` then hears every
+        step."""
         self.engine = engine
         self.settings = settings
         self.tracer = tracer
@@ -64,8 +70,11 @@ class SummarizerCore:
                              max_new_tokens=min(settings.max_new_tokens,
                                                 engine.max_new_tokens or settings.max_new_tokens))
         self.long_input = LongInput(settings.long_input)
+        run: RunBatch | list[RunBatch] | None = None
+        if not advancers:
+            run = list(run_batches) if run_batches else generate_batch(engine)
         self.batcher: Batcher[PreparedArticle, Generated] = Batcher(
-            list(run_batches) if run_batches else generate_batch(engine),
+            run, advancers=advancers, on_step=on_step,
             max_batch_size=settings.max_batch_size,
             max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue,
             max_batch_tokens=settings.max_batch_tokens, on_batch=on_batch,

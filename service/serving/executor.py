@@ -76,6 +76,10 @@ class BatchReport:
     input that made the engine fail (its jobs' queue wait ended at the first try)."""
     error_type: str = ""
     """The failed call's exception type (never its message: it could quote the input)."""
+    decoding: bool = False
+    """Continuous batching (continuous.py): not an engine call but one article, from its
+    admission to the engine (`started_s`) until it finished (`duration_s`), beside others that
+    joined and left between steps."""
 
     @property
     def padding_ratio(self) -> float:

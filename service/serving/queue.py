@@ -26,6 +26,11 @@ Scheduling rules (`next_batch`):
   when more groups have work than a batch holds, the first group in round-robin order is always
   served and the others are chosen by how close their next job's length is to its job's; and
   `max_batch_tokens` caps a batch's padded size (batch size x longest input).
+- Continuous batching (`share_keys=True`, for `continuous.ContinuousExecutor`): keys no longer
+  separate batches (articles with different options decode side by side), and the executor takes
+  what is queued between decoding steps with `take_ready(limit)`, which never waits. Fairness,
+  shortest first, admission and deadlines work as above; the token cap and `max_wait_ms` do not
+  apply (the engine's cache budget bounds the work, and an idle engine starts at once).
 - Cancelled jobs and jobs past their deadline are dropped before a batch is cut. So are jobs whose
   deadline is closer than the fastest of the last few batches with their key took (the executor
   reports durations through `record_duration`): they could not finish in time, so they don't take
@@ -73,7 +78,10 @@ class BatchQueue(Generic[P]):
 
     def __init__(self, *, max_batch_size: int, max_wait_ms: float, max_queue: int,
                  max_batch_tokens: int = 0, clock: Callable[[], float] = time.monotonic,
-                 stats: BatcherStats | None = None, check_invariants: bool = False) -> None:
+                 stats: BatcherStats | None = None, check_invariants: bool = False,
+                 share_keys: bool = False) -> None:
+        """`share_keys`: jobs of any key share a batch (continuous batching: the executor that
+        pulls sends each job's key to the engine with it)."""
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
         if max_queue < 1:
@@ -85,6 +93,7 @@ class BatchQueue(Generic[P]):
         self.max_queue = max_queue
         self.max_batch_tokens = max_batch_tokens
         self.check_invariants = check_invariants
+        self.share_keys = share_keys
         self.stats = stats if stats is not None else BatcherStats()
         self._clock = clock
         self._groups: collections.deque[_Group] = collections.deque()
@@ -346,7 +355,7 @@ class BatchQueue(Generic[P]):
             now = self._clock()
             ready_by = oldest.enqueued_at + self.max_wait_s
             # Whose turn it is decides the key: served groups go to the back (see _cut).
-            turn = self._groups[0].entries[0].job.key
+            turn = self._batch_key(self._groups[0].entries[0])
             if now >= ready_by:
                 return turn, self._cut(turn)
             full = self._full_key(turn)
@@ -357,6 +366,20 @@ class BatchQueue(Generic[P]):
             except TimeoutError:
                 pass
         return None
+
+    def take_ready(self, limit: int) -> list[Entry]:
+        """Up to `limit` queued jobs, now, without waiting (none once closed): what a continuous
+        executor admits between decoding steps. Chosen as `next_batch` chooses (round-robin,
+        shortest first), whatever their keys when `share_keys`. The entries are RUNNING: the
+        caller owns them."""
+        if self._closed or limit < 1 or self._prune() is None:
+            return []
+        return self._cut(self._batch_key(self._groups[0].entries[0]), limit)
+
+    def _batch_key(self, entry: Entry) -> Hashable:
+        """What must be equal for two jobs to share a batch: their key, or nothing when
+        `share_keys`."""
+        return None if self.share_keys else entry.job.key
 
     def _prune(self) -> Entry | None:
         """Drop finished and expired jobs and empty groups; return the oldest live job, if
@@ -380,24 +403,26 @@ class BatchQueue(Generic[P]):
     def _full_key(self, preferred: Hashable) -> Hashable | None:
         """A key with a full batch queued (`preferred` first), or None."""
         counts: dict[Hashable, int] = collections.Counter(
-            e.job.key for g in self._groups for e in g.entries)
+            self._batch_key(e) for g in self._groups for e in g.entries)
         if counts.get(preferred, 0) >= self.max_batch_size:
             return preferred
         return next((k for k, n in counts.items() if n >= self.max_batch_size), None)
 
-    def _cut(self, key: Hashable) -> list[Entry]:
-        """Take up to a batch of `key` jobs, round-robin across groups, within the token cap."""
+    def _cut(self, key: Hashable, limit: int | None = None) -> list[Entry]:
+        """Take up to a batch (or `limit`) of `key` jobs, round-robin across groups, within the
+        token cap."""
+        size = self.max_batch_size if limit is None else min(limit, self.max_batch_size)
         batch: list[Entry] = []
         longest = 0
         full_groups: set[int] = set()
         served: set[int] = set()
         progress = True
         anchor: int | None = None
-        while progress and len(batch) < self.max_batch_size:
+        while progress and len(batch) < size:
             progress = False
             offers = []  # each group's next job of `key`, in round-robin order
             for group in self._groups:
-                entry = next((e for e in group.entries if e.job.key == key), None)
+                entry = next((e for e in group.entries if self._batch_key(e) == key), None)
                 if entry is not None and id(group) not in full_groups:
                     offers.append((group, entry))
             if anchor is None and offers:
@@ -405,7 +430,7 @@ class BatchQueue(Generic[P]):
             # The rest by closeness of length to it: less padding when not all fit.
             offers.sort(key=lambda offer: abs(offer[1].job.cost - (anchor or 0)))
             for group, entry in offers:
-                if len(batch) >= self.max_batch_size:
+                if len(batch) >= size:
                     break
                 new_longest = max(longest, entry.job.cost)
                 if (batch and self.max_batch_tokens

@@ -1,5 +1,10 @@
 """The worker process: load the engine, then run batches from the pipe until told to stop.
 
+With `--batching continuous` (decided by the server, which passes it in the settings) the worker
+opens one decoding session on its engine at start and answers each `Advance` with the session's
+`Advanced` (one step); the session's state lives here, so when the worker dies its articles are
+admitted again on the next one by the server's slot (`pool.Slot.advance`).
+
 Started with the `spawn` method (a fresh interpreter: no torch, OpenMP or gRPC state inherited
 from the server). It dies with its parent: PR_SET_PDEATHSIG asks the kernel for SIGKILL when the
 server goes, even by SIGKILL, and a parent that went before that call is caught by checking
@@ -18,9 +23,9 @@ import time
 from multiprocessing.connection import Connection
 
 from ..config import Settings
-from ..errors import OutOfMemory, first_line
+from ..errors import OutOfMemory, first_line, is_out_of_memory
 from ..serving.generation import generate_batch
-from .messages import Failed, Generate, LoadFailed, Ready, Results, Stop
+from .messages import Advance, Advanced, Failed, Generate, LoadFailed, Ready, Results, Stop
 
 PR_SET_PDEATHSIG = 1
 log = logging.getLogger(__name__)
@@ -55,6 +60,7 @@ def main(conn: Connection, settings: Settings, parent_pid: int) -> None:
         loaded = time.perf_counter()
         if settings.warmup:
             engine.warmup()
+        session = engine.open_session() if settings.batching == "continuous" else None
     except Exception as error:  # noqa: BLE001 - reported to the server, which exits clearly
         conn.send(LoadFailed(first_line(error)))
         conn.close()
@@ -70,6 +76,9 @@ def main(conn: Connection, settings: Settings, parent_pid: int) -> None:
         if isinstance(message, Stop):
             conn.close()
             os._exit(0)
+        if isinstance(message, Advance):
+            conn.send(advance(session, message))
+            continue
         assert isinstance(message, Generate), message
         try:
             reply = Results(message.batch, run(message.params, message.articles))
@@ -79,3 +88,15 @@ def main(conn: Connection, settings: Settings, parent_pid: int) -> None:
             log.error("batch failed (%s)", type(error).__name__, exc_info=error)
             reply = Failed(message.batch, False, type(error).__name__, "")
         conn.send(reply)
+
+
+def advance(session: object, message: Advance) -> Advanced | Failed:
+    """One step of the session; a session that raises (a bug: it reports each article's own
+    failure in its StepOut) is answered with its type only."""
+    try:
+        return Advanced(session.advance(message.step))  # type: ignore[attr-defined]
+    except Exception as error:  # noqa: BLE001 - the server fails the articles it held
+        log.error("decoding step failed (%s)", type(error).__name__, exc_info=error)
+        oom = is_out_of_memory(error)
+        return Failed(-1, oom, type(error).__name__,
+                      "the model ran out of memory while decoding; retry later" if oom else "")

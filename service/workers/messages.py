@@ -5,6 +5,10 @@ this package, in processes started from the same installation). A batch request 
 generation options and each article's token ids (`PreparedArticle`); a reply carries each
 article's summary and headline text with their token counts (`Generated`), or the failure's
 kind and type name (never its message, which could quote an input).
+
+With continuous batching the worker holds a decoding session: `Advance` carries one `StepIn`
+(articles to admit, tickets to remove) and `Advanced` the session's `StepOut`; an `advance` that
+raises is answered with `Failed` (batch -1).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..domain import Generated, GenerationParams, PreparedArticle
+from ..engines.protocol import StepIn, StepOut
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,18 @@ class Failed:
     error_type: str
     message: str
     """Only for out-of-memory (ours, names no input); empty otherwise."""
+
+
+@dataclass(frozen=True)
+class Advance:
+    """Continuous batching: apply `step` to the worker's session and decode one step."""
+
+    step: StepIn
+
+
+@dataclass(frozen=True)
+class Advanced:
+    out: StepOut
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,16 @@ it pulls a batch when its worker is free, and calls this in its own thread):
   in a row, is a crash loop: the pool fails (health NOT_SERVING, one clear log line, and the
   server exits non-zero so that an orchestrator restarts it).
 
+Continuous batching: each slot gives a continuous executor a blocking `advance(StepIn) ->
+StepOut` instead, with the same watchdog (per step), crash detection and restarts. The worker's
+decoding session holds the articles between steps, so the slot remembers what it admitted there
+(each ticket's `Admit`, until it is done, failed or removed). When the worker dies (during a step,
+or between steps), its session is lost: the articles it held are admitted again, from scratch and
+under the same tickets, on the new worker; an article that was in the worker during two crashes
+fails alone with `WorkerCrashed` (INTERNAL), whatever it shared its steps with (there is no
+bisecting: the articles beside it get their one retry each). The executor above never sees the
+crash, only the failures, so nothing is lost and no result reaches the wrong caller.
+
 Worker processes are started from the event loop's thread (PR_SET_PDEATHSIG follows the thread
 that forks), and waited for in the slot's thread.
 """
@@ -35,9 +45,10 @@ from multiprocessing.connection import Connection
 
 from ..config import Settings, available_cpus, worker_devices
 from ..domain import Generated, GenerationParams, PreparedArticle
+from ..engines.protocol import Admit, StepFailure, StepIn, StepOut
 from ..errors import GenerationFailed, ModelLoadError, OutOfMemory, Unavailable
 from . import child
-from .messages import Failed, Generate, LoadFailed, Ready, Results, Stop
+from .messages import Advance, Advanced, Failed, Generate, LoadFailed, Ready, Results, Stop
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +111,12 @@ class Slot:
         """A batch is in the worker: its death is the batch's to handle, not the idle watch's."""
         self._state = threading.Lock()
         """Guards `ready` and `busy` between the executor's thread and the idle watch."""
+        self._admitted: dict[int, Admit] = {}
+        """Continuous batching: the tickets the worker's session holds, in admission order."""
+        self._session_of: multiprocessing.process.BaseProcess | None = None
+        """The process whose session holds `_admitted` (another one: they were lost with it)."""
+        self._crashes: collections.Counter[int] = collections.Counter()
+        """Continuous batching: per held ticket, the workers that died while holding it."""
 
     # ----- starting (the process from the loop thread, the wait from any thread) -----
     def spawn(self) -> None:
@@ -166,6 +183,96 @@ class Slot:
             finally:
                 self.busy = False
         raise AssertionError("unreachable")  # pragma: no cover
+
+    # ----- continuous batching (the executor's thread) -----
+    def advance(self, step: StepIn) -> StepOut:
+        """One step of the worker's decoding session. Articles lost with a worker that died are
+        admitted again on its replacement (once each); see the module docstring."""
+        for ticket in step.remove:
+            self._admitted.pop(ticket, None)
+            self._crashes.pop(ticket, None)
+        new = [a for a in step.admit if a.ticket not in step.remove]
+        lost: list[StepFailure] = []
+        try:
+            while True:
+                self._claim()
+                try:
+                    if self._admitted and self._session_of is not self.process:
+                        lost += self._readmit()
+                        message = StepIn(admit=(*self._admitted.values(), *new))
+                    else:
+                        message = StepIn(admit=tuple(new), remove=step.remove)
+                    # From here the worker holds them: a death now is theirs too.
+                    self._session_of = self.process
+                    self._admitted.update((a.ticket, a) for a in new)
+                    new = []
+                    out = self._step(message)
+                except _Died as death:
+                    with self._state:
+                        self.ready = False
+                        self.busy = False
+                    log.warning("worker %d died during a decoding step holding %d articles (%s); "
+                                "replacing it", self.index, len(self._admitted), death.cause)
+                    self.pool.replaced(self, death.cause)
+                    continue
+                finally:
+                    self.busy = False
+                break
+        except BaseException:
+            # Unavailable (stopping, crash loop) or a failed step: the executor fails every
+            # article it holds, so nothing here is held any more.
+            self._admitted.clear()
+            self._crashes.clear()
+            raise
+        for ticket in [t for t, _ in out.done] + [f.ticket for f in out.failed]:
+            self._admitted.pop(ticket, None)
+            self._crashes.pop(ticket, None)
+        if lost:
+            out = replace(out, failed=(*lost, *out.failed))
+        return out
+
+    def _readmit(self) -> list[StepFailure]:
+        """The worker holding `_admitted` died: fail the articles it was the second death of,
+        keep the others to admit again (returns the failures)."""
+        failures = []
+        for ticket in list(self._admitted):
+            self._crashes[ticket] += 1
+            if self._crashes[ticket] >= 2:
+                del self._admitted[ticket]
+                del self._crashes[ticket]
+                failures.append(StepFailure(
+                    ticket, "error", "the article took its worker down twice", "WorkerCrashed"))
+        if failures:
+            log.error("worker %d: %d articles were decoding in two workers that died; failing "
+                      "them", self.index, len(failures))
+        if self._admitted:
+            self.pool.stats.retried_after_crash += 1
+            log.warning("worker %d: admitting %d articles again after their worker died",
+                        self.index, len(self._admitted))
+        return failures
+
+    def _step(self, step: StepIn) -> StepOut:
+        assert self.conn is not None and self.process is not None
+        started = time.monotonic()
+        try:
+            self.conn.send(Advance(step))
+            limit = self.watchdog_s()
+            if not self.conn.poll(limit):
+                log.error("worker %d: a decoding step ran past the watchdog's %.0fs; killing the "
+                          "worker", self.index, limit)
+                self.process.kill()
+                self.process.join(5)
+                raise _Died("watchdog")
+            reply = self.conn.recv()
+        except (EOFError, OSError):
+            raise _Died(_cause(self.process)) from None
+        if isinstance(reply, Failed):
+            if reply.out_of_memory:
+                raise OutOfMemory(reply.message)
+            raise EngineError(f"the engine's decoding step raised {reply.error_type}")
+        assert isinstance(reply, Advanced), reply
+        self._recent_s.append(time.monotonic() - started)
+        return reply.out
 
     def _claim(self) -> None:
         """Wait for a ready worker and mark it busy (its death is then this batch's)."""
@@ -262,6 +369,11 @@ class WorkerPool:
                                            list[Generated]]]:
         """One `run_batch` per worker: each feeds one executor, which pulls by capacity."""
         return [slot.run_batch for slot in self.slots]
+
+    def advancers(self) -> list[Callable[[StepIn], StepOut]]:
+        """Continuous batching: one `advance` per worker, each feeding one continuous
+        executor."""
+        return [slot.advance for slot in self.slots]
 
     async def start(self) -> None:
         """Start every worker and wait until all have loaded; ModelLoadError if one cannot."""
