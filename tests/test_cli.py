@@ -230,7 +230,8 @@ def test_sigterm_drains_in_flight_work_and_exits_zero(tiny_bart: Path) -> None:
     # torch: a batch of 4 takes about a second, so SIGTERM surely comes while batches are still
     # queued (ctranslate2 int8 may finish them all between a scrape and the signal).
     server = ServerProcess("--model", str(tiny_bart), "--grace-period-s", "300",
-                           "--max-batch-size", "4", "--engine", "torch", "--metrics-port", "-1")
+                           "--max-batch-size", "4", "--engine", "torch", "--batching", "static",
+                           "--metrics-port", "-1")
     try:
         server.wait_serving()
         port = metrics_port(server)

@@ -21,7 +21,7 @@ from typing import Any
 
 from .checkpoint import Checkpoint, CheckpointEngine, load_checkpoint, load_failure, resolve_source
 from ..config import Settings
-from ..domain import Generated, GenerationParams
+from ..domain import Generated, GenerationParams, Outputs
 from ..errors import ConfigError, ModelLoadError
 from ..text import tidy_headline, tidy_summary
 
@@ -178,6 +178,25 @@ class TorchEngine(CheckpointEngine):
         return TorchSession(adapter=adapter_for(ckpt.model), model=ckpt.model,
                             device=self.device, budget_bytes=self._cache_budget(),
                             generation_config=generation_config, decode=decode)
+
+    def warmup(self) -> None:
+        """Warm up the path requests will take: a decoding session when batching is continuous
+        (or auto, which is continuous for this engine when it can step), else generate."""
+        if self.settings.batching == "static" or not self.can_step:
+            super().warmup()
+            return
+        from .protocol import WARMUP_TEXT, Admit, StepIn
+
+        params = GenerationParams(
+            summary_max_tokens=min(8, self.defaults.summary_max_tokens), summary_min_tokens=0,
+            headline_max_tokens=min(8, self.defaults.headline_max_tokens), headline_min_tokens=0,
+            num_beams=self.defaults.num_beams, outputs=Outputs.BOTH,
+            max_input_tokens=self.defaults.max_input_tokens)
+        session = self.open_session()
+        out = session.advance(StepIn(admit=(Admit(0, params, self.prepare([WARMUP_TEXT],
+                                                                          params)[0]),)))
+        while out.active or out.waiting:
+            out = session.advance(StepIn())
 
     def _cache_budget(self) -> int:
         """--kv-cache-mb, or auto: a quarter of the machine's memory on a CPU, 90% of what the
