@@ -159,3 +159,118 @@ def build_checkpoint(out_dir: str | Path, *, family: str, seed: int, tokenizer_v
     tokenizer.save_pretrained(out)
     make_readable(out)
     return out
+
+
+# ----- a checkpoint whose summaries end at varied lengths (benchmarks of continuous batching) -----
+
+VARIED_LENGTHS_FILE = "varied_lengths.json"
+"""Written next to the weights by `build_varied_length_checkpoint`: the bias and how it was
+calibrated."""
+
+
+def eos_gaps(model_dir: str | Path, texts: list[str], *, max_new_tokens: int,
+             no_repeat_ngram_size: int = 3) -> list[list[float]]:
+    """For each text, greedy decoding with end-of-sequence forbidden: at every step, how far the
+    end-of-sequence logit lies below the best other token's (after the no-repeat rule). With a
+    bias `b` added to the end-of-sequence logit (BART's `final_logits_bias`) and nothing else
+    changed, greedy decoding ends at the first allowed step whose gap is below `b`: the tokens
+    before it do not depend on `b`, so one run per text gives the length for every bias."""
+    import torch
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSeq2SeqLM.from_pretrained(model_dir).eval()
+    eos = model.config.eos_token_id
+    gaps = []
+    with torch.inference_mode():
+        for text in texts:
+            out = model.generate(
+                **tokenizer(text, return_tensors="pt", truncation=True), num_beams=1,
+                do_sample=False, min_new_tokens=max_new_tokens, max_new_tokens=max_new_tokens,
+                forced_eos_token_id=None, no_repeat_ngram_size=no_repeat_ngram_size,
+                output_logits=True, output_scores=True, return_dict_in_generate=True)
+            row = []
+            for scores, logits in zip(out.scores, out.logits):
+                others = scores[0].clone()
+                others[eos] = -float("inf")
+                row.append(float(others.max() - logits[0, eos]))
+            gaps.append(row)
+    return gaps
+
+
+def greedy_lengths(gaps: list[list[float]], bias: float, min_new_tokens: int,
+                   max_new_tokens: int) -> list[int]:
+    """The greedy output length of each text (end-of-sequence not counted) under `bias`."""
+    return [next((step for step in range(min_new_tokens, max_new_tokens) if row[step] < bias),
+                 max_new_tokens) for row in gaps]
+
+
+def calibrate_eos_bias(gaps: list[list[float]], min_new_tokens: int, max_new_tokens: int,
+                       target_median: float) -> float:
+    """The bias whose greedy lengths have the median closest to `target_median` (the median
+    falls as the bias rises; bisection over the bias)."""
+    low, high = -50.0, 50.0  # lengths at `low`: all max_new_tokens; at `high`: all the minimum
+    for _ in range(40):
+        middle = (low + high) / 2
+        lengths = sorted(greedy_lengths(gaps, middle, min_new_tokens, max_new_tokens))
+        if lengths[len(lengths) // 2] > target_median:
+            low = middle
+        else:
+            high = middle
+    return round((low + high) / 2, 3)
+
+
+def build_varied_length_checkpoint(out_dir: str | Path, base_dir: str | Path, *,
+                                   min_new_tokens: int = 56, max_new_tokens: int = 142,
+                                   no_repeat_ngram_size: int = 3, bias: float | None = None,
+                                   calibration_texts: int = 8,
+                                   target_median: float | None = None) -> Path:
+    """Copy a BART-family checkpoint with `bias` added to its end-of-sequence logit (BART's
+    `final_logits_bias`), so that summaries end at varied lengths between `min_new_tokens` and
+    `max_new_tokens`, as a real news summariser's do (BART-CNN: 56 to 142), instead of always
+    running to the limit.
+
+    A random-weight model barely reads its input; it is the no-repeat rule that sends each
+    article's decoding down its own path, so the gaps (see `eos_gaps`), and with them the
+    lengths, differ between articles when `no_repeat_ngram_size` is on. Without `bias`, it is
+    calibrated on `calibration_texts` news-like texts so that greedy lengths have the median
+    `target_median` (default: the middle of the range). Beam search ends somewhat earlier than
+    greedy under the same bias; benchmarks print the lengths they get."""
+    import json
+    import shutil
+
+    import torch
+    from transformers import AutoModelForSeq2SeqLM
+
+    from .fetch import make_readable
+
+    base, out = Path(base_dir), Path(out_dir)
+    target = (min_new_tokens + max_new_tokens) / 2 if target_median is None else target_median
+    record: dict[str, object] = {"base": str(base), "min_new_tokens": min_new_tokens,
+                                 "max_new_tokens": max_new_tokens,
+                                 "no_repeat_ngram_size": no_repeat_ngram_size}
+    if bias is None:
+        sentences = training_text(sentences=calibration_texts * 20, seed=11)
+        texts = [" ".join(sentences[i * 20:i * 20 + 8 + (i * 5) % 12])
+                 for i in range(calibration_texts)]
+        gaps = eos_gaps(base, texts, max_new_tokens=max_new_tokens,
+                        no_repeat_ngram_size=no_repeat_ngram_size)
+        bias = calibrate_eos_bias(gaps, min_new_tokens, max_new_tokens, target)
+        record["calibration_greedy_lengths"] = sorted(
+            greedy_lengths(gaps, bias, min_new_tokens, max_new_tokens))
+        record["target_median"] = target
+    model = AutoModelForSeq2SeqLM.from_pretrained(base)
+    if not hasattr(model, "final_logits_bias"):
+        raise ValueError(f"{base}: a BART-family checkpoint is needed (one with "
+                         f"final_logits_bias); this one is {model.config.model_type}")
+    with torch.no_grad():
+        model.final_logits_bias[0, model.config.eos_token_id] += bias
+    record["eos_bias"] = bias
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    for item in base.iterdir():  # the tokenizer's files (and anything else but the model's)
+        if item.is_file() and not (out / item.name).exists():
+            shutil.copy2(item, out / item.name)
+    (out / VARIED_LENGTHS_FILE).write_text(json.dumps(record, indent=1) + "\n")
+    make_readable(out)
+    return out
