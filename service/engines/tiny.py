@@ -7,6 +7,7 @@ as with a real checkpoint. `summarizer make-tiny-model DIR --family bart|t5|pega
 
 from __future__ import annotations
 
+import math
 import random
 import sys
 from pathlib import Path
@@ -181,11 +182,13 @@ def eos_gaps(model_dir: str | Path, texts: list[str], *, max_new_tokens: int,
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForSeq2SeqLM.from_pretrained(model_dir).eval()
     eos = model.config.eos_token_id
+    window = min(tokenizer.model_max_length, model.config.max_position_embeddings)
     gaps = []
     with torch.inference_mode():
         for text in texts:
             out = model.generate(
-                **tokenizer(text, return_tensors="pt", truncation=True), num_beams=1,
+                **tokenizer(text, return_tensors="pt", truncation=True, max_length=window),
+                num_beams=1,
                 do_sample=False, min_new_tokens=max_new_tokens, max_new_tokens=max_new_tokens,
                 forced_eos_token_id=None, no_repeat_ngram_size=no_repeat_ngram_size,
                 output_logits=True, output_scores=True, return_dict_in_generate=True)
@@ -207,8 +210,8 @@ def greedy_lengths(gaps: list[list[float]], bias: float, min_new_tokens: int,
 
 def calibrate_eos_bias(gaps: list[list[float]], min_new_tokens: int, max_new_tokens: int,
                        target_median: float) -> float:
-    """The bias whose greedy lengths have the median closest to `target_median` (the median
-    falls as the bias rises; bisection over the bias)."""
+    """The smallest bias (to 0.001) whose greedy lengths have a median of at most
+    `target_median` (the median falls as the bias rises; bisection over the bias)."""
     low, high = -50.0, 50.0  # lengths at `low`: all max_new_tokens; at `high`: all the minimum
     for _ in range(40):
         middle = (low + high) / 2
@@ -217,7 +220,7 @@ def calibrate_eos_bias(gaps: list[list[float]], min_new_tokens: int, max_new_tok
             low = middle
         else:
             high = middle
-    return round((low + high) / 2, 3)
+    return math.ceil(high * 1000) / 1000
 
 
 def build_varied_length_checkpoint(out_dir: str | Path, base_dir: str | Path, *,
