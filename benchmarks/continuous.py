@@ -29,9 +29,12 @@ Scenarios (`--scenarios`, all by default):
    latency (measured alone on the same server).
 4. `lengths` (varied output lengths): a copy of the checkpoint whose end-of-sequence logit is
    raised (`service.engines.tiny.build_varied_length_checkpoint`, calibrated once and cached) so
-   that summaries end between 56 and 142 tokens as BART-CNN's do (BART-CNN's options: 4 beams,
-   length_penalty 2.0, no_repeat_ngram_size 3): throughput of all articles sent at once, and the
-   output length distribution.
+   that summaries end between 56 and 142 tokens as BART-CNN's do (its min/max new tokens and
+   no_repeat_ngram_size 3): throughput of all articles sent at once, and the output length
+   distribution. Greedy by default: the calibration is exact for greedy decoding, while beam
+   search with BART-CNN's length_penalty 2.0 favours long hypotheses so much that every summary
+   ran to 142 tokens (4 beams and 2 beams, bart-base preset); `--lengths-beams 4
+   --lengths-penalty 1.0` to try beams.
 
 Every figure is a ratio measured within one run; absolute times vary up to 2x between runs on a
 shared machine (the load average is printed at the start and end of each scenario). A compact
@@ -122,9 +125,10 @@ HOL_LONG = OptionSet("long", 96, 4)
 HOL_SHORT = OptionSet("short", 8, 1)
 
 
-def bart_cnn_options(beams: int) -> OptionSet:
-    """BART-CNN's generation settings: 56 to 142 tokens, length_penalty 2, no 3-gram repeats."""
-    return OptionSet("cnn", 142, beams, 2.0, min_tokens=56, no_repeat_ngram_size=3)
+def varied_length_options(beams: int, length_penalty: float | None) -> OptionSet:
+    """BART-CNN's lengths (56 to 142 tokens) and its no_repeat_ngram_size 3, which is also what
+    makes a random-weight model's decoding, and so its length, differ between articles."""
+    return OptionSet("cnn", 142, beams, length_penalty, min_tokens=56, no_repeat_ngram_size=3)
 
 
 # ----- servers and calls -----
@@ -262,6 +266,12 @@ def one_at_a_time(stub: pb_grpc.SummarizerStub,
     return time.perf_counter() - started, outcomes
 
 
+def warm_up(server: Server, text: str) -> None:
+    """First-call costs out of the way (the server warmed up greedy decoding before SERVING):
+    a short call with beams."""
+    check([call(server.stub, text, OptionSet("warm-up", 4, 4).options())], "warm-up")
+
+
 def failures(outcomes: list[Outcome]) -> list[str]:
     return [f"{o.label}: {o.error}" for o in outcomes if o.error]
 
@@ -327,10 +337,7 @@ def scenario_mixed(model: Path, args: argparse.Namespace, batching: bool) -> Sce
     rows = {}
     for mode, flags in runnable_modes(args, "mixed", batching, report):
         with Server(model, flags, args) as server:
-            for option_set in MIXED:  # first-call costs of each option set
-                check([call(server.stub, texts[0], option_set.options(args.outputs,
-                                                                      args.headline_tokens))],
-                      "warm-up")
+            warm_up(server, texts[0])
             seq_s, solo = one_at_a_time(server.stub, jobs)
             check(solo, f"{mode} one at a time")
             cpu = server.cpu_s()
@@ -402,8 +409,7 @@ def scenario_hol(model: Path, args: argparse.Namespace, batching: bool) -> Scena
     rows = {}
     for mode, flags in runnable_modes(args, "hol", batching, report):
         with Server(model, flags, args) as server:
-            check([call(server.stub, short_text, short_options),
-                   call(server.stub, long_texts[0], OptionSet("w", 4, 4).options())], "warm-up")
+            warm_up(server, long_texts[0])
             unloaded = [call(server.stub, short_text, short_options, "short")
                         for _ in range(args.hol_unloaded_calls)]
             check(unloaded, f"{mode} short call alone")
@@ -456,8 +462,7 @@ def scenario_load(model: Path, args: argparse.Namespace, batching: bool) -> Scen
     rows = {}
     for mode, flags in runnable_modes(args, "load", batching, report):
         with Server(model, flags, args) as server:
-            for opts in options:
-                check([call(server.stub, texts[0], opts)], "warm-up")
+            warm_up(server, texts[0])
             # Unloaded latency of each option set: alone on this server, over a few articles.
             unloaded = {}
             for option_set, opts in zip(MIXED, options):
@@ -576,7 +581,7 @@ def scenario_lengths(base: Path, args: argparse.Namespace, batching: bool) -> Sc
         return report
     model = varied_length_checkpoint(base, args)
     built = json.loads((model / VARIED_LENGTHS_FILE).read_text())
-    option_set = bart_cnn_options(args.lengths_beams)
+    option_set = varied_length_options(args.lengths_beams, args.lengths_penalty)
     texts = make_articles(str(model), args.lengths_articles, args.min_input_tokens,
                           args.max_input_tokens, seed=4)
     jobs = [(text, option_set.options(), f"a{i}") for i, text in enumerate(texts)]
@@ -589,8 +594,7 @@ def scenario_lengths(base: Path, args: argparse.Namespace, batching: bool) -> Sc
     rows, lengths_of = {}, {}
     for mode, flags in runnable_modes(args, "lengths", batching, report):
         with Server(model, flags, args) as server:
-            check([call(server.stub, texts[0], OptionSet("w", 4, args.lengths_beams).options())],
-                  "warm-up")
+            warm_up(server, texts[0])
             cpu = server.cpu_s()
             wall, outcomes = all_at_once(server.stub, jobs)
             cpu = server.cpu_s() - cpu
@@ -654,8 +658,8 @@ def main() -> int:
     parser.add_argument("--load-articles", type=int, default=12)
     parser.add_argument("--load-clients", type=int, default=6,
                         help="callers of the closed loop that measures capacity")
-    parser.add_argument("--capacity-calls", type=int, default=18)
-    parser.add_argument("--unloaded-calls", type=int, default=2,
+    parser.add_argument("--capacity-calls", type=int, default=12)
+    parser.add_argument("--unloaded-calls", type=int, default=1,
                         help="calls per option set, alone, for the unloaded latency")
     parser.add_argument("--load-fraction", type=float, default=0.5,
                         help="offered load as a fraction of each mode's own capacity")
@@ -663,8 +667,10 @@ def main() -> int:
                         help="offered articles/s for every mode instead (0: use the fraction)")
     parser.add_argument("--load-seconds", type=float, default=60.0)
     parser.add_argument("--seed", type=int, default=15)
-    parser.add_argument("--lengths-articles", type=int, default=8)
-    parser.add_argument("--lengths-beams", type=int, default=4)
+    parser.add_argument("--lengths-articles", type=int, default=12)
+    parser.add_argument("--lengths-beams", type=int, default=1)
+    parser.add_argument("--lengths-penalty", type=float, default=None,
+                        help="scenario 4's length_penalty; unset: the model's (1.0)")
     parser.add_argument("--eos-bias", type=float, default=None,
                         help="scenario 4: this end-of-sequence bias instead of a calibrated one")
     parser.add_argument("--cache", type=Path, default=Path(".bench-cache"))
