@@ -158,7 +158,7 @@ class Server:
     is read all along (a full pipe would stall it); the last lines are kept for errors."""
 
     def __init__(self, model: Path, flags: list[str], args: argparse.Namespace) -> None:
-        self.model, self.args = model, args
+        self.model = model
         self.flags = ["--offline", "--workers", "1", "--threads", str(args.threads),
                       "--convert-cache-dir", str(args.cache / "ctranslate2"), *flags]
         self.log: collections.deque[str] = collections.deque(maxlen=50)
@@ -181,7 +181,9 @@ class Server:
         """CPU time of the server and its worker so far."""
         return sum(cpu_seconds(pid) for pid in process_tree(self.process.pid))
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, kind: type | None, *exc: Any) -> None:
+        if kind is not None:  # the server's last words help more than the client's
+            print("server log, last lines:\n" + "".join(self.log), file=sys.stderr, flush=True)
         self.channel.close()
         self.process.send_signal(signal.SIGTERM)
         try:
@@ -232,6 +234,8 @@ class Pending:
             [result] = future.result().results
         except grpc.RpcError as error:
             outcome.error = f"{error.code().name}: {error.details()}"
+        except Exception as error:  # noqa: BLE001 - a reply we cannot read must not hang us
+            outcome.error = repr(error)
         else:
             if result.HasField("error"):
                 outcome.error = f"{result.error.code}: {result.error.message}"
@@ -364,7 +368,8 @@ def scenario_mixed(model: Path, args: argparse.Namespace, batching: bool) -> Sce
             "concurrent_cpu_s": round(cpu, 1),
             "identical_to_solo": f"{same}/{len(jobs)}",
             "solo_identical_to_reference_solo": f"{same_solo}/{len(jobs)}",
-            "solo_reference": "own solo run" if mode == "reference" else "first torch mode's solo run",
+            "solo_reference": ("own solo run" if mode == "reference"
+                               else "first torch mode's solo run"),
             "server_start_s": round(server.start_s, 1)}
         print(f"  {mode}: done ({rows[mode]['concurrent_s']} s concurrent)", flush=True)
     report.figures["load_average_end"] = load_average()
@@ -439,7 +444,8 @@ def scenario_hol(model: Path, args: argparse.Namespace, batching: bool) -> Scena
         report.say(f"  {mode_label(mode):<30} {row['short_unloaded_s']:13.2f} "
                    f"{row['short_loaded_s']:14.2f} {row['short_slowdown']:7.1f}x "
                    f"{str(row['short_done_before_first_long']):>12} {row['long_wall_s']:12.2f} "
-                   f"{row['long_latency_s']['p50']:11.2f} {str(row['short_identical_to_unloaded']):>5}")
+                   f"{row['long_latency_s']['p50']:11.2f} "
+                   f"{str(row['short_identical_to_unloaded']):>5}")
     report.say("  slowdown: the short call's latency over its latency alone on the same server "
                "(target for continuous: <= 4x); same: its result equals the unloaded one")
     report.say(f"  load average {report.figures['load_average_start']} at the start, "

@@ -1,4 +1,4 @@
-"""The benchmark checkpoint whose summaries end at varied lengths (continuous batching benchmarks)."""
+"""The benchmark checkpoint whose summaries end at varied lengths (for continuous batching)."""
 
 from __future__ import annotations
 
