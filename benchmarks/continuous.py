@@ -54,6 +54,7 @@ import collections
 import json
 import os
 import random
+import shlex
 import signal
 import statistics
 import sys
@@ -153,6 +154,14 @@ def mode_label(mode: str) -> str:
     return {"reference": "reference (ct2 auto, static)"}.get(mode, f"torch fp32 {mode}")
 
 
+class ServerRefused(Exception):
+    """A server that exited before SERVING (e.g. a --batching mode its engine cannot run)."""
+
+
+REFUSED: dict[str, str] = {}
+"""Modes whose server refused to start, with why: not tried again in later scenarios."""
+
+
 class Server:
     """A real server for one mode, started on a free port and stopped (SIGTERM) on exit. Its log
     is read all along (a full pipe would stall it); the last lines are kept for errors."""
@@ -163,14 +172,22 @@ class Server:
                       "--convert-cache-dir", str(args.cache / "ctranslate2"), *flags]
         self.log: collections.deque[str] = collections.deque(maxlen=50)
 
-    def __enter__(self) -> Server:
-        started = time.perf_counter()
-        self.process, target = start_server(self.model, self.flags)
+    def start(self) -> Server:
+        """Start the server; ServerRefused, with its error line, when it does not come up."""
+        started, startup_log = time.perf_counter(), []
+        try:
+            self.process, target = start_server(self.model, self.flags, startup_log)
+        except SystemExit as refusal:
+            errors = [line.strip() for line in startup_log if "error" in line.lower()]
+            raise ServerRefused(errors[-1] if errors else str(refusal)) from None
         self.start_s = time.perf_counter() - started
         threading.Thread(target=self._drain, daemon=True).start()
         self.channel = grpc.insecure_channel(target, options=[
             ("grpc.max_receive_message_length", 64 * 1024 * 1024)])
         self.stub = pb_grpc.SummarizerStub(self.channel)
+        return self
+
+    def __enter__(self) -> Server:
         return self
 
     def _drain(self) -> None:
@@ -319,9 +336,22 @@ def runnable_modes(args: argparse.Namespace, scenario: str, batching: bool,
         flags = mode_flags(mode, batching)
         if flags is None:
             report.say(f"  {mode}: skipped (this server has no --batching setting yet)")
-            continue
-        modes.append((mode, flags))
+        elif mode in REFUSED:
+            report.say(f"  {mode}: skipped (its server refused to start: {REFUSED[mode]})")
+        else:
+            modes.append((mode, flags))
     return modes
+
+
+def start(mode: str, model: Path, flags: list[str], args: argparse.Namespace,
+          report: Scenario) -> Server | None:
+    """A started server for `mode`, or None (said in the report) when it refused to start."""
+    try:
+        return Server(model, flags + args.server_flags, args).start()
+    except ServerRefused as refusal:
+        REFUSED[mode] = str(refusal)
+        report.say(f"  {mode}: skipped (its server refused to start: {refusal})")
+        return None
 
 
 # ----- scenario 1: mixed options -----
@@ -340,7 +370,9 @@ def scenario_mixed(model: Path, args: argparse.Namespace, batching: bool) -> Sce
     solo_reference: list[tuple] | None = None
     rows = {}
     for mode, flags in runnable_modes(args, "mixed", batching, report):
-        with Server(model, flags, args) as server:
+        if (server := start(mode, model, flags, args, report)) is None:
+            continue
+        with server:
             warm_up(server, texts[0])
             seq_s, solo = one_at_a_time(server.stub, jobs)
             check(solo, f"{mode} one at a time")
@@ -413,7 +445,9 @@ def scenario_hol(model: Path, args: argparse.Namespace, batching: bool) -> Scena
     short_options, long_options = HOL_SHORT.options(), HOL_LONG.options()
     rows = {}
     for mode, flags in runnable_modes(args, "hol", batching, report):
-        with Server(model, flags, args) as server:
+        if (server := start(mode, model, flags, args, report)) is None:
+            continue
+        with server:
             warm_up(server, long_texts[0])
             unloaded = [call(server.stub, short_text, short_options, "short")
                         for _ in range(args.hol_unloaded_calls)]
@@ -467,7 +501,9 @@ def scenario_load(model: Path, args: argparse.Namespace, batching: bool) -> Scen
     report.figures["load_average_start"] = load_average()
     rows = {}
     for mode, flags in runnable_modes(args, "load", batching, report):
-        with Server(model, flags, args) as server:
+        if (server := start(mode, model, flags, args, report)) is None:
+            continue
+        with server:
             warm_up(server, texts[0])
             # Unloaded latency of each option set: alone on this server, over a few articles.
             unloaded = {}
@@ -599,7 +635,9 @@ def scenario_lengths(base: Path, args: argparse.Namespace, batching: bool) -> Sc
     report.figures["load_average_start"] = load_average()
     rows, lengths_of = {}, {}
     for mode, flags in runnable_modes(args, "lengths", batching, report):
-        with Server(model, flags, args) as server:
+        if (server := start(mode, model, flags, args, report)) is None:
+            continue
+        with server:
             warm_up(server, texts[0])
             cpu = server.cpu_s()
             wall, outcomes = all_at_once(server.stub, jobs)
@@ -679,6 +717,9 @@ def main() -> int:
                         help="scenario 4's length_penalty; unset: the model's (1.0)")
     parser.add_argument("--eos-bias", type=float, default=None,
                         help="scenario 4: this end-of-sequence bias instead of a calibrated one")
+    parser.add_argument("--server-flags", type=shlex.split, default=[],
+                        help="more flags for every server, as one string, e.g. "
+                             "--server-flags='--kv-cache-mb 512'")
     parser.add_argument("--cache", type=Path, default=Path(".bench-cache"))
     args = parser.parse_args()
 
@@ -701,6 +742,7 @@ def main() -> int:
     print(json.dumps({"benchmark": "continuous", "preset": args.preset,
                       "threads": args.threads, "outputs": args.outputs,
                       "batching_setting": batching, "minutes": round(elapsed / 60, 1),
+                      "refused": REFUSED,
                       **{r.name: r.figures for r in reports}}, separators=(",", ":")))
     return 0
 
