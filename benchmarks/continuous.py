@@ -28,8 +28,8 @@ Scenarios (`--scenarios`, all by default):
    `--load-seconds`: p50/p99 latency, each call's latency divided by its option set's unloaded
    latency (measured alone on the same server).
 4. `lengths` (varied output lengths): a copy of the checkpoint whose end-of-sequence logit is
-   raised (`service.engines.tiny.build_varied_length_checkpoint`, calibrated once and cached) so
-   that summaries end between 56 and 142 tokens as BART-CNN's do (its min/max new tokens and
+   raised (`service.engines.tiny.build_varied_length_checkpoint`, calibrated once on these
+   articles and cached) so that summaries end between 56 and 142 tokens as BART-CNN's do (its min/max new tokens and
    no_repeat_ngram_size 3): throughput of all articles sent at once, and the output length
    distribution. Greedy by default: the calibration is exact for greedy decoding, while beam
    search with BART-CNN's length_penalty 2.0 favours long hypotheses so much that every summary
@@ -44,7 +44,10 @@ table per scenario, then one JSON line with all figures.
     python benchmarks/continuous.py --scenarios hol --modes static continuous
     python benchmarks/continuous.py --scenarios load --load-seconds 90 --preset distilbart-cnn-12-6
 
-Checkpoints are built once into --cache.
+Run it from the repository root (the servers run this checkout's `python -m service`). On 2
+cores a default run takes about 5 minutes per torch mode plus 1 for the reference rows; the first
+one also builds the checkpoints into --cache (the varied-length one calibrates on greedy decoding
+of scenario 4's articles: a few minutes, once).
 """
 
 from __future__ import annotations
@@ -596,17 +599,20 @@ def scenario_load(model: Path, args: argparse.Namespace, batching: bool) -> Scen
 
 # ----- scenario 4: varied output lengths -----
 
-def varied_length_checkpoint(base: Path, args: argparse.Namespace) -> Path:
+def varied_length_checkpoint(base: Path, texts: list[str], args: argparse.Namespace) -> Path:
     """The preset with its end-of-sequence logit raised (see build_varied_length_checkpoint),
-    built and calibrated once into the cache."""
-    out = args.cache / f"{args.preset}-varied-lengths"
+    calibrated on the scenario's own articles so that their greedy lengths spread over 56-142:
+    built once per set of articles into the cache."""
     if args.eos_bias is not None:
         out = args.cache / f"{args.preset}-varied-lengths-bias{args.eos_bias:g}"
+    else:
+        out = args.cache / (f"{args.preset}-varied-lengths-{len(texts)}x"
+                            f"{args.min_input_tokens}-{args.max_input_tokens}")
     if not (out / VARIED_LENGTHS_FILE).exists():
         print(f"building {out} (end-of-sequence bias"
               f"{' calibrated on greedy decoding' if args.eos_bias is None else ''}) ...",
               file=sys.stderr, flush=True)
-        build_varied_length_checkpoint(out, base, bias=args.eos_bias)
+        build_varied_length_checkpoint(out, base, bias=args.eos_bias, texts=texts)
     return out
 
 
@@ -621,11 +627,11 @@ def scenario_lengths(base: Path, args: argparse.Namespace, batching: bool) -> Sc
     if PRESETS[args.preset]["family"] != "bart":
         report.say("== 4. varied output lengths: skipped (needs a BART-family preset)")
         return report
-    model = varied_length_checkpoint(base, args)
+    texts = make_articles(str(base), args.lengths_articles, args.min_input_tokens,
+                          args.max_input_tokens, seed=4)
+    model = varied_length_checkpoint(base, texts, args)
     built = json.loads((model / VARIED_LENGTHS_FILE).read_text())
     option_set = varied_length_options(args.lengths_beams, args.lengths_penalty)
-    texts = make_articles(str(model), args.lengths_articles, args.min_input_tokens,
-                          args.max_input_tokens, seed=4)
     jobs = [(text, option_set.options(), f"a{i}") for i, text in enumerate(texts)]
     report.say(f"== 4. varied output lengths: {len(jobs)} articles sent at once, "
                f"{option_set.describe()}, summary only; end-of-sequence bias "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import random
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 FAMILIES = ("bart", "t5", "pegasus")
@@ -208,26 +209,33 @@ def greedy_lengths(gaps: list[list[float]], bias: float, min_new_tokens: int,
                  max_new_tokens) for row in gaps]
 
 
-def calibrate_eos_bias(gaps: list[list[float]], min_new_tokens: int, max_new_tokens: int,
-                       target_median: float) -> float:
-    """The smallest bias (to 0.001) whose greedy lengths have a median of at most
-    `target_median` (the median falls as the bias rises; bisection over the bias)."""
-    low, high = -50.0, 50.0  # lengths at `low`: all max_new_tokens; at `high`: all the minimum
-    for _ in range(40):
-        middle = (low + high) / 2
-        lengths = sorted(greedy_lengths(gaps, middle, min_new_tokens, max_new_tokens))
-        if lengths[len(lengths) // 2] > target_median:
-            low = middle
-        else:
-            high = middle
-    return math.ceil(high * 1000) / 1000
+def distance_from_uniform(lengths: list[int], min_new_tokens: int, max_new_tokens: int) -> float:
+    """How far the lengths' distribution is from uniform over [min, max] (the Kolmogorov-Smirnov
+    distance: the largest gap between their cumulative distributions)."""
+    span = max(max_new_tokens - min_new_tokens, 1)
+    ordered, count = sorted(lengths), len(lengths)
+    return max(max(abs((i + 1) / count - (n - min_new_tokens) / span),
+                   abs(i / count - (n - min_new_tokens) / span))
+               for i, n in enumerate(ordered))
+
+
+def calibrate_eos_bias(gaps: list[list[float]], min_new_tokens: int,
+                       max_new_tokens: int) -> float:
+    """The bias whose greedy lengths spread most evenly over [min, max] (closest to uniform; on
+    a tie, the smallest such bias). Lengths only change where the bias crosses a gap, so the
+    candidates are the gaps themselves, each raised by 0.001 (the precision kept)."""
+    candidates = sorted({math.floor(row[step] * 1000) / 1000 + 0.001 for row in gaps
+                         for step in range(min_new_tokens, min(max_new_tokens, len(row)))})
+    return round(min(candidates, key=lambda bias: (distance_from_uniform(
+        greedy_lengths(gaps, bias, min_new_tokens, max_new_tokens), min_new_tokens,
+        max_new_tokens), bias)), 3)
 
 
 def build_varied_length_checkpoint(out_dir: str | Path, base_dir: str | Path, *,
                                    min_new_tokens: int = 56, max_new_tokens: int = 142,
                                    no_repeat_ngram_size: int = 3, bias: float | None = None,
-                                   calibration_texts: int = 8,
-                                   target_median: float | None = None) -> Path:
+                                   texts: Sequence[str] | None = None,
+                                   calibration_texts: int = 8) -> Path:
     """Copy a BART-family checkpoint with `bias` added to its end-of-sequence logit (BART's
     `final_logits_bias`), so that summaries end at varied lengths between `min_new_tokens` and
     `max_new_tokens`, as a real news summariser's do (BART-CNN: 56 to 142), instead of always
@@ -236,8 +244,10 @@ def build_varied_length_checkpoint(out_dir: str | Path, base_dir: str | Path, *,
     A random-weight model barely reads its input; it is the no-repeat rule that sends each
     article's decoding down its own path, so the gaps (see `eos_gaps`), and with them the
     lengths, differ between articles when `no_repeat_ngram_size` is on. Without `bias`, it is
-    calibrated on `calibration_texts` news-like texts so that greedy lengths have the median
-    `target_median` (default: the middle of the range). The calibration holds for greedy
+    calibrated so that greedy lengths spread as evenly as they can over the range, on `texts`
+    (best: the articles the benchmark will send), else on `calibration_texts` news-like texts
+    drawn here. Greedy decoding of the calibration texts then gives exactly the lengths recorded
+    in VARIED_LENGTHS_FILE (the bias changes no token before the end). That holds for greedy
     decoding only: beam search with a length penalty above 1 favours long hypotheses (with
     BART-CNN's 2.0 and 2 or 4 beams, every bart-base preset summary ran to the limit), so
     benchmarks print the lengths they get."""
@@ -250,20 +260,20 @@ def build_varied_length_checkpoint(out_dir: str | Path, base_dir: str | Path, *,
     from .fetch import make_readable
 
     base, out = Path(base_dir), Path(out_dir)
-    target = (min_new_tokens + max_new_tokens) / 2 if target_median is None else target_median
     record: dict[str, object] = {"base": str(base), "min_new_tokens": min_new_tokens,
                                  "max_new_tokens": max_new_tokens,
                                  "no_repeat_ngram_size": no_repeat_ngram_size}
     if bias is None:
-        sentences = training_text(sentences=calibration_texts * 20, seed=11)
-        texts = [" ".join(sentences[i * 20:i * 20 + 8 + (i * 5) % 12])
-                 for i in range(calibration_texts)]
-        gaps = eos_gaps(base, texts, max_new_tokens=max_new_tokens,
+        if texts is None:
+            sentences = training_text(sentences=calibration_texts * 20, seed=11)
+            texts = [" ".join(sentences[i * 20:i * 20 + 8 + (i * 5) % 12])
+                     for i in range(calibration_texts)]
+        gaps = eos_gaps(base, list(texts), max_new_tokens=max_new_tokens,
                         no_repeat_ngram_size=no_repeat_ngram_size)
-        bias = calibrate_eos_bias(gaps, min_new_tokens, max_new_tokens, target)
+        bias = calibrate_eos_bias(gaps, min_new_tokens, max_new_tokens)
         record["calibration_greedy_lengths"] = sorted(
             greedy_lengths(gaps, bias, min_new_tokens, max_new_tokens))
-        record["target_median"] = target
+        record["calibration_texts"] = len(texts)
     model = AutoModelForSeq2SeqLM.from_pretrained(base)
     if not hasattr(model, "final_logits_bias"):
         raise ValueError(f"{base}: a BART-family checkpoint is needed (one with "
