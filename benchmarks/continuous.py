@@ -29,9 +29,9 @@ Scenarios (`--scenarios`, all by default):
    latency (measured alone on the same server).
 4. `lengths` (varied output lengths): a copy of the checkpoint whose end-of-sequence logit is
    raised (`service.engines.tiny.build_varied_length_checkpoint`, calibrated once on these
-   articles and cached) so that summaries end between 56 and 142 tokens as BART-CNN's do (its min/max new tokens and
-   no_repeat_ngram_size 3): throughput of all articles sent at once, and the output length
-   distribution. Greedy by default: the calibration is exact for greedy decoding, while beam
+   articles and cached) so that summaries end between 56 and 142 tokens as BART-CNN's do (its
+   min/max new tokens and no_repeat_ngram_size 3): throughput of all articles sent at once, and
+   the output length distribution. Greedy by default: the calibration is exact for greedy decoding, while beam
    search with BART-CNN's length_penalty 2.0 favours long hypotheses so much that every summary
    ran to 142 tokens (4 beams and 2 beams, bart-base preset); `--lengths-beams 4
    --lengths-penalty 1.0` to try beams.
@@ -500,7 +500,9 @@ def scenario_load(model: Path, args: argparse.Namespace, batching: bool) -> Scen
     report.say(f"== 3. latency under load: capacity from a closed loop ({args.load_clients} "
                f"callers, {args.capacity_calls} calls), then Poisson arrivals at "
                f"{args.load_fraction:.0%} of it for {args.load_seconds:.0f} s (seed "
-               f"{args.seed}); option sets as in 1, drawn at random; {args.outputs}")
+               f"{args.seed}); option sets as in 1, drawn at random; "
+               + ("summary only" if args.outputs == "summary" else
+                  f"summary and a {args.headline_tokens}-token headline"))
     report.figures["load_average_start"] = load_average()
     rows = {}
     for mode, flags in runnable_modes(args, "load", batching, report):
