@@ -31,10 +31,10 @@ Scenarios (`--scenarios`, all by default):
    raised (`service.engines.tiny.build_varied_length_checkpoint`, calibrated once on these
    articles and cached) so that summaries end between 56 and 142 tokens as BART-CNN's do (its
    min/max new tokens and no_repeat_ngram_size 3): throughput of all articles sent at once, and
-   the output length distribution. Greedy by default: the calibration is exact for greedy decoding, while beam
-   search with BART-CNN's length_penalty 2.0 favours long hypotheses so much that every summary
-   ran to 142 tokens (4 beams and 2 beams, bart-base preset); `--lengths-beams 4
-   --lengths-penalty 1.0` to try beams.
+   the output length distribution. Greedy by default: the calibration is exact for greedy
+   decoding, while beam search with BART-CNN's length_penalty 2.0 favours long hypotheses so
+   much that every summary ran to 142 tokens (4 beams and 2 beams, bart-base preset);
+   `--lengths-beams 4 --lengths-penalty 1.0` to try beams.
 
 Every figure is a ratio measured within one run; absolute times vary up to 2x between runs on a
 shared machine (the load average is printed at the start and end of each scenario). A compact
@@ -284,7 +284,8 @@ def all_at_once(stub: pb_grpc.SummarizerStub,
 
 
 def one_at_a_time(stub: pb_grpc.SummarizerStub,
-                  jobs: list[tuple[str, pb.GenerationOptions, str]]) -> tuple[float, list[Outcome]]:
+                  jobs: list[tuple[str, pb.GenerationOptions, str]],
+                  ) -> tuple[float, list[Outcome]]:
     started = time.perf_counter()
     outcomes = [call(stub, text, options, label) for text, options, label in jobs]
     return time.perf_counter() - started, outcomes
