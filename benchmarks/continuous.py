@@ -32,9 +32,10 @@ Scenarios (`--scenarios`, all by default):
    articles and cached) so that summaries end between 56 and 142 tokens as BART-CNN's do (its
    min/max new tokens and no_repeat_ngram_size 3): throughput of all articles sent at once, and
    the output length distribution. Greedy by default: the calibration is exact for greedy
-   decoding, while beam search with BART-CNN's length_penalty 2.0 favours long hypotheses so
-   much that every summary ran to 142 tokens (4 beams and 2 beams, bart-base preset);
-   `--lengths-beams 4 --lengths-penalty 1.0` to try beams.
+   decoding, while with beams the summaries of this random-weight model ran (nearly) to 142
+   tokens whatever the bias (bart-base preset: 2 and 4 beams with BART-CNN's length_penalty 2.0,
+   4 beams with 1.0): some beam always avoids the end. `--lengths-beams` and `--lengths-penalty`
+   are there to check that on other presets.
 
 Every figure is a ratio measured within one run; absolute times vary up to 2x between runs on a
 shared machine (the load average is printed at the start and end of each scenario). A compact

@@ -248,9 +248,9 @@ def build_varied_length_checkpoint(out_dir: str | Path, base_dir: str | Path, *,
     (best: the articles the benchmark will send), else on `calibration_texts` news-like texts
     drawn here. Greedy decoding of the calibration texts then gives exactly the lengths recorded
     in VARIED_LENGTHS_FILE (the bias changes no token before the end). That holds for greedy
-    decoding only: beam search with a length penalty above 1 favours long hypotheses (with
-    BART-CNN's 2.0 and 2 or 4 beams, every bart-base preset summary ran to the limit), so
-    benchmarks print the lengths they get."""
+    decoding only: with beams, some beam keeps avoiding the end (bart-base preset, 2 or 4 beams,
+    length_penalty 1.0 or 2.0: every summary ran to 141-142 tokens), so benchmarks print the
+    lengths they get."""
     import json
     import shutil
 
