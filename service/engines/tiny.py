@@ -7,8 +7,10 @@ as with a real checkpoint. `summarizer make-tiny-model DIR --family bart|t5|pega
 
 from __future__ import annotations
 
+import math
 import random
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 FAMILIES = ("bart", "t5", "pegasus")
@@ -157,5 +159,133 @@ def build_checkpoint(out_dir: str | Path, *, family: str, seed: int, tokenizer_v
     transformers.utils.logging.disable_progress_bar()
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+    make_readable(out)
+    return out
+
+
+# ----- a checkpoint whose summaries end at varied lengths (benchmarks of continuous batching) -----
+
+VARIED_LENGTHS_FILE = "varied_lengths.json"
+"""Written next to the weights by `build_varied_length_checkpoint`: the bias and how it was
+calibrated."""
+
+
+def eos_gaps(model_dir: str | Path, texts: list[str], *, max_new_tokens: int,
+             no_repeat_ngram_size: int = 3) -> list[list[float]]:
+    """For each text, greedy decoding with end-of-sequence forbidden: at every step, how far the
+    end-of-sequence logit lies below the best other token's (after the no-repeat rule). With a
+    bias `b` added to the end-of-sequence logit (BART's `final_logits_bias`) and nothing else
+    changed, greedy decoding ends at the first allowed step whose gap is below `b`: the tokens
+    before it do not depend on `b`, so one run per text gives the length for every bias."""
+    import torch
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSeq2SeqLM.from_pretrained(model_dir).eval()
+    eos = model.config.eos_token_id
+    window = min(tokenizer.model_max_length, model.config.max_position_embeddings)
+    gaps = []
+    with torch.inference_mode():
+        for text in texts:
+            out = model.generate(
+                **tokenizer(text, return_tensors="pt", truncation=True, max_length=window),
+                num_beams=1,
+                do_sample=False, min_new_tokens=max_new_tokens, max_new_tokens=max_new_tokens,
+                forced_eos_token_id=None, no_repeat_ngram_size=no_repeat_ngram_size,
+                output_logits=True, output_scores=True, return_dict_in_generate=True)
+            row = []
+            for scores, logits in zip(out.scores, out.logits):
+                others = scores[0].clone()
+                others[eos] = -float("inf")
+                row.append(float(others.max() - logits[0, eos]))
+            gaps.append(row)
+    return gaps
+
+
+def greedy_lengths(gaps: list[list[float]], bias: float, min_new_tokens: int,
+                   max_new_tokens: int) -> list[int]:
+    """The greedy output length of each text (end-of-sequence not counted) under `bias`."""
+    return [next((step for step in range(min_new_tokens, max_new_tokens) if row[step] < bias),
+                 max_new_tokens) for row in gaps]
+
+
+def distance_from_uniform(lengths: list[int], min_new_tokens: int, max_new_tokens: int) -> float:
+    """How far the lengths' distribution is from uniform over [min, max] (the Kolmogorov-Smirnov
+    distance: the largest gap between their cumulative distributions)."""
+    span = max(max_new_tokens - min_new_tokens, 1)
+    ordered, count = sorted(lengths), len(lengths)
+    return max(max(abs((i + 1) / count - (n - min_new_tokens) / span),
+                   abs(i / count - (n - min_new_tokens) / span))
+               for i, n in enumerate(ordered))
+
+
+def calibrate_eos_bias(gaps: list[list[float]], min_new_tokens: int,
+                       max_new_tokens: int) -> float:
+    """The bias whose greedy lengths spread most evenly over [min, max] (closest to uniform; on
+    a tie, the smallest such bias). Lengths only change where the bias crosses a gap, so the
+    candidates are the gaps themselves, each raised by 0.001 (the precision kept)."""
+    candidates = sorted({math.floor(row[step] * 1000) / 1000 + 0.001 for row in gaps
+                         for step in range(min_new_tokens, min(max_new_tokens, len(row)))})
+    return round(min(candidates, key=lambda bias: (distance_from_uniform(
+        greedy_lengths(gaps, bias, min_new_tokens, max_new_tokens), min_new_tokens,
+        max_new_tokens), bias)), 3)
+
+
+def build_varied_length_checkpoint(out_dir: str | Path, base_dir: str | Path, *,
+                                   min_new_tokens: int = 56, max_new_tokens: int = 142,
+                                   no_repeat_ngram_size: int = 3, bias: float | None = None,
+                                   texts: Sequence[str] | None = None,
+                                   calibration_texts: int = 8) -> Path:
+    """Copy a BART-family checkpoint with `bias` added to its end-of-sequence logit (BART's
+    `final_logits_bias`), so that summaries end at varied lengths between `min_new_tokens` and
+    `max_new_tokens`, as a real news summariser's do (BART-CNN: 56 to 142), instead of always
+    running to the limit.
+
+    A random-weight model barely reads its input; it is the no-repeat rule that sends each
+    article's decoding down its own path, so the gaps (see `eos_gaps`), and with them the
+    lengths, differ between articles when `no_repeat_ngram_size` is on. Without `bias`, it is
+    calibrated so that greedy lengths spread as evenly as they can over the range, on `texts`
+    (best: the articles the benchmark will send), else on `calibration_texts` news-like texts
+    drawn here. Greedy decoding of the calibration texts then gives exactly the lengths recorded
+    in VARIED_LENGTHS_FILE (the bias changes no token before the end). That holds for greedy
+    decoding only: with beams, some beam keeps avoiding the end (bart-base preset, 2 or 4 beams,
+    length_penalty 1.0 or 2.0: every summary ran to 141-142 tokens), so benchmarks print the
+    lengths they get."""
+    import json
+    import shutil
+
+    import torch
+    from transformers import AutoModelForSeq2SeqLM
+
+    from .fetch import make_readable
+
+    base, out = Path(base_dir), Path(out_dir)
+    record: dict[str, object] = {"base": str(base), "min_new_tokens": min_new_tokens,
+                                 "max_new_tokens": max_new_tokens,
+                                 "no_repeat_ngram_size": no_repeat_ngram_size}
+    if bias is None:
+        if texts is None:
+            sentences = training_text(sentences=calibration_texts * 20, seed=11)
+            texts = [" ".join(sentences[i * 20:i * 20 + 8 + (i * 5) % 12])
+                     for i in range(calibration_texts)]
+        gaps = eos_gaps(base, list(texts), max_new_tokens=max_new_tokens,
+                        no_repeat_ngram_size=no_repeat_ngram_size)
+        bias = calibrate_eos_bias(gaps, min_new_tokens, max_new_tokens)
+        record["calibration_greedy_lengths"] = sorted(
+            greedy_lengths(gaps, bias, min_new_tokens, max_new_tokens))
+        record["calibration_texts"] = len(texts)
+    model = AutoModelForSeq2SeqLM.from_pretrained(base)
+    if not hasattr(model, "final_logits_bias"):
+        raise ValueError(f"{base}: a BART-family checkpoint is needed (one with "
+                         f"final_logits_bias); this one is {model.config.model_type}")
+    with torch.no_grad():
+        model.final_logits_bias[0, model.config.eos_token_id] += bias
+    record["eos_bias"] = bias
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    for item in base.iterdir():  # the tokenizer's files (and anything else but the model's)
+        if item.is_file() and not (out / item.name).exists():
+            shutil.copy2(item, out / item.name)
+    (out / VARIED_LENGTHS_FILE).write_text(json.dumps(record, indent=1) + "\n")
     make_readable(out)
     return out
