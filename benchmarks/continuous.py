@@ -443,8 +443,9 @@ def scenario_hol(model: Path, args: argparse.Namespace, batching: bool) -> Scena
     texts = make_articles(str(model), args.hol_long + 1, args.min_input_tokens,
                           args.max_input_tokens, seed=2)
     long_texts, short_text = texts[:-1], texts[-1]
+    delays = " and ".join(f"{d:g} s" for d in args.hol_delay_s)
     report.say(f"== 2. head-of-line blocking: {args.hol_long} long calls ({HOL_LONG.describe()})"
-               f" decoding; {args.hol_delay_s} s after they are sent, one short call "
+               f" decoding; {delays} after they are sent (one run each), one short call "
                f"({HOL_SHORT.describe()}); summary only")
     report.figures["load_average_start"] = load_average()
     short_options, long_options = HOL_SHORT.options(), HOL_LONG.options()
@@ -458,29 +459,33 @@ def scenario_hol(model: Path, args: argparse.Namespace, batching: bool) -> Scena
                         for _ in range(args.hol_unloaded_calls)]
             check(unloaded, f"{mode} short call alone")
             unloaded_s = statistics.median(o.latency_s for o in unloaded)
-            started = time.perf_counter()
-            longs = [Pending(server.stub, text, long_options, f"long{i}")
-                     for i, text in enumerate(long_texts)]
-            time.sleep(args.hol_delay_s)
-            short = Pending(server.stub, short_text, short_options, "short").wait()
-            long_outcomes = [p.wait() for p in longs]
-            check([short, *long_outcomes], f"{mode} under load")
-        first_long_done = min(o.done_s for o in long_outcomes)
-        rows[mode] = {
-            "short_unloaded_s": round(unloaded_s, 3),
-            "short_loaded_s": round(short.latency_s, 3),
-            "short_slowdown": round(short.latency_s / unloaded_s, 1),
-            "short_done_before_first_long": short.done_s < first_long_done,
-            "long_wall_s": round(max(o.done_s for o in long_outcomes) - started, 2),
-            "long_latency_s": secs([o.latency_s for o in long_outcomes]),
-            "short_identical_to_unloaded": short.result() == unloaded[0].result()}
-        print(f"  {mode}: done (short call {rows[mode]['short_slowdown']}x)", flush=True)
+            for delay in args.hol_delay_s:
+                started = time.perf_counter()
+                longs = [Pending(server.stub, text, long_options, f"long{i}")
+                         for i, text in enumerate(long_texts)]
+                time.sleep(delay)
+                short = Pending(server.stub, short_text, short_options, "short").wait()
+                long_outcomes = [p.wait() for p in longs]
+                check([short, *long_outcomes], f"{mode} under load")
+                first_long_done = min(o.done_s for o in long_outcomes)
+                key = f"{mode}@{delay:g}s"
+                rows[key] = {
+                    "delay_s": delay,
+                    "short_unloaded_s": round(unloaded_s, 3),
+                    "short_loaded_s": round(short.latency_s, 3),
+                    "short_slowdown": round(short.latency_s / unloaded_s, 1),
+                    "short_done_before_first_long": short.done_s < first_long_done,
+                    "long_wall_s": round(max(o.done_s for o in long_outcomes) - started, 2),
+                    "long_latency_s": secs([o.latency_s for o in long_outcomes]),
+                    "short_identical_to_unloaded": short.result() == unloaded[0].result()}
+                print(f"  {key}: done (short call {rows[key]['short_slowdown']}x)", flush=True)
     report.figures["load_average_end"] = load_average()
     report.figures["modes"] = rows
     report.say(f"  {'mode':<30} {'short alone s':>13} {'short loaded s':>14} {'slowdown':>8} "
                f"{'before longs':>12} {'longs wall s':>12} {'longs p50 s':>11} {'same':>5}")
-    for mode, row in rows.items():
-        report.say(f"  {mode_label(mode):<30} {row['short_unloaded_s']:13.2f} "
+    for key, row in rows.items():
+        mode, _, delay = key.partition("@")
+        report.say(f"  {mode_label(mode) + ' @' + delay:<30} {row['short_unloaded_s']:13.2f} "
                    f"{row['short_loaded_s']:14.2f} {row['short_slowdown']:7.1f}x "
                    f"{str(row['short_done_before_first_long']):>12} {row['long_wall_s']:12.2f} "
                    f"{row['long_latency_s']['p50']:11.2f} "
@@ -706,8 +711,10 @@ def main() -> int:
     parser.add_argument("--max-input-tokens", type=int, default=400, help="longest article")
     parser.add_argument("--mixed-articles", type=int, default=12)
     parser.add_argument("--hol-long", type=int, default=5, help="long calls in scenario 2")
-    parser.add_argument("--hol-delay-s", type=float, default=1.0,
-                        help="when the short call follows the long ones")
+    parser.add_argument("--hol-delay-s", type=float, nargs="+", default=[1.0, 3.0],
+                        help="when the short call follows the long ones, one run each: 1 s "
+                             "lands while the long articles are still being encoded on these "
+                             "2-core machines, 3 s while they decode (the issue's case)")
     parser.add_argument("--hol-unloaded-calls", type=int, default=3)
     parser.add_argument("--load-articles", type=int, default=12)
     parser.add_argument("--load-clients", type=int, default=6,
