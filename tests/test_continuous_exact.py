@@ -313,3 +313,20 @@ async def test_over_grpc_concurrent_callers_with_mixed_options_get_generates_tok
         assert (result.summary, result.headline) == (expected.summary, expected.headline), i
     # 12 calls of up to 17 decoder steps each: far fewer steps than one at a time would take.
     assert steps < 12 * 17
+
+
+def test_two_prefixes_two_sources_per_article_still_exact(tiny_t5):
+    """FLAN-T5's manifest gives the headline its own prompt: an article then has two encoder
+    inputs (two sources), each shared by its own output's beams."""
+    engine = TorchEngine(Settings(model=str(tiny_t5), family="flan-t5-base", threads=1,
+                                  engine="torch", compute_type="float32")).load()
+    assert not engine.shares_input()
+    rng = random.Random(11)
+    requests = {t: request(engine, rng, outputs=Outputs.BOTH) for t in range(5)}
+    sess = session(engine)
+    sess.advance(StepIn(admit=tuple(Admit(t, p, a) for t, (p, a) in list(requests.items())[:3])))
+    assert sess._cross[0][0][0].shape[0] == 6  # 3 articles x 2 inputs
+    arrivals = {2: [Admit(t, p, a) for t, (p, a) in list(requests.items())[3:]]}
+    results, failures, _ = run(sess, arrivals)
+    assert not failures and sorted(results) == sorted(requests)
+    check_exact(engine, requests, results)
