@@ -195,8 +195,8 @@ class BartLike(Adapter):
 
 class T5Like(Adapter):
     """T5, FLAN-T5 and mT5: RMS norms, pre-norm, no attention scaling, a learned relative position
-    bias (computed by the first self-attention layer and shared by all), a tied head scaled by
-    d_model**-0.5."""
+    bias (computed by the first self-attention layer and shared by all), a head whose input is
+    scaled by d_model**-0.5 where the model's forward does so (`_scales_decoder_output`)."""
 
     def __init__(self, model: Any) -> None:
         self.model = model
@@ -205,7 +205,7 @@ class T5Like(Adapter):
         self.layers = len(self.decoder.block)
         self.heads = config.num_heads
         self.head_dim = config.d_kv
-        self.tied = bool(getattr(config, "tie_word_embeddings", True))
+        self.scale_output = _scales_decoder_output(config)
         self.model_dim = config.d_model
 
     def cross_kv(self, hidden: torch.Tensor) -> list[KV]:
@@ -249,9 +249,24 @@ class T5Like(Adapter):
                                            cross_mask, layout))
             h = _clamp(h + ff_layer.DenseReluDense(ff_layer.layer_norm(h)))
         h = decoder.final_layer_norm(h)
-        if self.tied:
+        if self.scale_output:
             h = h * (self.model_dim ** -0.5)
         return self.model.lm_head(h[:, 0]).float(), new_kv
+
+
+def _scales_decoder_output(config: Any) -> bool:
+    """Whether the model's forward multiplies the decoder output by d_model**-0.5 before the head.
+    transformers 4 does so when `tie_word_embeddings` (T5 and mT5; False in FLAN-T5, T5 v1.1 and
+    mT5 checkpoints). transformers 5 forces `tie_word_embeddings` to True in both configs: T5 keeps
+    the checkpoint's choice as `scale_decoder_outputs`, mT5 never scales."""
+    scale = getattr(config, "scale_decoder_outputs", None)
+    if scale is not None:
+        return bool(scale)
+    import transformers
+
+    if config.model_type == "mt5" and int(transformers.__version__.split(".")[0]) >= 5:
+        return False
+    return bool(getattr(config, "tie_word_embeddings", True))
 
 
 def _clamp(h: torch.Tensor) -> torch.Tensor:
