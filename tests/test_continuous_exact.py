@@ -330,3 +330,27 @@ def test_two_prefixes_two_sources_per_article_still_exact(tiny_t5):
     results, failures, _ = run(sess, arrivals)
     assert not failures and sorted(results) == sorted(requests)
     check_exact(engine, requests, results)
+
+
+def test_a_decoding_pass_that_fails_for_every_article_alone_fails_each_and_goes_on(engines,
+                                                                                 monkeypatch):
+    """Isolation finds that every article fails on its own: each gets its own failure (not an
+    exception for the whole step), the set is empty, and the session serves the next ones."""
+    engine = engines["bart"]
+    rng = random.Random(9)
+    requests = {t: request(engine, rng, num_beams=2) for t in range(3)}
+    sess = session(engine)
+
+    def failing_step(*args):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(sess.adapter, "step", failing_step)
+    out = sess.advance(StepIn(admit=tuple(Admit(t, p, a) for t, (p, a) in requests.items())))
+    assert {f.ticket for f in out.failed} == set(requests)
+    assert all(f.kind == "error" for f in out.failed)
+    assert out.active == 0 and not out.done and not sess.groups
+    monkeypatch.undo()
+    later = {7: request(engine, rng, num_beams=2)}
+    results, failures, _ = run(sess, {0: [Admit(7, *later[7])]})
+    assert not failures
+    check_exact(engine, later, results)

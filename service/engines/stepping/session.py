@@ -396,6 +396,8 @@ class TorchSession:
                 broken.append(article)
         for article in broken:
             self._drop_article(article)
+        if not self.groups:  # every article failed alone
+            return torch.empty(0), [], failed
         order = []
         for group in self.groups:
             if id(group.article) not in [id(a) for a in order]:
