@@ -354,3 +354,56 @@ def test_a_decoding_pass_that_fails_for_every_article_alone_fails_each_and_goes_
     results, failures, _ = run(sess, {0: [Admit(7, *later[7])]})
     assert not failures
     check_exact(engine, later, results)
+
+
+def test_a_cache_reorder_that_raises_fails_the_decoding_articles_and_delivers_the_done(
+        engines, monkeypatch):
+    """Rebuilding the cache after a step raises (say, out of memory copying it): the article
+    that finished in that step is delivered, the one still decoding fails, and the set is left
+    empty and consistent (no finished group of a delivered article stays behind)."""
+    engine = engines["bart"]
+    rng = random.Random(10)
+    short = request(engine, rng, summary_min_tokens=2, summary_max_tokens=2, num_beams=1,
+                    outputs=Outputs.SUMMARY)
+    long = request(engine, rng, summary_min_tokens=20, summary_max_tokens=20, num_beams=2,
+                   outputs=Outputs.SUMMARY)
+    sess = session(engine)
+    reorder, calls = sess._reorder, []
+
+    def failing_reorder(columns, surviving):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("injected")
+        return reorder(columns, surviving)
+
+    monkeypatch.setattr(sess, "_reorder", failing_reorder)
+    sess.advance(StepIn(admit=(Admit(1, *short), Admit(2, *long))))
+    out = sess.advance(StepIn())
+    assert [t for t, _ in out.done] == [1] and [f.ticket for f in out.failed] == [2]
+    assert out.active == 0 and not sess.groups
+    check_exact(engine, {1: short}, dict(out.done))
+    monkeypatch.undo()
+    results, failures, _ = run(sess, {0: [Admit(3, *long)]})
+    assert not failures
+    check_exact(engine, {3: long}, results)
+
+
+def test_a_result_that_fails_to_decode_fails_only_its_article(engines, monkeypatch):
+    engine = engines["pegasus"]
+    rng = random.Random(11)
+    requests = {t: request(engine, rng, outputs=Outputs.SUMMARY, num_beams=2,
+                           summary_min_tokens=2 + 3 * t, summary_max_tokens=2 + 3 * t)
+                for t in range(3)}
+    sess = session(engine)
+    decode = sess._decode
+
+    def failing_decode(ids, output):
+        if len(ids) == 1 + 5:  # ticket 1's summary: the start token and 5 tokens
+            raise ValueError("injected")
+        return decode(ids, output)
+
+    monkeypatch.setattr(sess, "_decode", failing_decode)
+    results, failures, _ = run(sess, {0: [Admit(t, p, a) for t, (p, a) in requests.items()]})
+    assert set(failures) == {1} and set(results) == {0, 2}
+    del requests[1]
+    check_exact(engine, requests, results)

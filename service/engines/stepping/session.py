@@ -285,6 +285,8 @@ class TorchSession:
             rows = slice(offset, offset + group.width)
             try:
                 tokens, parents = group.search.advance(logits[rows])
+                if group.search.finished:
+                    text = self._decode(group.search.result(), group.output)
             except Exception as error:  # noqa: BLE001 - this group's article fails alone
                 failed.append(_failure(group.article.ticket, error, "search"))
                 broken.add(id(group.article))
@@ -292,8 +294,7 @@ class TorchSession:
                 continue
             group.length += 1
             if group.search.finished:
-                group.article.texts[group.output] = self._decode(group.search.result(),
-                                                                 group.output)
+                group.article.texts[group.output] = text
             else:
                 group.tokens = tokens
                 keep.append(parents + offset)
@@ -311,7 +312,16 @@ class TorchSession:
             elif len(article.texts) == len(article.inputs) and article.ticket in self._articles:
                 del self._articles[article.ticket]
                 done.append((article.ticket, _generated(article)))
-        self._reorder(columns, surviving)
+        try:
+            self._reorder(columns, surviving)
+        except Exception as error:  # noqa: BLE001 - e.g. out of memory copying the cache
+            # The set's cache could not be rebuilt: the articles still decoding fail (the ones
+            # done in this step are delivered above) and the set starts over empty, so no
+            # group of a delivered or failed article stays behind.
+            for article in {id(g.article): g.article for g, _ in surviving}.values():
+                self._articles.pop(article.ticket, None)
+                failed.append(_failure(article.ticket, error, "decoding"))
+            self.groups, self._self_kv, self._cross = [], None, None
         return failed
 
     def _forward(self, group_indices: list[int]) -> tuple[torch.Tensor, list[KV]]:
