@@ -146,8 +146,9 @@ class Settings:
     kv_cache_mb: int = _setting(
         0, "Memory for the decoder caches of continuous batching (self- and cross-attention, "
            "beams included), in MiB; a request that could never fit is refused with "
-           "RESOURCE_EXHAUSTED. 0: auto (a quarter of system RAM on CPU, 90% of free GPU memory "
-           "after loading)")
+           "RESOURCE_EXHAUSTED. Counted between steps; a step briefly holds up to about 3x the "
+           "self-attention and 2x the cross-attention part. 0: auto (an eighth of system RAM on "
+           "CPU, 30% of free GPU memory after loading)")
     max_queue: int = _setting(
         1024, "Most articles waiting for the model; past it calls get RESOURCE_EXHAUSTED.")
     check_invariants: bool = _setting(

@@ -407,3 +407,16 @@ def test_a_result_that_fails_to_decode_fails_only_its_article(engines, monkeypat
     assert set(failures) == {1} and set(results) == {0, 2}
     del requests[1]
     check_exact(engine, requests, results)
+
+
+def test_a_generation_mode_the_loop_does_not_run_fails_the_article_not_silently(tiny_bart):
+    """A checkpoint whose generation config asks for group beam search: the loop runs greedy
+    and plain beam search only, so such an article fails instead of coming out different."""
+    engine = TorchEngine(Settings(model=str(tiny_bart), threads=1, engine="torch",
+                                  compute_type="float32")).load()
+    engine.summary.model.generation_config.num_beam_groups = 2
+    engine.summary.model.generation_config.diversity_penalty = 0.5
+    rng = random.Random(12)
+    params, article = request(engine, rng, num_beams=4, outputs=Outputs.SUMMARY)
+    results, failures, _ = run(session(engine), {0: [Admit(0, params, article)]})
+    assert not results and failures[0].kind == "error"

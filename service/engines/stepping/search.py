@@ -54,6 +54,11 @@ def hf_setup(model: Any, config: Any, encoder_ids: torch.Tensor) -> Setup:
     has_default_max_length = config.max_length is None and model.generation_config.max_length is None
     has_default_min_length = config.min_length is None and model.generation_config.min_length is None
     config, _ = model._prepare_generation_config(copy.deepcopy(config))
+    mode = config.get_generation_mode()
+    if str(getattr(mode, "value", mode)) not in ("greedy_search", "beam_search"):
+        # e.g. a checkpoint whose generation config asks for group or contrastive search: this
+        # loop runs greedy and plain beam search only, and must not silently write otherwise.
+        raise ValueError(f"continuous batching runs greedy and beam search only, not {mode}")
     device = encoder_ids.device
     model._prepare_special_tokens(config, True, device=device, batch_size=1)
     config = model._prepare_generated_length(

@@ -456,9 +456,9 @@ class TorchSession:
                 keep_rows.append(torch.arange(offset, offset + group.width))
                 groups.append(group)
             offset += group.width
-        self._articles.pop(article.ticket, None)
         if not groups:
             self.groups, self._self_kv, self._cross = [], None, None
+            self._articles.pop(article.ticket, None)
             return
         keep = torch.cat(keep_rows).to(self.device)
         if self._self_kv is not None:
@@ -470,6 +470,8 @@ class TorchSession:
                 self._self_kv = None
         self._cross = None
         self.groups = groups
+        # Forgotten last: if a copy above raised, the article is still removable.
+        self._articles.pop(article.ticket, None)
 
     def _remove(self, ticket: int) -> None:
         article = self._articles.get(ticket)
