@@ -252,26 +252,8 @@ class Slot:
         return failures
 
     def _step(self, step: StepIn) -> StepOut:
-        assert self.conn is not None and self.process is not None
-        started = time.monotonic()
-        try:
-            self.conn.send(Advance(step))
-            limit = self.watchdog_s()
-            if not self.conn.poll(limit):
-                log.error("worker %d: a decoding step ran past the watchdog's %.0fs; killing the "
-                          "worker", self.index, limit)
-                self.process.kill()
-                self.process.join(5)
-                raise _Died("watchdog")
-            reply = self.conn.recv()
-        except (EOFError, OSError):
-            raise _Died(_cause(self.process)) from None
-        if isinstance(reply, Failed):
-            if reply.out_of_memory:
-                raise OutOfMemory(reply.message)
-            raise EngineError(f"the engine's decoding step raised {reply.error_type}")
+        reply = self._exchange(Advance(step), "a decoding step", "the engine's decoding step")
         assert isinstance(reply, Advanced), reply
-        self._recent_s.append(time.monotonic() - started)
         return reply.out
 
     def _claim(self) -> None:
@@ -285,15 +267,25 @@ class Slot:
 
     def _generate(self, params: GenerationParams,
                   articles: list[PreparedArticle]) -> list[Generated]:
-        assert self.conn is not None and self.process is not None
         batch = next(self._batches)
+        reply = self._exchange(Generate(batch, params, articles),
+                               f"a batch of {len(articles)}", "the engine")
+        assert isinstance(reply, Results) and reply.batch == batch, reply
+        return reply.results
+
+    def _exchange(self, message: Generate | Advance, work: str, raiser: str
+                  ) -> Results | Advanced:
+        """Send one request and wait for its reply under the watchdog (a worker past it is
+        killed); a dead worker raises _Died, a reported failure OutOfMemory or EngineError.
+        `work` and `raiser` name the request in the log and the error."""
+        assert self.conn is not None and self.process is not None
         started = time.monotonic()
         try:
-            self.conn.send(Generate(batch, params, articles))
+            self.conn.send(message)
             limit = self.watchdog_s()
             if not self.conn.poll(limit):
-                log.error("worker %d: a batch of %d ran past the watchdog's %.0fs; killing the "
-                          "worker", self.index, len(articles), limit)
+                log.error("worker %d: %s ran past the watchdog's %.0fs; killing the worker",
+                          self.index, work, limit)
                 self.process.kill()
                 self.process.join(5)
                 raise _Died("watchdog")
@@ -303,10 +295,9 @@ class Slot:
         if isinstance(reply, Failed):
             if reply.out_of_memory:
                 raise OutOfMemory(reply.message)
-            raise EngineError(f"the engine raised {reply.error_type}")
-        assert isinstance(reply, Results) and reply.batch == batch, reply
+            raise EngineError(f"{raiser} raised {reply.error_type}")
         self._recent_s.append(time.monotonic() - started)
-        return reply.results
+        return reply
 
     def watchdog_s(self) -> float:
         if self.settings.batch_timeout_s:
