@@ -37,12 +37,9 @@ def engines(tiny_bart: Path, tiny_t5: Path, tiny_pegasus: Path) -> dict[str, Tor
 def session(engine: TorchEngine, budget_bytes: int = 2**30) -> TorchSession:
     """A session whose results carry token ids (as text: "1 2 3"), so tests compare ids."""
     ckpt = engine.summary
-    limits = {"summary": lambda p: (p.summary_min_tokens, p.summary_max_tokens),
-              "headline": lambda p: (p.headline_min_tokens, p.headline_max_tokens)}
     return TorchSession(
         adapter=adapter_for(ckpt.model), model=ckpt.model, device="cpu",
-        budget_bytes=budget_bytes,
-        generation_config=lambda output, p: engine._generation_config(ckpt, *limits[output](p), p),
+        budget_bytes=budget_bytes, generation_config=engine.output_config,
         decode=lambda ids, output: (" ".join(map(str, ids)), len(ids)))
 
 
@@ -51,15 +48,12 @@ def solo(engine: TorchEngine, params: GenerationParams, article: PreparedArticle
     """transformers generate on this request alone: token ids per output ("" if not asked)."""
     ckpt = engine.summary
     out = []
-    for wanted, ids, low, high in (
-            (params.outputs.summary, article.summary_ids, params.summary_min_tokens,
-             params.summary_max_tokens),
-            (params.outputs.headline, article.headline_ids, params.headline_min_tokens,
-             params.headline_max_tokens)):
+    for output, wanted, ids in (("summary", params.outputs.summary, article.summary_ids),
+                                ("headline", params.outputs.headline, article.headline_ids)):
         if not wanted:
             out.append("")
             continue
-        config = engine._generation_config(ckpt, low, high, params)
+        config = engine.output_config(output, params)
         with torch.inference_mode():
             tokens = ckpt.model.generate(input_ids=torch.tensor([ids]),
                                          attention_mask=torch.ones((1, len(ids)), dtype=torch.long),

@@ -342,9 +342,13 @@ class CheckpointEngine:
         raise NotImplementedError
 
     def warmup(self) -> None:
-        params = GenerationParams(
+        params = self.warmup_params()
+        self.generate(params, self.prepare([WARMUP_TEXT], params))
+
+    def warmup_params(self) -> GenerationParams:
+        """A small generation with the default beams: both outputs, at most 8 tokens each."""
+        return GenerationParams(
             summary_max_tokens=min(8, self.defaults.summary_max_tokens), summary_min_tokens=0,
             headline_max_tokens=min(8, self.defaults.headline_max_tokens), headline_min_tokens=0,
             num_beams=self.defaults.num_beams, outputs=Outputs.BOTH,
             max_input_tokens=self.defaults.max_input_tokens)
-        self.generate(params, self.prepare([WARMUP_TEXT], params))

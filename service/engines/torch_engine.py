@@ -21,7 +21,7 @@ from typing import Any
 
 from .checkpoint import Checkpoint, CheckpointEngine, load_checkpoint, load_failure, resolve_source
 from ..config import Settings
-from ..domain import Generated, GenerationParams, Outputs
+from ..domain import Generated, GenerationParams
 from ..errors import ConfigError, ModelLoadError
 from ..text import tidy_headline, tidy_summary
 
@@ -165,19 +165,21 @@ class TorchEngine(CheckpointEngine):
                 + f" in {self.compute_type}: use --batching static")
         ckpt = self.summary
         tidy = {"summary": tidy_summary, "headline": tidy_headline}
-        limits = {"summary": lambda p: (p.summary_min_tokens, p.summary_max_tokens),
-                  "headline": lambda p: (p.headline_min_tokens, p.headline_max_tokens)}
-
-        def generation_config(output: str, params: GenerationParams) -> Any:
-            low, high = limits[output](params)
-            return self._generation_config(ckpt, low, high, params)
 
         def decode(ids: list[int], output: str) -> tuple[str, int]:
             return ckpt.decode([ids], tidy[output])[0]
 
         return TorchSession(adapter=adapter_for(ckpt.model), model=ckpt.model,
                             device=self.device, budget_bytes=self._cache_budget(),
-                            generation_config=generation_config, decode=decode)
+                            generation_config=self.output_config, decode=decode)
+
+    def output_config(self, output: str, params: GenerationParams) -> Any:
+        """The generation config `output` ("summary" or "headline") is written with."""
+        if output == "summary":
+            low, high = params.summary_min_tokens, params.summary_max_tokens
+        else:
+            low, high = params.headline_min_tokens, params.headline_max_tokens
+        return self._generation_config(self.summary, low, high, params)
 
     def warmup(self) -> None:
         """Warm up the path requests will take: a decoding session when batching is continuous
@@ -187,11 +189,7 @@ class TorchEngine(CheckpointEngine):
             return
         from .protocol import WARMUP_TEXT, Admit, StepIn
 
-        params = GenerationParams(
-            summary_max_tokens=min(8, self.defaults.summary_max_tokens), summary_min_tokens=0,
-            headline_max_tokens=min(8, self.defaults.headline_max_tokens), headline_min_tokens=0,
-            num_beams=self.defaults.num_beams, outputs=Outputs.BOTH,
-            max_input_tokens=self.defaults.max_input_tokens)
+        params = self.warmup_params()
         session = self.open_session()
         out = session.advance(StepIn(admit=(Admit(0, params, self.prepare([WARMUP_TEXT],
                                                                           params)[0]),)))
