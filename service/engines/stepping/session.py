@@ -396,27 +396,24 @@ class TorchSession:
             return torch.empty(0), [], [_failure(article.ticket, error, "decoding")]
         log.warning("decoding step of %d articles failed (%s); stepping each alone",
                     len(by_article), type(error).__name__)
-        failed, broken, results = [], [], {}
+        # An article's groups are next to each other (they join together and keep their
+        # order), so the survivors' results in article order are the rows in set order.
+        failed, broken, results = [], [], []
         for indices in by_article.values():
             article = self.groups[indices[0]].article
             try:
-                results[id(article)] = self._forward(indices)
+                results.append(self._forward(indices))
             except Exception as alone:  # noqa: BLE001
                 failed.append(_failure(article.ticket, alone, "decoding"))
                 broken.append(article)
         for article in broken:
             self._drop_article(article)
-        if not self.groups:  # every article failed alone
+        if not results:  # every article failed alone
             return torch.empty(0), [], failed
-        order = []
-        for group in self.groups:
-            if id(group.article) not in [id(a) for a in order]:
-                order.append(group.article)
-        logits = torch.cat([results[id(a)][0] for a in order])
-        layers = len(results[id(order[0])][1]) if order else 0
-        columns = [(torch.cat([results[id(a)][1][i][0] for a in order]),
-                    torch.cat([results[id(a)][1][i][1] for a in order]))
-                   for i in range(layers)]
+        logits = torch.cat([logits for logits, _ in results])
+        columns = [(torch.cat([kv[i][0] for _, kv in results]),
+                    torch.cat([kv[i][1] for _, kv in results]))
+                   for i in range(len(results[0][1]))]
         return logits, columns, failed
 
     # ----- leaving -----
