@@ -272,7 +272,6 @@ async def test_over_grpc_concurrent_callers_with_mixed_options_get_generates_tok
     three option sets get exactly what the static engine writes for each article alone."""
     import asyncio
 
-    from service.api.server import SummarizerServer  # noqa: F401 - the real server, below
     from summarizer_client.gen.summarizer.v1 import summarizer_pb2 as pb
     from summarizer_client.gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
 

@@ -46,7 +46,6 @@ import itertools
 import logging
 import time
 from collections.abc import Callable, Hashable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
@@ -54,6 +53,7 @@ from ..engines.protocol import Admit, StepFailure, StepIn, StepOut
 from ..errors import GenerationFailed, OutOfMemory, Unavailable
 from .executor import BatchReport
 from .jobs import P, BatcherStats, Drop, DropReason, Entry, InvariantViolation, Job, JobState
+from .runner import Runner
 
 log = logging.getLogger(__name__)
 
@@ -110,9 +110,11 @@ def failure_error(failure: StepFailure) -> Exception:
     return GenerationFailed(failure.message or "the engine failed on this article")
 
 
-class ContinuousExecutor(Generic[P, R]):
+class ContinuousExecutor(Runner, Generic[P, R]):
     """Runs a decoding session one step at a time in one worker thread. Owns the entries it was
     handed (`_held`, by ticket) until each is resolved, in `_finish` only."""
+
+    _source: ContinuousSource | None
 
     def __init__(self, advance: Advance, *, max_active: int,
                  clock: Callable[[], float] = time.monotonic,
@@ -122,15 +124,15 @@ class ContinuousExecutor(Generic[P, R]):
                  on_exit: Callable[[], None] | None = None) -> None:
         if max_active < 1:
             raise ValueError("max_active must be at least 1")
+        super().__init__(on_exit)
+        self._task_name = "continuous-executor"
         self._advance = advance
         self.max_active = max_active
         self._clock = clock
         self._on_batch = on_batch
         self._on_step = on_step
-        self._on_exit = on_exit
         self.stats = stats if stats is not None else BatcherStats()
         self.check_invariants = check_invariants
-        self._source: ContinuousSource | None = None
         self._held: dict[int, _Held] = {}
         self._tickets = itertools.count()
         self._to_remove: list[int] = []
@@ -138,54 +140,17 @@ class ContinuousExecutor(Generic[P, R]):
         self._last = StepOut()
         self.steps = 0
         """`advance` calls that decoded a step (rows > 0)."""
-        self._task: asyncio.Task | None = None
-        self._pool: ThreadPoolExecutor | None = None
-        self._in_engine = False
-        self._stopping = False
 
-    # ----- lifecycle -----
-    async def start(self, source: ContinuousSource) -> None:
-        """Pull work from `source` and decode it until stopped (or the source runs dry)."""
-        if self._task is not None:
-            raise RuntimeError("executor already started")
-        self._source = source
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="summarizer-model")
-        self._task = asyncio.get_running_loop().create_task(self._loop(),
-                                                            name="continuous-executor")
-        if self._on_exit is not None:
-            on_exit = self._on_exit
-            self._task.add_done_callback(lambda _t: on_exit())
+    # ----- for Runner -----
+    def _has_work(self) -> bool:
+        return bool(self._held) or self._in_engine
 
-    async def stop(self, timeout_s: float | None = None) -> None:
-        """Stop pulling; let the articles decoding finish (for at most `timeout_s`; their callers
-        get UNAVAILABLE after that)."""
-        self._stopping = True
-        task, self._task = self._task, None
-        if task is not None:
-            if not self._held and not self._in_engine:
-                task.cancel()  # waiting for work: nothing to finish
-            done, _ = await asyncio.wait({task}, timeout=timeout_s)
-            if not done:
-                log.warning("%d articles did not finish decoding in time; their callers get "
-                            "UNAVAILABLE", len(self._held))
-                task.cancel()
-                await asyncio.wait({task})
-        self._fail_all(Unavailable("server is shutting down"))
-        self._check()
-        if self._pool is not None:
-            self._pool.shutdown(wait=False)
-            self._pool = None
-        if task is not None and not task.cancelled() and task.exception() is not None:
-            raise task.exception()  # the loop died (an InvariantViolation): say so
+    def _late_message(self) -> str:
+        return (f"{len(self._held)} articles did not finish decoding in time; their callers get "
+                "UNAVAILABLE")
 
-    @property
-    def alive(self) -> bool:
-        return self._task is not None and not self._task.done()
-
-    @property
-    def worker_busy(self) -> bool:
-        """True while the model thread is inside `advance` (even after stop gave up)."""
-        return self._in_engine
+    def _fail_remaining(self, error: BaseException) -> None:
+        self._fail_all(error)
 
     @property
     def running(self) -> int:
@@ -236,8 +201,7 @@ class ContinuousExecutor(Generic[P, R]):
         step = StepIn(admit=admits, remove=remove)
         started = self._clock()
         try:
-            out = await asyncio.get_running_loop().run_in_executor(
-                self._pool, self._tracked, step)
+            out = await self._in_worker(self._advance, step)
         except asyncio.CancelledError:
             raise  # stop() gave up on the step: it fails what is held
         except Unavailable as error:
@@ -298,14 +262,6 @@ class ContinuousExecutor(Generic[P, R]):
             admits.append(Admit(ticket, entry.job.key, entry.job.payload))
         self._check()
         return tuple(admits)
-
-    def _tracked(self, step: StepIn) -> StepOut:
-        # Runs in the worker thread.
-        self._in_engine = True
-        try:
-            return self._advance(step)
-        finally:
-            self._in_engine = False
 
     def _deliver(self, out: StepOut, started: float, admitted: int, removed: int) -> None:
         now = self._clock()

@@ -28,12 +28,12 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Hashable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
 from ..errors import GenerationFailed, SummarizerError, Unavailable
 from .jobs import P, BatcherStats, Drop, Entry, InvariantViolation, Job, JobState
+from .runner import Runner
 
 log = logging.getLogger(__name__)
 
@@ -89,74 +89,36 @@ class BatchReport:
         return 1.0 - sum(self.costs) / (len(self.costs) * max(self.costs))
 
 
-class Executor(Generic[P, R]):
+class Executor(Runner, Generic[P, R]):
     """Runs one batch at a time in one worker thread. Owns the entries it was handed (`running`)
     until each is resolved, in `_finish` only (or `_drop`, which counts and finishes)."""
+
+    _source: BatchSource | None
 
     def __init__(self, run_batch: RunBatch, *, clock: Callable[[], float] = time.monotonic,
                  on_batch: Callable[[BatchReport], None] | None = None,
                  stats: BatcherStats | None = None, check_invariants: bool = False,
                  on_exit: Callable[[], None] | None = None) -> None:
+        super().__init__(on_exit)
+        self._task_name = "batch-executor"
         self._run_batch = run_batch
         self._clock = clock
         self._on_batch = on_batch
-        self._on_exit = on_exit
         self.stats = stats if stats is not None else BatcherStats()
         self.check_invariants = check_invariants
-        self._source: BatchSource | None = None
         self._running: set[Entry] = set()
-        self._task: asyncio.Task | None = None
-        self._pool: ThreadPoolExecutor | None = None
         self._in_batch = False
-        self._in_engine = False
-        self._stopping = False
 
-    # ----- lifecycle -----
-    async def start(self, source: BatchSource) -> None:
-        """Pull batches from `source` and run them until stopped (or the source runs dry)."""
-        if self._task is not None:
-            raise RuntimeError("executor already started")
-        self._source = source
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="summarizer-model")
-        self._task = asyncio.get_running_loop().create_task(self._loop(), name="batch-executor")
-        if self._on_exit is not None:
-            on_exit = self._on_exit
-            self._task.add_done_callback(lambda _t: on_exit())
+    # ----- for Runner -----
+    def _has_work(self) -> bool:
+        return self._in_batch
 
-    async def stop(self, timeout_s: float | None = None) -> None:
-        """Let the running batch finish (for at most `timeout_s`; its callers get UNAVAILABLE
-        after that), then stop pulling."""
-        self._stopping = True
-        task, self._task = self._task, None
-        if task is not None:
-            if not self._in_batch:
-                task.cancel()  # waiting for work: nothing to finish
-            # Returns once the running batch (if any) has been delivered.
-            done, _ = await asyncio.wait({task}, timeout=timeout_s)
-            if not done:
-                log.warning("the running batch did not finish in time; its callers get "
-                            "UNAVAILABLE")
-                task.cancel()
-                await asyncio.wait({task})
-        shutting_down = Unavailable("server is shutting down")
+    def _late_message(self) -> str:
+        return "the running batch did not finish in time; its callers get UNAVAILABLE"
+
+    def _fail_remaining(self, error: BaseException) -> None:
         for entry in list(self._running):
-            self._finish(entry, error=shutting_down)
-        self._check()
-        if self._pool is not None:
-            self._pool.shutdown(wait=False)
-            self._pool = None
-        if task is not None and not task.cancelled() and task.exception() is not None:
-            raise task.exception()  # the loop died (an InvariantViolation): say so
-
-    @property
-    def alive(self) -> bool:
-        """Started, and still pulling work."""
-        return self._task is not None and not self._task.done()
-
-    @property
-    def worker_busy(self) -> bool:
-        """True while the model thread is still inside `run_batch` (even after stop gave up)."""
-        return self._in_engine
+            self._finish(entry, error=error)
 
     @property
     def running(self) -> int:
@@ -255,8 +217,7 @@ class Executor(Generic[P, R]):
         payloads = [e.job.payload for e in entries]
         started = self._clock()
         try:
-            results = await asyncio.get_running_loop().run_in_executor(
-                self._pool, self._tracked, key, payloads)
+            results = await self._in_worker(self._run_batch, key, payloads)
             if len(results) != len(entries):
                 raise GenerationFailed(
                     f"engine returned {len(results)} results for {len(entries)} inputs")
@@ -293,14 +254,6 @@ class Executor(Generic[P, R]):
             except Exception:  # noqa: BLE001 - metrics and tracing must never break serving
                 log.exception("on_batch hook failed")
         return elapsed
-
-    def _tracked(self, key: Hashable, payloads: list[P]) -> Sequence[R]:
-        # Runs in the worker thread.
-        self._in_engine = True
-        try:
-            return self._run_batch(key, payloads)
-        finally:
-            self._in_engine = False
 
     # ----- the only place where a running job changes state -----
     def _finish(self, entry: Entry, *, result: object = None,
