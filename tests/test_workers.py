@@ -169,11 +169,10 @@ def check_results(reply: pb.SummarizeResponse, ids: list[str], texts: list[str])
         assert result.summary == expected(article), (result.id, result.summary, article)
 
 
-# ----- the tests -----
-def test_sigkill_during_a_batch_under_load_loses_and_crosses_nothing(serve) -> None:
-    server = serve("slow", "--workers", "1")
-    [pid] = worker_pids(server).values()
-    callers, rounds = 6, 3
+def sigkill_under_load(server, pid: int, busy_log: str, callers: int = 6,
+                       rounds: int = 3) -> None:
+    """`callers` threads each make `rounds` calls of 1-3 articles; once the log shows `busy_log`
+    (the worker is working), SIGKILL it. Every call must still get its own results."""
     with grpc.insecure_channel(server.target) as channel:
         stub = pb_grpc.SummarizerStub(channel)
 
@@ -186,14 +185,22 @@ def test_sigkill_during_a_batch_under_load_loses_and_crosses_nothing(serve) -> N
             return done
 
         with concurrent.futures.ThreadPoolExecutor(callers) as pool:
-            futures = [pool.submit(caller, c) for c in range(callers)]
             mark = len(server.log)
-            wait_for_log(server, rf"worker {pid}: .*generating a batch", after=mark)
-            os.kill(pid, signal.SIGKILL)  # the batch takes 0.3 s: it is surely still running
+            futures = [pool.submit(caller, c) for c in range(callers)]
+            wait_for_log(server, busy_log, after=mark)
+            os.kill(pid, signal.SIGKILL)
             replies = [reply for f in futures for reply in f.result(timeout=120)]
     assert len(replies) == callers * rounds
     for reply, ids, texts in replies:
         check_results(reply, ids, texts)
+
+
+# ----- the tests -----
+def test_sigkill_during_a_batch_under_load_loses_and_crosses_nothing(serve) -> None:
+    server = serve("slow", "--workers", "1")
+    [pid] = worker_pids(server).values()
+    # The batch takes 0.3 s: it is surely still running.
+    sigkill_under_load(server, pid, rf"worker {pid}: .*generating a batch")
     assert not alive(pid)
     assert worker_pids(server)[0] != pid
     assert restarts(server, "signal") == 1
@@ -378,27 +385,8 @@ def test_continuous_batching_survives_a_sigkill_mid_decode(serve) -> None:
     server = serve("stepping", "--workers", "1", "--batching", "continuous")
     assert "continuous batching" in "".join(server.log)
     [pid] = worker_pids(server).values()
-    callers, rounds = 6, 3
-    with grpc.insecure_channel(server.target) as channel:
-        stub = pb_grpc.SummarizerStub(channel)
-
-        def caller(c: int) -> list[tuple[pb.SummarizeResponse, list[str], list[str]]]:
-            done = []
-            for r in range(rounds):
-                texts = [text(f"C{c}R{r}A{a}") for a in range(c % 3 + 1)]
-                ids = [f"c{c}-r{r}-a{a}" for a in range(len(texts))]
-                done.append((summarize(stub, texts, ids), ids, texts))
-            return done
-
-        with concurrent.futures.ThreadPoolExecutor(callers) as pool:
-            mark = len(server.log)
-            futures = [pool.submit(caller, c) for c in range(callers)]
-            wait_for_log(server, rf"worker {pid}: .*session admitting", after=mark)
-            os.kill(pid, signal.SIGKILL)  # an article decodes for ~0.4 s: it is mid-decode
-            replies = [reply for f in futures for reply in f.result(timeout=120)]
-    assert len(replies) == callers * rounds
-    for reply, ids, texts in replies:
-        check_results(reply, ids, texts)
+    # An article decodes for ~0.4 s: it is mid-decode.
+    sigkill_under_load(server, pid, rf"worker {pid}: .*session admitting")
     assert not alive(pid)
     assert restarts(server, "signal") == 1
     assert retried(server) == 1
