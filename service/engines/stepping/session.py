@@ -77,7 +77,6 @@ class _Group:
     search: Search
     width: int
     source: _Source
-    max_length: int
     tokens: torch.Tensor
     """The tokens its rows feed to the next step: [width]."""
     length: int = 0
@@ -102,7 +101,6 @@ class TorchSession:
         self._self_kv: list[KV] | None = None  # [rows, heads, T, dim] per layer
         self._cross: tuple[list[KV], torch.Tensor, CrossLayout] | None = None
         """The running set's sources as the step reads them (`_cross_inputs`); None: rebuild."""
-        self.steps = 0
 
     # ----- sizes -----
     @property
@@ -132,7 +130,6 @@ class TorchSession:
             rows = self.rows
             if rows:
                 failed += self._step(done)
-                self.steps += 1
             elapsed = time.perf_counter() - started if rows else 0.0
         return StepOut(done=tuple(done), failed=tuple(failed), waiting=len(self._waiting),
                        active=len({id(g.article) for g in self.groups}), rows=rows,
@@ -252,7 +249,7 @@ class TorchSession:
             setup = hf_setup(self.model, config, encoder_ids)
             search = new_search(setup, self.model, self.device)
             group = _Group(article=article, output=output, search=search, width=search.width,
-                           source=sources[ids], max_length=setup.max_length,
+                           source=sources[ids],
                            tokens=torch.full((search.width,), setup.start_token,
                                              dtype=torch.long, device=self.device))
             article.groups.append(group)
@@ -447,17 +444,13 @@ class TorchSession:
         self.groups = [g for g, _ in surviving]
 
     def _drop_article(self, article: _Article) -> None:
-        keep_rows, offset, groups = [], 0, []
-        for group in self.groups:
-            if group.article is not article:
-                keep_rows.append(torch.arange(offset, offset + group.width))
-                groups.append(group)
-            offset += group.width
+        kept = [i for i, group in enumerate(self.groups) if group.article is not article]
+        groups = [self.groups[i] for i in kept]
         if not groups:
             self.groups, self._self_kv, self._cross = [], None, None
             self._articles.pop(article.ticket, None)
             return
-        keep = torch.cat(keep_rows).to(self.device)
+        keep = self._row_index(kept)
         if self._self_kv is not None:
             history = max(g.length for g in groups)
             self._self_kv = [(k.index_select(0, keep)[:, :, k.shape[2] - history:],
