@@ -55,11 +55,8 @@ def _stepped(model, ids: torch.Tensor, tokens: list[int]) -> torch.Tensor:
     self_kv, out = None, []
     for n, token in enumerate(tokens):
         valid = torch.ones((1, n + 1), dtype=torch.bool)
-        logits, columns = adapter.step(torch.tensor([token]), torch.tensor([n]), self_kv or [],
+        logits, self_kv = adapter.step(torch.tensor([token]), torch.tensor([n]), self_kv or [],
                                        valid, cross, cross_valid, layout)
-        self_kv = columns if self_kv is None else [
-            (torch.cat((k, nk), 2), torch.cat((v, nv), 2))
-            for (k, v), (nk, nv) in zip(self_kv, columns)]
         out.append(logits[0])
     return torch.stack(out)
 

@@ -88,8 +88,9 @@ class Adapter:
         this step (length T, possibly 0); `self_valid`: [rows, T + 1] bool, True where a row
         attends, this step's column included; `cross`: per source; `cross_valid`: [sources, S]
         bool; `layout`: which source each row reads.
-        Returns float logits [rows, vocab] and this step's new key/value column per layer
-        ([rows, heads, 1, head_dim]); the caller appends it (nothing here is mutated)."""
+        Returns float logits [rows, vocab] and each layer's self-attention keys/values with this
+        step's column appended ([rows, heads, T + 1, head_dim]: the attention needed them, so
+        the caller keeps them instead of appending again); nothing passed in is mutated."""
         raise NotImplementedError
 
     def bytes_per_token(self) -> int:
@@ -168,8 +169,8 @@ class BartLike(Adapter):
             residual = h
             x = layer.self_attn_layer_norm(h) if self.pre_norm else h
             column = (_heads(sa.k_proj(x), self.head_dim), _heads(sa.v_proj(x), self.head_dim))
-            new_kv.append(column)
             k, v = _with_column(self_kv[i] if self_kv else None, column)
+            new_kv.append((k, v))
             h = residual + self._attention(sa, x, k, v, self_mask)
             if not self.pre_norm:
                 h = layer.self_attn_layer_norm(h)
@@ -241,8 +242,8 @@ class T5Like(Adapter):
             sa = sa_layer.SelfAttention
             x = sa_layer.layer_norm(h)
             column = (_heads(sa.k(x), self.head_dim), _heads(sa.v(x), self.head_dim))
-            new_kv.append(column)
             k, v = _with_column(self_kv[i] if self_kv else None, column)
+            new_kv.append((k, v))
             h = _clamp(h + self._attention(sa, x, k, v, self_mask))
             x = ca_layer.layer_norm(h)
             h = _clamp(h + self._attention(ca_layer.EncDecAttention, x, cross[i][0], cross[i][1],

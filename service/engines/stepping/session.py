@@ -269,9 +269,9 @@ class TorchSession:
     def _step(self, done: list[tuple[int, Generated]]) -> list[StepFailure]:
         failed: list[StepFailure] = []
         try:
-            logits, columns = self._forward(list(range(len(self.groups))))
+            logits, merged = self._forward(list(range(len(self.groups))))
         except Exception as error:  # noqa: BLE001 - isolated below
-            logits, columns, failed = self._forward_isolating(error)
+            logits, merged, failed = self._forward_isolating(error)
             if not self.groups:
                 return failed
         keep: list[torch.Tensor] = []  # rows of the next step, in order
@@ -310,7 +310,7 @@ class TorchSession:
                 del self._articles[article.ticket]
                 done.append((article.ticket, _generated(article)))
         try:
-            self._reorder(columns, surviving)
+            self._reorder(merged, surviving)
         except Exception as error:  # noqa: BLE001 - e.g. out of memory copying the cache
             # The set's cache could not be rebuilt: the articles still decoding fail (the ones
             # done in this step are delivered above) and the set starts over empty, so no
@@ -322,7 +322,7 @@ class TorchSession:
         return failed
 
     def _forward(self, group_indices: list[int]) -> tuple[torch.Tensor, list[KV]]:
-        """Logits and new key/value columns for the rows of these groups (all of them, in order,
+        """Logits and self-attention caches with this step's column for the rows of these groups (all of them, in order,
         for the normal step; one article's when isolating a failure)."""
         groups = [self.groups[i] for i in group_indices]
         everything = len(groups) == len(self.groups)
@@ -408,16 +408,16 @@ class TorchSession:
         if not results:  # every article failed alone
             return torch.empty(0), [], failed
         logits = torch.cat([logits for logits, _ in results])
-        columns = [(torch.cat([kv[i][0] for _, kv in results]),
-                    torch.cat([kv[i][1] for _, kv in results]))
-                   for i in range(len(results[0][1]))]
-        return logits, columns, failed
+        merged = [(torch.cat([kv[i][0] for _, kv in results]),
+                   torch.cat([kv[i][1] for _, kv in results]))
+                  for i in range(len(results[0][1]))]
+        return logits, merged, failed
 
     # ----- leaving -----
-    def _reorder(self, columns: list[KV], surviving: list[tuple[_Group, torch.Tensor]]) -> None:
-        """Append this step's columns, then keep the surviving rows in their new order (each
-        group's beam reordering and every finished group's exit in one gather per layer), and
-        trim columns no row needs."""
+    def _reorder(self, merged: list[KV], surviving: list[tuple[_Group, torch.Tensor]]) -> None:
+        """From the caches with this step's column (`merged`), keep the surviving rows in their
+        new order (each group's beam reordering and every finished group's exit in one gather
+        per layer), and trim columns no row needs."""
         if not surviving:
             self.groups, self._self_kv, self._cross = [], None, None
             return
@@ -426,11 +426,6 @@ class TorchSession:
         identity = len(order) == total and bool(
             (order == torch.arange(total, device=order.device)).all())
         history = max(g.length for g, _ in surviving)
-        if self._self_kv is None:
-            merged = columns
-        else:
-            merged = [(torch.cat((k, nk), 2), torch.cat((v, nv), 2))
-                      for (k, v), (nk, nv) in zip(self._self_kv, columns)]
         width = merged[0][0].shape[2]
         start = width - history
         if identity:
