@@ -33,6 +33,17 @@ class Outputs(enum.Enum):
         return self is not Outputs.SUMMARY
 
 
+class Priority(enum.IntEnum):
+    """A request's class: which work may wait. Lower values run first (the policy in
+    service/serving/ orders work by class, then fairly across callers)."""
+
+    INTERACTIVE = 0
+    """Someone is waiting for it now (an editor's call)."""
+    DEFAULT = 1
+    BULK = 2
+    """Back-fills and batch jobs: runs when nothing more urgent needs the model."""
+
+
 class LongInput(enum.Enum):
     """What to do with an article longer than the model's input window."""
 

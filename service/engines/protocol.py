@@ -80,6 +80,9 @@ class Admit:
     """The caller's id for this article; results and failures name it."""
     params: GenerationParams
     article: PreparedArticle
+    priority: int = 1
+    """The article's class (`domain.Priority`: 0 interactive, 1 default, 2 bulk). The session
+    admits its waiting articles most urgent class first, then in the order given."""
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,11 @@ class StepIn:
     remove: tuple[int, ...] = ()
     """Tickets whose caller went (cancelled, deadline): dropped at once, waiting or decoding, and
     their cache memory freed. An unknown or finished ticket is ignored."""
+    pause: tuple[int, ...] = ()
+    """Tickets whose rows sit this step out (the serving side's policy decides, e.g. bulk
+    articles while interactive ones decode): their rows, caches and search state are kept as
+    they are, nothing is recomputed, and they resume at the first step that does not name them.
+    A paused article still counts against the cache budget. An unknown ticket is ignored."""
 
 
 @dataclass(frozen=True)
