@@ -83,7 +83,7 @@ class FakeRunBatch:
         for index in indices or tuple(self.gates):
             self.gates[index].set()
 
-    async def wait_calls(self, n: int, timeout: float = WAIT_S) -> None:
+    async def wait_calls(self, n: int, timeout_s: float = WAIT_S) -> None:
         """Return once run_batch has been entered at least `n` times."""
         async def reached() -> None:
             while len(self.calls) < n:
@@ -91,7 +91,7 @@ class FakeRunBatch:
                 if len(self.calls) >= n:
                     break
                 await self._changed.wait()
-        await asyncio.wait_for(reached(), timeout)
+        await asyncio.wait_for(reached(), timeout_s)
 
     # -- views --
     @property
@@ -102,12 +102,12 @@ class FakeRunBatch:
         return [p for c in self.calls for p in c.payloads]
 
 
-async def until(condition: Callable[[], bool], timeout: float = WAIT_S) -> None:
-    """Poll `condition` with short awaits; fail if it is not true within `timeout`."""
+async def until(condition: Callable[[], bool], timeout_s: float = WAIT_S) -> None:
+    """Poll `condition` with short awaits; fail if it is not true within `timeout_s`."""
     async def reached() -> None:
-        while not condition():
+        while not condition():  # noqa: ASYNC110 - nothing signals these conditions
             await asyncio.sleep(0.001)
-    await asyncio.wait_for(reached(), timeout)
+    await asyncio.wait_for(reached(), timeout_s)
 
 
 async def settle(turns: int = 20) -> None:
@@ -314,7 +314,7 @@ async def test_full_batch_of_another_key_is_not_held_behind_a_lone_older_job(mak
     full = batcher.submit(jobs(2, 3, key="b"))  # a whole batch of key "b", worker idle
     try:
         try:
-            await fake.wait_calls(1, timeout=0.5)
+            await fake.wait_calls(1, timeout_s=0.5)
         except TimeoutError:
             pass
         assert fake.batches == [[2, 3]]

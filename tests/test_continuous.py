@@ -193,7 +193,7 @@ async def test_nothing_more_is_pulled_while_articles_wait_for_cache_room(rig) ->
     results = await asyncio.gather(*futures)
     assert [x.summary for x in results[:6]] == [f"S:article {n:02}" for n in range(6)]
     waited = False
-    for (step, out), (following, _) in zip(r.recorder.calls, r.recorder.calls[1:]):
+    for (_, out), (following, _) in zip(r.recorder.calls, r.recorder.calls[1:]):
         if out.waiting:
             waited = True
             assert not following.admit, "pulled from the queue while the session had a backlog"

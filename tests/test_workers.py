@@ -64,7 +64,8 @@ def serve(model_dir: Path) -> Iterator[Callable[..., ServerProcess]]:
         pids = worker_pids(server).values()
         server.process.kill()
         server.process.wait()
-        wait_until(lambda: not any(alive(p) for p in pids), 10, "workers outlived the test")
+        wait_until(lambda: not any(alive(p) for p in pids), 10,  # noqa: B023 - waited for here
+                   "workers outlived the test")
 
 
 # ----- waiting on conditions -----

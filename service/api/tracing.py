@@ -182,7 +182,8 @@ class Tracing:
                           if k not in ("batch_size", "padded_tokens", "padding_ratio",
                                        "isolation_depth")}
         batch = self.tracer.start_span(
-            PREFIX + ("decode" if report.decoding else "batch"), context=trace.set_span_in_context(sampled[0].span),
+            PREFIX + ("decode" if report.decoding else "batch"),
+            context=trace.set_span_in_context(sampled[0].span),
             attributes={**_attributes(attributes), **self.engine_attributes},
             links=[Link(o.span.get_span_context()) for o in sampled], start_time=started_ns)
         if report.failed:
@@ -195,9 +196,9 @@ class Tracing:
                 owner.span.add_link(served)
         if report.isolation_depth:
             return  # the jobs' queue wait ended at their first try
-        for owner, waited_s, cost in zip(report.traces, report.waited_s, report.costs):
-            if isinstance(owner, OtelSpan) and owner.span.is_recording():
+        for traced, waited_s, cost in zip(report.traces, report.waited_s, report.costs):
+            if isinstance(traced, OtelSpan) and traced.span.is_recording():
                 self.tracer.start_span(
-                    PREFIX + "queue_wait", context=trace.set_span_in_context(owner.span),
+                    PREFIX + "queue_wait", context=trace.set_span_in_context(traced.span),
                     attributes={PREFIX + "input_tokens": cost},
                     start_time=started_ns - int(waited_s * 1e9)).end(end_time=started_ns)

@@ -260,7 +260,8 @@ class BatchQueue(Generic[P]):
                 self._groups.append(joined)
             for entry in entries:
                 self._group_of[entry] = joined
-                entry.future.add_done_callback(lambda _f, e=entry: self._on_done(e))
+                entry.future.add_done_callback(  # mypy infers no type for a default argument
+                    lambda _f, e=entry: self._on_done(e))  # type: ignore[misc]
             joined.entries = collections.deque(
                 sorted([*joined.entries, *entries], key=lambda e: e.job.cost))
             self._queued += len(entries)

@@ -57,7 +57,7 @@ class _Article:
     """Encoder input ids per output ("summary", "headline")."""
     reserve: tuple[int, int, int, int]
     """(rows, longest max length, sources, longest source) its groups need."""
-    groups: list["_Group"] = field(default_factory=list)
+    groups: list[_Group] = field(default_factory=list)
     texts: dict[str, tuple[str, int]] = field(default_factory=dict)
 
 
@@ -219,9 +219,9 @@ class TorchSession:
     def _encode_batch(self, articles: list[_Article]) -> dict[int, dict[tuple, _Source]]:
         inputs = []
         for article in articles:
-            for ids in article.inputs.values():
-                if ids not in inputs:
-                    inputs.append(ids)
+            for source_ids in article.inputs.values():
+                if source_ids not in inputs:
+                    inputs.append(source_ids)
         width = max(len(ids) for ids in inputs)
         pad = self.model.config.pad_token_id or 0
         ids = torch.full((len(inputs), width), pad, dtype=torch.long)
@@ -299,9 +299,9 @@ class TorchSession:
             offset += group.width
         # Groups of an article that failed leave with it.
         surviving = []
-        for group, rows in zip(keep_groups, keep):
+        for group, kept in zip(keep_groups, keep):
             if id(group.article) not in broken:
-                surviving.append((group, rows))
+                surviving.append((group, kept))
         for group in self.groups:
             article = group.article
             if id(article) in broken:
@@ -322,8 +322,8 @@ class TorchSession:
         return failed
 
     def _forward(self, group_indices: list[int]) -> tuple[torch.Tensor, list[KV]]:
-        """Logits and self-attention caches with this step's column for the rows of these groups (all of them, in order,
-        for the normal step; one article's when isolating a failure)."""
+        """Logits and self-attention caches with this step's column for the rows of these groups
+        (all of them, in order, for the normal step; one article's when isolating a failure)."""
         groups = [self.groups[i] for i in group_indices]
         everything = len(groups) == len(self.groups)
         self_kv = self._self_kv
