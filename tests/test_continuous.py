@@ -23,6 +23,7 @@ from service.serving.batcher import Batcher, BatchReport, DropReason, Job, StepR
 from service.serving.jobs import JobState
 from service.serving.queue import BatchQueue
 
+from .conftest import until
 from .fakes import FakeSteppingEngine, fake_cost
 
 pytestmark = pytest.mark.timeout(20)
@@ -420,8 +421,8 @@ async def test_stress_every_future_resolved_once_with_its_own_outcome(rig, seed:
             assert kind == "huge", text
         else:
             assert isinstance(outcome, GenerationFailed) and kind == "poison", (text, outcome)
-    await asyncio.sleep(0.05)
-    assert r.batcher.running == 0 and r.batcher.queue_depth == 0
+    await until(lambda: r.batcher.running == 0 and r.batcher.queue_depth == 0, 10,
+                "the batcher to hold nothing")
     # Nothing removed was answered afterwards, and the session holds nothing.
     removed: set[int] = set()
     for step, out in r.recorder.calls:
