@@ -43,7 +43,7 @@ from opentelemetry.trace import Link, Status, StatusCode
 from .. import __version__
 from ..engines.protocol import Engine
 from ..errors import ConfigError
-from ..serving.executor import BatchReport
+from ..serving.batcher import BatchReport
 from ..serving.tracing import AttributeValue
 
 log = logging.getLogger(__name__)

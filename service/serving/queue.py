@@ -46,11 +46,9 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic
 
+from ..domain import RECENT_BATCHES
 from ..errors import DeadlineExceeded, QueueFull, Unavailable
 from .jobs import P, BatcherStats, Drop, DropReason, Entry, InvariantViolation, Job, JobState
-
-RECENT_BATCHES = 8
-"""How many recent batch durations per key inform the "deadline cannot be met" check."""
 
 
 @dataclass(eq=False)
