@@ -26,8 +26,8 @@ one place, and it resolves each entry it is handed exactly once. Its loop:
    fails every held article with it, `OutOfMemory` (the step as a whole) too; anything else is a
    bug in the engine: every held article fails with `GenerationFailed` and is removed from the
    session at the next step. The loop survives both. (A worker process that dies is handled
-   below `advance`, in `workers.pool.Slot.advance`: its articles are admitted again once on the
-   new worker.)
+   below `advance`, in `workers.pool.WorkerPool.advancers`: its articles are admitted again
+   once on the new worker.)
 
 The queue's "deadline cannot be met" check hears, per key (generation options), how long an
 article took from its admission to the engine until it was done (`record_duration`): its

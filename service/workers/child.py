@@ -3,7 +3,7 @@
 With `--batching continuous` (decided by the server, which passes it in the settings) the worker
 opens one decoding session on its engine at start and answers each `DecodeStep` with the
 session's `Advanced` (one step); the session's state lives here, so when the worker dies its
-articles are admitted again on the next one by the server's slot (`pool.Slot.advance`).
+articles are admitted again on the next one by the server's slot (`pool.SessionReplay`).
 
 Started with the `spawn` method (a fresh interpreter: no torch, OpenMP or gRPC state inherited
 from the server). It dies with its parent: PR_SET_PDEATHSIG asks the kernel for SIGKILL when the

@@ -24,8 +24,17 @@ fails alone with `WorkerCrashed` (INTERNAL), whatever it shared its steps with (
 bisecting: the articles beside it get their one retry each). The executor above never sees the
 crash, only the failures, so nothing is lost and no result reaches the wrong caller.
 
-Worker processes are started from the event loop's thread (PR_SET_PDEATHSIG follows the thread
-that forks), and waited for in the slot's thread.
+Structure: calls go one way, down. `WorkerPool` supervises (restarts, the crash-loop breaker,
+the idle watch) and hands out one runner per slot: `_BatchRunner.run` (static batching) or
+`_SessionRunner.advance` (continuous, with its `SessionReplay`, the crash replay's state). A
+runner drives the pool (claim a ready worker, report a death) and its `Slot`; a `Slot` is one
+worker process and its pipe (start, one request/reply exchange under the watchdog, stop) and
+calls nothing above it.
+
+Threads: worker processes are started from the event loop's thread (PR_SET_PDEATHSIG follows the
+thread that forks); a runner runs in its executor's worker thread, one per slot; each worker has
+an idle-watch thread; replacements are waited for in the runner's thread or a restart thread
+(`Slot.starting` lets one at a time). Each class says which thread owns which field.
 """
 
 from __future__ import annotations
@@ -42,11 +51,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
+from multiprocessing.context import SpawnContext
 
 from ..config import Settings, available_cpus, worker_devices
 from ..domain import RECENT_BATCHES, Generated, GenerationParams, PreparedArticle
 from ..engines.protocol import Admit, StepFailure, StepIn, StepOut
 from ..errors import GenerationFailed, ModelLoadError, OutOfMemory, Unavailable
+from ..serving.executor import RunBatch
 from . import child
 from .messages import (Advanced, DecodeStep, Failed, Generate, LoadFailed, Ready, Results,
                        Stop)
@@ -80,10 +91,12 @@ class _Died(Exception):
 
 @dataclass
 class PoolStats:
+    """Written under the pool's lock; read (for metrics) from the event loop."""
+
     restarts: collections.Counter[str] = field(default_factory=collections.Counter)
     """Worker replacements by cause: exit, signal, watchdog."""
     retried_after_crash: int = 0
-    """Batches sent again after their worker died."""
+    """Batches (or held sessions) sent again after their worker died."""
 
 
 def _cause(process: multiprocessing.process.BaseProcess) -> str:
@@ -93,40 +106,46 @@ def _cause(process: multiprocessing.process.BaseProcess) -> str:
 
 
 class Slot:
-    """One worker process and the pipe to it; `run_batch` runs in the slot's executor thread."""
+    """One worker process and the pipe to it. Calls nothing above it.
 
-    def __init__(self, pool: WorkerPool, index: int, settings: Settings) -> None:
-        self.pool = pool
+    Fields by owner:
+    - `index`, `settings`, `starting`: set at construction, never rebound.
+    - `process`, `conn`, `started_at`: rebound only by `spawn` (the event loop's thread), while
+      `starting` is held or before any other thread uses the slot; read by the runner's thread
+      between `claim` and `release`, and by the idle watch (which compares, never writes).
+    - `ready`, `busy`: written only under `_state` (`claim`, `release`, `lost`, `lost_idle`,
+      `spawn`, `wait_ready`, `stop`); read anywhere (a bool read is atomic; decisions that
+      depend on both take `_state`).
+    - `_recent_s`: the runner's thread only (`exchange`, `watchdog_s`).
+    """
+
+    def __init__(self, index: int, settings: Settings, context: SpawnContext) -> None:
         self.index = index
         self.settings = settings
+        self._context = context
         self.process: multiprocessing.process.BaseProcess | None = None
         self.conn: Connection | None = None
-        self.ready = False
-        self._batches = itertools.count()
-        self._recent_s: collections.deque[float] = collections.deque(maxlen=RECENT_BATCHES)
         self.started_at = 0.0
-        self.starting = threading.Lock()
-        """Held while a replacement starts: the slot's thread and the eager restart share it."""
+        self.ready = False
         self.busy = False
-        """A batch is in the worker: its death is the batch's to handle, not the idle watch's."""
+        """A request is in the worker: its death is the runner's to handle, not the idle
+        watch's."""
         self._state = threading.Lock()
-        """Guards `ready` and `busy` between the executor's thread and the idle watch."""
-        self._admitted: dict[int, Admit] = {}
-        """Continuous batching: the tickets the worker's session holds, in admission order."""
-        self._session_of: multiprocessing.process.BaseProcess | None = None
-        """The process whose session holds `_admitted` (another one: they were lost with it)."""
-        self._crashes: collections.Counter[int] = collections.Counter()
-        """Continuous batching: per held ticket, the workers that died while holding it."""
+        """Guards `ready` and `busy` between the runner's thread and the idle watch."""
+        self.starting = threading.Lock()
+        """Held while a replacement starts: the runner's thread and the eager restart share it."""
+        self._recent_s: collections.deque[float] = collections.deque(maxlen=RECENT_BATCHES)
 
     # ----- starting (the process from the loop thread, the wait from any thread) -----
     def spawn(self) -> None:
-        parent, child_end = self.pool.context.Pipe()
-        process = self.pool.context.Process(
+        parent, child_end = self._context.Pipe()
+        process = self._context.Process(
             target=child.main, args=(child_end, self.settings, os.getpid()),
             name=f"summarizer-worker-{self.index}", daemon=True)
         process.start()
         child_end.close()  # the parent's copy: the child's death must show as EOF here
-        self.process, self.conn, self.ready = process, parent, False
+        with self._state:
+            self.process, self.conn, self.ready = process, parent, False
         self.started_at = time.monotonic()
 
     def wait_ready(self) -> Ready:
@@ -141,141 +160,49 @@ class Slot:
             self.process.join(5)
             raise ModelLoadError(message.message)
         assert isinstance(message, Ready), message
-        self.ready = True
+        with self._state:
+            self.ready = True
         log.info("worker %d (pid %d) ready: loaded in %.1fs, warmed up in %.1fs", self.index,
                  message.pid, message.load_s, message.warmup_s)
-        threading.Thread(target=self._watch_idle, args=(self.process,), daemon=True,
-                         name=f"summarizer-watch-{self.index}").start()
         return message
 
-    def _watch_idle(self, process: multiprocessing.process.BaseProcess) -> None:
-        """A worker that dies between batches (killed, OOM) is replaced now: no batch would
-        notice until the next one, and health would say SERVING without a live worker."""
-        multiprocessing.connection.wait([process.sentinel])
+    # ----- the runner's side of `ready` and `busy` -----
+    def claim(self) -> bool:
+        """Mark a ready worker busy (its death is then the runner's); False: not ready."""
         with self._state:
-            if (self.process is not process or self.busy or not self.ready
-                    or self.pool._stopping or self.pool.failed is not None):
-                return  # replaced already, a batch's death (run_batch's), or shutting down
+            if self.ready:
+                self.busy = True
+            return self.ready
+
+    def release(self) -> bool:
+        """The runner's request is over. True when the worker died meanwhile unnoticed (after
+        its reply: the idle watch left that death to the request): the runner has it replaced.
+        Decided under `_state` with `lost_idle`, so one of the two replaces it, never both."""
+        with self._state:
+            self.busy = False
+            if self.ready and self.process is not None and not self.process.is_alive():
+                self.ready = False
+                return True
+            return False
+
+    def lost(self) -> None:
+        """The runner saw the worker die during its request."""
+        with self._state:
+            self.ready = self.busy = False
+
+    def lost_idle(self, process: multiprocessing.process.BaseProcess) -> bool:
+        """`process` died with no request in it: True when it is this slot's ready worker (the
+        idle watch then has it replaced); False when it was replaced already, or a runner's
+        request was in it (the runner handles that death)."""
+        with self._state:
+            if self.process is not process or self.busy or not self.ready:
+                return False
             self.ready = False
-        cause = _cause(process)
-        log.warning("worker %d (pid %s) died between batches (%s); replacing it", self.index,
-                    process.pid, cause)
-        self.pool.replaced(self, cause)
+            return True
 
-    # ----- running a batch (the executor's thread) -----
-    def run_batch(self, params: GenerationParams,
-                  articles: list[PreparedArticle]) -> list[Generated]:
-        for attempt in (1, 2):
-            self._claim()
-            try:
-                return self._generate(params, articles)
-            except _Died as death:
-                with self._state:
-                    self.ready = False
-                    self.busy = False
-                self.pool.replaced(self, death.cause)
-                if attempt == 2:
-                    raise WorkerCrashed(f"a batch of {len(articles)} took its worker down twice "
-                                        f"({death.cause})") from None
-                self.pool.stats.retried_after_crash += 1
-                log.warning("worker %d died during a batch of %d (%s); replacing it and trying "
-                            "the batch again", self.index, len(articles), death.cause)
-            finally:
-                self.busy = False
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    # ----- continuous batching (the executor's thread) -----
-    def advance(self, step: StepIn) -> StepOut:
-        """One step of the worker's decoding session. Articles lost with a worker that died are
-        admitted again on its replacement (once each); see the module docstring."""
-        for ticket in step.remove:
-            self._admitted.pop(ticket, None)
-            self._crashes.pop(ticket, None)
-        new = [a for a in step.admit if a.ticket not in step.remove]
-        lost: list[StepFailure] = []
-        try:
-            while True:
-                self._claim()
-                try:
-                    if self._admitted and self._session_of is not self.process:
-                        lost += self._readmit()
-                        message = StepIn(admit=(*self._admitted.values(), *new))
-                    else:
-                        message = StepIn(admit=tuple(new), remove=step.remove)
-                    # From here the worker holds them: a death now is theirs too.
-                    self._session_of = self.process
-                    self._admitted.update((a.ticket, a) for a in new)
-                    new = []
-                    out = self._step(message)
-                except _Died as death:
-                    with self._state:
-                        self.ready = False
-                        self.busy = False
-                    log.warning("worker %d died during a decoding step holding %d articles (%s); "
-                                "replacing it", self.index, len(self._admitted), death.cause)
-                    self.pool.replaced(self, death.cause)
-                    continue
-                finally:
-                    self.busy = False
-                break
-        except BaseException:
-            # Unavailable (stopping, crash loop) or a failed step: the executor fails every
-            # article it holds, so nothing here is held any more.
-            self._admitted.clear()
-            self._crashes.clear()
-            raise
-        for ticket in [t for t, _ in out.done] + [f.ticket for f in out.failed]:
-            self._admitted.pop(ticket, None)
-            self._crashes.pop(ticket, None)
-        if lost:
-            out = replace(out, failed=(*lost, *out.failed))
-        return out
-
-    def _readmit(self) -> list[StepFailure]:
-        """The worker holding `_admitted` died: fail the articles it was the second death of,
-        keep the others to admit again (returns the failures)."""
-        failures = []
-        for ticket in list(self._admitted):
-            self._crashes[ticket] += 1
-            if self._crashes[ticket] >= 2:
-                del self._admitted[ticket]
-                del self._crashes[ticket]
-                failures.append(StepFailure(
-                    ticket, "error", "the article took its worker down twice", "WorkerCrashed"))
-        if failures:
-            log.error("worker %d: %d articles were decoding in two workers that died; failing "
-                      "them", self.index, len(failures))
-        if self._admitted:
-            self.pool.stats.retried_after_crash += 1
-            log.warning("worker %d: admitting %d articles again after their worker died",
-                        self.index, len(self._admitted))
-        return failures
-
-    def _step(self, step: StepIn) -> StepOut:
-        reply = self._exchange(DecodeStep(step), "a decoding step",
-                               "the engine's decoding step")
-        assert isinstance(reply, Advanced), reply
-        return reply.out
-
-    def _claim(self) -> None:
-        """Wait for a ready worker and mark it busy (its death is then this batch's)."""
-        while True:
-            self.pool.ensure_running(self)
-            with self._state:
-                if self.ready:  # not lost to the idle watch since
-                    self.busy = True
-                    return
-
-    def _generate(self, params: GenerationParams,
-                  articles: list[PreparedArticle]) -> list[Generated]:
-        batch = next(self._batches)
-        reply = self._exchange(Generate(batch, params, articles),
-                               f"a batch of {len(articles)}", "the engine")
-        assert isinstance(reply, Results) and reply.batch == batch, reply
-        return reply.results
-
-    def _exchange(self, message: Generate | DecodeStep, work: str, raiser: str
-                  ) -> Results | Advanced:
+    # ----- one request (the runner's thread, between claim and release) -----
+    def exchange(self, message: Generate | DecodeStep, work: str, raiser: str
+                 ) -> Results | Advanced:
         """Send one request and wait for its reply under the watchdog (a worker past it is
         killed); a dead worker raises _Died, a reported failure OutOfMemory or EngineError.
         `work` and `raiser` name the request in the log and the error."""
@@ -298,6 +225,7 @@ class Slot:
                 raise OutOfMemory(reply.message)
             raise EngineError(f"{raiser} raised {reply.error_type}")
         self._recent_s.append(time.monotonic() - started)
+        assert isinstance(reply, (Results, Advanced)), reply
         return reply
 
     def watchdog_s(self) -> float:
@@ -309,7 +237,7 @@ class Slot:
 
     # ----- stopping (the loop thread, or a thread of the loop's) -----
     def stop(self, timeout_s: float) -> None:
-        """Ask the worker to exit after its batch; kill it after `timeout_s`."""
+        """Ask the worker to exit after its request; kill it after `timeout_s`."""
         process, conn = self.process, self.conn
         if process is None:
             return
@@ -324,11 +252,175 @@ class Slot:
             process.join(5)
         if conn is not None:
             conn.close()
-        self.ready = False
+        with self._state:
+            self.ready = False
+
+
+class SessionReplay:
+    """Continuous batching: what one worker's decoding session holds, so that the articles can
+    be admitted again when the worker dies (see the module docstring). Used by one runner's
+    thread only."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        """The slot's, for the log."""
+        self.admitted: dict[int, Admit] = {}
+        """The tickets the worker's session holds, in admission order."""
+        self.session_of: multiprocessing.process.BaseProcess | None = None
+        """The process whose session holds `admitted` (another one: they were lost with it)."""
+        self.crashes: collections.Counter[int] = collections.Counter()
+        """Per held ticket, the workers that died while holding it."""
+
+    def forget(self, tickets: tuple[int, ...] | list[int]) -> None:
+        for ticket in tickets:
+            self.admitted.pop(ticket, None)
+            self.crashes.pop(ticket, None)
+
+    def next_step(self, new: list[Admit], remove: tuple[int, ...],
+                  process: multiprocessing.process.BaseProcess | None
+                  ) -> tuple[StepIn, list[StepFailure], bool]:
+        """The message for `process`'s session, which from then on holds `new` too: the step as
+        asked when it holds what was admitted, else everything admitted again (a new worker).
+        Returns it, the articles failed for a second death, and whether any were admitted
+        again."""
+        failures: list[StepFailure] = []
+        replayed = False
+        if self.admitted and self.session_of is not process:
+            failures = self._second_deaths()
+            replayed = bool(self.admitted)
+            message = StepIn(admit=(*self.admitted.values(), *new))
+        else:
+            message = StepIn(admit=tuple(new), remove=remove)
+        # From here the worker holds them: a death now is theirs too.
+        self.session_of = process
+        self.admitted.update((a.ticket, a) for a in new)
+        return message, failures, replayed
+
+    def _second_deaths(self) -> list[StepFailure]:
+        """The worker holding `admitted` died: fail the articles it was the second death of,
+        keep the others to admit again."""
+        failures = []
+        for ticket in list(self.admitted):
+            self.crashes[ticket] += 1
+            if self.crashes[ticket] >= 2:
+                del self.admitted[ticket]
+                del self.crashes[ticket]
+                failures.append(StepFailure(
+                    ticket, "error", "the article took its worker down twice", "WorkerCrashed"))
+        if failures:
+            log.error("worker %d: %d articles were decoding in two workers that died; failing "
+                      "them", self.index, len(failures))
+        if self.admitted:
+            log.warning("worker %d: admitting %d articles again after their worker died",
+                        self.index, len(self.admitted))
+        return failures
+
+    def settle(self, out: StepOut) -> None:
+        """Forget what the step finished or failed."""
+        self.forget([t for t, _ in out.done] + [f.ticket for f in out.failed])
+
+    def clear(self) -> None:
+        self.admitted.clear()
+        self.crashes.clear()
+
+
+class _BatchRunner:
+    """Static batching on one slot: `run` is the executor's `run_batch` (its worker thread)."""
+
+    def __init__(self, pool: WorkerPool, slot: Slot) -> None:
+        self.pool = pool
+        self.slot = slot
+        self._batches = itertools.count()
+
+    def run(self, params: GenerationParams, articles: list[PreparedArticle]) -> list[Generated]:
+        slot = self.slot
+        for attempt in (1, 2):
+            self.pool.claim(slot)
+            try:
+                batch = next(self._batches)
+                reply = slot.exchange(Generate(batch, params, articles),
+                                      f"a batch of {len(articles)}", "the engine")
+                assert isinstance(reply, Results) and reply.batch == batch, reply
+                return reply.results
+            except _Died as death:
+                slot.lost()
+                self.pool.replaced(slot, death.cause)
+                if attempt == 2:
+                    raise WorkerCrashed(f"a batch of {len(articles)} took its worker down twice "
+                                        f"({death.cause})") from None
+                self.pool.count_retry()
+                log.warning("worker %d died during a batch of %d (%s); replacing it and trying "
+                            "the batch again", slot.index, len(articles), death.cause)
+            finally:
+                self.pool.released(slot)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+class _SessionRunner:
+    """Continuous batching on one slot: `advance` is the continuous executor's (its worker
+    thread). Articles lost with a worker that died are admitted again on its replacement (once
+    each): `replay` holds what that takes."""
+
+    def __init__(self, pool: WorkerPool, slot: Slot) -> None:
+        self.pool = pool
+        self.slot = slot
+        self.replay = SessionReplay(slot.index)
+
+    def advance(self, step: StepIn) -> StepOut:
+        replay = self.replay
+        replay.forget(step.remove)
+        new = [a for a in step.admit if a.ticket not in step.remove]
+        try:
+            out, lost = self._step_on_a_live_worker(new, step.remove)
+        except BaseException:
+            # Unavailable (stopping, crash loop) or a failed step: the executor fails every
+            # article it holds, so nothing here is held any more.
+            replay.clear()
+            raise
+        replay.settle(out)
+        if lost:
+            out = replace(out, failed=(*lost, *out.failed))
+        return out
+
+    def _step_on_a_live_worker(self, new: list[Admit], remove: tuple[int, ...]
+                               ) -> tuple[StepOut, list[StepFailure]]:
+        """One step; a worker that dies under it is replaced and the step sent again, with
+        what the lost session held. Returns the step's result and the articles failed for
+        dying with a second worker."""
+        slot, replay = self.slot, self.replay
+        lost: list[StepFailure] = []
+        while True:
+            self.pool.claim(slot)
+            try:
+                message, failures, replayed = replay.next_step(new, remove, slot.process)
+                lost += failures
+                if replayed:
+                    self.pool.count_retry()
+                new = []
+                reply = slot.exchange(DecodeStep(message), "a decoding step",
+                                      "the engine's decoding step")
+                assert isinstance(reply, Advanced), reply
+                return reply.out, lost
+            except _Died as death:
+                slot.lost()
+                log.warning("worker %d died during a decoding step holding %d articles (%s); "
+                            "replacing it", slot.index, len(replay.admitted), death.cause)
+                self.pool.replaced(slot, death.cause)
+            finally:
+                self.pool.released(slot)
 
 
 class WorkerPool:
-    """The worker processes, their restarts and the crash-loop breaker."""
+    """The worker processes, their restarts and the crash-loop breaker.
+
+    Fields by owner:
+    - `slots`, `settings`, `context`, `on_change`, `crash_loop`: set at construction.
+    - `_loop`: set by `start` on the event loop's thread, before any other thread of the pool
+      exists; read anywhere after.
+    - `_stopping`: set once by `stop` (the loop's thread); read anywhere (a bool).
+    - `failed`, `stats`, `_restarts`, `_failed_starts`: written under `_lock` (from runner,
+      restart and idle-watch threads); read anywhere (`failed` is rebound once, from None).
+    """
 
     def __init__(self, settings: Settings,
                  on_change: Callable[[], None] | None = None) -> None:
@@ -338,8 +430,8 @@ class WorkerPool:
         threads = settings.threads or available_cpus()
         per_worker = max(1, threads // len(devices))
         self.context = multiprocessing.get_context("spawn")
-        self.slots = [Slot(self, i, replace(settings, device=device, threads=per_worker,
-                                            workers=0, devices=""))
+        self.slots = [Slot(i, replace(settings, device=device, threads=per_worker, workers=0,
+                                      devices=""), self.context)
                       for i, device in enumerate(devices)]
         self.settings = settings
         self.stats = PoolStats()
@@ -357,15 +449,14 @@ class WorkerPool:
     def ready(self) -> int:
         return sum(1 for slot in self.slots if slot.ready)
 
-    def run_batches(self) -> list[Callable[[GenerationParams, list[PreparedArticle]],
-                                           list[Generated]]]:
+    def run_batches(self) -> list[RunBatch[PreparedArticle, Generated]]:
         """One `run_batch` per worker: each feeds one executor, which pulls by capacity."""
-        return [slot.run_batch for slot in self.slots]
+        return [_BatchRunner(self, slot).run for slot in self.slots]
 
     def advancers(self) -> list[Callable[[StepIn], StepOut]]:
         """Continuous batching: one `advance` per worker, each feeding one continuous
         executor."""
-        return [slot.advance for slot in self.slots]
+        return [_SessionRunner(self, slot).advance for slot in self.slots]
 
     async def start(self) -> None:
         """Start every worker and wait until all have loaded; ModelLoadError if one cannot."""
@@ -377,6 +468,8 @@ class WorkerPool:
         except BaseException:
             await self.stop(0)
             raise
+        for slot in self.slots:
+            self._watch_idle(slot)
         self._changed()
 
     async def stop(self, timeout_s: float) -> None:
@@ -384,7 +477,30 @@ class WorkerPool:
         await asyncio.gather(*(asyncio.to_thread(slot.stop, timeout_s) for slot in self.slots))
         self._changed()
 
-    # ----- supervision (called from slot threads) -----
+    # ----- for the runners (their threads) -----
+    def claim(self, slot: Slot) -> None:
+        """Wait for `slot` to have a ready worker and mark it busy; Unavailable when stopping
+        or in a crash loop."""
+        while True:
+            self.ensure_running(slot)
+            if slot.claim():  # not lost to the idle watch since
+                return
+
+    def released(self, slot: Slot) -> None:
+        """A runner's request on `slot` is over; a worker that died after replying is replaced
+        now (the idle watch left it to the request)."""
+        if slot.release() and not self._stopping and self.failed is None:
+            assert slot.process is not None
+            cause = _cause(slot.process)
+            log.warning("worker %d (pid %s) died after its reply (%s); replacing it",
+                        slot.index, slot.process.pid, cause)
+            self.replaced(slot, cause)
+
+    def count_retry(self) -> None:
+        with self._lock:
+            self.stats.retried_after_crash += 1
+
+    # ----- supervision (called from runner, restart and idle-watch threads) -----
     def replaced(self, slot: Slot, cause: str) -> None:
         """`slot`'s worker died (`cause`): count it; a crash loop fails the pool."""
         with self._lock:
@@ -398,9 +514,28 @@ class WorkerPool:
                            f"{RESTART_WINDOW_S:.0f}s (--max-worker-restarts "
                            f"{self.settings.max_worker_restarts})")
         self._changed()
-        # Replace it now, not at its next batch: health counts ready workers.
+        # Replace it now, not at its next request: health counts ready workers.
         threading.Thread(target=self._restart_quietly, args=(slot,), daemon=True,
                          name=f"summarizer-restart-{slot.index}").start()
+
+    def _watch_idle(self, slot: Slot) -> None:
+        """Watch `slot`'s new worker from a thread of its own: one that dies between requests
+        (killed, OOM) is replaced now; no request would notice until the next one, and health
+        would say SERVING without a live worker."""
+        process = slot.process
+        assert process is not None
+
+        def watch() -> None:
+            multiprocessing.connection.wait([process.sentinel])
+            if self._stopping or self.failed is not None or not slot.lost_idle(process):
+                return  # shutting down, replaced already, or a request's death (the runner's)
+            cause = _cause(process)
+            log.warning("worker %d (pid %s) died between batches (%s); replacing it",
+                        slot.index, process.pid, cause)
+            self.replaced(slot, cause)
+
+        threading.Thread(target=watch, daemon=True,
+                         name=f"summarizer-watch-{slot.index}").start()
 
     def _restart_quietly(self, slot: Slot) -> None:
         try:
@@ -423,13 +558,14 @@ class WorkerPool:
             except ModelLoadError as error:
                 with self._lock:
                     self._failed_starts += 1
-                    failed_starts = self._failed_starts
-                self.stats.restarts["exit"] += 1
-                if failed_starts >= FAILED_STARTS_IN_A_ROW:
-                    self._fail(f"{failed_starts} worker starts failed in a row: {error}")
+                    self.stats.restarts["exit"] += 1
+                    if self._failed_starts >= FAILED_STARTS_IN_A_ROW:
+                        self._fail(f"{self._failed_starts} worker starts failed in a row: "
+                                   f"{error}")
                 continue
             with self._lock:
                 self._failed_starts = 0
+            self._watch_idle(slot)
             log.info("worker %d replaced in %.1fs", slot.index,
                      time.monotonic() - slot.started_at)
             self._changed()
@@ -456,6 +592,7 @@ class WorkerPool:
             raise errors[0]
 
     def _fail(self, reason: str) -> None:
+        """Give up (a crash loop). Called with `_lock` held."""
         if self.failed is not None:
             return
         self.failed = reason
