@@ -151,6 +151,11 @@ class Settings:
            "RESOURCE_EXHAUSTED. Counted between steps; a step briefly holds up to about 3x the "
            "self-attention and 2x the cross-attention part. 0: auto (an eighth of system RAM on "
            "CPU, 30% of free GPU memory after loading)")
+    max_encode_tokens_per_step: int = _setting(
+        1024, "Continuous batching: most padded input tokens (articles x longest input) encoded "
+              "between two decoding steps; a burst of long articles is encoded a slice per step, "
+              "most urgent first, so articles already decoding keep stepping. At least one "
+              "article per step whatever its length. 0: no cap (a burst is encoded at once).")
     max_queue: int = _setting(
         1024, "Most articles waiting for the model; past it calls get RESOURCE_EXHAUSTED.")
     check_invariants: bool = _setting(
@@ -215,7 +220,8 @@ class Settings:
         for name in ("threads", "max_input_tokens", "summary_max_tokens", "summary_min_tokens",
                      "headline_max_tokens", "headline_min_tokens", "num_beams",
                      "max_batch_tokens", "max_concurrent_rpcs", "port", "max_chunk_depth",
-                     "workers", "max_worker_restarts", "kv_cache_mb"):
+                     "workers", "max_worker_restarts", "kv_cache_mb",
+                     "max_encode_tokens_per_step"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative")
         for name in ("metrics_port", "health_port"):  # 0: off, -1: any free port
