@@ -229,7 +229,9 @@ class Settings:
             "--auth-tokens-file: a command line is visible to other users.", secret=True)
     auth_tokens_file: str = _setting(
         "", "File of accepted bearer tokens, one per line (several allow rotation without "
-            "downtime); combined with --auth-token.")
+            "downtime); combined with --auth-token. A token may be followed by default=CLASS "
+            "and ceiling=CLASS: its calls' class when they name none, and the most urgent class "
+            "it may ask for (above it: PERMISSION_DENIED); see docs/priority.md.")
 
     def __post_init__(self) -> None:
         problems = []

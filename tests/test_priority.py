@@ -23,10 +23,10 @@ from .test_batcher import FakeRunBatch, until
 
 pytestmark = pytest.mark.timeout(20)
 WAIT_S = 5.0
-I, D, B = Priority.INTERACTIVE, Priority.DEFAULT, Priority.BULK
+INT, DEF, BLK = Priority.INTERACTIVE, Priority.DEFAULT, Priority.BULK
 
 
-def jobs(*payloads: int, priority: Priority = D, key: Hashable = "k") -> list[Job]:
+def jobs(*payloads: int, priority: Priority = DEF, key: Hashable = "k") -> list[Job]:
     return [Job(p, key=key, cost=p, priority=priority) for p in payloads]
 
 
@@ -64,9 +64,9 @@ async def occupied(batcher: Batcher, fake: FakeRunBatch) -> None:
 async def test_queued_interactive_work_runs_before_earlier_bulk_and_without_bulk_beside_it(make):
     batcher, [fake] = await make()
     await occupied(batcher, fake)
-    bulk = batcher.submit(jobs(1, 2, 3, priority=B))
-    default = batcher.submit(jobs(4, priority=D))
-    [urgent] = batcher.submit(jobs(5, priority=I))
+    bulk = batcher.submit(jobs(1, 2, 3, priority=BLK))
+    default = batcher.submit(jobs(4, priority=DEF))
+    [urgent] = batcher.submit(jobs(5, priority=INT))
     fake.release()
     await asyncio.wait_for(asyncio.gather(*bulk, *default, urgent), WAIT_S)
     # The interactive job first, with the default one filling its batch's room; bulk after it,
@@ -77,15 +77,15 @@ async def test_queued_interactive_work_runs_before_earlier_bulk_and_without_bulk
 async def test_the_waiter_line_serves_the_most_urgent_class_first(make):
     batcher, [fake] = await make(max_queue=2)
     await occupied(batcher, fake)
-    batcher.submit(jobs(1, 2, priority=D))  # the queue is full
-    bulk_waiter = asyncio.ensure_future(batcher.admit(jobs(3, 4, priority=B)))
+    batcher.submit(jobs(1, 2, priority=DEF))  # the queue is full
+    bulk_waiter = asyncio.ensure_future(batcher.admit(jobs(3, 4, priority=BLK)))
     await asyncio.sleep(0)
-    urgent_waiter = asyncio.ensure_future(batcher.admit(jobs(5, priority=D)))
+    urgent_waiter = asyncio.ensure_future(batcher.admit(jobs(5, priority=DEF)))
     await asyncio.sleep(0)
     # A later DEFAULT call is not refused for the BULK waiter ahead of it (it is not ahead)...
     assert not urgent_waiter.done() and not bulk_waiter.done()
     with pytest.raises(QueueFull):  # ...but a BULK submit is: a BULK waiter is ahead of it
-        batcher.submit(jobs(9, priority=B))
+        batcher.submit(jobs(9, priority=BLK))
     fake.release()
     await asyncio.wait_for(asyncio.gather(urgent_waiter, bulk_waiter), WAIT_S)
     await until(lambda: len(fake.all_payloads()) == 6)
@@ -99,9 +99,9 @@ async def test_bulk_is_served_within_the_starvation_bound_under_a_stream_of_inte
         make, bound):
     batcher, [fake] = await make(max_batch_size=1, starvation_bound=bound)
     await occupied(batcher, fake)
-    [bulk] = batcher.submit(jobs(1000, priority=B))
+    [bulk] = batcher.submit(jobs(1000, priority=BLK))
     # Interactive calls arriving back to back: always more queued than the worker can take.
-    urgent = [f for n in range(3 * bound) for f in batcher.submit(jobs(n + 1, priority=I))]
+    urgent = [f for n in range(3 * bound) for f in batcher.submit(jobs(n + 1, priority=INT))]
     fake.release()
     await asyncio.wait_for(asyncio.gather(bulk, *urgent), WAIT_S)
     served_at = [batch for batch in fake.batches[1:]].index([1000]) + 1
@@ -112,8 +112,8 @@ async def test_bulk_is_served_within_the_starvation_bound_under_a_stream_of_inte
 async def test_a_bound_of_one_only_orders_the_queue(make):
     batcher, [fake] = await make(max_batch_size=1, starvation_bound=1)
     await occupied(batcher, fake)
-    batcher.submit(jobs(7, priority=B))
-    batcher.submit(jobs(1, 2, priority=I))
+    batcher.submit(jobs(7, priority=BLK))
+    batcher.submit(jobs(1, 2, priority=INT))
     fake.release()
     await until(lambda: len(fake.batches) == 4)
     assert fake.batches[1] == [1]  # the first cut is still the most urgent class's
@@ -124,8 +124,8 @@ async def test_a_bound_of_one_only_orders_the_queue(make):
 async def test_bulk_batches_stay_small_after_interactive_work_arrived(make):
     batcher, [fake] = await make(small_bulk_batch=2)
     await occupied(batcher, fake)
-    bulk = batcher.submit(jobs(1, 2, 3, 4, 5, priority=B))
-    urgent = batcher.submit(jobs(9, priority=I))
+    bulk = batcher.submit(jobs(1, 2, 3, 4, 5, priority=BLK))
+    urgent = batcher.submit(jobs(9, priority=INT))
     fake.release()
     await asyncio.wait_for(asyncio.gather(*bulk, *urgent), WAIT_S)
     assert fake.batches[1:] == [[9], [1, 2], [3, 4], [5]]
@@ -134,7 +134,7 @@ async def test_bulk_batches_stay_small_after_interactive_work_arrived(make):
 async def test_bulk_batches_are_full_size_without_interactive_traffic(make):
     batcher, [fake] = await make(small_bulk_batch=2)
     await occupied(batcher, fake)
-    bulk = batcher.submit(jobs(1, 2, 3, 4, 5, priority=B))
+    bulk = batcher.submit(jobs(1, 2, 3, 4, 5, priority=BLK))
     fake.release()
     await asyncio.wait_for(asyncio.gather(*bulk), WAIT_S)
     assert fake.batches[1:] == [[1, 2, 3, 4, 5]]
@@ -144,7 +144,7 @@ async def test_with_two_workers_the_first_keeps_its_bulk_batches_small(make):
     batcher, fakes = await make(workers=2, small_bulk_batch=2)
     for fake in fakes:
         fake.hold(0)
-    bulk = batcher.submit(jobs(*range(1, 17), priority=B))
+    bulk = batcher.submit(jobs(*range(1, 17), priority=BLK))
     for fake in fakes:
         await fake.wait_calls(1)
     # Both workers took a batch at once: the urgent lane a small one, the other a full one.
@@ -159,14 +159,14 @@ async def test_with_two_workers_the_first_keeps_its_bulk_batches_small(make):
 async def test_interactive_work_displaces_the_latest_queued_bulk_work(make):
     batcher, [fake] = await make(max_queue=4)
     await occupied(batcher, fake)
-    bulk = [batcher.submit(jobs(n, priority=B))[0] for n in (1, 2, 3, 4)]
-    urgent = batcher.submit(jobs(5, 6, priority=I))
+    bulk = [batcher.submit(jobs(n, priority=BLK))[0] for n in (1, 2, 3, 4)]
+    urgent = batcher.submit(jobs(5, 6, priority=INT))
     await asyncio.sleep(0)
     # The two bulk calls queued last were pushed out, at once, with RESOURCE_EXHAUSTED.
     assert [f.done() for f in bulk] == [False, False, True, True]
     for future in bulk[2:]:
         assert isinstance(future.exception(), QueueFull)
-    assert batcher.stats.displaced_by_priority[B] == 2
+    assert batcher.stats.displaced_by_priority[BLK] == 2
     assert batcher.stats.dropped_by_reason[DropReason.DISPLACED] == 2
     fake.release()
     assert await asyncio.wait_for(asyncio.gather(*urgent, *bulk[:2]), WAIT_S) == [50, 60, 10, 20]
@@ -176,27 +176,27 @@ async def test_interactive_work_displaces_the_latest_queued_bulk_work(make):
 async def test_bulk_never_displaces_and_default_displaces_only_bulk(make):
     batcher, [fake] = await make(max_queue=3)
     await occupied(batcher, fake)
-    batcher.submit(jobs(1, priority=I))
-    batcher.submit(jobs(2, priority=D))
-    [bulk] = batcher.submit(jobs(3, priority=B))
+    batcher.submit(jobs(1, priority=INT))
+    batcher.submit(jobs(2, priority=DEF))
+    [bulk] = batcher.submit(jobs(3, priority=BLK))
     with pytest.raises(QueueFull):
-        batcher.submit(jobs(4, priority=B))
-    assert batcher.stats.refused_by_priority[B] == 1
-    batcher.submit(jobs(5, priority=D))  # displaces the bulk job
+        batcher.submit(jobs(4, priority=BLK))
+    assert batcher.stats.refused_by_priority[BLK] == 1
+    batcher.submit(jobs(5, priority=DEF))  # displaces the bulk job
     await asyncio.sleep(0)
     assert isinstance(bulk.exception(), QueueFull)
     with pytest.raises(QueueFull):  # nothing less urgent than DEFAULT is left
-        batcher.submit(jobs(6, priority=D))
-    assert batcher.stats.refused_by_priority[D] == 1 and batcher.queue_depth == 3
+        batcher.submit(jobs(6, priority=DEF))
+    assert batcher.stats.refused_by_priority[DEF] == 1 and batcher.queue_depth == 3
 
 
 async def test_running_work_is_never_displaced(make):
     batcher, [fake] = await make(max_queue=1, max_batch_size=1)
     fake.hold(0)
-    [running] = batcher.submit(jobs(1, priority=B))
+    [running] = batcher.submit(jobs(1, priority=BLK))
     await fake.wait_calls(1)
-    [queued] = batcher.submit(jobs(2, priority=B))
-    [urgent] = batcher.submit(jobs(3, priority=I))
+    [queued] = batcher.submit(jobs(2, priority=BLK))
+    [urgent] = batcher.submit(jobs(3, priority=INT))
     await asyncio.sleep(0)
     assert isinstance(queued.exception(), QueueFull) and not running.done()
     fake.release()
@@ -204,16 +204,16 @@ async def test_running_work_is_never_displaced(make):
 
 
 async def test_a_class_limit_refuses_its_own_class_but_not_the_others(make):
-    batcher, [fake] = await make(max_queue=4, class_limits={B: 2})
+    batcher, [fake] = await make(max_queue=4, class_limits={BLK: 2})
     await occupied(batcher, fake)
-    batcher.submit(jobs(1, 2, priority=B))
+    batcher.submit(jobs(1, 2, priority=BLK))
     with pytest.raises(QueueFull, match="BULK"):
-        batcher.submit(jobs(3, priority=B))
-    batcher.submit(jobs(4, 5, priority=I))  # room left without displacing anything
-    assert batcher.stats.displaced_by_priority[B] == 0
+        batcher.submit(jobs(3, priority=BLK))
+    batcher.submit(jobs(4, 5, priority=INT))  # room left without displacing anything
+    assert batcher.stats.displaced_by_priority[BLK] == 0
     with pytest.raises(QueueFull, match="never fit"):
-        await batcher.admit(jobs(6, 7, 8, priority=B))
-    assert batcher.queue_depth_of(B) == 2 and batcher.queue_depth_of(I) == 2
+        await batcher.admit(jobs(6, 7, 8, priority=BLK))
+    assert batcher.queue_depth_of(BLK) == 2 and batcher.queue_depth_of(INT) == 2
 
 
 # ----- continuous batching -----
@@ -286,15 +286,15 @@ async def test_interactive_articles_are_admitted_and_joined_ahead_of_waiting_bul
     session.hold = threading.Event()
     batcher = await continuous(session, max_batch_size=4)
     try:
-        first = batcher.submit(texts("b0", priority=B))
+        first = batcher.submit(texts("b0", priority=BLK))
         await asyncio.wait_for(asyncio.to_thread(session.started.wait, WAIT_S), WAIT_S)
-        bulk = batcher.submit(texts("b1", "b2", priority=B))
-        urgent = batcher.submit(texts("i1", priority=I))
+        bulk = batcher.submit(texts("b1", "b2", priority=BLK))
+        urgent = batcher.submit(texts("i1", priority=INT))
         session.hold.set()
         results = await asyncio.wait_for(asyncio.gather(*first, *bulk, *urgent), WAIT_S)
         assert [r.summary for r in results] == ["S:b0", "S:b1", "S:b2", "S:i1"]
         order = [session.priority_of[t] for t in session.admitted_order]
-        assert order == [B, I, B, B], "the interactive article joined right after the first"
+        assert order == [BLK, INT, BLK, BLK], "the interactive article joined right after the first"
     finally:
         await batcher.stop(timeout_s=WAIT_S)
 
@@ -304,9 +304,9 @@ async def test_interactive_articles_join_beyond_a_full_running_set():
     session.hold = threading.Event()
     batcher = await continuous(session, max_batch_size=2, interactive_headroom=1)
     try:
-        bulk = batcher.submit(texts("b1", "b2", "b3", priority=B))
+        bulk = batcher.submit(texts("b1", "b2", "b3", priority=BLK))
         await asyncio.wait_for(asyncio.to_thread(session.started.wait, WAIT_S), WAIT_S)
-        urgent = batcher.submit(texts("i1", "i2", priority=I))
+        urgent = batcher.submit(texts("i1", "i2", priority=INT))
         session.hold.set()
         await until(lambda: len(session.stepped) >= 3, WAIT_S)
         # Two bulk articles fill the set; one interactive article joins beyond it, the second
@@ -324,15 +324,15 @@ async def test_bulk_articles_pause_while_interactive_ones_decode_but_never_starv
     session.hold = threading.Event()
     batcher = await continuous(session, starvation_bound=bound)
     try:
-        bulk = batcher.submit(texts("b1", priority=B))
+        bulk = batcher.submit(texts("b1", priority=BLK))
         await asyncio.wait_for(asyncio.to_thread(session.started.wait, WAIT_S), WAIT_S)
-        urgent = batcher.submit(texts("i1", priority=I))
+        urgent = batcher.submit(texts("i1", priority=INT))
         session.hold.set()
         await asyncio.wait_for(asyncio.gather(*bulk, *urgent), WAIT_S)
     finally:
         await batcher.stop(timeout_s=WAIT_S)
-    [b1] = [t for t, p in session.priority_of.items() if p == B]
-    [i1] = [t for t, p in session.priority_of.items() if p == I]
+    [b1] = [t for t, p in session.priority_of.items() if p == BLK]
+    [i1] = [t for t, p in session.priority_of.items() if p == INT]
     together = [n for n, s in enumerate(session.stepped) if i1 in s or i1 in session.paused[n]]
     assert together, "the interactive article decoded"
     assert all(i1 in session.stepped[n] for n in together), "interactive never paused"
@@ -342,14 +342,14 @@ async def test_bulk_articles_pause_while_interactive_ones_decode_but_never_starv
     assert not all(pattern)
     runs = "".join("x" if stepped else "." for stepped in pattern).split("x")
     assert max(len(run) for run in runs) == bound - 1
-    assert batcher.stats.paused_steps_by_priority[B] == pattern.count(False)
+    assert batcher.stats.paused_steps_by_priority[BLK] == pattern.count(False)
 
 
 async def test_without_interactive_work_nothing_is_paused():
     session = ClassedSession(steps=4)
     batcher = await continuous(session)
     try:
-        done = batcher.submit(texts("d1", priority=D) + texts("b1", priority=B))
+        done = batcher.submit(texts("d1", priority=DEF) + texts("b1", priority=BLK))
         await asyncio.wait_for(asyncio.gather(*done), WAIT_S)
     finally:
         await batcher.stop(timeout_s=WAIT_S)

@@ -341,6 +341,7 @@ class ContinuousExecutor(Runner, Generic[P, R]):
                 waited_s=(max(0.0, held.admitted_at - held.entry.enqueued_at),),
                 duration_s=now - held.admitted_at, failed=error is not None,
                 started_s=held.admitted_at, traces=(job.trace,),
+                priorities=(int(job.priority),),
                 error_type="" if error is None else type(error).__name__, decoding=True))
         except Exception:  # noqa: BLE001 - metrics and tracing must never break serving
             log.exception("on_batch hook failed")

@@ -137,7 +137,9 @@ class SummarizerCore:
         starts. An article that fails in the model (after its batch was split to isolate it)
         comes back as an ArticleFailure beside its neighbours' results; when every article
         failed, the call fails with the first failure."""
-        with span(self.tracer, "prepare", articles=len(articles)) as prepare:
+        priority = self.settings.default_class if priority is None else priority
+        with span(self.tracer, "prepare", articles=len(articles),
+                  priority=priority.name.lower()) as prepare:
             self.validator.check_count(articles)
             self.validator.check_ids(articles, required=False)
             params = self.resolve(options)
@@ -150,7 +152,6 @@ class SummarizerCore:
                 plans.append(plan)
             prepare.set(model_inputs=sum(plan.model_inputs for plan in plans))
         needed = sum(plan.model_inputs for plan in plans)
-        priority = self.settings.default_class if priority is None else priority
         room = self.batcher.class_limits[priority]
         if needed > room:
             raise InvalidArgument(
