@@ -16,7 +16,7 @@ import grpc
 import pytest
 
 from service import cli
-from service.api.server import SummarizerServer
+from service.api.server import SummarizerServer, default_engine_factory
 from service.config import Settings
 from service.domain import Priority
 from service.errors import ConfigError
@@ -303,3 +303,29 @@ async def test_the_class_is_in_the_access_log_line_and_the_metrics(
     assert len(lines) == 1
     assert "priority=interactive" in lines[0].getMessage()
     assert lines[0].request["priority"] == "interactive"
+
+
+# ----- continuous batching through an engine worker process -----
+
+async def test_bulk_articles_sit_steps_out_in_the_worker_while_interactive_ones_decode() -> None:
+    """The default deployment (a worker process per engine): the policy's pauses cross the
+    worker's pipe, the bulk article still finishes, and the interactive one never pauses."""
+    settings = BASE.replace(model="fake/model", workers=1, batching="continuous",
+                            worker_engine="tests.priority_engines:pausing", starvation_bound=3)
+    async with serving(settings, default_engine_factory) as (server, channel):
+        assert server.batching == "continuous" and server.workers is not None
+        stub = pb_grpc.SummarizerStub(channel)
+        long_options = dict(summary_max_tokens=60, headline_max_tokens=4)
+        bulk = request("a long back-fill article", **long_options)
+        bulk.priority = pb.PRIORITY_BULK
+        bulk_call = asyncio.ensure_future(stub.Summarize(bulk, timeout=30))
+        await _until(lambda: any(s.active for s in server.core.batcher.last_steps()))
+        urgent = request("an editor waits", summary_max_tokens=8, headline_max_tokens=4)
+        urgent.priority = pb.PRIORITY_INTERACTIVE
+        urgent_reply = await stub.Summarize(urgent, timeout=30)
+        bulk_reply = await bulk_call
+        paused_steps = sample(server, "summarizer_priority_paused_steps_total", priority="bulk")
+    assert urgent_reply.results[0].summary.endswith("|paused=0")
+    bulk_paused = int(bulk_reply.results[0].summary.rsplit("|paused=", 1)[1])
+    # The interactive article decoded 8 steps; the bulk one sat out 2 in every 3 of them.
+    assert bulk_paused >= 4 and paused_steps == bulk_paused
