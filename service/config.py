@@ -175,10 +175,11 @@ class Settings:
            "--max-batch-size by this many, so a full set of bulk work never makes them wait "
            "for a slot.")
     small_bulk_batch: int = _setting(
-        4, "Static batching: while interactive work has arrived in the last few seconds (and "
-           "always on the first worker when there are two or more), a batch of BULK work holds "
-           "at most this many articles, so an interactive call waits at most one small batch. "
-           "0: no cap.")
+        4, "While interactive work has arrived in the last few seconds: static batching cuts "
+           "batches of at most this many BULK articles (always, on the first worker when there "
+           "are two or more), so an interactive call waits at most one small batch; continuous "
+           "batching admits at most this many BULK articles per decoding step (their encoding "
+           "is part of that step). 0: no cap.")
     check_invariants: bool = _setting(
         False, "Check the batch queue's bookkeeping after every change (queued count, no article "
                "both queued and running) and fail loudly on a mismatch. For tests and debugging: "

@@ -7,6 +7,7 @@ calls block on events, so every test decides when the worker is free.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import Hashable
 from typing import Any
@@ -233,6 +234,8 @@ class ClassedSession:
         self.paused: list[tuple[int, ...]] = []
         self.admitted_order: list[int] = []
         self.priority_of: dict[int, int] = {}
+        self.admits: list[tuple[int, ...]] = []
+        """Each call's admitted classes."""
         self.hold: threading.Event | None = None
         self.started = threading.Event()
 
@@ -241,6 +244,7 @@ class ClassedSession:
             self.active.pop(ticket, None)
             self.waiting = [a for a in self.waiting if a.ticket != ticket]
         self.waiting += step.admit
+        self.admits.append(tuple(a.priority for a in step.admit))
         for admit in step.admit:
             self.priority_of[admit.ticket] = admit.priority
         self.waiting.sort(key=lambda a: a.priority)  # stable: the order given within a class
@@ -345,6 +349,26 @@ async def test_bulk_articles_pause_while_interactive_ones_decode_but_never_starv
     assert batcher.stats.paused_steps_by_priority[BLK] == pattern.count(False)
 
 
+@pytest.mark.parametrize("with_interactive", [True, False])
+async def test_bulk_articles_join_a_few_per_step_while_interactive_work_is_about(
+        with_interactive):
+    session = ClassedSession(steps=2)
+    session.hold = threading.Event()
+    batcher = await continuous(session, small_bulk_batch=2)
+    try:
+        first = batcher.submit(texts("i1" if with_interactive else "d1",
+                                     priority=INT if with_interactive else DEF))
+        await asyncio.wait_for(asyncio.to_thread(session.started.wait, WAIT_S), WAIT_S)
+        bulk = batcher.submit(texts(*(f"b{n}" for n in range(6)), priority=BLK))
+        session.hold.set()
+        await asyncio.wait_for(asyncio.gather(*first, *bulk), WAIT_S)
+    finally:
+        await batcher.stop(timeout_s=WAIT_S)
+    per_step = [admits.count(BLK) for admits in session.admits if BLK in admits]
+    # An interactive article arrived lately: the bulk encodings are sliced, two per step.
+    assert per_step == ([2, 2, 2] if with_interactive else [6])
+
+
 async def test_without_interactive_work_nothing_is_paused():
     session = ClassedSession(steps=4)
     batcher = await continuous(session)
@@ -361,3 +385,130 @@ def test_the_policy_validates_its_settings():
         SchedulingPolicy(max_batch_size=1, starvation_bound=0)
     with pytest.raises(ValueError, match="negative"):
         SchedulingPolicy(max_batch_size=1, small_bulk_batch=-1)
+
+
+# ----- everything at once: mixed classes under check_invariants -----
+
+@pytest.mark.parametrize("seed", range(3))
+async def test_mixed_classes_stress_every_future_resolved_once_with_its_own_outcome(seed):
+    """Two workers (one an urgent lane), a small queue and random classes: poison inputs,
+    callers that cancel, deadlines, refusals and displacement. Every future ends once, with its
+    own result or its own error; displaced and refused work is only ever less urgent work or a
+    full queue; the bookkeeping is checked after every change."""
+    import random
+
+    from service.errors import DeadlineExceeded
+
+    rng = random.Random(seed)
+    now = [0.0]
+    poison: set[int] = set()
+    deadlines: dict[int, float] = {}
+    futures: dict[int, asyncio.Future] = {}
+    classes: dict[int, Priority] = {}
+    refused: set[int] = set()
+    cancelled: set[int] = set()
+    lock = threading.Lock()
+
+    def run_batch(_key: Hashable, payloads: list[int]) -> list[int]:
+        with lock:
+            now[0] += 0.5
+        if poison.intersection(payloads):
+            raise RuntimeError("injected failure")
+        return [p * 10 for p in payloads]
+
+    batcher = Batcher([run_batch, run_batch], max_batch_size=6, max_wait_ms=0, max_queue=40,
+                      clock=lambda: now[0], check_invariants=True, small_bulk_batch=2,
+                      starvation_bound=3, class_limits={BLK: 30})
+    await batcher.start()
+    payload = 0
+    try:
+        for _round in range(150):
+            for _caller in range(rng.randint(1, 3)):
+                priority = rng.choice([INT, DEF, BLK, BLK])
+                batch = list(range(payload, payload + rng.randint(1, 5)))
+                payload += len(batch)
+                for p in batch:
+                    classes[p] = priority
+                    if rng.random() < 0.05:
+                        poison.add(p)
+                    if rng.random() < 0.1:
+                        deadlines[p] = now[0] + rng.choice([0.0, 1.0, 5.0])
+                try:
+                    submitted = batcher.submit([Job(p, key=rng.choice("ab"), cost=rng.randint(1, 9),
+                                                    deadline=deadlines.get(p), priority=priority)
+                                                for p in batch])
+                except QueueFull:
+                    refused.update(batch)
+                    continue
+                futures.update(zip(batch, submitted))
+            for p in rng.sample(sorted(futures), k=min(2, len(futures))):
+                if futures[p].cancel():
+                    cancelled.add(p)
+            await asyncio.sleep(0)
+        pending = [f for f in futures.values() if not f.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=10)
+        assert all(f.done() for f in futures.values()), "a future never resolved"
+    finally:
+        await batcher.stop()
+    displaced = 0
+    for p, future in futures.items():
+        if future.cancelled():
+            assert p in cancelled
+            continue
+        error = future.exception()
+        if error is None:
+            assert future.result() == p * 10 and p not in poison
+        elif isinstance(error, QueueFull):
+            assert classes[p] is not INT, "interactive work is never displaced"
+            displaced += 1
+        elif isinstance(error, DeadlineExceeded):
+            assert p in deadlines
+        else:
+            assert p in poison and str(error) == "injected failure"
+    stats = batcher.stats
+    assert sum(stats.displaced_by_priority.values()) == displaced
+    assert stats.dropped_by_reason[DropReason.DISPLACED] == displaced
+    assert sum(stats.refused_by_priority.values()) == len(refused)
+    assert batcher.queue_depth == 0 and batcher.running == 0
+    assert refused and displaced and stats.failed_jobs, "the run exercised every path"
+
+
+@pytest.mark.parametrize("seed", range(3))
+async def test_continuous_mixed_classes_stress(seed):
+    """Continuous batching with random classes, pauses, headroom and cancellations: every
+    article ends once with its own result; the session never holds more than the policy
+    allows."""
+    import random
+
+    rng = random.Random(seed)
+    session = ClassedSession(room=5, steps=4)
+    batcher = await continuous(session, max_batch_size=4, interactive_headroom=2,
+                               small_bulk_batch=2, starvation_bound=3)
+    futures: dict[str, asyncio.Future] = {}
+    classes: dict[str, Priority] = {}
+    cancelled: set[str] = set()
+    try:
+        for round_ in range(60):
+            for caller in range(rng.randint(0, 3)):
+                priority = rng.choice([INT, DEF, BLK])
+                names = [f"{round_}-{caller}-{n}" for n in range(rng.randint(1, 3))]
+                classes.update((name, priority) for name in names)
+                with contextlib.suppress(QueueFull):  # a full queue: refused, nothing queued
+                    futures.update(zip(names, batcher.submit(texts(*names, priority=priority))))
+            for name in rng.sample(sorted(futures), k=min(1, len(futures))):
+                if futures[name].cancel():
+                    cancelled.add(name)
+            await asyncio.sleep(0)
+            assert batcher.running <= 4 + 2
+        await asyncio.wait_for(asyncio.wait(list(futures.values())), WAIT_S * 2)
+    finally:
+        await batcher.stop(timeout_s=WAIT_S)
+    for name, future in futures.items():
+        if future.cancelled():
+            assert name in cancelled
+        elif isinstance(future.exception(), QueueFull):
+            assert classes[name] is not INT, "interactive work is never displaced"
+        else:
+            assert future.result().summary == f"S:{name}"
+    assert batcher.queue_depth == 0 and batcher.running == 0

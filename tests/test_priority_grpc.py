@@ -329,3 +329,16 @@ async def test_bulk_articles_sit_steps_out_in_the_worker_while_interactive_ones_
     bulk_paused = int(bulk_reply.results[0].summary.rsplit("|paused=", 1)[1])
     # The interactive article decoded 8 steps; the bulk one sat out 2 in every 3 of them.
     assert bulk_paused >= 4 and paused_steps == bulk_paused
+
+
+async def test_the_class_is_on_the_trace_spans() -> None:
+    from .test_tracing import Traced
+
+    traced = Traced()
+    async with serving(BASE, lambda s: FakeEngine(), tracing=traced.tracing) as (_, channel):
+        message = request("traced")
+        message.priority = pb.PRIORITY_BULK
+        await pb_grpc.SummarizerStub(channel).Summarize(message, timeout=10)
+    for name in ("summarizer.prepare", "summarizer.queue_wait", "summarizer.batch"):
+        [span] = traced.named(name)
+        assert span.attributes["summarizer.priority"] == "bulk", name

@@ -127,7 +127,7 @@ class SummarizerCore:
                 default_priority=s.default_class, queue_limits=self.batcher.class_limits,
                 starvation_bound=s.starvation_bound,
                 interactive_headroom=s.interactive_headroom if self.batcher.continuous else 0,
-                small_bulk_batch=0 if self.batcher.continuous else s.small_bulk_batch))
+                small_bulk_batch=s.small_bulk_batch))
 
     async def summarize(self, articles: Sequence[ArticleIn], options: RequestedOptions,
                         deadline: float | None = None, priority: Priority | None = None

@@ -19,13 +19,16 @@ The rules, in order:
 5. Static batches (keys must match): a batch is cut from its first class and fills its room from
    less urgent ones, except that bulk work never rides in a batch with interactive work (it would
    set the batch's pace). While interactive work arrived in the last `RECENT_INTERACTIVE_S`
-   seconds, or on an urgent lane (the first worker of two or more), a batch that starts with bulk
-   work holds at most `small_bulk_batch` jobs: an interactive call arriving then waits for a small
-   batch at most.
+   seconds, or on an urgent lane (the first worker of two or more), a batch holds at most
+   `small_bulk_batch` bulk jobs: an interactive call arriving then waits for a small batch at
+   most.
 6. Continuous batching: interactive articles may join the running set `interactive_headroom`
    beyond its size (and while the session has articles waiting for cache room, when nothing
-   else may); while interactive articles decode, less urgent ones sit steps out (`pauses`), their
-   caches kept, except every `starvation_bound`-th step, when everyone decodes.
+   else may); while interactive work arrived in the last `RECENT_INTERACTIVE_S` seconds, at most
+   `small_bulk_batch` bulk articles join per step (their encoding is part of the step: a burst
+   of long bulk encodings is sliced by articles); while interactive articles decode, less urgent
+   ones sit steps out (`pauses`), their caches kept, except every `starvation_bound`-th step,
+   when everyone decodes.
 7. Overload: more urgent work finding the queue full displaces queued (never running) work of
    less urgent classes, the least urgent class first and, within it, the work queued last
    (`victims`).
@@ -175,8 +178,8 @@ class SchedulingPolicy:
         return next((k for k, n in counts.items() if n >= self.max_batch_size), None)
 
     def small_bulk(self, now: float, urgent_lane: bool) -> bool:
-        """Whether a static batch of bulk work is capped at `small_bulk_batch` now."""
-        if not self.small_bulk_batch or self.share_keys:
+        """Whether a cut takes at most `small_bulk_batch` bulk jobs now (rules 5 and 6)."""
+        if not self.small_bulk_batch:
             return False
         recent = (self._last_interactive is not None
                   and now - self._last_interactive < RECENT_INTERACTIVE_S)
@@ -195,8 +198,6 @@ class SchedulingPolicy:
                      None)
         if first is None or size < 1:
             return []
-        if small_bulk and first is Priority.BULK:
-            size = min(size, self.small_bulk_batch)
         batch: list[Entry] = []
         longest = 0
         anchor: int | None = None
@@ -209,7 +210,10 @@ class SchedulingPolicy:
                 continue  # bulk work would set an interactive batch's pace
             if order.index(priority) < order.index(first):
                 continue  # nothing of the key there
-            served, longest, anchor = self._cut_line(priority, key, size, batch, longest, anchor,
+            room = size
+            if small_bulk and priority is Priority.BULK:
+                room = min(size, len(batch) + self.small_bulk_batch)
+            served, longest, anchor = self._cut_line(priority, key, room, batch, longest, anchor,
                                                      take)
             line = self._lines[priority]
             # Groups served go to the back of their line: round-robin carries over.
