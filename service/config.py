@@ -166,10 +166,11 @@ class Settings:
            "work finding the queue full pushes out queued (never running) less urgent work, "
            "bulk first; those callers get RESOURCE_EXHAUSTED at once.")
     starvation_bound: int = _setting(
-        4, "No starvation: a class with work waiting is served (static batching: in a batch; "
+        8, "No starvation: a class with work waiting is served (static batching: in a batch; "
            "continuous: admitted, and a paused article decodes) at least once in every this "
-           "many batches or decoding steps, however much more urgent work arrives. 1: classes "
-           "only order the queue (no pausing).")
+           "many batches or decoding steps, however much more urgent work arrives. Larger: "
+           "interactive articles decode more steps alone (faster), less urgent ones wait longer "
+           "beside them. 1: classes only order the queue (no pausing).")
     interactive_headroom: int = _setting(
         4, "Continuous batching: INTERACTIVE articles may join the running set beyond "
            "--max-batch-size by this many, so a full set of bulk work never makes them wait "

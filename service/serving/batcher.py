@@ -53,7 +53,7 @@ class Batcher(Generic[P, R]):
                  advancers: Sequence[Advance] | None = None,
                  on_step: Callable[[StepReport], None] | None = None,
                  class_limits: Mapping[Priority, int] | None = None,
-                 starvation_bound: int = 4, small_bulk_batch: int = 0,
+                 starvation_bound: int = 8, small_bulk_batch: int = 0,
                  interactive_headroom: int = 0) -> None:
         """Either `run_batch` (static batching: one callable, or one per engine instance) or
         `advancers` (continuous batching: one per engine instance; `max_batch_size` is then the

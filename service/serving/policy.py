@@ -74,7 +74,7 @@ class SchedulingPolicy:
     queue takes what the policy hands out (`cut`) or gives up (`victims`)."""
 
     def __init__(self, *, max_batch_size: int, max_batch_tokens: int = 0,
-                 share_keys: bool = False, starvation_bound: int = 4,
+                 share_keys: bool = False, starvation_bound: int = 8,
                  small_bulk_batch: int = 0, interactive_headroom: int = 0) -> None:
         if starvation_bound < 1:
             raise ValueError("starvation_bound must be at least 1")
