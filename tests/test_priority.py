@@ -322,6 +322,26 @@ async def test_interactive_articles_join_beyond_a_full_running_set():
         await batcher.stop(timeout_s=WAIT_S)
 
 
+async def test_take_ready_keeps_interactive_headroom_within_its_total():
+    from service.serving.queue import BatchQueue
+
+    queue = BatchQueue(max_batch_size=8, max_wait_ms=0, max_queue=20, share_keys=True,
+                       check_invariants=True)
+    queue.open()
+    queue.submit(texts("b1", "b2", "b3", priority=BLK))
+    queue.submit(texts("i1", "i2", "i3", priority=INT))
+    # Room for 2 of any class, 3 in all for interactive work: never more than 3 taken.
+    taken = queue.take_ready(2, 3)
+    assert [e.job.payload for e in taken] == ["i1", "i2", "i3"]
+    queue.submit(texts("i4", priority=INT))
+    # One of any class (interactive first); the interactive room is not for bulk work.
+    assert [e.job.payload for e in queue.take_ready(1, 2)] == ["i4"]
+    assert [e.job.payload for e in queue.take_ready(0, 2)] == []
+    assert [e.job.payload for e in queue.take_ready(1, 0)] == ["b1"]
+    assert queue.take_ready(0, 0) == []
+    queue.close()
+
+
 @pytest.mark.parametrize("bound", [2, 4])
 async def test_bulk_articles_pause_while_interactive_ones_decode_but_never_starve(bound):
     session = ClassedSession(steps=12)

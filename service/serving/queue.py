@@ -431,16 +431,16 @@ class BatchQueue(Generic[P]):
     def take_ready(self, limit: int, interactive_limit: int = 0) -> list[Entry]:
         """Up to `limit` queued jobs, now, without waiting (none once closed): what a continuous
         executor admits between decoding steps, chosen by the policy (class, round-robin,
-        shortest first), whatever their keys when `share_keys`; then INTERACTIVE ones up to
-        `interactive_limit` in all (room kept for them beyond `limit`). The entries are RUNNING:
-        the caller owns them."""
+        shortest first), whatever their keys when `share_keys`; then INTERACTIVE ones while
+        fewer than `interactive_limit` were taken in all (room kept for them beyond `limit`).
+        The entries are RUNNING: the caller owns them."""
         if self._closed or max(limit, interactive_limit) < 1 or self._prune() is None:
             return []
         taken: list[Entry] = []
         turn = self.policy.turn()
         if limit > 0 and turn is not None:
             taken = self._cut(self.policy.batch_key(turn), limit)
-        extra = interactive_limit - sum(e.job.priority is Priority.INTERACTIVE for e in taken)
+        extra = interactive_limit - len(taken)
         if extra > 0 and self._queued_by_class[Priority.INTERACTIVE]:
             turn = self.policy.turn()
             key = None if turn is None else self.policy.batch_key(turn)
