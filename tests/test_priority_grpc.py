@@ -342,3 +342,37 @@ async def test_the_class_is_on_the_trace_spans() -> None:
     for name in ("summarizer.prepare", "summarizer.queue_wait", "summarizer.batch"):
         [span] = traced.named(name)
         assert span.attributes["summarizer.priority"] == "bulk", name
+
+
+async def test_bulk_completes_while_interactive_calls_arrive_back_to_back() -> None:
+    """Three callers send interactive calls back to back, so interactive work is always queued
+    when the worker asks for more; a bulk call still completes, within the starvation bound."""
+    engine = FakeEngine()
+    engine.batch_delay_s = 0.01
+    settings = BASE.replace(max_batch_size=1, starvation_bound=4)
+    async with serving(settings, lambda s: engine) as (server, channel):
+        stub = pb_grpc.SummarizerStub(channel)
+        stop = asyncio.Event()
+        answered = [0]
+
+        async def editor(name: str) -> None:
+            message = request(f"urgent {name}")
+            message.priority = pb.PRIORITY_INTERACTIVE
+            while not stop.is_set():
+                await stub.Summarize(message, timeout=10)
+                answered[0] += 1
+
+        editors = [asyncio.ensure_future(editor(str(n))) for n in range(3)]
+        await _until(lambda: answered[0] >= 6)
+        bulk = request("the back-fill", "goes on", ids=["b1", "b2"])
+        bulk.priority = pb.PRIORITY_BULK
+        reply = await asyncio.wait_for(stub.Summarize(bulk, timeout=10), 10)
+        at_bulk_done = answered[0]
+        await _until(lambda: answered[0] >= at_bulk_done + 3)  # the editors were still busy
+        stop.set()
+        await asyncio.gather(*editors)
+    assert [r.summary for r in reply.results] == ["S:the back-fil", "S:goes on"]
+    texts = [batch[0] for batch in engine.batches]
+    # The two bulk articles ran at most 4 batches apart (starvation_bound), with interactive
+    # work around them.
+    assert 1 < abs(texts.index("goes on") - texts.index("the back-fill")) <= 4

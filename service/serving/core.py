@@ -156,8 +156,9 @@ class SummarizerCore:
         if needed > room:
             raise InvalidArgument(
                 "articles", f"split into chunks, the request's long articles make {needed} "
-                f"model inputs, more than the server's queue holds ({room} for "
-                f"{priority.name}); send fewer long articles per call, or use SummarizeStream")
+                f"model inputs, more than the server's queue holds ({room}"
+                f"{'' if room >= self.batcher.max_queue else ' of ' + priority.name}); send "
+                "fewer long articles per call, or use SummarizeStream")
         call = CallWork(self.batcher, deadline, priority)
         traces: list[ArticleTrace] = []
         try:

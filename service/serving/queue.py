@@ -465,8 +465,9 @@ class BatchQueue(Generic[P]):
     def _cut(self, key: Hashable, limit: int | None = None, *, urgent_lane: bool = False,
              classes: Sequence[Priority] = CLASSES) -> list[Entry]:
         """Take the batch the policy chooses."""
-        batch = self.policy.cut(key, limit, classes=classes, take=self._take,
-                                small_bulk=self.policy.small_bulk(self._clock(), urgent_lane))
+        now = self._clock()
+        batch = self.policy.cut(key, limit, classes=classes, take=self._take, now=now,
+                                small_bulk=self.policy.small_bulk(now, urgent_lane))
         if self.check_invariants and len(batch) > self.max_batch_size:
             raise InvariantViolation(f"a batch of {len(batch)} cut, over max_batch_size")
         self._serve_waiters()
