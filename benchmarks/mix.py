@@ -8,7 +8,10 @@ output lengths (min = max tokens), driven over gRPC:
   ~400 tokens), 4 beams, a 48-token summary and a 12-token headline, `--bulk-in-flight` (16)
   callers each sending its next call when its last is answered;
 - interactive: single-article calls (150-300 tokens), 2 beams, 16 + 12 tokens, Poisson
-  arrivals (`--interactive-interval-s` apart on average, seeded) over `--window-s`.
+  arrivals (seeded) over `--window-s`, `--interactive-interval-s` apart on average; by default
+  the interval is set per configuration so that the calls need `--interactive-busy` (25%) of the
+  server's time (their unloaded latency / 0.25): on a loaded shared machine a fixed interval can
+  ask for more than the whole machine.
 
 Per configuration, on the same server: each interactive article alone (its unloaded latency),
 `--bulk-unloaded-calls` bulk calls alone; then the bulk stream alone for `--window-s` (after
@@ -31,7 +34,7 @@ interactive calls are sent INTERACTIVE and bulk calls BULK (`--priorities auto`)
 none (the "before" figures on a server that has them), `on` insists.
 
     python benchmarks/mix.py                                     # both configurations, ~8 min
-    python benchmarks/mix.py --configs torch --window-s 60 --interactive-interval-s 2
+    python benchmarks/mix.py --configs torch --window-s 90 --interactive-interval-s 2
 
 Run it from the repository root. Ratios within one run are what count: absolute times vary up to
 2x between runs on a shared machine (the load average is printed).
@@ -230,7 +233,9 @@ def run_config(name: str, model: Path, texts: Texts, args: argparse.Namespace,
         stream = BulkStream(server, texts.bulk, bulk_options, args.bulk_in_flight,
                             bulk_fields, args.ramp_s).start()
         time.sleep(args.ramp_s)
-        arrivals = poisson_arrivals(args.window_s, args.interactive_interval_s, args.seed)
+        interval_s = (args.interactive_interval_s
+                      or statistics.median(unloaded) / args.interactive_busy)
+        arrivals = poisson_arrivals(args.window_s, interval_s, args.seed)
         pendings: list[tuple[int, Pending]] = []
         window_start = time.perf_counter()
         for n, at in enumerate(arrivals):
@@ -260,6 +265,7 @@ def run_config(name: str, model: Path, texts: Texts, args: argparse.Namespace,
     share = bulk_alone_rate * max(0.0, 1 - busy)
     row.update({
         "server_flags": server.flags,
+        "interactive_interval_s": round(interval_s, 2),
         "interactive_calls": len(interactive),
         "interactive_unloaded_s": {"median": round(statistics.median(unloaded), 3),
                                    "max": round(max(unloaded), 3)},
@@ -296,14 +302,12 @@ def report(rows: dict[str, dict[str, Any]]) -> list[str]:
                    if inter else "no calls")
         bulk_s = (f"{bulk['p50']:.1f} / {bulk['p99']:.1f} / {bulk['worst']:.1f}x"
                   if bulk else "none done")
-        kept = row["bulk_kept"]
-        vs_share = row["bulk_vs_share"]
+        kept = "-" if row["bulk_kept"] is None else f"{row['bulk_kept']:.0%}"
+        vs_share = "-" if row["bulk_vs_share"] is None else f"{row['bulk_vs_share']:.0%}"
         lines.append(
             f"  {LABELS[name]:<30} {inter_s:>24} {bulk_s:>20} "
             f"{row['bulk_alone_articles_per_s']:16.3f} {row['bulk_beside_articles_per_s']:7.3f} "
-            f"{kept if kept is None else f'{kept:.0%}':>6} "
-            f"{row['interactive_busy_fraction']:5.2f} "
-            f"{vs_share if vs_share is None else f'{vs_share:.0%}':>8}")
+            f"{kept:>6} {row['interactive_busy_fraction']:5.2f} {vs_share:>8}")
         lines.append(f"  {'':<30} {row['interactive_calls']} interactive calls, unloaded "
                      f"{row['interactive_unloaded_s']['median']:.2f} s median; bulk unloaded "
                      f"{row['bulk_unloaded_s']:.2f} s; load average "
@@ -335,9 +339,13 @@ def main() -> int:
     parser.add_argument("--ramp-s", type=float, default=15.0,
                         help="seconds the bulk stream runs before a window starts; its callers' "
                              "first calls are spread over it")
-    parser.add_argument("--interactive-interval-s", type=float, default=2.0,
+    parser.add_argument("--interactive-interval-s", type=float, default=0.0,
                         help="mean seconds between interactive arrivals (Poisson); the number "
-                             "of calls is about window / interval")
+                             "of calls is about window / interval. 0: the unloaded interactive "
+                             "latency / --interactive-busy, per configuration (the calls then "
+                             "need the same share of each server's time)")
+    parser.add_argument("--interactive-busy", type=float, default=0.25,
+                        help="with --interactive-interval-s 0: the busy fraction to offer")
     parser.add_argument("--interactive-articles", type=int, default=8,
                         help="distinct interactive articles (each timed alone first)")
     parser.add_argument("--bulk-in-flight", type=int, default=16)
@@ -353,8 +361,9 @@ def main() -> int:
                         help="more flags for every server, as one string")
     parser.add_argument("--cache", type=Path, default=Path(".bench-cache"))
     args = parser.parse_args()
-    if args.window_s <= 0 or args.interactive_interval_s <= 0:
-        parser.error("--window-s and --interactive-interval-s must be positive")
+    if args.window_s <= 0 or args.interactive_interval_s < 0 or not 0 < args.interactive_busy < 1:
+        parser.error("--window-s must be positive, --interactive-interval-s not negative, "
+                     "--interactive-busy between 0 and 1")
 
     interactive_fields, bulk_fields, priority_note = priority_fields(args.priorities)
     model = cached_preset_checkpoint(args.cache, args.preset)
@@ -370,12 +379,14 @@ def main() -> int:
           f"{load_average()} at the start", flush=True)
     print(f"bulk: {args.bulk_in_flight} in flight, {BULK.describe()} + {args.headline_tokens}-"
           f"token headline, {args.bulk_min_input_tokens}-{args.bulk_max_input_tokens}-token "
-          f"articles; interactive: Poisson every {args.interactive_interval_s:g} s on average "
-          f"over {args.window_s:g} s, {INTERACTIVE.describe()} + {args.headline_tokens}-token "
+          f"articles; interactive: Poisson every "
+          f"{args.interactive_interval_s or f'(unloaded / {args.interactive_busy:g})'} s on "
+          f"average over {args.window_s:g} s, {INTERACTIVE.describe()} + {args.headline_tokens}-token "
           f"headline; priorities: {priority_note}", flush=True)
     rows = {}
     for name in args.configs:
         rows[name] = run_config(name, model, texts, args, (interactive_fields, bulk_fields))
+        print(f"  {name}: " + json.dumps(rows[name], separators=(",", ":")), flush=True)
     elapsed = time.perf_counter() - started
     print(f"\n---- mixed load ({elapsed / 60:.1f} min; load average {load_average()} at the "
           f"end; priorities: {priority_note})")
