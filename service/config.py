@@ -42,11 +42,13 @@ class Settings:
 
     # --- model ---
     model: str = _setting(
-        "", "Summary model: a local checkpoint directory, a hub id, or a manifest name from models/.")
+        "", "Summary model: a local checkpoint directory, a hub id, or a manifest name from "
+            "models/.")
     headline_model: str = _setting(
-        "", "Separate headline model (directory, hub id or manifest name); empty: the summary model "
-            "also writes headlines.")
-    revision: str = _setting("", "Hub revision (branch, tag or commit) for hub ids; empty: default.")
+        "", "Separate headline model (directory, hub id or manifest name); empty: the summary "
+            "model also writes headlines.")
+    revision: str = _setting(
+        "", "Hub revision (branch, tag or commit) for hub ids; empty: default.")
     family: str = _setting(
         "", "Force the defaults: a family (bart, t5, pegasus, ...) or a manifest name "
             "(flan-t5-base), instead of detecting them from the checkpoint.")

@@ -23,6 +23,8 @@ from summarizer_client.gen.summarizer.v1 import summarizer_pb2 as pb
 from summarizer_client.gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
 from service.engines.tiny import training_text
 
+from .conftest import wait_until
+
 pytestmark = pytest.mark.slow
 CLI = [sys.executable, "-m", "service"]
 ARTICLE = ("The city council voted on Tuesday to expand the bus network.\n"
@@ -62,15 +64,11 @@ class ServerProcess:
         return f"127.0.0.1:{self.port}"
 
     def wait_serving(self, timeout_s: float = 120) -> None:
-        deadline = time.monotonic() + timeout_s
         with grpc.insecure_channel(self.target) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
-            while time.monotonic() < deadline:
-                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-                time.sleep(0.1)
-        raise AssertionError("never SERVING:\n" + "".join(self.log))
+            wait_until(lambda: stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+                       == health_pb2.HealthCheckResponse.SERVING, timeout_s, "SERVING",
+                       interval_s=0.1, details=lambda: "".join(self.log))
 
     def stop(self) -> int:
         if self.process.poll() is None:
@@ -242,12 +240,12 @@ def test_sigterm_drains_in_flight_work_and_exits_zero(tiny_bart: Path) -> None:
         big = pb.SummarizeRequest(articles=[pb.Article(id=str(n), text=ARTICLE * 3)
                                             for n in range(16)], options=options)
         future = stub.Summarize.future(big, timeout=300)
-        deadline = time.monotonic() + 60
-        # The call is being generated: a batch of it is done and the rest still queued.
-        while not ((samples := scrape(port)).get("summarizer_batch_size_count", 0) >= 1
-                   and samples.get("summarizer_queue_depth", 0) > 0):
-            assert not future.done() and time.monotonic() < deadline, samples
-            time.sleep(0.02)
+        def generating() -> bool:
+            samples = scrape(port)
+            return (samples.get("summarizer_batch_size_count", 0) >= 1
+                    and samples.get("summarizer_queue_depth", 0) > 0) or future.done()
+
+        wait_until(generating, 60, "a batch of the call done and the rest still queued")
         assert not future.done()
         server.process.send_signal(signal.SIGTERM)
         reply = future.result()

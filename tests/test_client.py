@@ -10,8 +10,8 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 
-from summarizer_client.client import (ArticleFailure, ArticleSummary, AsyncSummarizerClient, RetryPolicy,
-                            SummarizerClient, make_options)
+from summarizer_client.client import (ArticleFailure, ArticleSummary, AsyncSummarizerClient,
+                                      RetryPolicy, SummarizerClient, make_options)
 from summarizer_client.gen.summarizer.v1 import summarizer_pb2 as pb
 from summarizer_client.gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
 from service.api.server import SummarizerServer

@@ -123,7 +123,8 @@ def test_each_option_set_is_exact_while_sharing_steps_with_other_options(engines
     requests, arrivals = {}, {}
     for ticket, options in enumerate(option_sets):
         # The request under test, and others with other options joining before and after it.
-        for offset, other in ((0, dict(num_beams=rng.choice([1, 2, 4]))), (1, dict(num_beams=beams, **options)),
+        for offset, other in ((0, dict(num_beams=rng.choice([1, 2, 4]))),
+                              (1, dict(num_beams=beams, **options)),
                               (2, dict(num_beams=rng.choice([1, 2, 4])))):
             key = ticket * 3 + offset
             params, article = request(engine, rng, **other)

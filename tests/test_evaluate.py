@@ -131,7 +131,8 @@ def _report() -> dict:
     records = [evaluate.Record("a", "Prices rose. Shares fell. Oil gained. Gold slipped.",
                                summary="Prices rose. Shares fell. Oil gained.",
                                headline="Prices rose"),
-               evaluate.Record("b", "Storm hits coast. Homes flooded.", headline="Storm hits coast"),
+               evaluate.Record("b", "Storm hits coast. Homes flooded.",
+                               headline="Storm hits coast"),
                evaluate.Record("c", "Bad one.", summary="Whatever.")]
     results = [_output("a", summary="Oil gained.", headline="Prices rose"),
                _output("b", summary="", headline="Storm"),

@@ -15,7 +15,7 @@ from summarizer_client.gen.summarizer.v1 import summarizer_pb2 as pb
 from summarizer_client.gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
 from service.api.server import SERVICE_NAME, SummarizerServer
 
-from .conftest import serving
+from .conftest import serving, until
 from .fakes import FakeEngine
 
 # No token cap: the fakes' token counts are not a model's.
@@ -33,14 +33,6 @@ async def health_status(channel: grpc.aio.Channel, service: str = "") -> int:
     stub = health_pb2_grpc.HealthStub(channel)
     reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
     return reply.status
-
-
-async def wait_until(condition, timeout_s: float = 20.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not condition():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.01)
 
 
 async def wait_until_stalled(server: SummarizerServer, engine: FakeEngine,
@@ -68,7 +60,7 @@ async def occupy_worker(stub: pb_grpc.SummarizerStub, engine: FakeEngine,
     """Start a call and return once the (held) fake engine is generating it."""
     engine.started.clear()  # set by any earlier batch: wait for this call's own
     call = asyncio.ensure_future(stub.Summarize(request(text), timeout=10))
-    await wait_until(lambda: engine.started.is_set() and text in engine.batches[-1])
+    await until(lambda: engine.started.is_set() and text in engine.batches[-1])
     return call
 
 
@@ -97,7 +89,7 @@ async def test_concurrent_callers_are_batched_and_never_crossed() -> None:
                                 timeout=10) for n in range(12)]
         tasks = [asyncio.ensure_future(c) for c in calls]
         # Every call's two articles wait in the queue while the worker is held.
-        await wait_until(lambda: server.core.batcher.queue_depth == 24)
+        await until(lambda: server.core.batcher.queue_depth == 24)
         engine.hold.set()
         replies = await asyncio.gather(*tasks)
         await first
@@ -191,7 +183,7 @@ async def test_full_queue_answers_resource_exhausted() -> None:
         stub = pb_grpc.SummarizerStub(channel)
         running = await occupy_worker(stub, engine, "running")
         queued = asyncio.ensure_future(stub.Summarize(request("q1", "q2"), timeout=10))
-        await wait_until(lambda: server.core.batcher.queue_depth == 2)
+        await until(lambda: server.core.batcher.queue_depth == 2)
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.Summarize(request("one too many"), timeout=10)
         assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -211,9 +203,9 @@ async def test_expired_and_cancelled_requests_are_never_generated() -> None:
             await stub.Summarize(request("expires in the queue"), timeout=0.3)
         assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         call = stub.Summarize(request("cancelled in the queue"), timeout=10)
-        await wait_until(lambda: server.core.batcher.queue_depth >= 1)
+        await until(lambda: server.core.batcher.queue_depth >= 1)
         call.cancel()
-        await wait_until(lambda: server.core.batcher.queue_depth == 0)
+        await until(lambda: server.core.batcher.queue_depth == 0)
         engine.hold.set()
         await running
         after = await stub.Summarize(request("after"), timeout=10)
@@ -310,7 +302,7 @@ async def test_graceful_stop_drains_in_flight_and_refuses_new_calls() -> None:
         stub = pb_grpc.SummarizerStub(channel)
         in_flight = await occupy_worker(stub, engine, "in flight")
         stopping = asyncio.ensure_future(server.stop(grace_s=10))
-        await wait_until(lambda: server.health._server_status.get("")  # noqa: SLF001
+        await until(lambda: server.health._server_status.get("")  # noqa: SLF001
                          == health_pb2.HealthCheckResponse.NOT_SERVING)
         late = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
         with pytest.raises(grpc.aio.AioRpcError) as caught:

@@ -111,7 +111,8 @@ async def test_one_info_line_per_call_with_its_figures_and_the_callers_request_i
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.Summarize(request(""), timeout=10)
         generated_id = dict(caught.value.trailing_metadata())["x-request-id"]
-    lines = [r for r in caplog.records if r.name == "service.api.servicer" and hasattr(r, "request")]
+    lines = [r for r in caplog.records
+             if r.name == "service.api.servicer" and hasattr(r, "request")]
     assert len(lines) == 2
     ok, bad = (r.request for r in lines)
     assert ok["request_id"] == "trace-42" and ok["status"] == "OK"

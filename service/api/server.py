@@ -11,7 +11,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, TypeVar, cast
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -25,7 +25,7 @@ from ..engines.choice import batching_mode, resolved
 from ..engines.factory import build_engine
 from ..workers.child import build as build_worker_engine
 from ..workers.pool import CrashLoop, WorkerPool
-from ..engines.protocol import Engine
+from ..engines.protocol import Engine, SteppingEngine
 from ..errors import ConfigError
 from .metrics import Metrics
 from .priority import PriorityRules
@@ -90,8 +90,8 @@ def _check_free(host: str, port: int, flags: str) -> None:
 def _bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None,
           flags: str) -> int:
     """Listen on `address`; a port that cannot be had is one clear error naming the flags."""
-    host, _, port = address.rpartition(":")
-    _check_free(host, int(port), flags)
+    host, _, wanted = address.rpartition(":")
+    _check_free(host, int(wanted), flags)
     try:
         if credentials is None:
             port = server.add_insecure_port(address)
@@ -167,6 +167,8 @@ class SummarizerServer:
         self.batching = ""
         """"static" or "continuous", once loaded (`--batching` decided for the engine)."""
         self._stopping = False
+        # Health updates the workers trigger: held until done (the loop keeps only weak references).
+        self._health_updates: set[asyncio.Future[None]] = set()
         self.tracing = tracing if tracing is not None else tracing_from_environment()
         self.metrics = Metrics()
         self.metrics_port: int | None = None
@@ -260,7 +262,7 @@ class SummarizerServer:
             settings = (self.settings if self.settings.worker_engine else
                         await _in_daemon_thread(lambda: resolved(self.settings),
                                                 "summarizer-choose"))
-            engine = await _in_daemon_thread(
+            engine: Engine = await _in_daemon_thread(
                 lambda: (build_worker_engine(settings) if settings.worker_engine
                          else build_engine(settings, weights=False)), "summarizer-load")
             # Decided once, here, like the engine: the workers open sessions when it says so.
@@ -275,15 +277,16 @@ class SummarizerServer:
                 run_batches = self.workers.run_batches()
             loaded = warmed = time.perf_counter()
         else:
-            engine = await _in_daemon_thread(lambda: self._engine_factory(self.settings),
-                                             "summarizer-load")
+            engine = await _in_daemon_thread(
+                lambda: self._engine_factory(self.settings), "summarizer-load")
             self.batching = batching_mode(self.settings, engine)
             loaded = time.perf_counter()
             if self.settings.warmup:
                 await _in_daemon_thread(engine.warmup, "summarizer-warmup")
             if self.batching == "continuous":
-                session = await _in_daemon_thread(engine.open_session,  # type: ignore[attr-defined]
-                                                  "summarizer-session")
+                # batching_mode chose continuous: the engine can step
+                stepping = cast(SteppingEngine, engine)
+                session = await _in_daemon_thread(stepping.open_session, "summarizer-session")
                 advancers = [session.advance]
             warmed = time.perf_counter()
         on_batch = self.metrics.observe_batch
@@ -323,7 +326,9 @@ class SummarizerServer:
         serving = workers.ready > 0 and workers.failed is None
         status = (health_pb2.HealthCheckResponse.SERVING if serving
                   else health_pb2.HealthCheckResponse.NOT_SERVING)
-        asyncio.ensure_future(self._set_health(status))
+        update = asyncio.ensure_future(self._set_health(status))
+        self._health_updates.add(update)
+        update.add_done_callback(self._health_updates.discard)
 
     async def start(self) -> int:
         port = await self.listen()

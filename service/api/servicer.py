@@ -10,9 +10,9 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError, Message
@@ -28,6 +28,7 @@ from ..domain import (ArticleFailure, ArticleSummary, GenerationParams, LongInpu
 from ..errors import InvalidArgument, Overloaded, SummarizerError, Unavailable, status_for
 
 log = logging.getLogger(__name__)
+M = TypeVar("M", bound=Message)
 REQUEST_ID_KEY = "x-request-id"
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Summarizer"].full_name
 
@@ -40,8 +41,8 @@ class MalformedRequest:
         self.problem = problem
 
 
-def _lenient(message_type: type[Message]):  # -> Callable[[bytes], Message | MalformedRequest]
-    def parse(raw: bytes) -> Message | MalformedRequest:
+def _lenient(message_type: type[M]) -> Callable[[bytes], M | MalformedRequest]:
+    def parse(raw: bytes) -> M | MalformedRequest:
         try:
             return message_type.FromString(raw)
         except DecodeError as error:
@@ -50,7 +51,7 @@ def _lenient(message_type: type[Message]):  # -> Callable[[bytes], Message | Mal
     return parse
 
 
-def _parsed(request: Message | MalformedRequest) -> Message:
+def _parsed(request: M | MalformedRequest) -> M:
     if isinstance(request, MalformedRequest):
         raise InvalidArgument("request", f"cannot be parsed ({request.problem}); string fields "
                                          "must be valid UTF-8")
@@ -59,7 +60,7 @@ def _parsed(request: Message | MalformedRequest) -> Message:
 
 def add_to_server(servicer: SummarizerServicer, server: grpc.aio.Server) -> None:
     """Register like the generated `add_SummarizerServicer_to_server`, with lenient parsing."""
-    handlers = {
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
         "Summarize": grpc.unary_unary_rpc_method_handler(
             servicer.Summarize, request_deserializer=_lenient(pb.SummarizeRequest),
             response_serializer=pb.SummarizeResponse.SerializeToString),

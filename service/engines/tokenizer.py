@@ -98,7 +98,7 @@ class RustTokenizer:
         return [_clean_up_tokenization(t) for t in texts] if self.clean_up_spaces else texts
 
     def id_to_token(self, index: int) -> str:
-        return self.tokenizer.id_to_token(index)
+        return self.tokenizer.id_to_token(index) or ""
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,7 @@ def write_side_file(directory: Path) -> None:
     """Write `SIDE_FILE` for the checkpoint in `directory` (needs transformers)."""
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
-    options = {"local_files_only": True, "trust_remote_code": False}
+    options: dict[str, Any] = {"local_files_only": True, "trust_remote_code": False}
     config = AutoConfig.from_pretrained(directory, **options)
     tokenizer = AutoTokenizer.from_pretrained(directory, **options)
     if not getattr(tokenizer, "is_fast", False):

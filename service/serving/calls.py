@@ -66,7 +66,9 @@ class CallWork:
 
     def start(self, work: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
         """A task for the caller (e.g. an article's assembly), cancelled with the call."""
-        return self._track([asyncio.ensure_future(work)])[0]
+        task = asyncio.ensure_future(work)
+        self._track([task])
+        return task
 
     def close(self) -> None:
         """Cancel everything still pending for the caller: queued jobs leave the queue, tasks

@@ -19,7 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from ..domain import ArticleSummary, Generated, GenerationParams, LongInput, Outputs, PreparedArticle
+from ..domain import (ArticleSummary, Generated, GenerationParams, LongInput, Outputs,
+                      PreparedArticle)
 from ..engines.protocol import Engine
 from ..errors import InvalidArgument
 from ..text import model_text
@@ -49,6 +50,7 @@ class Plan:
                    trace: ArticleTrace | None = None) -> list[Job]:
         trace = UNTRACED if trace is None else trace
         if self.chunked is None:
+            assert self.whole is not None  # a plan holds the article whole or its chunks
             return jobs_for([self.whole], params, deadline, trace.article)
         return jobs_for(self.chunked.prepared, with_outputs(params, Outputs.SUMMARY), deadline,
                         trace.map)
@@ -132,6 +134,7 @@ class Planner:
         if plan.article.id:
             attributes["article_id"] = plan.article.id
         if plan.chunked is None:
+            assert plan.whole is not None
             return ArticleTrace(self.tracer.start(
                 "article", input_tokens=plan.whole.input_tokens,
                 truncated=plan.whole.truncated, **attributes))
@@ -154,6 +157,7 @@ class Planner:
                 else:
                     out = await first[0]
                     whole = plan.whole
+                    assert whole is not None
                     result = ArticleSummary(
                         id=plan.article.id, summary=out.summary, headline=out.headline,
                         input_tokens=whole.input_tokens, truncated=whole.truncated,

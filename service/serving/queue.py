@@ -312,7 +312,8 @@ class BatchQueue(Generic[P]):
         if entries:
             self.policy.add(entries, group, now)
             for entry in entries:
-                entry.future.add_done_callback(lambda _f, e=entry: self._on_done(e))
+                entry.future.add_done_callback(  # mypy infers no type for a default argument
+                    lambda _f, e=entry: self._on_done(e))  # type: ignore[misc]
                 self._queued_by_class[entry.job.priority] += 1
                 self.stats.admitted_by_priority[entry.job.priority] += 1
             self._queued += len(entries)

@@ -21,8 +21,10 @@ import signal
 import sys
 import time
 from multiprocessing.connection import Connection
+from typing import cast
 
 from ..config import Settings
+from ..engines.protocol import DecodingSession, Engine, SteppingEngine
 from ..errors import OutOfMemory, first_line, is_out_of_memory
 from ..serving.generation import generate_batch
 from .messages import Advance, Advanced, Failed, Generate, LoadFailed, Ready, Results, Stop
@@ -39,7 +41,7 @@ def die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def build(settings: Settings) -> object:
+def build(settings: Settings) -> Engine:
     if settings.worker_engine:
         module, _, name = settings.worker_engine.partition(":")
         return getattr(importlib.import_module(module), name)(settings)
@@ -60,7 +62,9 @@ def main(conn: Connection, settings: Settings, parent_pid: int) -> None:
         loaded = time.perf_counter()
         if settings.warmup:
             engine.warmup()
-        session = engine.open_session() if settings.batching == "continuous" else None
+        # The server asks for continuous batching only of an engine that can step.
+        session = (cast(SteppingEngine, engine).open_session()
+                   if settings.batching == "continuous" else None)
     except Exception as error:  # noqa: BLE001 - reported to the server, which exits clearly
         conn.send(LoadFailed(first_line(error)))
         conn.close()
@@ -80,6 +84,7 @@ def main(conn: Connection, settings: Settings, parent_pid: int) -> None:
             conn.send(advance(session, message))
             continue
         assert isinstance(message, Generate), message
+        reply: Results | Failed
         try:
             reply = Results(message.batch, run(message.params, message.articles))
         except OutOfMemory as error:
@@ -90,11 +95,12 @@ def main(conn: Connection, settings: Settings, parent_pid: int) -> None:
         conn.send(reply)
 
 
-def advance(session: object, message: Advance) -> Advanced | Failed:
+def advance(session: DecodingSession | None, message: Advance) -> Advanced | Failed:
     """One step of the session; a session that raises (a bug: it reports each article's own
     failure in its StepOut) is answered with its type only."""
     try:
-        return Advanced(session.advance(message.step))  # type: ignore[attr-defined]
+        assert session is not None, "a decoding step for a worker that batches statically"
+        return Advanced(session.advance(message.step))
     except Exception as error:  # noqa: BLE001 - the server fails the articles it held
         log.error("decoding step failed (%s)", type(error).__name__, exc_info=error)
         oom = is_out_of_memory(error)

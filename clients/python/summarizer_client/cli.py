@@ -16,10 +16,10 @@ import itertools
 import os
 import re
 import sys
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, NoReturn, TypedDict
 
 from . import __version__
 from .errors import ClientError
@@ -113,7 +113,7 @@ def server_target(value: str) -> str:
     return f"{host}:{port}"
 
 
-def default_target(environ: dict[str, str] | None = None) -> str:
+def default_target(environ: Mapping[str, str] | None = None) -> str:
     """Where client commands find a server when --server is not given: this machine, at the
     port the server's own setting gives (SUMMARIZER_PORT), so one variable serves both sides."""
     environ = os.environ if environ is None else environ
@@ -128,7 +128,7 @@ def default_target(environ: dict[str, str] | None = None) -> str:
     return f"localhost:{port}"
 
 
-def default_token(environ: dict[str, str] | None = None) -> str:
+def default_token(environ: Mapping[str, str] | None = None) -> str:
     """The bearer token sent when no token file is given: the variable the server reads, so one
     secret serves both sides of a deployment."""
     environ = os.environ if environ is None else environ
@@ -153,7 +153,7 @@ def build_parser(extensions: Sequence[Extension] = ()) -> tuple[argparse.Argumen
                         help="show the Python traceback of an unexpected error")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    connection = argparse.ArgumentParser(add_help=False)
+    connection = _Parser(add_help=False)
     connection.add_argument("--server", type=server_target, default=None, metavar="HOST:PORT",
                             help=_server_help())
     secure = connection.add_argument_group("connection security")
@@ -169,7 +169,8 @@ def build_parser(extensions: Sequence[Extension] = ()) -> tuple[argparse.Argumen
                              "SUMMARIZER_AUTH_TOKEN environment variable, if set)")
 
     send = commands.add_parser(
-        "summarize", parents=[connection], help="summarise articles with a running server; prints JSON Lines",
+        "summarize", parents=[connection],
+        help="summarise articles with a running server; prints JSON Lines",
         description="Send articles to a running server and print one JSON object per article. "
                     "Inputs: plain UTF-8 text files (one article each, id = file name), JSON "
                     "Lines files (*.jsonl, objects with 'id' and 'text'), or '-' for stdin (JSON "
@@ -400,29 +401,52 @@ def server_of(args: argparse.Namespace) -> str:
     return args.server
 
 
-def security_of(args: argparse.Namespace) -> dict[str, object]:
+class ChannelSecurity(TypedDict):
+    """How a channel is secured: keyword arguments of `client.open_channel` and `soak.main`."""
+
+    tls: bool
+    ca_cert: str
+    client_cert: str
+    client_key: str
+
+
+class Connection(ChannelSecurity):
+    """`security_of`'s result: keyword arguments of `SummarizerClient` (the channel's security
+    and the bearer token)."""
+
+    token: str
+
+
+def channel_security(connection: Connection) -> ChannelSecurity:
+    """`connection` without its token."""
+    return ChannelSecurity(tls=connection["tls"], ca_cert=connection["ca_cert"],
+                           client_cert=connection["client_cert"],
+                           client_key=connection["client_key"])
+
+
+def security_of(args: argparse.Namespace) -> Connection:
     """The client's security options from the command line (and SUMMARIZER_AUTH_TOKEN)."""
     token = default_token()
     if args.auth_token_file:
         token = read_text(args.auth_token_file).strip()
-    return {"tls": args.tls, "ca_cert": args.tls_ca, "client_cert": args.tls_client_cert,
-            "client_key": args.tls_client_key, "token": token}
+    return Connection(tls=args.tls, ca_cert=args.tls_ca, client_cert=args.tls_client_cert,
+                      client_key=args.tls_client_key, token=token)
 
 
-def _health_check(target: str, connection: dict[str, object], timeout_s: float) -> int:
+def _health_check(target: str, connection: Connection, timeout_s: float) -> int:
     """The server's overall health status; a grpc.RpcError when it cannot be asked."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     from .client import open_channel
 
-    security = {k: v for k, v in connection.items() if k != "token"}  # health needs no token
-    with open_channel(target, **security) as channel:
-        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
-                                                           timeout=timeout_s)
-    return reply.status
+    with open_channel(target, **channel_security(connection)) as channel:  # health: no token
+        stub = health_pb2_grpc.HealthStub(channel)
+        reply = stub.Check(  # type: ignore[attr-defined]  # the stubs' HealthStub has no methods
+            health_pb2.HealthCheckRequest(), timeout=timeout_s)
+    return int(reply.status)
 
 
-def require_server(target: str, connection: dict[str, object]) -> None:
+def require_server(target: str, connection: Connection) -> None:
     """Fail at once, with the usual one line, when nothing listens at `target`; otherwise the
     client's retries (meant for a server that restarts) would take seconds to say so. Any
     answer, even an error from a server without the health service, means a server is there."""
@@ -454,8 +478,8 @@ def _soak(args: argparse.Namespace) -> int:
     config = SoakConfig(duration_s=args.duration, clients=args.clients,
                         max_articles=args.max_articles, max_chars=args.max_chars, seed=args.seed,
                         timeout_s=args.timeout, max_call_s=args.max_call_s,
-                        token=str(connection.pop("token")))
-    return soak_main(target, config, **connection)
+                        token=connection["token"])
+    return soak_main(target, config, **channel_security(connection))
 
 
 def _send_batches(client: SummarizerClient, articles: Iterable[tuple[str, str, str]],

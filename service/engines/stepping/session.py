@@ -77,7 +77,7 @@ class _Article:
     """(rows, longest max length, sources, longest source) its groups need."""
     order: tuple[int, int] = (1, 0)
     """Its place in the waiting line: (priority class, arrival number); smallest first."""
-    groups: list["_Group"] = field(default_factory=list)
+    groups: list[_Group] = field(default_factory=list)
     texts: dict[str, tuple[str, int]] = field(default_factory=dict)
 
 
@@ -287,9 +287,9 @@ class TorchSession:
     def _encode_batch(self, articles: list[_Article]) -> dict[int, dict[tuple, _Source]]:
         inputs = []
         for article in articles:
-            for ids in article.inputs.values():
-                if ids not in inputs:
-                    inputs.append(ids)
+            for source_ids in article.inputs.values():
+                if source_ids not in inputs:
+                    inputs.append(source_ids)
         width = max(len(ids) for ids in inputs)
         pad = self.model.config.pad_token_id or 0
         ids = torch.full((len(inputs), width), pad, dtype=torch.long)
@@ -384,9 +384,9 @@ class TorchSession:
             offset += group.width
         # Groups of an article that failed leave with it.
         surviving = []
-        for group, rows in zip(keep_groups, keep):
+        for group, kept in zip(keep_groups, keep):
             if id(group.article) not in broken:
-                surviving.append((group, rows))
+                surviving.append((group, kept))
         for group in self.groups:
             article = group.article
             if id(article) in broken:
