@@ -21,7 +21,8 @@ the same length. Reported:
 - per class, p50/p99/worst of each call's latency over its unloaded latency (interactive: the
   same article alone; bulk: the median bulk call alone; the calls in flight during the window);
 - bulk throughput beside the interactive calls over bulk alone (articles per second inside each
-  window, each call counted by the share of its lifetime inside it), judged against the work-conserving share: bulk alone x (1 - busy fraction), where
+  window, each call counted by the share of its lifetime inside it), judged against the
+  work-conserving share: bulk alone x (1 - busy fraction), where
   the busy fraction is calls x unloaded interactive latency / window (the machine time the
   interactive calls need themselves).
 
@@ -381,7 +382,8 @@ def main() -> int:
           f"token headline, {args.bulk_min_input_tokens}-{args.bulk_max_input_tokens}-token "
           f"articles; interactive: Poisson every "
           f"{args.interactive_interval_s or f'(unloaded / {args.interactive_busy:g})'} s on "
-          f"average over {args.window_s:g} s, {INTERACTIVE.describe()} + {args.headline_tokens}-token "
+          f"average over {args.window_s:g} s, {INTERACTIVE.describe()} + "
+          f"{args.headline_tokens}-token "
           f"headline; priorities: {priority_note}", flush=True)
     rows = {}
     for name in args.configs:

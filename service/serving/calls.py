@@ -1,8 +1,9 @@
 """One caller's work in the queue, and the one place where it is cancelled.
 
 A `CallWork` is made per call (a unary call, or a whole stream): its jobs share one class
-(`domain.Priority`), one round-robin group in the queue (one caller, one turn, however many articles and chunk passes it queues) and
-one deadline, and it remembers every future it queued and every task it started for the caller.
+(`domain.Priority`), one round-robin group in the queue (one caller, one turn, however many
+articles and chunk passes it queues) and one deadline, and it remembers every future it queued
+and every task it started for the caller.
 When the call ends, however it ends (answered, failed, cancelled, past its deadline), `close()`
 cancels what is left: nothing of a caller who has gone stays queued.
 """
