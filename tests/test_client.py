@@ -16,9 +16,9 @@ from summarizer_client.gen.summarizer.v1 import summarizer_pb2 as pb
 from summarizer_client.gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
 from service.api.server import SummarizerServer
 
-from .conftest import server_in_thread
+from .conftest import server_in_thread, until
 from .fakes import FakeEngine
-from .test_grpc import BASE, wait_until
+from .test_grpc import BASE
 
 FAST_RETRY = RetryPolicy(attempts=20, initial_backoff_s=0.05, max_backoff_s=0.2)
 
@@ -62,7 +62,7 @@ async def test_unavailable_is_retried_until_the_model_is_ready() -> None:
     try:
         async with AsyncSummarizerClient(f"127.0.0.1:{port}", retry=FAST_RETRY) as client:
             call = asyncio.ensure_future(client.summarize([("a", "patience pays")]))
-            await wait_until(lambda: unavailable_answers(server) >= 2)  # refused, then retried
+            await until(lambda: unavailable_answers(server) >= 2)  # refused, then retried
             assert not call.done()
             await server.load()
             [result] = await asyncio.wait_for(call, 10)

@@ -19,7 +19,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_g
 
 from ..config import Settings, trace_exporters, worker_devices
 from ..serving.core import SummarizerCore
-from ..serving.executor import BatchReport
+from ..serving.batcher import BatchReport
 from ..serving.tracing import NO_TRACER
 from ..engines.choice import batching_mode, resolved
 from ..engines.factory import build_engine

@@ -44,7 +44,7 @@ from .. import __version__
 from ..domain import Priority
 from ..engines.protocol import Engine
 from ..errors import ConfigError
-from ..serving.executor import BatchReport
+from ..serving.batcher import BatchReport
 from ..serving.tracing import AttributeValue
 
 log = logging.getLogger(__name__)

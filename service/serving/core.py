@@ -26,7 +26,8 @@ from ..errors import GenerationFailed, InvalidArgument, SummarizerError
 from .batcher import Batcher, BatchReport, StepReport
 from .continuous import Advance
 from .calls import CallWork
-from .generation import RunBatch, generate_batch
+from .executor import RunBatch
+from .generation import generate_batch
 from .planning import ArticleTrace, Plan, Planner
 from .stream import Requests, StreamCall
 from .tracing import NO_TRACER, Tracer, span
@@ -68,7 +69,7 @@ class SummarizerCore:
     def __init__(self, engine: Engine, settings: Settings,
                  on_batch: Callable[[BatchReport], None] | None = None,
                  tracer: Tracer = NO_TRACER,
-                 run_batches: Sequence[RunBatch] | None = None,
+                 run_batches: Sequence[RunBatch[PreparedArticle, Generated]] | None = None,
                  advancers: Sequence[Advance] | None = None,
                  on_step: Callable[[StepReport], None] | None = None) -> None:
         """`engine` prepares inputs (and generates, unless `run_batches` is given: one blocking
@@ -83,7 +84,8 @@ class SummarizerCore:
                              max_new_tokens=min(settings.max_new_tokens,
                                                 engine.max_new_tokens or settings.max_new_tokens))
         self.long_input = LongInput(settings.long_input)
-        run: RunBatch | list[RunBatch] | None = None
+        run: (RunBatch[PreparedArticle, Generated]
+              | list[RunBatch[PreparedArticle, Generated]] | None) = None
         if not advancers:
             run = list(run_batches) if run_batches else generate_batch(engine)
         self.batcher: Batcher[PreparedArticle, Generated] = Batcher(

@@ -46,13 +46,10 @@ from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Generic
 
-from ..domain import Priority
+from ..domain import RECENT_BATCHES, Priority
 from ..errors import DeadlineExceeded, QueueFull, Unavailable
 from .jobs import P, BatcherStats, Drop, DropReason, Entry, InvariantViolation, Job, JobState
 from .policy import CLASSES, SchedulingPolicy
-
-RECENT_BATCHES = 8
-"""How many recent batch durations per key inform the "deadline cannot be met" check."""
 
 
 @dataclass(eq=False)

@@ -4,6 +4,12 @@ need only the client. When the server distribution is installed too, its command
 `summarizer.commands` entry point group that adds its subcommands to this parser (see
 `Extension`), so one `summarizer` works from either install.
 
+For extensions, besides `Extension` and `Command`: the flag types `positive_int`,
+`count_or_default` and `seconds`, the generation-length flags (`add_generation_flags`,
+`generation_lengths`), and the connection helpers (`server_of`, `security_of`, `require_server`,
+`Connection`, `ChannelSecurity`), `read_text` and `cli_wording`. These are this module's public
+API: the server distribution's commands use them.
+
 A user's mistake (a missing or binary file, no server running, a bad flag) ends in one line on
 stderr that says what went wrong and what to do, and a non-zero exit; never in a traceback.
 Messages written for the gRPC API are reworded here in terms of the command's flags.
@@ -75,16 +81,18 @@ def _whole_number(value: str, least: int) -> int:
     return number
 
 
-def _positive_int(value: str) -> int:
+def positive_int(value: str) -> int:
+    """A flag type: a whole number of 1 or more."""
     return _whole_number(value, 1)
 
 
-def _count(value: str) -> int:
-    """A whole number of 0 or more (0: the default)."""
+def count_or_default(value: str) -> int:
+    """A flag type: a whole number of 0 or more (0: the default)."""
     return _whole_number(value, 0)
 
 
-def _seconds(value: str) -> float:
+def seconds(value: str) -> float:
+    """A flag type: a positive, finite number of seconds."""
     try:
         number = float(value)
     except ValueError:
@@ -180,9 +188,9 @@ def build_parser(extensions: Sequence[Extension] = ()) -> tuple[argparse.Argumen
                     "summarised; the exit status is then 1.")
     send.add_argument("inputs", nargs="*", default=["-"], metavar="FILE",
                       help="input files, or - for stdin (default)")
-    send.add_argument("--timeout", type=_seconds, default=300.0,
+    send.add_argument("--timeout", type=seconds, default=300.0,
                       help="seconds each call may take (default 300)")
-    send.add_argument("--batch", type=_positive_int, default=16,
+    send.add_argument("--batch", type=positive_int, default=16,
                       help="articles per call (default 16)")
     bulk = send.add_argument_group(
         "bulk runs", "--input streams a JSON Lines corpus through SummarizeStream; with "
@@ -191,7 +199,7 @@ def build_parser(extensions: Sequence[Extension] = ()) -> tuple[argparse.Argumen
                       help="corpus: one JSON object per line with 'text' (and 'id')")
     bulk.add_argument("--output", default="", metavar="JSONL",
                       help="results file, appended to and resumable (default: stdout)")
-    bulk.add_argument("--max-in-flight", type=_positive_int, default=64,
+    bulk.add_argument("--max-in-flight", type=positive_int, default=64,
                       help="articles sent and not yet answered (default 64)")
     send.add_argument("--priority", choices=("interactive", "default", "bulk"), default=None,
                       help="the calls' class: interactive (someone waits for the result now), "
@@ -201,7 +209,7 @@ def build_parser(extensions: Sequence[Extension] = ()) -> tuple[argparse.Argumen
     send.add_argument("--outputs", choices=("both", "summary", "headline"), default="both",
                       help="what to write for each article: both (default), or only the "
                            "summary or the headline (faster)")
-    _add_generation_flags(send, "the server's")
+    add_generation_flags(send, "the server's")
 
     health = commands.add_parser(
         "health", parents=[connection],
@@ -209,7 +217,7 @@ def build_parser(extensions: Sequence[Extension] = ()) -> tuple[argparse.Argumen
         description="Ask a server's grpc.health.v1 service whether it is ready: prints SERVING "
                     "and exits 0, or prints its status (NOT_SERVING while the model loads) or "
                     "why it could not be reached, and exits 1. Needs no token.")
-    health.add_argument("--timeout", type=_seconds, default=3.0,
+    health.add_argument("--timeout", type=seconds, default=3.0,
                         help="seconds to wait (default 3)")
 
     soak = commands.add_parser(
@@ -220,12 +228,12 @@ def build_parser(extensions: Sequence[Extension] = ()) -> tuple[argparse.Argumen
                     "Every response is checked against its request; exits 1 if anything was "
                     "lost or mismatched or an unprovoked error code came back. For loopback and "
                     "test deployments only.")
-    soak.add_argument("--duration", type=_seconds, default=30.0, help="seconds (default 30)")
-    soak.add_argument("--clients", type=_positive_int, default=16,
+    soak.add_argument("--duration", type=seconds, default=30.0, help="seconds (default 30)")
+    soak.add_argument("--clients", type=positive_int, default=16,
                       help="concurrent clients (default 16)")
-    soak.add_argument("--max-articles", type=_positive_int, default=16,
+    soak.add_argument("--max-articles", type=positive_int, default=16,
                       help="most articles per call (default 16)")
-    soak.add_argument("--max-chars", type=_positive_int, default=3000,
+    soak.add_argument("--max-chars", type=positive_int, default=3000,
                       help=f"longest article in characters (default 3000; at least "
                            f"{_SOAK_MIN_CHARS})")
     soak.add_argument("--seed", type=int, default=1)
@@ -252,17 +260,18 @@ def _subcommand(parser: argparse.ArgumentParser, name: str) -> argparse.Argument
     return commands.choices[name]
 
 
-def _add_generation_flags(parser: argparse.ArgumentParser, whose: str) -> None:
+def add_generation_flags(parser: argparse.ArgumentParser, whose: str) -> None:
+    """`--long-input` and the GENERATION_FLAGS (lengths; 0: `whose` setting) on `parser`."""
     parser.add_argument("--long-input", choices=("chunk", "truncate"), default="",
                         help="articles longer than the model's window: summarise them in "
                              f"chunks, or read their beginning only (default: {whose} setting)")
     for name in GENERATION_FLAGS:
-        parser.add_argument(f"--{name}", type=_count, default=0, metavar="N",
+        parser.add_argument(f"--{name}", type=count_or_default, default=0, metavar="N",
                             help=f"default 0: {whose} setting, which itself defaults to the "
                                  "model family's value")
 
 
-def _generation_lengths(args: argparse.Namespace) -> dict[str, int]:
+def generation_lengths(args: argparse.Namespace) -> dict[str, int]:
     """The GENERATION_FLAGS values, as keyword arguments."""
     return {name: getattr(args, name)
             for name in (flag.replace("-", "_") for flag in GENERATION_FLAGS)}
@@ -525,7 +534,7 @@ def _summarize(args: argparse.Namespace) -> int:
     from .errors import code_name
 
     options = make_options(outputs=args.outputs, long_input=args.long_input,
-                           **_generation_lengths(args))
+                           **generation_lengths(args))
     if args.input and args.inputs != ["-"]:
         raise ClientError("give either --input or input files, not both")
     if args.output and not args.input:
