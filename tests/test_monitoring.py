@@ -253,7 +253,7 @@ def test_every_alert_says_what_happened_and_links_its_runbook_section() -> None:
     text = RUNBOOKS.read_text(encoding="utf-8")
     anchors = {re.sub(r"[^a-z0-9 _-]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
                for line in text.splitlines() if line.startswith("#")}
-    assert len(alerts()) >= 9
+    assert len(alerts()) >= 10
     for name, rule in alerts().items():
         annotations = rule["annotations"]
         assert annotations["summary"] and annotations["description"], name
@@ -387,7 +387,10 @@ def test_dashboard_covers_what_operators_look_at() -> None:
                    "summarizer_batch_size_bucket", "summarizer_batch_padding_ratio_sum",
                    "summarizer_active_articles", "summarizer_decode_step_duration_seconds_bucket",
                    "summarizer_cache_used_bytes", "summarizer_output_tokens_total",
-                   "summarizer_worker_restarts_total", "container_memory_rss"):
+                   "summarizer_worker_restarts_total", "container_memory_rss",
+                   "summarizer_priority_queue_wait_seconds_bucket",
+                   "summarizer_priority_request_duration_seconds_bucket",
+                   "summarizer_priority_articles_refused_total"):
         assert needed in names, needed
 
 
