@@ -85,7 +85,7 @@ class _Figure:
             self.parts.append(f"<line x1='{x:.1f}' y1='{self.top - 4}' x2='{x:.1f}' "
                               f"y2='{bottom}' stroke='#ddd'/>")
             self.parts.append(f"<text x='{x:.1f}' y='{bottom + 16}' text-anchor='middle' "
-                              f"{FONT}>{_number(tick)}</text>")
+                              f"{FONT}>{tick:g}</text>")
         self.parts.append(f"<text x='{self.left + PLOT_PX / 2:.1f}' y='{bottom + 34}' "
                           f"text-anchor='middle' {FONT}>{escape(unit)}</text>")
         for index, label in enumerate(labels):
