@@ -379,6 +379,21 @@ def test_dashboard_is_importable_with_a_datasource_variable_and_every_panel_quer
             assert variable["datasource"]["uid"] == "${datasource}"
 
 
+def test_dashboard_queries_are_valid_promql(promtool: str, tmp_path: Path) -> None:
+    """promtool parses every panel query (as a recording rule), with Grafana's interval
+    variables replaced by a duration; `$namespace` and `$pod` sit inside label strings."""
+    expressions = [target["expr"] for panel in panels() for target in panel["targets"]]
+    groups = [{"name": "dashboard", "rules": [
+        {"record": f"dashboard:query:{index}",
+         "expr": re.sub(r"\$__(rate_)?interval", "5m", expr)}
+        for index, expr in enumerate(expressions)]}]
+    (tmp_path / "queries.yaml").write_text(yaml.safe_dump({"groups": groups}))
+    done = subprocess.run([promtool, "check", "rules", "queries.yaml"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"SUCCESS: {len(expressions)} rules found" in done.stdout
+
+
 def test_dashboard_covers_what_operators_look_at() -> None:
     names = {name for panel in panels() for target in panel["targets"]
              for name in promql.metric_names(target["expr"])}
