@@ -20,7 +20,7 @@ from ..domain import Generated, GenerationParams, Outputs, PreparedArticle
 from .protocol import WARMUP_TEXT, ModelDescription
 from ..errors import ModelLoadError, first_line
 from .manifests import Manifest, manifest_for, source_for, unknown_name
-from .tokenizer import HFTokenizer, SideFile, TextTokenizer
+from .tokenizer import HFTokenizer, SideFile, TextTokenizer, encode_for_window
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,9 @@ class Checkpoint:
         if not texts:
             return []  # the tokenizer refuses an empty batch
         out = []
-        for ids, mask in self.tokenizer.encode_batch(texts):
+        encoded = (self.tokenizer.encode_batch(texts) if window == sys.maxsize
+                   else encode_for_window(self.tokenizer, texts, window))
+        for ids, mask in encoded:
             if len(ids) <= window:
                 out.append((tuple(ids), False))
                 continue
