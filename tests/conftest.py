@@ -16,6 +16,8 @@ from service.config import Settings
 from service.api.server import SummarizerServer
 from service.engines.tiny import build_tiny_checkpoint
 
+pytest_plugins = ("tests.processes",)  # the `serve` fixture: real server processes
+
 
 @pytest.fixture(scope="session")
 def tiny_bart(tmp_path_factory: pytest.TempPathFactory) -> Path:

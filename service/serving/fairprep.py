@@ -47,6 +47,7 @@ class FairPrep:
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="summarizer-prep")
         self._waiting: OrderedDict[object, deque[_Piece]] = OrderedDict()
         self._running = False
+        self._last: object | None = None
         self.pieces_run = 0
         """Pieces of work run so far (for tests and metrics)."""
 
@@ -75,19 +76,23 @@ class FairPrep:
         return await future
 
     def _take(self) -> _Piece | None:
-        """The next piece: the first live one of the caller whose turn it is."""
+        """The next piece: the first live one of the caller whose turn it is (the caller that
+        ran last goes behind every other caller waiting, newcomers included)."""
         while self._waiting:
-            caller, queue = next(iter(self._waiting.items()))
+            caller = next(iter(self._waiting))
+            if caller is self._last and len(self._waiting) > 1:
+                self._waiting.move_to_end(caller)
+                caller = next(iter(self._waiting))
+            queue = self._waiting[caller]
             while queue and queue[0][1].done():  # its caller has gone
                 queue.popleft()
             if not queue:
                 del self._waiting[caller]
                 continue
             piece = queue.popleft()
-            if queue:
-                self._waiting.move_to_end(caller)  # the others' turn first
-            else:
+            if not queue:
                 del self._waiting[caller]
+            self._last = caller
             return piece
         return None
 
@@ -100,7 +105,13 @@ class FairPrep:
         function, future = piece
         self._running = True
         loop = asyncio.get_running_loop()
-        done = self._thread.submit(function)
+        try:
+            done = self._thread.submit(function)
+        except RuntimeError as error:  # shut down
+            self._running = False
+            if not future.done():
+                future.set_exception(error)
+            return
         done.add_done_callback(
             lambda ran: loop.call_soon_threadsafe(self._finished, ran, future))
 
