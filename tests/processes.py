@@ -71,11 +71,12 @@ def serve(tiny_bart: Path, tmp_path: Path) -> Iterator:
     """Start `summarizer serve` processes: serve(*extra_args, env=...) -> ServerProcess."""
     started: list[ServerProcess] = []
 
-    def start(*extra: str, env: dict[str, str] | None = None) -> ServerProcess:
+    def start(*extra: str, env: dict[str, str] | None = None,
+              model: Path | None = None) -> ServerProcess:
         log_path = tmp_path / f"server-{len(started)}.log"
         with log_path.open("w") as log_file:
             process = subprocess.Popen(
-                [sys.executable, "-m", "service", "serve", "--model", str(tiny_bart),
+                [sys.executable, "-m", "service", "serve", "--model", str(model or tiny_bart),
                  "--host", "127.0.0.1", "--port", "0", *extra],
                 stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO,
                 env={**os.environ, **(env or {})})

@@ -14,6 +14,7 @@ Speaks only domain types (no protobuf): the gRPC servicer converts at the edge.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
@@ -101,12 +102,27 @@ class SummarizerCore:
         s = self.settings
         return ServiceDescription(
             engine=self.engine.name, models=list(self.engine.models),
-            defaults=self.engine.defaults, long_input=self.long_input,
+            defaults=self.model_defaults(), long_input=self.long_input,
             max_articles_per_request=s.max_articles_per_request,
             max_article_chars=s.max_article_chars, max_batch_size=s.max_batch_size,
             max_queue=self.batcher.max_queue, limits=self.limits,
             max_chunks_per_article=self.planner.mapreduce.max_chunks,
             max_chunk_depth=s.max_chunk_depth)
+
+    def model_defaults(self) -> GenerationParams:
+        """The engine's defaults, with the summary model's own length penalty and n-gram block
+        where the engine leaves them to the model (what a request leaving them unset gets)."""
+        defaults = self.engine.defaults
+        if not self.engine.models:
+            return defaults
+        model = self.engine.models[0]
+        return dataclasses.replace(
+            defaults,
+            length_penalty=(model.length_penalty if defaults.length_penalty is None
+                            else defaults.length_penalty),
+            no_repeat_ngram_size=(model.no_repeat_ngram_size
+                                  if defaults.no_repeat_ngram_size is None
+                                  else defaults.no_repeat_ngram_size))
 
     async def summarize(self, articles: Sequence[ArticleIn], options: RequestedOptions,
                         deadline: float | None = None
