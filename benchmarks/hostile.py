@@ -30,6 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import grpc
+import h2.exceptions
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.rawh2
 
@@ -138,28 +139,33 @@ def big(target: str, pid: int, articles: int, chars: int, window_chars: int) -> 
 
 def stall(host: str, port: int, pid: int, streams: int, announced_mib: int, sent_mib: int,
           auth: bool) -> dict[str, object]:
+    """`streams` half-sent messages. When a connection's stream limit is reached, the rest go
+    over new connections, as a hostile client would."""
     baseline = tree_rss_mib(pid)
     sampler = PeakSampler(pid)
-    connection = RawConnection(host, port, timeout_s=30)
-    payload = b"\x0a" * (sent_mib * MIB)
-    frame = grpc_frame(payload, announced=announced_mib * MIB)
-    sent = refused = 0
+    connections = [RawConnection(host, port, timeout_s=30)]
+    frame = grpc_frame(b"\x0a" * (sent_mib * MIB), announced=announced_mib * MIB)
+    sent = cut_short = 0
     for _ in range(streams):
-        stream_id = connection.open("/summarizer.v1.Summarizer/Summarize")
-        done = connection.send(stream_id, frame)
+        try:
+            stream_id = connections[-1].open("/summarizer.v1.Summarizer/Summarize")
+        except h2.exceptions.TooManyStreamsError:
+            connections.append(RawConnection(host, port, timeout_s=30))
+            stream_id = connections[-1].open("/summarizer.v1.Summarizer/Summarize")
+        done = connections[-1].send(stream_id, frame)
         sent += done
-        refused += done < len(frame)
+        cut_short += done < len(frame)
     time.sleep(2)
     stalled = tree_rss_mib(pid)
-    connection.close()
-    disconnected = time.monotonic()
+    for connection in connections:
+        connection.close()
     time.sleep(10)
     after = tree_rss_mib(pid)
     peak = sampler.stop()
-    _ = disconnected
     return {"scenario": "stall", "auth": auth, "streams": streams,
-            "announced_mib": announced_mib, "sent_mib_each": sent_mib,
-            "mib_accepted_by_server": round(sent / MIB), "streams_cut_short": refused,
+            "connections": len(connections), "announced_mib": announced_mib,
+            "sent_mib_each": sent_mib, "mib_accepted_by_server": round(sent / MIB),
+            "streams_cut_short": cut_short,
             "rss_baseline_mib": round(baseline), "rss_while_stalled_mib": round(stalled),
             "rss_peak_mib": round(peak), "rss_10s_after_disconnect_mib": round(after)}
 
@@ -173,6 +179,9 @@ def main() -> int:
                         help="what 'cut to the window beforehand' keeps of each article")
     parser.add_argument("--streams", type=int, default=40)
     parser.add_argument("--auth", action="store_true")
+    parser.add_argument("--streams-per-connection", type=int, default=16,
+                        help="the server's --max-streams-per-connection (0: gRPC's default); "
+                             "give 0 against a server without the flag")
     parser.add_argument("--server-arg", action="append", default=[],
                         help="more `summarizer serve` arguments (repeatable)")
     args = parser.parse_args()
@@ -181,6 +190,8 @@ def main() -> int:
         extra = ["--workers", "1", *args.server_arg]
         env_token = {"SUMMARIZER_AUTH_TOKEN": TOKEN} if args.auth else {}
         os.environ.update(env_token)
+        if args.streams_per_connection:
+            extra += ["--max-streams-per-connection", str(args.streams_per_connection)]
         process, target = start_server(model, extra)
         threading.Thread(target=lambda: [None for _ in process.stderr], daemon=True).start()
         host, _, port = target.rpartition(":")

@@ -12,6 +12,7 @@ import h2.config
 import h2.connection
 import h2.events
 import h2.exceptions
+import h2.settings
 
 
 def grpc_frame(payload: bytes, announced: int | None = None) -> bytes:
@@ -31,11 +32,18 @@ class StreamState:
 class RawConnection:
     """One HTTP/2 connection to a gRPC server; calls are streams on it."""
 
-    def __init__(self, host: str, port: int, timeout_s: float = 10.0) -> None:
+    def __init__(self, host: str, port: int, timeout_s: float = 10.0,
+                 receive_window: int | None = None) -> None:
+        """`receive_window`: the client's initial stream window (0: the server can send
+        headers but no message until the client says so, i.e. never)."""
         self.authority = f"{host}:{port}"
         self.sock = socket.create_connection((host, port), timeout=timeout_s)
         self.conn = h2.connection.H2Connection(
             h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+        if receive_window is not None:
+            self.conn.local_settings = h2.settings.Settings(
+                client=True,
+                initial_values={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: receive_window})
         self.conn.initiate_connection()
         self.streams: dict[int, StreamState] = {}
         self.closed = False

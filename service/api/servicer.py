@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
+import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import NoReturn
 
@@ -20,6 +22,7 @@ from summarizer_client.gen.summarizer.v1 import summarizer_pb2 as pb
 from summarizer_client.gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
 
 from .. import __version__
+from .memory import RequestBudget
 from .metrics import Metrics
 from ..serving.core import ArticleIn, SummarizerCore
 from ..domain import (ArticleFailure, ArticleSummary, GenerationParams, LongInput, Outputs,
@@ -59,8 +62,9 @@ def _parsed(request: Message | MalformedRequest) -> Message:
 def add_to_server(servicer: SummarizerServicer, server: grpc.aio.Server) -> None:
     """Register like the generated `add_SummarizerServicer_to_server`, with lenient parsing."""
     handlers = {
-        "Summarize": grpc.unary_unary_rpc_method_handler(
-            servicer.Summarize, request_deserializer=_lenient(pb.SummarizeRequest),
+        # Served as one request, a stream of one answer: the same on the wire as unary.
+        "Summarize": grpc.unary_stream_rpc_method_handler(
+            servicer.summarize_answered, request_deserializer=_lenient(pb.SummarizeRequest),
             response_serializer=pb.SummarizeResponse.SerializeToString),
         "SummarizeStream": grpc.stream_stream_rpc_method_handler(
             servicer.SummarizeStream, request_deserializer=_lenient(pb.SummarizeRequest),
@@ -125,6 +129,11 @@ def articles_from_pb(request: pb.SummarizeRequest) -> list[ArticleIn]:
     return [ArticleIn(id=a.id, text=a.text) for a in request.articles]
 
 
+def text_bytes(articles: list[ArticleIn]) -> int:
+    """Memory the articles' texts take as Python strings (what a request holds longest)."""
+    return sum(sys.getsizeof(a.text) for a in articles)
+
+
 def result_to_pb(result: ArticleSummary | ArticleFailure) -> pb.ArticleResult:
     if isinstance(result, ArticleFailure):
         return pb.ArticleResult(id=result.id,
@@ -163,12 +172,28 @@ class CallRecord:
     started: float = field(default_factory=time.perf_counter)
     code: str = "OK"
     articles: int = 0
+    """Articles received."""
+    delivered: int = 0
+    """Results written to the caller (a caller that went away got only these)."""
     failed: int = 0
     truncated: int = 0
     input_tokens: int = 0
     output_tokens: int = 0
+    message_bytes: int = 0
+    """Article text the call's requests held (for the memory budget and release)."""
+    logged: bool = False
+    sent: bool = False
+    """The whole answer was written (set by the handler once gRPC took its last message)."""
+
+    def peer_went_away(self) -> None:
+        """The caller left before its whole answer was written: the call is CANCELLED, and
+        the counts stay those of the results it did get."""
+        if self.code == "OK":
+            self.code = "CANCELLED"
 
     def add(self, result: ArticleSummary | ArticleFailure) -> None:
+        """Count a result the caller was sent."""
+        self.delivered += 1
         if isinstance(result, ArticleFailure):
             self.failed += 1
             return
@@ -178,10 +203,39 @@ class CallRecord:
 
     def fields(self) -> dict[str, object]:
         return {"method": self.method, "request_id": self.request_id, "status": self.code,
-                "articles": self.articles, "failed": self.failed, "truncated": self.truncated,
+                "articles": self.articles, "delivered": self.delivered, "failed": self.failed, "truncated": self.truncated,
                 "input_tokens": self.input_tokens, "output_tokens": self.output_tokens,
                 "latency_ms": round((time.perf_counter() - self.started) * 1000, 1),
                 "peer": self.peer}
+
+
+CURRENT_CALL: contextvars.ContextVar[CallRecord] = contextvars.ContextVar("summarizer_call")
+"""The call being handled in this task: gRPC's own log lines about it find it here."""
+
+
+class PeerGoneFilter(logging.Filter):
+    """gRPC logs "ExecuteBatchError raised in core ..." at ERROR, with a traceback, when the
+    answer of a call cannot be sent because its caller reset the stream or closed the
+    connection first (unless it noticed the caller leave before trying). That is a normal
+    outcome: the record is dropped and the call's own line says CANCELLED."""
+
+    MARKER = "ExecuteBatchError raised in core by servicer method"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(self.MARKER):
+            return True
+        call = CURRENT_CALL.get(None)
+        if call is None:
+            return True  # not one of ours: leave it to gRPC
+        call.peer_went_away()
+        return False
+
+
+def install_peer_gone_filter() -> None:
+    """Once per process (idempotent): see PeerGoneFilter."""
+    grpc_log = logging.getLogger("grpc._cython.cygrpc")
+    if not any(isinstance(f, PeerGoneFilter) for f in grpc_log.filters):
+        grpc_log.addFilter(PeerGoneFilter())
 
 
 def _request_id(context: grpc.aio.ServicerContext) -> str:
@@ -195,19 +249,29 @@ def _request_id(context: grpc.aio.ServicerContext) -> str:
 class SummarizerServicer(pb_grpc.SummarizerServicer):
     """Answers UNAVAILABLE until the core is attached (model loaded and warmed up)."""
 
-    def __init__(self, max_concurrent_calls: int = 0, metrics: Metrics | None = None) -> None:
+    def __init__(self, max_concurrent_calls: int = 0, metrics: Metrics | None = None,
+                 budget: RequestBudget | None = None,
+                 on_call_end: Callable[[int], None] | None = None) -> None:
+        """`budget`: request memory held by calls in progress (none: unbounded);
+        `on_call_end` hears the text bytes of every call that ends (to give memory back)."""
         self.core: SummarizerCore | None = None
         self.max_concurrent_calls = max_concurrent_calls
         self.active_calls = 0
         self.metrics = metrics
+        self.budget = budget if budget is not None else RequestBudget(0)
+        self.on_call_end = on_call_end
 
     @contextlib.contextmanager
     def _recorded(self, method: str, context: grpc.aio.ServicerContext) -> Iterator[CallRecord]:
-        """One log line and the call metrics for every call, however it ends."""
+        """One log line and the call metrics for every call, however it ends. The line is
+        written when gRPC has finished the call (answer sent, or not: see PeerGoneFilter), so
+        it says what the caller really got."""
         call = CallRecord(method, _request_id(context), context.peer() or "")
         context.set_trailing_metadata(((REQUEST_ID_KEY, call.request_id),))
+        CURRENT_CALL.set(call)
         if self.metrics is not None:
             self.metrics.in_flight.labels(method).inc()
+        context.add_done_callback(lambda _context: self._finish(call))
         try:
             yield call
         except asyncio.CancelledError:
@@ -217,13 +281,26 @@ class SummarizerServicer(pb_grpc.SummarizerServicer):
             call.code = ("DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0
                          else "CANCELLED")
             raise
-        finally:
-            fields = call.fields()
-            if self.metrics is not None:
-                self.metrics.in_flight.labels(method).dec()
-                self.metrics.observe_call(method, call.code, time.perf_counter() - call.started)
-            log.info(" ".join(f"{k}={v}" for k, v in fields.items()),
-                     extra={"request": fields})
+        except GeneratorExit:
+            # A streaming answer whose write failed: gRPC closes the generator (the caller
+            # reset the stream or closed the connection).
+            call.peer_went_away()
+            raise
+
+    def _finish(self, call: CallRecord) -> None:
+        if call.logged:
+            return
+        call.logged = True
+        if not call.sent:
+            call.peer_went_away()  # an OK call whose answer was not all written
+        fields = call.fields()
+        if self.metrics is not None:
+            self.metrics.in_flight.labels(call.method).dec()
+            self.metrics.observe_call(call.method, call.code,
+                                      time.perf_counter() - call.started)
+        log.info(" ".join(f"{k}={v}" for k, v in fields.items()), extra={"request": fields})
+        if self.on_call_end is not None:
+            self.on_call_end(call.message_bytes)
 
     def _observe(self, call: CallRecord, result: ArticleSummary | ArticleFailure) -> None:
         call.add(result)
@@ -249,20 +326,43 @@ class SummarizerServicer(pb_grpc.SummarizerServicer):
 
     async def Summarize(self, request: pb.SummarizeRequest,
                         context: grpc.aio.ServicerContext) -> pb.SummarizeResponse:
+        """The answer, for callers in this process; gRPC calls `summarize_answered`."""
         with self._recorded("Summarize", context) as call:
-            try:
-                with self._admitted():
-                    request = _parsed(request)
-                    call.articles = len(request.articles)
-                    core = self._ready_core()
-                    results = await core.summarize(articles_from_pb(request),
-                                                   options_from_pb(request.options),
-                                                   deadline_of(context))
-            except Exception as error:  # noqa: BLE001 - mapped to a status code
-                await abort(context, error, call)
-            for result in results:
-                self._observe(call, result)
+            results = await self._summarize(request, context, call)
+            self._delivered(call, results)  # handed back: the caller has it
             return pb.SummarizeResponse(results=[result_to_pb(r) for r in results])
+
+    async def summarize_answered(self, request: pb.SummarizeRequest,
+                                 context: grpc.aio.ServicerContext
+                                 ) -> AsyncIterator[pb.SummarizeResponse]:
+        """Summarize as gRPC serves it: a stream of one message, which on the wire is exactly
+        a unary answer (headers, one message, trailers), so that this handler learns whether
+        the answer was written before the caller went away (see `add_to_server`)."""
+        with self._recorded("Summarize", context) as call:
+            results = await self._summarize(request, context, call)
+            yield pb.SummarizeResponse(results=[result_to_pb(r) for r in results])
+            self._delivered(call, results)  # resumed only once gRPC has written the answer
+
+    def _delivered(self, call: CallRecord, results: list[ArticleSummary | ArticleFailure]
+                   ) -> None:
+        for result in results:
+            self._observe(call, result)
+        call.sent = True
+
+    async def _summarize(self, request: pb.SummarizeRequest, context: grpc.aio.ServicerContext,
+                         call: CallRecord) -> list[ArticleSummary | ArticleFailure]:
+        try:
+            with self._admitted():
+                request = _parsed(request)
+                call.articles = len(request.articles)
+                core = self._ready_core()
+                articles = articles_from_pb(request)
+                call.message_bytes = text_bytes(articles)
+                with self.budget.hold(call.message_bytes):
+                    return await core.summarize(articles, options_from_pb(request.options),
+                                                deadline_of(context))
+        except Exception as error:  # noqa: BLE001 - mapped to a status code
+            await abort(context, error, call)
 
     async def SummarizeStream(self, request_iterator: AsyncIterator[pb.SummarizeRequest],
                               context: grpc.aio.ServicerContext
@@ -272,14 +372,20 @@ class SummarizerServicer(pb_grpc.SummarizerServicer):
                 async for raw in request_iterator:
                     request = _parsed(raw)
                     call.articles += len(request.articles)
-                    yield articles_from_pb(request), options_from_pb(request.options)
+                    articles = articles_from_pb(request)
+                    size = text_bytes(articles)
+                    call.message_bytes += size
+                    with self.budget.hold(size):  # while the message's articles are planned
+                        yield articles, options_from_pb(request.options)
 
             try:
                 with self._admitted():
                     core = self._ready_core()
                     async for result in core.summarize_stream(requests(), deadline_of(context)):
-                        self._observe(call, result)
                         yield result_to_pb(result)
+                        # Counted once written: a caller gone before then did not get it.
+                        self._observe(call, result)
+                call.sent = True
             except Exception as error:  # noqa: BLE001 - mapped to a status code
                 await abort(context, error, call)
 
@@ -290,6 +396,7 @@ class SummarizerServicer(pb_grpc.SummarizerServicer):
                 core = self._ready_core()
             except Unavailable as error:
                 await abort(context, error, call)
+            call.sent = True
             return self._model_info(core)
 
     @staticmethod
