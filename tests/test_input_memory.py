@@ -32,9 +32,9 @@ def test_an_unauthenticated_call_is_refused_before_its_body_arrives(serve: Serve
 
 
 def test_stalled_half_sent_messages_are_bounded_and_given_back(serve: Serve) -> None:
-    """40 streams that each announce 16 MB, send 15 and stall, on one connection: the server's
-    default stream limit (16) holds the rest back, and the memory comes back after."""
-    server = serve("--workers", "0")
+    """40 streams that each announce 16 MB, send 15 and stall, on one connection: a stream
+    limit of 16 holds the rest back, and the memory comes back after."""
+    server = serve("--workers", "0", "--max-streams-per-connection", "16")
     time.sleep(1)
     baseline = server.rss_mib()
     connection = RawConnection("127.0.0.1", server.port, timeout_s=30)

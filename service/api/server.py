@@ -29,7 +29,8 @@ from ..engines.protocol import Engine
 from ..errors import ConfigError
 from .memory import MIB, MemoryReleaser, RequestBudget
 from .metrics import Metrics
-from .security import interceptors, server_credentials
+from .priority import PriorityRules
+from .security import interceptors, server_credentials, token_classes
 from .servicer import SERVICE_NAME, SummarizerServicer, add_to_server, install_peer_gone_filter
 
 if TYPE_CHECKING:
@@ -176,6 +177,7 @@ class SummarizerServer:
         install_peer_gone_filter()
         self.servicer = SummarizerServicer(
             settings.max_concurrent_rpcs, self.metrics,
+            PriorityRules(settings.default_class, token_classes(settings)),
             budget=RequestBudget(settings.request_memory_mb * MIB),
             on_call_end=self.releaser.call_ended)
         self.health = health.aio.HealthServicer()
@@ -306,7 +308,8 @@ class SummarizerServer:
                               run_batches=run_batches, advancers=advancers,
                               on_step=self.metrics.observe_step)
         await core.start()
-        self.metrics.attach(lambda: core.batcher.queue_depth, core.batcher.stats)
+        self.metrics.attach(lambda: core.batcher.queue_depth, core.batcher.stats,
+                            core.batcher.queue_depth_of)
         if advancers:
             self.metrics.attach_steps(core.batcher.last_steps)
         self.metrics.model_loaded(engine.name, engine.models, loaded - started, warmed - loaded)

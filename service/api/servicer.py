@@ -24,9 +24,10 @@ from summarizer_client.gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
 from .. import __version__
 from .memory import RequestBudget
 from .metrics import Metrics
+from .priority import CallerClasses, PriorityRules
 from ..serving.core import ArticleIn, SummarizerCore
 from ..domain import (ArticleFailure, ArticleSummary, GenerationParams, LongInput, Outputs,
-                     RequestedOptions)
+                      Priority, RequestedOptions)
 from ..errors import InvalidArgument, Overloaded, SummarizerError, Unavailable, status_for
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,15 @@ _OUTPUTS_TO_PB = {Outputs.BOTH: pb.OUTPUTS_BOTH, Outputs.SUMMARY: pb.OUTPUTS_SUM
 _LONG_INPUT_FROM_PB = {pb.LONG_INPUT_POLICY_TRUNCATE: LongInput.TRUNCATE,
                        pb.LONG_INPUT_POLICY_CHUNK: LongInput.CHUNK}
 LONG_INPUT_TO_PB = {policy: value for value, policy in _LONG_INPUT_FROM_PB.items()}
+_PRIORITY_FROM_PB = {pb.PRIORITY_INTERACTIVE: Priority.INTERACTIVE,
+                     pb.PRIORITY_DEFAULT: Priority.DEFAULT, pb.PRIORITY_BULK: Priority.BULK}
+PRIORITY_TO_PB = {priority: value for value, priority in _PRIORITY_FROM_PB.items()}
+
+
+def priority_from_pb(value: int) -> Priority | None:
+    """The class a request asks for; None: unspecified, or a value this server does not know
+    (a newer client), which both mean the caller's default."""
+    return _PRIORITY_FROM_PB.get(value)  # type: ignore[call-overload]
 
 
 def options_from_pb(options: pb.GenerationOptions) -> RequestedOptions:
@@ -179,6 +189,8 @@ class CallRecord:
     truncated: int = 0
     input_tokens: int = 0
     output_tokens: int = 0
+    priority: Priority | None = None
+    """The call's class, once resolved (none for GetModelInfo)."""
     message_bytes: int = 0
     """Article text the call's requests held (for the memory budget and release)."""
     logged: bool = False
@@ -203,10 +215,15 @@ class CallRecord:
 
     def fields(self) -> dict[str, object]:
         return {"method": self.method, "request_id": self.request_id, "status": self.code,
-                "articles": self.articles, "delivered": self.delivered, "failed": self.failed, "truncated": self.truncated,
+                "articles": self.articles, "delivered": self.delivered, "failed": self.failed,
+                "truncated": self.truncated,
                 "input_tokens": self.input_tokens, "output_tokens": self.output_tokens,
                 "latency_ms": round((time.perf_counter() - self.started) * 1000, 1),
-                "peer": self.peer}
+                "priority": self.priority_label, "peer": self.peer}
+
+    @property
+    def priority_label(self) -> str:
+        return "" if self.priority is None else self.priority.name.lower()
 
 
 CURRENT_CALL: contextvars.ContextVar[CallRecord] = contextvars.ContextVar("summarizer_call")
@@ -250,22 +267,28 @@ class SummarizerServicer(pb_grpc.SummarizerServicer):
     """Answers UNAVAILABLE until the core is attached (model loaded and warmed up)."""
 
     def __init__(self, max_concurrent_calls: int = 0, metrics: Metrics | None = None,
+                 priorities: PriorityRules | None = None,
                  budget: RequestBudget | None = None,
                  on_call_end: Callable[[int], None] | None = None) -> None:
-        """`budget`: request memory held by calls in progress (none: unbounded);
-        `on_call_end` hears the text bytes of every call that ends (to give memory back)."""
+        """`priorities`: how a call's class is resolved (default: any caller may ask for any
+        class; unspecified is DEFAULT). `budget`: request memory held by calls in progress
+        (none: unbounded); `on_call_end` hears the text bytes of every call that ends (to give
+        memory back)."""
         self.core: SummarizerCore | None = None
         self.max_concurrent_calls = max_concurrent_calls
         self.active_calls = 0
         self.metrics = metrics
+        self.priorities = priorities if priorities is not None else PriorityRules(
+            Priority.DEFAULT)
         self.budget = budget if budget is not None else RequestBudget(0)
         self.on_call_end = on_call_end
 
     @contextlib.contextmanager
     def _recorded(self, method: str, context: grpc.aio.ServicerContext) -> Iterator[CallRecord]:
-        """One log line and the call metrics for every call, however it ends. The line is
-        written when gRPC has finished the call (answer sent, or not: see PeerGoneFilter), so
-        it says what the caller really got."""
+        """One log line and the call metrics for every call, however it ends, written once its
+        outcome is known: the answer written (the handler sets `sent`), an error status sent,
+        the handler cancelled; or, for an answer that could not be written because the caller
+        went away, when gRPC finishes the call (then CANCELLED; see PeerGoneFilter)."""
         call = CallRecord(method, _request_id(context), context.peer() or "")
         context.set_trailing_metadata(((REQUEST_ID_KEY, call.request_id),))
         CURRENT_CALL.set(call)
@@ -280,12 +303,19 @@ class SummarizerServicer(pb_grpc.SummarizerServicer):
             remaining = context.time_remaining()
             call.code = ("DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0
                          else "CANCELLED")
+            self._finish(call)
             raise
         except GeneratorExit:
             # A streaming answer whose write failed: gRPC closes the generator (the caller
             # reset the stream or closed the connection).
             call.peer_went_away()
+            self._finish(call)
             raise
+        except BaseException:
+            self._finish(call)  # an error status, already sent (abort awaits it)
+            raise
+        if call.sent:
+            self._finish(call)
 
     def _finish(self, call: CallRecord) -> None:
         if call.logged:
@@ -297,7 +327,7 @@ class SummarizerServicer(pb_grpc.SummarizerServicer):
         if self.metrics is not None:
             self.metrics.in_flight.labels(call.method).dec()
             self.metrics.observe_call(call.method, call.code,
-                                      time.perf_counter() - call.started)
+                                      time.perf_counter() - call.started, call.priority_label)
         log.info(" ".join(f"{k}={v}" for k, v in fields.items()), extra={"request": fields})
         if self.on_call_end is not None:
             self.on_call_end(call.message_bytes)
@@ -323,6 +353,13 @@ class SummarizerServicer(pb_grpc.SummarizerServicer):
         if self.core is None:
             raise Unavailable("the model is still loading; retry shortly")
         return self.core
+
+    def _priority(self, requested: int, context: grpc.aio.ServicerContext,
+                  call: CallRecord) -> Priority:
+        """The call's class (PermissionDenied above the caller token's ceiling)."""
+        call.priority = self.priorities.resolve(priority_from_pb(requested),
+                                                context.invocation_metadata())
+        return call.priority
 
     async def Summarize(self, request: pb.SummarizeRequest,
                         context: grpc.aio.ServicerContext) -> pb.SummarizeResponse:
@@ -355,12 +392,13 @@ class SummarizerServicer(pb_grpc.SummarizerServicer):
             with self._admitted():
                 request = _parsed(request)
                 call.articles = len(request.articles)
+                priority = self._priority(request.priority, context, call)
                 core = self._ready_core()
                 articles = articles_from_pb(request)
                 call.message_bytes = text_bytes(articles)
                 with self.budget.hold(call.message_bytes):
                     return await core.summarize(articles, options_from_pb(request.options),
-                                                deadline_of(context))
+                                                deadline_of(context), priority)
         except Exception as error:  # noqa: BLE001 - mapped to a status code
             await abort(context, error, call)
 
@@ -368,20 +406,38 @@ class SummarizerServicer(pb_grpc.SummarizerServicer):
                               context: grpc.aio.ServicerContext
                               ) -> AsyncIterator[pb.ArticleResult]:
         with self._recorded("SummarizeStream", context) as call:
-            async def requests() -> AsyncIterator[tuple[list[ArticleIn], RequestedOptions]]:
-                async for raw in request_iterator:
-                    request = _parsed(raw)
+            incoming = aiter(request_iterator)
+
+            async def requests(first: pb.SummarizeRequest | None
+                               ) -> AsyncIterator[tuple[list[ArticleIn], RequestedOptions]]:
+                asked = pb.PRIORITY_UNSPECIFIED if first is None else first.priority
+                request = first
+                while request is not None:
+                    if request.priority not in (pb.PRIORITY_UNSPECIFIED, asked):
+                        raise InvalidArgument(
+                            "priority", "a stream has one class, set by its first request; "
+                            "leave it unspecified in later requests, or repeat it")
                     call.articles += len(request.articles)
                     articles = articles_from_pb(request)
                     size = text_bytes(articles)
                     call.message_bytes += size
                     with self.budget.hold(size):  # while the message's articles are planned
                         yield articles, options_from_pb(request.options)
+                    del articles
+                    raw = await anext(incoming, None)
+                    request = None if raw is None else _parsed(raw)
 
             try:
                 with self._admitted():
                     core = self._ready_core()
-                    async for result in core.summarize_stream(requests(), deadline_of(context)):
+                    # The first request sets the stream's class.
+                    raw_first = await anext(incoming, None)
+                    first = None if raw_first is None else _parsed(raw_first)
+                    priority = self._priority(
+                        pb.PRIORITY_UNSPECIFIED if first is None else first.priority, context,
+                        call)
+                    async for result in core.summarize_stream(requests(first),
+                                                              deadline_of(context), priority):
                         yield result_to_pb(result)
                         # Counted once written: a caller gone before then did not get it.
                         self._observe(call, result)
@@ -397,11 +453,12 @@ class SummarizerServicer(pb_grpc.SummarizerServicer):
             except Unavailable as error:
                 await abort(context, error, call)
             call.sent = True
-            return self._model_info(core)
+            return self._model_info(core, self.priorities.caller(context.invocation_metadata()))
 
     @staticmethod
-    def _model_info(core: SummarizerCore) -> pb.ModelInfo:
+    def _model_info(core: SummarizerCore, caller: CallerClasses) -> pb.ModelInfo:
         info = core.describe()
+        scheduling = info.scheduling
         defaults = options_to_pb(info.defaults)
         defaults.long_input = LONG_INPUT_TO_PB[info.long_input]
         return pb.ModelInfo(
@@ -421,4 +478,12 @@ class SummarizerServicer(pb_grpc.SummarizerServicer):
                 max_chunks_per_article=info.max_chunks_per_article,
                 max_chunk_depth=info.max_chunk_depth),
             server_version=__version__,
+            scheduling=pb.Scheduling(
+                default_priority=PRIORITY_TO_PB[caller.default],
+                max_priority=PRIORITY_TO_PB[caller.ceiling],
+                classes=[pb.PriorityClass(priority=PRIORITY_TO_PB[p], max_queue=limit)
+                         for p, limit in sorted(scheduling.queue_limits.items())],
+                starvation_bound=scheduling.starvation_bound,
+                interactive_headroom=scheduling.interactive_headroom,
+                small_bulk_batch=scheduling.small_bulk_batch),
         )
