@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import NoReturn
 
 import grpc
+from google.protobuf import empty_pb2
 from google.protobuf.message import DecodeError, Message
 from summarizer_client.gen.summarizer.v1 import summarizer_pb2 as pb
 from summarizer_client.gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
@@ -36,27 +37,42 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Summarizer"].full_name
 
 
 class MalformedRequest:
-    """A request that did not parse, e.g. a string field holding invalid UTF-8. gRPC would
-    answer UNKNOWN before the handler runs; parsing leniently lets us say INVALID_ARGUMENT."""
+    """A request that did not parse. gRPC would answer UNKNOWN before the handler runs; parsing
+    leniently lets us say INVALID_ARGUMENT, in words that fit what was wrong."""
 
     def __init__(self, problem: str) -> None:
         self.problem = problem
+
+
+def _problem_of(raw: bytes, message_type: type[Message]) -> str:
+    """What is wrong with bytes that do not parse as `message_type`. Parsed as an empty message
+    every field is an unknown field, checked only for the wire format: if that parses, the
+    bytes are protobuf and a field is wrong (a string field's invalid UTF-8, or a field of the
+    wrong type); if not, they are not protobuf at all."""
+    name = message_type.DESCRIPTOR.name
+    try:
+        empty_pb2.Empty.FromString(raw)
+    except DecodeError:
+        return (f"is not a {name} message: its {len(raw)} bytes are not protobuf (corrupt, "
+                "truncated, or compressed without a grpc-encoding header?); send the message "
+                "the method takes, serialized with protobuf")
+    return (f"is not a valid {name}: a text field holds bytes that are not UTF-8, or a field "
+            "has the wrong type; send article ids and texts as UTF-8 text")
 
 
 def _lenient(message_type: type[Message]):  # -> Callable[[bytes], Message | MalformedRequest]
     def parse(raw: bytes) -> Message | MalformedRequest:
         try:
             return message_type.FromString(raw)
-        except DecodeError as error:
-            return MalformedRequest(str(error))
+        except DecodeError:
+            return MalformedRequest(_problem_of(raw, message_type))
 
     return parse
 
 
 def _parsed(request: Message | MalformedRequest) -> Message:
     if isinstance(request, MalformedRequest):
-        raise InvalidArgument("request", f"cannot be parsed ({request.problem}); string fields "
-                                         "must be valid UTF-8")
+        raise InvalidArgument("request", request.problem)
     return request
 
 
