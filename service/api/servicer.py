@@ -53,11 +53,11 @@ def _problem_of(raw: bytes, message_type: type[Message]) -> str:
     try:
         empty_pb2.Empty.FromString(raw)
     except DecodeError:
-        return (f"is not a {name} message: its {len(raw)} bytes are not protobuf (corrupt, "
+        return (f"cannot be parsed as a {name}: its {len(raw)} bytes are not protobuf (corrupt, "
                 "truncated, or compressed without a grpc-encoding header?); send the message "
                 "the method takes, serialized with protobuf")
-    return (f"is not a valid {name}: a text field holds bytes that are not UTF-8, or a field "
-            "has the wrong type; send article ids and texts as UTF-8 text")
+    return (f"cannot be parsed as a {name}: a text field holds bytes that are not UTF-8, or a "
+            "field has the wrong type; send article ids and texts as UTF-8 text")
 
 
 def _lenient(message_type: type[Message]):  # -> Callable[[bytes], Message | MalformedRequest]
