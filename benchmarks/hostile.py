@@ -6,6 +6,7 @@ Starts `summarizer serve` on a tiny random-weight BART (one worker process) and 
   a one-article call. Prints both latencies, the same 100 articles cut to the window beforehand
   (what the big call should cost), and the resident set (server + worker) before, at its peak,
   and 20 s after.
+- `where` (alone): where that request's memory goes, step by step, in this process.
 - `stall`: 40 raw HTTP/2 streams (one connection) that each announce a 16 MB message, send
   15 MB and stall; the resident set while they stall and 10 s after they disconnect. With
   `--auth`, the server wants a bearer token and the streams send none.
@@ -170,9 +171,58 @@ def stall(host: str, port: int, pid: int, streams: int, announced_mib: int, sent
             "rss_peak_mib": round(peak), "rss_10s_after_disconnect_mib": round(after)}
 
 
+def where(model: Path, articles: int, chars: int) -> dict[str, object]:
+    """Where a 10 MB TRUNCATE request's memory goes, step by step, in this process: the
+    resident set after each step (glibc keeps what Python frees, so it only grows)."""
+    import gc
+
+    from service.config import Settings
+    from service.engines.torch_engine import TorchEngine
+    from service.text import clean_article, model_text
+
+    engine = TorchEngine(Settings(model=str(model), device="cpu")).load(weights=False)
+    params = engine.defaults
+    steps: dict[str, float] = {}
+    gc.collect()
+    last = tree_rss_mib(os.getpid())
+
+    def step(name: str) -> None:
+        nonlocal last
+        now = tree_rss_mib(os.getpid())
+        steps[name] = round(now - last, 1)
+        last = now
+
+    texts = [article_text(chars, seed) for seed in range(articles)]
+    step("article texts built (str)")
+    raw = pb.SummarizeRequest(articles=[pb.Article(id=str(i), text=t)
+                                        for i, t in enumerate(texts)]).SerializeToString()
+    del texts
+    gc.collect()
+    step("serialized message (what gRPC buffers)")
+    message = pb.SummarizeRequest.FromString(raw)
+    step("protobuf message parsed")
+    strings = [a.text for a in message.articles]
+    step("texts as Python str")
+    cleaned = [model_text(clean_article(t)) for t in strings]
+    step("cleaned texts")
+    whole = engine.summary.tokenizer.encode_batch(
+        [engine.summary.summary_prefix + t for t in cleaned])
+    step("whole texts tokenised (before: ids and masks of every token)")
+    tokens = sum(len(ids) for ids, _ in whole)
+    del whole
+    gc.collect()
+    step("(freed)")
+    prepared = engine.prepare(cleaned, params)
+    step("window's worth tokenised (now)")
+    kept = sum(p.input_tokens for p in prepared)
+    return {"scenario": "where", "articles": articles, "chars": chars,
+            "message_mib": round(len(raw) / MIB, 1), "tokens_whole": tokens,
+            "tokens_kept": kept, "rss_growth_mib_by_step": steps}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("scenarios", nargs="+", choices=("big", "stall"))
+    parser.add_argument("scenarios", nargs="+", choices=("big", "stall", "where"))
     parser.add_argument("--articles", type=int, default=100)
     parser.add_argument("--chars", type=int, default=100_000)
     parser.add_argument("--window-chars", type=int, default=2000,
@@ -187,6 +237,9 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         model = build_tiny_checkpoint(Path(tmp) / "tiny-bart", "bart")
+        if args.scenarios == ["where"]:
+            print(json.dumps(where(model, args.articles, args.chars)), flush=True)
+            return 0
         extra = ["--workers", "1", *args.server_arg]
         env_token = {"SUMMARIZER_AUTH_TOKEN": TOKEN} if args.auth else {}
         os.environ.update(env_token)
