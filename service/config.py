@@ -204,6 +204,21 @@ class Settings:
     max_concurrent_rpcs: int = _setting(
         0, "Most Summarize/SummarizeStream calls handled at once; past it calls get "
            "RESOURCE_EXHAUSTED. Health checks never count. 0: no limit.")
+    request_memory_mb: int = _setting(
+        128, "Memory for the article text of calls in progress (as the server holds it, about "
+             "1-4 bytes a character), in MiB; a call that would take the total past it gets "
+             "RESOURCE_EXHAUSTED at once (a call alone is always let in). The process holds "
+             "about twice this at most (the text and the message it came in). 0: no limit.")
+    max_streams_per_connection: int = _setting(
+        100, "Most calls open at once on one client connection (HTTP/2 "
+             "SETTINGS_MAX_CONCURRENT_STREAMS); gRPC clients queue the rest. Bounds what one "
+             "connection can make the server buffer: this many messages of up to "
+             "--max-message-bytes (see docs/input-limits.md). 0: gRPC's default (no limit).")
+    max_open_calls: int = _setting(
+        0, "Most calls of any kind open at once (health checks included); past it gRPC "
+           "refuses new calls with RESOURCE_EXHAUSTED before reading their message. Bounds what "
+           "half-sent messages over many connections can buffer: this many x "
+           "--max-message-bytes. 0: no limit.")
 
     # --- server ---
     host: str = _setting("0.0.0.0", "Address to listen on.")
@@ -256,7 +271,8 @@ class Settings:
                      "max_batch_tokens", "max_concurrent_rpcs", "port", "max_chunk_depth",
                      "workers", "max_worker_restarts", "kv_cache_mb",
                      "max_encode_tokens_per_step", "max_queue_default", "max_queue_bulk",
-                     "interactive_headroom", "small_bulk_batch"):
+                     "interactive_headroom", "small_bulk_batch", "request_memory_mb",
+                     "max_streams_per_connection", "max_open_calls"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative")
         for name in ("metrics_port", "health_port"):  # 0: off, -1: any free port

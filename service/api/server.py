@@ -27,10 +27,11 @@ from ..workers.child import build as build_worker_engine
 from ..workers.pool import CrashLoop, WorkerPool
 from ..engines.protocol import Engine, SteppingEngine
 from ..errors import ConfigError
+from .memory import MIB, MemoryReleaser, RequestBudget
 from .metrics import Metrics
 from .priority import PriorityRules
 from .security import interceptors, server_credentials, token_classes
-from .servicer import SERVICE_NAME, SummarizerServicer, add_to_server
+from .servicer import SERVICE_NAME, SummarizerServicer, add_to_server, install_peer_gone_filter
 
 if TYPE_CHECKING:
     from .tracing import Tracing
@@ -174,9 +175,13 @@ class SummarizerServer:
         self.metrics_port: int | None = None
         self.health_port: int | None = None
         self._health_server: grpc.aio.Server | None = None
+        self.releaser = MemoryReleaser()
+        install_peer_gone_filter()
         self.servicer = SummarizerServicer(
             settings.max_concurrent_rpcs, self.metrics,
-            PriorityRules(settings.default_class, token_classes(settings)))
+            PriorityRules(settings.default_class, token_classes(settings)),
+            budget=RequestBudget(settings.request_memory_mb * MIB),
+            on_call_end=self.releaser.call_ended)
         self.health = health.aio.HealthServicer()
         self.core: SummarizerCore | None = None
         self.port: int | None = None
@@ -185,6 +190,8 @@ class SummarizerServer:
             ("grpc.max_send_message_length", settings.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ]
+        if settings.max_streams_per_connection:
+            options.append(("grpc.max_concurrent_streams", settings.max_streams_per_connection))
         if settings.max_connection_age_s:
             options += [
                 ("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)),
@@ -195,7 +202,8 @@ class SummarizerServer:
         self._authenticating = bool(auth)
         # Tracing first: a call refused for its token still has its server span.
         traced = [self.tracing.interceptor()] if self.tracing is not None else []
-        self.server = grpc.aio.server(options=options, interceptors=[*traced, *auth])
+        self.server = grpc.aio.server(options=options, interceptors=[*traced, *auth],
+                                      maximum_concurrent_rpcs=settings.max_open_calls or None)
         add_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if settings.reflection:
@@ -310,6 +318,7 @@ class SummarizerServer:
         self.metrics.model_loaded(engine.name, engine.models, loaded - started, warmed - loaded)
         self.core = core
         self.servicer.core = core
+        self.releaser.start()  # the floor: the model loaded
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         described = ", ".join(f"{m.model_id} ({m.role}, {m.family}, {m.dtype} on {m.device})"
                               for m in engine.models)
@@ -344,6 +353,7 @@ class SummarizerServer:
         self._stopping = True
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace_s)
+        await self.releaser.stop()
         if self.core is not None:
             await self.core.stop(timeout_s=max(0.0, deadline - time.monotonic()))
         if self.workers is not None:

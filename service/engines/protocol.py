@@ -34,6 +34,11 @@ class ModelDescription:
     """For an article summarised in chunks, what the headline is written from: "summary" (the
     final summary) or "opening+summary" (the article's opening sentences, then the summary).
     Meaningful for the model that writes headlines."""
+    length_penalty: float | None = None
+    """The checkpoint's own generation default (its generation config), used when a request
+    leaves it unset; None when the checkpoint sets none."""
+    no_repeat_ngram_size: int | None = None
+    """Likewise (0: off)."""
 
 
 class Engine(Protocol):

@@ -14,6 +14,7 @@ Speaks only domain types (no protobuf): the gRPC servicer converts at the edge.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
@@ -119,7 +120,7 @@ class SummarizerCore:
         s = self.settings
         return ServiceDescription(
             engine=self.engine.name, models=list(self.engine.models),
-            defaults=self.engine.defaults, long_input=self.long_input,
+            defaults=self.model_defaults(), long_input=self.long_input,
             max_articles_per_request=s.max_articles_per_request,
             max_article_chars=s.max_article_chars, max_batch_size=s.max_batch_size,
             max_queue=self.batcher.max_queue, limits=self.limits,
@@ -130,6 +131,21 @@ class SummarizerCore:
                 starvation_bound=s.starvation_bound,
                 interactive_headroom=s.interactive_headroom if self.batcher.continuous else 0,
                 small_bulk_batch=s.small_bulk_batch))
+
+    def model_defaults(self) -> GenerationParams:
+        """The engine's defaults, with the summary model's own length penalty and n-gram block
+        where the engine leaves them to the model (what a request leaving them unset gets)."""
+        defaults = self.engine.defaults
+        if not self.engine.models:
+            return defaults
+        model = self.engine.models[0]
+        return dataclasses.replace(
+            defaults,
+            length_penalty=(model.length_penalty if defaults.length_penalty is None
+                            else defaults.length_penalty),
+            no_repeat_ngram_size=(model.no_repeat_ngram_size
+                                  if defaults.no_repeat_ngram_size is None
+                                  else defaults.no_repeat_ngram_size))
 
     async def summarize(self, articles: Sequence[ArticleIn], options: RequestedOptions,
                         deadline: float | None = None, priority: Priority | None = None

@@ -67,5 +67,9 @@ class Validator:
                       "binary data was sent?)")
         cleaned = clean_article(article.text)
         if not cleaned:
+            if article.text.strip() and not any(c.isalnum() for c in article.text):
+                raise bad(f"has no words to summarise: its {len(article.text)} characters are "
+                          "only emoji, symbols or punctuation; the model summarises text, so "
+                          "send the article's words")
             raise bad("is empty (nothing left after removing whitespace and page furniture)")
         return cleaned
