@@ -33,7 +33,7 @@ from typing import TypeVar
 
 import grpc
 
-from .errors import ClientError
+from .errors import CallError, ClientError
 from .gen.summarizer.v1 import summarizer_pb2 as pb
 from .gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
 from .results import ArticleFailure, ArticleSummary, Result
@@ -323,7 +323,7 @@ class SummarizerClient(_ClientBase):
             results = client.summarize_many(articles, options, max_in_flight=max_in_flight,
                                             request_size=request_size)
             try:
-                while (result := loop.next(results)) is not _DONE:
+                while (result := _blocking(loop.next, results)) is not _DONE:
                     yield result
             finally:
                 loop.finish(results, client)
@@ -470,6 +470,16 @@ async def _feed(call: grpc.aio.StreamStreamCall, pending: _Pending, source: _Sou
             if batch:
                 await call.write(_request(batch, options))
         await call.done_writing()
+
+
+def _blocking(step: Callable[[AsyncIterator[T]], T | _Done], results: AsyncIterator[T]
+              ) -> T | _Done:
+    """One step of an asyncio iteration for the blocking client: a failed call is raised as a
+    CallError, a plain grpc.RpcError, not as grpc's asyncio type."""
+    try:
+        return step(results)
+    except grpc.aio.AioRpcError as error:
+        raise CallError.of(error) from error
 
 
 class _Done:
