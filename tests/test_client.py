@@ -269,8 +269,6 @@ def test_the_blocking_client_raises_a_blocking_error_when_no_server_answers() ->
     its failure is raised as a plain grpc.RpcError with the call's status."""
     import socket
 
-    from summarizer_client import CallError
-
     with socket.socket() as sock:  # bound, never listening: connections are refused
         sock.bind(("127.0.0.1", 0))
         target = f"127.0.0.1:{sock.getsockname()[1]}"
@@ -282,4 +280,6 @@ def test_the_blocking_client_raises_a_blocking_error_when_no_server_answers() ->
     for caught in (streamed, unary):
         assert not isinstance(caught.value, grpc.aio.AioRpcError)
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    from summarizer_client import CallError
+
     assert isinstance(streamed.value, CallError) and streamed.value.details()
