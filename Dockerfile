@@ -100,7 +100,11 @@ RUN --mount=type=secret,id=pip_ca \
 # ---- runtime: the base image, the virtual environment, the model; no build tools, no secrets ---
 FROM ${BASE_IMAGE}
 
-RUN useradd --uid 10001 --user-group --create-home --shell /usr/sbin/nologin summarizer
+# /var/cache/summarizer: where a mounted, unconverted model is converted for the default engine
+# (SUMMARIZER_CONVERT_CACHE_DIR in compose.yaml and the Deployment, which mount a volume there;
+# the image's own directory gives a new named volume the right owner).
+RUN useradd --uid 10001 --user-group --create-home --shell /usr/sbin/nologin summarizer \
+    && install -d -o 10001 -g 10001 /var/cache/summarizer
 
 COPY --from=build /opt/venv /opt/venv
 COPY --from=model /models /models

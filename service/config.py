@@ -71,7 +71,9 @@ class Settings:
     threads: int = _setting(0, "CPU threads for inference; 0: the engine's default (all cores).")
     convert_cache_dir: str = _setting(
         "", "Where the ctranslate2 engine keeps converted checkpoints, one directory per "
-            "checkpoint and compute type; empty: ~/.cache/summarizer/ctranslate2.")
+            "checkpoint and compute type; empty: ~/.cache/summarizer/ctranslate2, or, where that "
+            "cannot be written (a read-only root filesystem), summarizer-ctranslate2 under the "
+            "temporary directory ($TMPDIR, else /tmp).")
     warmup: bool = _setting(True, "Run a warm-up generation before reporting SERVING.")
     workers: int = _setting(
         1, "Engine worker processes: each loads the model and runs batches, supervised (a worker "
@@ -303,7 +305,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for item in fields():
         kind = _value_type(item)
         env = " or ".join(env_names(item))
-        help_text = f"{item.metadata['help']} [env {env}; default {item.default!r}]"
+        # argparse %-formats help text: a literal % (as in "30% of free GPU memory") must be %%.
+        help_text = f"{item.metadata['help']} [env {env}; default {item.default!r}]".replace(
+            "%", "%%")
         if kind is bool:
             parser.add_argument(*flag_names(item), dest=item.name, default=None,
                                 action=argparse.BooleanOptionalAction, help=help_text)

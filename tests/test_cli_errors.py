@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from service import cli
+from summarizer_client import cli as client_cli
 from summarizer_client.cli import default_target
 from summarizer_client.errors import ClientError
 from service.engines.checkpoint import looks_like_path, resolve_source
@@ -305,3 +306,69 @@ def test_summarize_on_a_terminal_says_it_reads_stdin(closed_port: int) -> None:
 def test_summarize_reading_a_pipe_says_nothing_more(closed_port: int) -> None:
     done = run("summarize", "--server", f"127.0.0.1:{closed_port}", stdin=b"")
     assert "reading an article" not in done.stderr.decode()
+
+
+def test_every_subcommand_help_prints() -> None:
+    """`--help` of every command (the client's and the server's) prints its page and exits 0:
+    an unescaped % in one setting's help made `serve --help` end in a TypeError."""
+    parser, _ = client_cli.build_parser([cli.add_commands])
+    [commands] = [action for action in parser._actions
+                  if isinstance(action, argparse._SubParsersAction)]
+    names = sorted(commands.choices)
+    assert {"serve", "summarize", "health", "convert", "make-tiny-model"} <= set(names)
+    for name in names:
+        done = run(name, "--help")
+        stdout = done.stdout.decode()
+        assert done.returncode == 0, (name, done.stderr.decode())
+        assert stdout.startswith(f"usage: summarizer {name}"), (name, stdout[:200])
+    assert "30% of free GPU memory" in run("serve", "--help").stdout.decode()
+
+
+@pytest.fixture(scope="module")
+def unconverted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from service.engines.tiny import build_tiny_checkpoint
+
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("unconverted") / "tiny")
+
+
+@pytest.mark.slow
+def test_unconverted_model_without_a_writable_cache_says_what_to_do(unconverted: Path,
+                                                                    tmp_path: Path) -> None:
+    """The cache directory given cannot be written (a read-only filesystem): one line naming the
+    three ways out, and exit 2 ("could not start")."""
+    done = run("serve", "--model", str(unconverted), "--engine", "ctranslate2", "--port", "0",
+               "--convert-cache-dir", "/dev/null/cache", HOME="/dev/null/home")
+    stderr = done.stderr.decode()
+    assert done.returncode == 2, stderr
+    assert "Traceback" not in stderr, stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("summarizer: error: cannot convert"), stderr
+    for text in ("no writable cache directory", "/dev/null/cache", "--convert-cache-dir",
+                 "summarizer convert MODEL --in-place", "--engine torch"):
+        assert text in last, last
+
+
+@pytest.mark.slow
+def test_unconverted_model_with_an_unwritable_home_converts_under_tmp(unconverted: Path,
+                                                                      tmp_path: Path) -> None:
+    """The shipped manifests' case: HOME on a read-only root, /tmp a writable volume. The server
+    converts there and reaches SERVING instead of exiting 2 in a crash loop."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    server = subprocess.Popen(
+        [*CLI, "serve", "--model", str(unconverted), "--host", "127.0.0.1", "--port", "0",
+         "--no-warmup"], stderr=subprocess.PIPE, text=True,
+        env=env(HOME="/dev/null/home", TMPDIR=str(tmp)))
+    try:
+        lines: list[str] = []
+        assert server.stderr is not None
+        for line in server.stderr:
+            lines.append(line)
+            if "SERVING: " in line or "Traceback" in line or "error:" in line:
+                break
+        assert any("SERVING: " in line for line in lines), "".join(lines)
+        converted = list((tmp / "summarizer-ctranslate2").iterdir())
+        assert len(converted) == 1 and converted[0].name.startswith("tiny-"), converted
+    finally:
+        server.kill()
+        server.wait(timeout=30)
