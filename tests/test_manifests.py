@@ -170,7 +170,8 @@ def test_documented_model_table_is_generated_from_the_manifests() -> None:
     page = (Path(__file__).resolve().parent.parent / "docs" / "models.md").read_text(
         encoding="utf-8")
     assert manifests.markdown_table() in page, (
-        "docs/models.md's model table is stale: paste the output of `python -c 'from service.engines.manifests "
+        "docs/models.md's model table is stale: paste the output of "
+        "`python -c 'from service.engines.manifests "
         "import markdown_table; print(markdown_table())'`")
 
 
