@@ -6,7 +6,10 @@ lists the modules that exist, and the README's commands and links point at real 
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -189,3 +192,26 @@ def test_client_install_figures_say_what_is_measured() -> None:
     for needed in ("adds **22 MB** to a fresh virtual environment", "47 MB",
                    "pip and setuptools", "load average"):
         assert needed in sentence, (needed, sentence)
+
+
+@pytest.mark.slow
+def test_readme_offline_quick_start_runs(tmp_path: Path) -> None:
+    """The README's offline block, as pasted (the install lines aside: this environment is the
+    install), in bash from the repository's root; SUMMARIZER_PORT moves both the server and the
+    client commands off the default port, and the tiny model goes to a temporary directory."""
+    [offline] = [block for block in code_blocks(readme()) if "make-tiny-model" in block]
+    lines = [line for line in offline.splitlines()
+             if not line.startswith(("python3 -m venv", "pip install"))]
+    script = "set -e\n" + "\n".join(lines).replace("./tiny-model", str(tmp_path / "tiny-model"))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("SUMMARIZER_", "HF_"))}
+    environ.update(SUMMARIZER_PORT=str(port), HF_HUB_OFFLINE="1",
+                   PATH=f"{Path(sys.executable).parent}{os.pathsep}{environ.get('PATH', '')}")
+    done = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env=environ)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert [r["id"] for r in results] == ["council-buses", "harbour-bridge"]
+    assert all(r["summary"] and r["headline"] for r in results)

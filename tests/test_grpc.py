@@ -138,7 +138,7 @@ async def test_long_article_is_truncated_and_flagged() -> None:
     (request("fine", "   \n\t "), "articles.text (article 1, id 'a1'): is empty"),
     (request("fine", "Advertisement\nRead more"), "articles.text (article 1, id 'a1'): is empty"),
     (request("a\x00b"), "articles.text (article 0, id 'a0'): contains NUL"),
-    (request("x" * 101), "articles.text (article 0, id 'a0'): 101 characters, over the limit"),
+    (request("x" * 101), "articles.text (article 0, id 'a0'): 101 characters, over the server's limit"),
     (request("one", "two", ids=["d", "d"]), "articles.id (article 1, id 'd'): duplicate id"),
     (request("text", summary_min_tokens=30, summary_max_tokens=10),
      "options.summary_min_tokens: 30 is more than summary_max_tokens (10)"),
