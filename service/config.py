@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .domain import MIN_WINDOW_TOKENS
+from .domain import MIN_WINDOW_TOKENS, Priority
 from .errors import ConfigError
 
 ENV_PREFIX = "SUMMARIZER_"
@@ -151,8 +151,43 @@ class Settings:
            "RESOURCE_EXHAUSTED. Counted between steps; a step briefly holds up to about 3x the "
            "self-attention and 2x the cross-attention part. 0: auto (an eighth of system RAM on "
            "CPU, 30% of free GPU memory after loading)")
+    max_encode_tokens_per_step: int = _setting(
+        1024, "Continuous batching: most padded input tokens (articles x longest input) encoded "
+              "between two decoding steps; a burst of long articles is encoded a slice per step, "
+              "most urgent first, so articles already decoding keep stepping. At least one "
+              "article per step whatever its length. 0: no cap (a burst is encoded at once).")
     max_queue: int = _setting(
         1024, "Most articles waiting for the model; past it calls get RESOURCE_EXHAUSTED.")
+
+    # --- priority classes (docs/priority.md) ---
+    default_priority: str = _setting(
+        "default", "Class of a request that names none (a bearer token's own default wins): "
+                   "interactive (someone waits for it now), default, or bulk (back-fills; runs "
+                   "when nothing more urgent needs the model).",
+        choices=("interactive", "default", "bulk"))
+    max_queue_default: int = _setting(
+        0, "Most DEFAULT articles queued at once (past it they get RESOURCE_EXHAUSTED, or wait, "
+           "for streams); 0: --max-queue.")
+    max_queue_bulk: int = _setting(
+        0, "Most BULK articles queued at once; 0: --max-queue. Whatever the limits, more urgent "
+           "work finding the queue full pushes out queued (never running) less urgent work, "
+           "bulk first; those callers get RESOURCE_EXHAUSTED at once.")
+    starvation_bound: int = _setting(
+        8, "No starvation: a class with work waiting is served (static batching: in a batch; "
+           "continuous: admitted, and a paused article decodes) at least once in every this "
+           "many batches or decoding steps, however much more urgent work arrives. Larger: "
+           "interactive articles decode more steps alone (faster), less urgent ones wait longer "
+           "beside them. 1: classes only order the queue (no pausing).")
+    interactive_headroom: int = _setting(
+        4, "Continuous batching: INTERACTIVE articles may join the running set beyond "
+           "--max-batch-size by this many, so a full set of bulk work never makes them wait "
+           "for a slot.")
+    small_bulk_batch: int = _setting(
+        4, "While interactive work has arrived in the last few seconds: static batching cuts "
+           "batches of at most this many BULK articles (always, on the first worker when there "
+           "are two or more), so an interactive call waits at most one small batch; continuous "
+           "batching admits at most this many BULK articles per decoding step (their encoding "
+           "is part of that step). 0: no cap.")
     check_invariants: bool = _setting(
         False, "Check the batch queue's bookkeeping after every change (queued count, no article "
                "both queued and running) and fail loudly on a mismatch. For tests and debugging: "
@@ -203,11 +238,13 @@ class Settings:
             "--auth-tokens-file: a command line is visible to other users.", secret=True)
     auth_tokens_file: str = _setting(
         "", "File of accepted bearer tokens, one per line (several allow rotation without "
-            "downtime); combined with --auth-token.")
+            "downtime); combined with --auth-token. A token may be followed by default=CLASS "
+            "and ceiling=CLASS: its calls' class when they name none, and the most urgent class "
+            "it may ask for (above it: PERMISSION_DENIED); see docs/priority.md.")
 
     def __post_init__(self) -> None:
         problems = []
-        for name in ("max_batch_size", "max_queue", "max_articles_per_request",
+        for name in ("max_batch_size", "max_queue", "max_articles_per_request", "starvation_bound",
                      "max_article_chars", "max_message_bytes", "max_num_beams", "max_new_tokens",
                      "max_chunks_per_article"):
             if getattr(self, name) < 1:
@@ -215,7 +252,9 @@ class Settings:
         for name in ("threads", "max_input_tokens", "summary_max_tokens", "summary_min_tokens",
                      "headline_max_tokens", "headline_min_tokens", "num_beams",
                      "max_batch_tokens", "max_concurrent_rpcs", "port", "max_chunk_depth",
-                     "workers", "max_worker_restarts", "kv_cache_mb"):
+                     "workers", "max_worker_restarts", "kv_cache_mb",
+                     "max_encode_tokens_per_step", "max_queue_default", "max_queue_bulk",
+                     "interactive_headroom", "small_bulk_batch"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative")
         for name in ("metrics_port", "health_port"):  # 0: off, -1: any free port
@@ -230,6 +269,10 @@ class Settings:
             problems.append(f"max_articles_per_request ({self.max_articles_per_request}) must not "
                             f"exceed max_queue ({self.max_queue}): such a request could never "
                             "be queued")
+        for name in ("max_queue_default", "max_queue_bulk"):
+            if getattr(self, name) > self.max_queue:
+                problems.append(f"{name} ({getattr(self, name)}) must not exceed max_queue "
+                                f"({self.max_queue})")
         if 0 < self.max_input_tokens < MIN_WINDOW_TOKENS:
             problems.append(f"max_input_tokens must be 0 or at least {MIN_WINDOW_TOKENS}")
         if bool(self.tls_cert) != bool(self.tls_key):
@@ -256,6 +299,16 @@ class Settings:
                     break
         values.update({k: v for k, v in (overrides or {}).items() if v is not None})
         return cls(**values)
+
+    def queue_limits(self) -> dict[Priority, int]:
+        """Most articles of each class queued at once."""
+        return {Priority.INTERACTIVE: self.max_queue,
+                Priority.DEFAULT: self.max_queue_default or self.max_queue,
+                Priority.BULK: self.max_queue_bulk or self.max_queue}
+
+    @property
+    def default_class(self) -> Priority:
+        return Priority[self.default_priority.upper()]
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)

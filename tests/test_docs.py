@@ -133,9 +133,9 @@ def test_module_map_check_names_a_missing_module(tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """The check above can fail, and says which row to add."""
     monkeypatch.setattr(sys.modules[__name__], "existing_modules",
-                        lambda: mapped_modules() | {"service/serving/policy.py"})
+                        lambda: mapped_modules() | {"service/serving/newly_added.py"})
     with pytest.raises(AssertionError, match=re.escape(
-            "add a row for service/serving/policy.py: | `service/serving/policy.py` |")):
+            "add a row for service/serving/newly_added.py: | `service/serving/newly_added.py` |")):
         test_module_map_lists_exactly_the_modules_that_exist()
 
 

@@ -180,7 +180,7 @@ async def test_a_request_whose_chunks_overflow_the_queue_is_refused() -> None:
             await stub.Summarize(request(long_article(15), long_article(15), long_input=CHUNK))
         with pytest.raises(grpc.aio.AioRpcError) as too_long:
             await stub.Summarize(request(long_article(21), long_input=CHUNK))
-    assert "make 30 model inputs, more than the server's queue holds (20)" in (
+    assert "make 30 model inputs, more than the server's queue holds (20 for DEFAULT)" in (
         too_many.value.details())
     assert "needs more than 20 chunks" in too_long.value.details()
     assert engine.batches == []

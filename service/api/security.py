@@ -19,6 +19,7 @@ from summarizer_client.client import AUTH_METADATA_KEY
 from ..config import Settings
 from ..errors import ConfigError, Unauthenticated, status_for
 from .credentials import ReloadingCertificates, TlsFiles, read_nonempty
+from .priority import TokenClasses, parse_token_line
 
 EXEMPT_SERVICES = frozenset({health.SERVICE_NAME})
 TOKEN_SCHEME = "bearer"
@@ -34,18 +35,30 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
         client_ca=settings.tls_client_ca or None)).credentials()
 
 
-def accepted_tokens(settings: Settings) -> tuple[str, ...]:
-    """Every bearer token the server accepts; empty means authentication is off."""
-    tokens = [settings.auth_token.strip()] if settings.auth_token.strip() else []
+def token_classes(settings: Settings) -> dict[str, TokenClasses]:
+    """Every bearer token the server accepts, with the priority classes it may use (see
+    api/priority.py: `TOKEN [default=CLASS] [ceiling=CLASS]` per line of the tokens file);
+    empty means authentication is off."""
+    tokens: dict[str, TokenClasses] = {}
+    if settings.auth_token.strip():
+        tokens[settings.auth_token.strip()] = TokenClasses()
     if settings.auth_tokens_file:
         text = read_nonempty(settings.auth_tokens_file, "tokens file (--auth-tokens-file)").decode(
             "utf-8", errors="replace")
-        tokens += [line.strip() for line in text.splitlines()
-                   if line.strip() and not line.lstrip().startswith("#")]
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip() and not line.lstrip().startswith("#"):
+                token, classes = parse_token_line(
+                    line, f"tokens file (--auth-tokens-file) line {number}")
+                tokens[token] = classes
     for token in tokens:
         if any(c.isspace() for c in token) or not token.isprintable():
             raise ConfigError("a bearer token must be one printable word without spaces")
-    return tuple(tokens)
+    return tokens
+
+
+def accepted_tokens(settings: Settings) -> tuple[str, ...]:
+    """Every bearer token the server accepts; empty means authentication is off."""
+    return tuple(token_classes(settings))
 
 
 def _service_of(method: str) -> str:

@@ -29,7 +29,8 @@ from ..workers.pool import CrashLoop, WorkerPool
 from ..engines.protocol import Engine
 from ..errors import ConfigError
 from .metrics import Metrics
-from .security import interceptors, server_credentials
+from .priority import PriorityRules
+from .security import interceptors, server_credentials, token_classes
 from .servicer import SERVICE_NAME, SummarizerServicer, add_to_server
 
 if TYPE_CHECKING:
@@ -202,7 +203,9 @@ class SummarizerServer:
         self.metrics_port: int | None = None
         self.health_port: int | None = None
         self._health_server: grpc.aio.Server | None = None
-        self.servicer = SummarizerServicer(settings.max_concurrent_rpcs, self.metrics)
+        self.servicer = SummarizerServicer(
+            settings.max_concurrent_rpcs, self.metrics,
+            PriorityRules(settings.default_class, token_classes(settings)))
         self.health = health.aio.HealthServicer()
         self.core: SummarizerCore | None = None
         self.port: int | None = None
@@ -328,7 +331,8 @@ class SummarizerServer:
                               run_batches=run_batches, advancers=advancers,
                               on_step=self.metrics.observe_step)
         await core.start()
-        self.metrics.attach(lambda: core.batcher.queue_depth, core.batcher.stats)
+        self.metrics.attach(lambda: core.batcher.queue_depth, core.batcher.stats,
+                            core.batcher.queue_depth_of)
         if advancers:
             self.metrics.attach_steps(core.batcher.last_steps)
         self.metrics.model_loaded(engine.name, engine.models, loaded - started, warmed - loaded)

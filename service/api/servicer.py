@@ -21,9 +21,10 @@ from summarizer_client.gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
 
 from .. import __version__
 from .metrics import Metrics
+from .priority import CallerClasses, PriorityRules
 from ..serving.core import ArticleIn, SummarizerCore
 from ..domain import (ArticleFailure, ArticleSummary, GenerationParams, LongInput, Outputs,
-                     RequestedOptions)
+                      Priority, RequestedOptions)
 from ..errors import InvalidArgument, Overloaded, SummarizerError, Unavailable, status_for
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,15 @@ _OUTPUTS_TO_PB = {Outputs.BOTH: pb.OUTPUTS_BOTH, Outputs.SUMMARY: pb.OUTPUTS_SUM
 _LONG_INPUT_FROM_PB = {pb.LONG_INPUT_POLICY_TRUNCATE: LongInput.TRUNCATE,
                        pb.LONG_INPUT_POLICY_CHUNK: LongInput.CHUNK}
 LONG_INPUT_TO_PB = {policy: value for value, policy in _LONG_INPUT_FROM_PB.items()}
+_PRIORITY_FROM_PB = {pb.PRIORITY_INTERACTIVE: Priority.INTERACTIVE,
+                     pb.PRIORITY_DEFAULT: Priority.DEFAULT, pb.PRIORITY_BULK: Priority.BULK}
+PRIORITY_TO_PB = {priority: value for value, priority in _PRIORITY_FROM_PB.items()}
+
+
+def priority_from_pb(value: int) -> Priority | None:
+    """The class a request asks for; None: unspecified, or a value this server does not know
+    (a newer client), which both mean the caller's default."""
+    return _PRIORITY_FROM_PB.get(value)  # type: ignore[call-overload]
 
 
 def options_from_pb(options: pb.GenerationOptions) -> RequestedOptions:
@@ -167,6 +177,8 @@ class CallRecord:
     truncated: int = 0
     input_tokens: int = 0
     output_tokens: int = 0
+    priority: Priority | None = None
+    """The call's class, once resolved (none for GetModelInfo)."""
 
     def add(self, result: ArticleSummary | ArticleFailure) -> None:
         if isinstance(result, ArticleFailure):
@@ -181,7 +193,11 @@ class CallRecord:
                 "articles": self.articles, "failed": self.failed, "truncated": self.truncated,
                 "input_tokens": self.input_tokens, "output_tokens": self.output_tokens,
                 "latency_ms": round((time.perf_counter() - self.started) * 1000, 1),
-                "peer": self.peer}
+                "priority": self.priority_label, "peer": self.peer}
+
+    @property
+    def priority_label(self) -> str:
+        return "" if self.priority is None else self.priority.name.lower()
 
 
 def _request_id(context: grpc.aio.ServicerContext) -> str:
@@ -195,11 +211,16 @@ def _request_id(context: grpc.aio.ServicerContext) -> str:
 class SummarizerServicer(pb_grpc.SummarizerServicer):
     """Answers UNAVAILABLE until the core is attached (model loaded and warmed up)."""
 
-    def __init__(self, max_concurrent_calls: int = 0, metrics: Metrics | None = None) -> None:
+    def __init__(self, max_concurrent_calls: int = 0, metrics: Metrics | None = None,
+                 priorities: PriorityRules | None = None) -> None:
+        """`priorities`: how a call's class is resolved (default: any caller may ask for any
+        class; unspecified is DEFAULT)."""
         self.core: SummarizerCore | None = None
         self.max_concurrent_calls = max_concurrent_calls
         self.active_calls = 0
         self.metrics = metrics
+        self.priorities = priorities if priorities is not None else PriorityRules(
+            Priority.DEFAULT)
 
     @contextlib.contextmanager
     def _recorded(self, method: str, context: grpc.aio.ServicerContext) -> Iterator[CallRecord]:
@@ -221,7 +242,8 @@ class SummarizerServicer(pb_grpc.SummarizerServicer):
             fields = call.fields()
             if self.metrics is not None:
                 self.metrics.in_flight.labels(method).dec()
-                self.metrics.observe_call(method, call.code, time.perf_counter() - call.started)
+                self.metrics.observe_call(method, call.code, time.perf_counter() - call.started,
+                                          call.priority_label)
             log.info(" ".join(f"{k}={v}" for k, v in fields.items()),
                      extra={"request": fields})
 
@@ -247,6 +269,13 @@ class SummarizerServicer(pb_grpc.SummarizerServicer):
             raise Unavailable("the model is still loading; retry shortly")
         return self.core
 
+    def _priority(self, requested: int, context: grpc.aio.ServicerContext,
+                  call: CallRecord) -> Priority:
+        """The call's class (PermissionDenied above the caller token's ceiling)."""
+        call.priority = self.priorities.resolve(priority_from_pb(requested),
+                                                context.invocation_metadata())
+        return call.priority
+
     async def Summarize(self, request: pb.SummarizeRequest,
                         context: grpc.aio.ServicerContext) -> pb.SummarizeResponse:
         with self._recorded("Summarize", context) as call:
@@ -254,10 +283,11 @@ class SummarizerServicer(pb_grpc.SummarizerServicer):
                 with self._admitted():
                     request = _parsed(request)
                     call.articles = len(request.articles)
+                    priority = self._priority(request.priority, context, call)
                     core = self._ready_core()
                     results = await core.summarize(articles_from_pb(request),
                                                    options_from_pb(request.options),
-                                                   deadline_of(context))
+                                                   deadline_of(context), priority)
             except Exception as error:  # noqa: BLE001 - mapped to a status code
                 await abort(context, error, call)
             for result in results:
@@ -268,16 +298,33 @@ class SummarizerServicer(pb_grpc.SummarizerServicer):
                               context: grpc.aio.ServicerContext
                               ) -> AsyncIterator[pb.ArticleResult]:
         with self._recorded("SummarizeStream", context) as call:
-            async def requests() -> AsyncIterator[tuple[list[ArticleIn], RequestedOptions]]:
-                async for raw in request_iterator:
-                    request = _parsed(raw)
+            incoming = aiter(request_iterator)
+
+            async def requests(first: pb.SummarizeRequest | None
+                               ) -> AsyncIterator[tuple[list[ArticleIn], RequestedOptions]]:
+                asked = pb.PRIORITY_UNSPECIFIED if first is None else first.priority
+                request = first
+                while request is not None:
+                    if request.priority not in (pb.PRIORITY_UNSPECIFIED, asked):
+                        raise InvalidArgument(
+                            "priority", "a stream has one class, set by its first request; "
+                            "leave it unspecified in later requests, or repeat it")
                     call.articles += len(request.articles)
                     yield articles_from_pb(request), options_from_pb(request.options)
+                    raw = await anext(incoming, None)
+                    request = None if raw is None else _parsed(raw)
 
             try:
                 with self._admitted():
                     core = self._ready_core()
-                    async for result in core.summarize_stream(requests(), deadline_of(context)):
+                    # The first request sets the stream's class.
+                    raw_first = await anext(incoming, None)
+                    first = None if raw_first is None else _parsed(raw_first)
+                    priority = self._priority(
+                        pb.PRIORITY_UNSPECIFIED if first is None else first.priority, context,
+                        call)
+                    async for result in core.summarize_stream(requests(first),
+                                                              deadline_of(context), priority):
                         self._observe(call, result)
                         yield result_to_pb(result)
             except Exception as error:  # noqa: BLE001 - mapped to a status code
@@ -290,11 +337,12 @@ class SummarizerServicer(pb_grpc.SummarizerServicer):
                 core = self._ready_core()
             except Unavailable as error:
                 await abort(context, error, call)
-            return self._model_info(core)
+            return self._model_info(core, self.priorities.caller(context.invocation_metadata()))
 
     @staticmethod
-    def _model_info(core: SummarizerCore) -> pb.ModelInfo:
+    def _model_info(core: SummarizerCore, caller: CallerClasses) -> pb.ModelInfo:
         info = core.describe()
+        scheduling = info.scheduling
         defaults = options_to_pb(info.defaults)
         defaults.long_input = LONG_INPUT_TO_PB[info.long_input]
         return pb.ModelInfo(
@@ -314,4 +362,12 @@ class SummarizerServicer(pb_grpc.SummarizerServicer):
                 max_chunks_per_article=info.max_chunks_per_article,
                 max_chunk_depth=info.max_chunk_depth),
             server_version=__version__,
+            scheduling=pb.Scheduling(
+                default_priority=PRIORITY_TO_PB[caller.default],
+                max_priority=PRIORITY_TO_PB[caller.ceiling],
+                classes=[pb.PriorityClass(priority=PRIORITY_TO_PB[p], max_queue=limit)
+                         for p, limit in sorted(scheduling.queue_limits.items())],
+                starvation_bound=scheduling.starvation_bound,
+                interactive_headroom=scheduling.interactive_headroom,
+                small_bulk_batch=scheduling.small_bulk_batch),
         )

@@ -172,7 +172,9 @@ class TorchEngine(CheckpointEngine):
 
         return TorchSession(adapter=adapter_for(ckpt.model), model=ckpt.model,
                             device=self.device, budget_bytes=self._cache_budget(),
-                            generation_config=self.output_config, decode=decode)
+                            generation_config=self.output_config, decode=decode,
+                            max_encode_tokens_per_step=getattr(
+                                self.settings, "max_encode_tokens_per_step", 0))
 
     def output_config(self, output: str, params: GenerationParams) -> Any:
         """The generation config `output` ("summary" or "headline") is written with."""

@@ -199,9 +199,11 @@ class Slot:
                 try:
                     if self._admitted and self._session_of is not self.process:
                         lost += self._readmit()
-                        message = StepIn(admit=(*self._admitted.values(), *new))
+                        message = StepIn(admit=(*self._admitted.values(), *new),
+                                         pause=step.pause)
                     else:
-                        message = StepIn(admit=tuple(new), remove=step.remove)
+                        message = StepIn(admit=tuple(new), remove=step.remove,
+                                         pause=step.pause)
                     # From here the worker holds them: a death now is theirs too.
                     self._session_of = self.process
                     self._admitted.update((a.ticket, a) for a in new)

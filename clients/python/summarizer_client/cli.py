@@ -198,6 +198,11 @@ def build_parser(extensions: Sequence[Extension] = ()) -> tuple[argparse.Argumen
                       help="results file, appended to and resumable (default: stdout)")
     bulk.add_argument("--max-in-flight", type=_positive_int, default=64,
                       help="articles sent and not yet answered (default 64)")
+    send.add_argument("--priority", choices=("interactive", "default", "bulk"), default=None,
+                      help="the calls' class: interactive (someone waits for the result now), "
+                           "default or bulk (back-fills: served when nothing more urgent "
+                           "waits, shed first under overload). Default: the server's (or the "
+                           "token's) default; bulk for --input runs")
     send.add_argument("--outputs", choices=("both", "summary", "headline"), default="both",
                       help="what to write for each article: both (default), or only the "
                            "summary or the headline (faster)")
@@ -465,7 +470,7 @@ def _soak(args: argparse.Namespace) -> int:
 
 def _send_batches(client: SummarizerClient, articles: Iterable[tuple[str, str, str]],
                   batch_size: int, options: pb.GenerationOptions,
-                  reject: Callable[[str], None]) -> Iterator[Result]:
+                  reject: Callable[[str], None], priority: str = "") -> Iterator[Result]:
     """Results of `articles`, `batch_size` per call. A call refused with INVALID_ARGUMENT because
     of one of its articles is sent again one article per call, so that the other articles still
     get results; each refused article goes to `reject`. Other errors end the run."""
@@ -484,13 +489,15 @@ def _send_batches(client: SummarizerClient, articles: Iterable[tuple[str, str, s
         if not batch:
             break
         try:
-            yield from client.summarize([(i, t) for i, t, _ in batch], options)
+            yield from client.summarize([(i, t) for i, t, _ in batch], options,
+                                        priority=priority)
         except grpc.RpcError as error:
             if not refused(error):
                 raise
             for article_id, text, where in batch:
                 try:
-                    yield from client.summarize([(article_id, text)], options)
+                    yield from client.summarize([(article_id, text)], options,
+                                                priority=priority)
                 except grpc.RpcError as single:
                     if not refused(single):
                         raise
@@ -538,7 +545,7 @@ def _summarize(args: argparse.Namespace) -> int:
         require_server(target, connection)
         with SummarizerClient(target, timeout_s=args.timeout, **connection) as client:
             results = _send_batches(client, itertools.chain([first], articles), args.batch,
-                                    options, reject)
+                                    options, reject, args.priority or "")
             write_results(reported(results), sys.stdout, Progress(0, enabled=False), outcome)
     return EXIT_FAILED if outcome.failed or rejected else 0
 
@@ -565,8 +572,11 @@ def _bulk(client: SummarizerClient, args: argparse.Namespace,
     out = open(args.output, "a", encoding="utf-8") if args.output else sys.stdout
     interrupted = False
     try:
+        # A bulk run is a back-fill: BULK unless --priority says otherwise.
         write_results(client.summarize_many(articles, options, max_in_flight=args.max_in_flight,
-                                            request_size=args.batch), out, progress, outcome)
+                                            request_size=args.batch,
+                                            priority=args.priority or "bulk"),
+                      out, progress, outcome)
     except KeyboardInterrupt:
         interrupted = True
         raise
