@@ -38,7 +38,7 @@ def _setting(default: Any, help: str, *, choices: tuple[str, ...] | None = None,
 
 @dataclass(frozen=True)
 class Settings:
-    """Server configuration. Defaults suit a CPU machine; see README "Configuration"."""
+    """Server configuration. Defaults suit a CPU machine; see docs/configuration.md."""
 
     # --- model ---
     model: str = _setting(
@@ -395,7 +395,7 @@ def from_arguments(namespace: argparse.Namespace,
 
 
 def markdown_table() -> str:
-    """The configuration table of the README, generated so that it cannot drift."""
+    """The configuration table of docs/configuration.md, generated so that it cannot drift."""
     rows = ["| flag | environment | default | meaning |", "|---|---|---|---|"]
     for item in fields():
         default = "(unset)" if item.default is None else f"`{item.default!r}`"

@@ -11,9 +11,10 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import grpc
+from google.protobuf import descriptor, descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
@@ -46,12 +47,42 @@ REFLECTION_V1_SERVICE = "grpc.reflection.v1.ServerReflection"
 ships only v1alpha, whose messages are the same on the wire."""
 
 
+class MethodSymbolPool:
+    """The default protobuf descriptor pool, which also finds the file of a method symbol.
+
+    grpcurl and Postman describe a method by asking for the file containing
+    `summarizer.v1.Summarizer.Summarize`; protobuf's Python pool resolves messages, services
+    and fields but not methods (grpc/grpc#34743), so reflection answered `Symbol not found`.
+    A name that is not found is tried as SERVICE.METHOD: the service's file is the answer, as
+    the C++ and Go servers give it. Everything else goes to the pool as it is."""
+
+    def __init__(self, pool: descriptor_pool.DescriptorPool | None = None) -> None:
+        self._pool = pool or descriptor_pool.Default()
+
+    def FindFileContainingSymbol(self, symbol: str) -> descriptor.FileDescriptor:  # noqa: N802
+        try:
+            return self._pool.FindFileContainingSymbol(symbol)
+        except KeyError:
+            service_name, _, method = symbol.rpartition(".")
+            if not service_name:
+                raise
+            service = self._pool.FindServiceByName(service_name)  # KeyError: not found
+            if method not in service.methods_by_name:
+                raise
+            return service.file
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pool, name)
+
+
 def enable_reflection(server: grpc.aio.Server, service_names: tuple[str, ...]) -> None:
     """Serve reflection as grpc.reflection.v1 and v1alpha, both by the same servicer.
 
     The services listed are the ones whose descriptors the servicer can describe: v1alpha's is
-    in the protobuf pool, v1's is not (no module ships it), so v1 is served but not listed."""
-    servicer = reflection.aio.ReflectionServicer((*service_names, reflection.SERVICE_NAME))
+    in the protobuf pool, v1's is not (no module ships it), so v1 is served but not listed.
+    Method symbols resolve too (MethodSymbolPool)."""
+    servicer = reflection.aio.ReflectionServicer((*service_names, reflection.SERVICE_NAME),
+                                                 pool=MethodSymbolPool())
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
         REFLECTION_V1_SERVICE, {"ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(

@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from .errors import ClientError
+from .errors import CallError, ClientError
 from .gen.summarizer.v1 import summarizer_pb2 as pb
 from .gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
 from .results import ArticleFailure, ArticleSummary, Result
@@ -341,7 +341,7 @@ class SummarizerClient(_ClientBase):
             results = client.summarize_many(articles, options, max_in_flight=max_in_flight,
                                             request_size=request_size, priority=priority)
             try:
-                while not isinstance(result := loop.next(results), _Done):
+                while not isinstance(result := _blocking(loop.next, results), _Done):
                     yield result
             finally:
                 loop.finish(results, client)
@@ -491,6 +491,16 @@ async def _feed(call: grpc.aio.StreamStreamCall, pending: _Pending, source: _Sou
             if batch:
                 await call.write(_request(batch, options, priority))
         await call.done_writing()
+
+
+def _blocking(step: Callable[[AsyncIterator[T]], T | _Done], results: AsyncIterator[T]
+              ) -> T | _Done:
+    """One step of an asyncio iteration for the blocking client: a failed call is raised as a
+    CallError, a plain grpc.RpcError, not as grpc's asyncio type."""
+    try:
+        return step(results)
+    except grpc.aio.AioRpcError as error:
+        raise CallError.of(error) from error
 
 
 class _Done:
