@@ -258,7 +258,7 @@ def test_a_failed_articles_code_prints_as_its_name() -> None:
                          if isinstance(r, ArticleFailure)]
     assert failure.id == "empty" and failure.code == 3
     assert failure.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
-    assert "%s %s" % (failure.id, failure.code) == "empty INVALID_ARGUMENT"
+    assert "%s %s" % (failure.id, failure.code) == "empty INVALID_ARGUMENT"  # noqa: UP031 - logging's style
     assert f"{failure.code}" == str(failure.code) == "INVALID_ARGUMENT"
     assert f"{failure.code:d}" == "3"
     assert str(ArticleFailure("x", 99, "from a newer server").code) == "99"

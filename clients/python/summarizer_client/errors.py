@@ -39,7 +39,8 @@ class CallError(grpc.RpcError):
     def details(self) -> str:
         return self._details
 
-    def trailing_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
+    # The stubs name their private _Metadatum type here; ours is the same pairs, spelled out.
+    def trailing_metadata(self) -> tuple[tuple[str, str | bytes], ...]:  # type: ignore[override]
         return self._trailing_metadata
 
     def debug_error_string(self) -> str:
