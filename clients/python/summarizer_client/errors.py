@@ -31,7 +31,7 @@ class CallError(grpc.RpcError):
     @classmethod
     def of(cls, error: grpc.aio.AioRpcError) -> CallError:
         return cls(error.code(), error.details() or "", tuple(error.trailing_metadata() or ()),
-                   error.debug_error_string())
+                   error.debug_error_string() or "")
 
     def code(self) -> grpc.StatusCode:
         return self._code
