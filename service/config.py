@@ -38,15 +38,17 @@ def _setting(default: Any, help: str, *, choices: tuple[str, ...] | None = None,
 
 @dataclass(frozen=True)
 class Settings:
-    """Server configuration. Defaults suit a CPU machine; see README "Configuration"."""
+    """Server configuration. Defaults suit a CPU machine; see docs/configuration.md."""
 
     # --- model ---
     model: str = _setting(
-        "", "Summary model: a local checkpoint directory, a hub id, or a manifest name from models/.")
+        "", "Summary model: a local checkpoint directory, a hub id, or a manifest name from "
+            "models/.")
     headline_model: str = _setting(
-        "", "Separate headline model (directory, hub id or manifest name); empty: the summary model "
-            "also writes headlines.")
-    revision: str = _setting("", "Hub revision (branch, tag or commit) for hub ids; empty: default.")
+        "", "Separate headline model (directory, hub id or manifest name); empty: the summary "
+            "model also writes headlines.")
+    revision: str = _setting(
+        "", "Hub revision (branch, tag or commit) for hub ids; empty: default.")
     family: str = _setting(
         "", "Force the defaults: a family (bart, t5, pegasus, ...) or a manifest name "
             "(flan-t5-base), instead of detecting them from the checkpoint.")
@@ -71,7 +73,9 @@ class Settings:
     threads: int = _setting(0, "CPU threads for inference; 0: the engine's default (all cores).")
     convert_cache_dir: str = _setting(
         "", "Where the ctranslate2 engine keeps converted checkpoints, one directory per "
-            "checkpoint and compute type; empty: ~/.cache/summarizer/ctranslate2.")
+            "checkpoint and compute type; empty: ~/.cache/summarizer/ctranslate2, or, where that "
+            "cannot be written (a read-only root filesystem), summarizer-ctranslate2 under the "
+            "temporary directory ($TMPDIR, else /tmp).")
     warmup: bool = _setting(True, "Run a warm-up generation before reporting SERVING.")
     workers: int = _setting(
         1, "Engine worker processes: each loads the model and runs batches, supervised (a worker "
@@ -149,6 +153,11 @@ class Settings:
            "RESOURCE_EXHAUSTED. Counted between steps; a step briefly holds up to about 3x the "
            "self-attention and 2x the cross-attention part. 0: auto (an eighth of system RAM on "
            "CPU, 30% of free GPU memory after loading)")
+    max_encode_tokens_per_step: int = _setting(
+        1024, "Continuous batching: most padded input tokens (articles x longest input) encoded "
+              "between two decoding steps; a burst of long articles is encoded a slice per step, "
+              "most urgent first, so articles already decoding keep stepping. At least one "
+              "article per step whatever its length. 0: no cap (a burst is encoded at once).")
     max_queue: int = _setting(
         1024, "Most articles waiting for the model; past it calls get RESOURCE_EXHAUSTED.")
 
@@ -195,6 +204,21 @@ class Settings:
     max_concurrent_rpcs: int = _setting(
         0, "Most Summarize/SummarizeStream calls handled at once; past it calls get "
            "RESOURCE_EXHAUSTED. Health checks never count. 0: no limit.")
+    request_memory_mb: int = _setting(
+        128, "Memory for the article text of calls in progress (as the server holds it, about "
+             "1-4 bytes a character), in MiB; a call that would take the total past it gets "
+             "RESOURCE_EXHAUSTED at once (a call alone is always let in). The process holds "
+             "about twice this at most (the text and the message it came in). 0: no limit.")
+    max_streams_per_connection: int = _setting(
+        100, "Most calls open at once on one client connection (HTTP/2 "
+             "SETTINGS_MAX_CONCURRENT_STREAMS); gRPC clients queue the rest. Bounds what one "
+             "connection can make the server buffer: this many messages of up to "
+             "--max-message-bytes (see docs/input-limits.md). 0: gRPC's default (no limit).")
+    max_open_calls: int = _setting(
+        0, "Most calls of any kind open at once (health checks included); past it gRPC "
+           "refuses new calls with RESOURCE_EXHAUSTED before reading their message. Bounds what "
+           "half-sent messages over many connections can buffer: this many x "
+           "--max-message-bytes. 0: no limit.")
 
     # --- server ---
     host: str = _setting("0.0.0.0", "Address to listen on.")
@@ -245,8 +269,10 @@ class Settings:
         for name in ("threads", "max_input_tokens", "summary_max_tokens", "summary_min_tokens",
                      "headline_max_tokens", "headline_min_tokens", "num_beams",
                      "max_batch_tokens", "max_concurrent_rpcs", "port", "max_chunk_depth",
-                     "workers", "max_worker_restarts", "kv_cache_mb", "max_queue_default",
-                     "max_queue_bulk", "interactive_headroom", "small_bulk_batch"):
+                     "workers", "max_worker_restarts", "kv_cache_mb",
+                     "max_encode_tokens_per_step", "max_queue_default", "max_queue_bulk",
+                     "interactive_headroom", "small_bulk_batch", "request_memory_mb",
+                     "max_streams_per_connection", "max_open_calls"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative")
         for name in ("metrics_port", "health_port"):  # 0: off, -1: any free port
@@ -350,7 +376,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for item in fields():
         kind = _value_type(item)
         env = " or ".join(env_names(item))
-        help_text = f"{item.metadata['help']} [env {env}; default {item.default!r}]"
+        # argparse %-formats help text: a literal % (as in "30% of free GPU memory") must be %%.
+        help_text = f"{item.metadata['help']} [env {env}; default {item.default!r}]".replace(
+            "%", "%%")
         if kind is bool:
             parser.add_argument(*flag_names(item), dest=item.name, default=None,
                                 action=argparse.BooleanOptionalAction, help=help_text)
@@ -367,7 +395,7 @@ def from_arguments(namespace: argparse.Namespace,
 
 
 def markdown_table() -> str:
-    """The configuration table of the README, generated so that it cannot drift."""
+    """The configuration table of docs/configuration.md, generated so that it cannot drift."""
     rows = ["| flag | environment | default | meaning |", "|---|---|---|---|"]
     for item in fields():
         default = "(unset)" if item.default is None else f"`{item.default!r}`"

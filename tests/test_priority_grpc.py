@@ -9,7 +9,7 @@ import contextlib
 import json
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -25,7 +25,7 @@ from summarizer_client.client import AsyncSummarizerClient, SummarizerClient
 from summarizer_client.gen.summarizer.v1 import summarizer_pb2 as pb
 from summarizer_client.gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
 
-from .conftest import serving
+from .conftest import serving, until
 from .fakes import FakeEngine
 from .test_grpc import BASE, request
 
@@ -249,12 +249,12 @@ async def test_overload_sheds_bulk_first_and_every_interactive_call_succeeds() -
         batcher = server.core.batcher
         # The worker holds its first batch (1 to 4 articles, as they arrived); the queue fills
         # with bulk work, the rest is refused.
-        await _until(lambda: batcher.queue_depth == 24 and batcher.running > 0
+        await until(lambda: batcher.queue_depth == 24 and batcher.running > 0
                      and sum(f.done() for f in bulk) == 64 - 24 - batcher.running)
         held = batcher.running
         urgent = [asyncio.ensure_future(call(f"urgent {n:02d}", pb.PRIORITY_INTERACTIVE))
                   for n in range(12)]
-        await _until(lambda: batcher.queue_depth_of(INT) == 12)
+        await until(lambda: batcher.queue_depth_of(INT) == 12)
         engine.hold.set()
         urgent_codes = await asyncio.wait_for(asyncio.gather(*urgent), 20)
         bulk_codes = await asyncio.wait_for(asyncio.gather(*bulk), 20)
@@ -275,13 +275,6 @@ async def test_overload_sheds_bulk_first_and_every_interactive_call_succeeds() -
     last_urgent = max(i for i, t in enumerate(texts) if t.startswith("urgent"))
     first_bulk = min(i for i, t in enumerate(texts) if t.startswith("bulk"))
     assert last_urgent < first_bulk
-
-
-async def _until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    async def reached() -> None:
-        while not condition():
-            await asyncio.sleep(0.005)
-    await asyncio.wait_for(reached(), timeout)
 
 
 # ----- seen from outside -----
@@ -323,7 +316,7 @@ async def test_bulk_articles_sit_steps_out_in_the_worker_while_interactive_ones_
         bulk = request("a long back-fill article", **long_options)
         bulk.priority = pb.PRIORITY_BULK
         bulk_call = asyncio.ensure_future(stub.Summarize(bulk, timeout=30))
-        await _until(lambda: any(s.active for s in server.core.batcher.last_steps()))
+        await until(lambda: any(s.active for s in server.core.batcher.last_steps()))
         urgent = request("an editor waits", summary_max_tokens=8, headline_max_tokens=4)
         urgent.priority = pb.PRIORITY_INTERACTIVE
         urgent_reply = await stub.Summarize(urgent, timeout=30)
@@ -367,12 +360,12 @@ async def test_bulk_completes_while_interactive_calls_arrive_back_to_back() -> N
                 answered[0] += 1
 
         editors = [asyncio.ensure_future(editor(str(n))) for n in range(3)]
-        await _until(lambda: answered[0] >= 6)
+        await until(lambda: answered[0] >= 6)
         bulk = request("the back-fill", "goes on", ids=["b1", "b2"])
         bulk.priority = pb.PRIORITY_BULK
         reply = await asyncio.wait_for(stub.Summarize(bulk, timeout=10), 10)
         at_bulk_done = answered[0]
-        await _until(lambda: answered[0] >= at_bulk_done + 3)  # the editors were still busy
+        await until(lambda: answered[0] >= at_bulk_done + 3)  # the editors were still busy
         stop.set()
         await asyncio.gather(*editors)
     assert [r.summary for r in reply.results] == ["S:the back-fil", "S:goes on"]

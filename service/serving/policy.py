@@ -19,9 +19,9 @@ The rules, in order:
 5. Static batches (keys must match): a batch is cut from its first class and fills its room from
    less urgent ones, except that bulk work never rides in a batch with interactive work (it would
    set the batch's pace). While interactive work arrived or started in the last
-   `RECENT_INTERACTIVE_S` seconds, or on an urgent lane (the first worker of two or more), a batch holds at most
-   `small_bulk_batch` bulk jobs: an interactive call arriving then waits for a small batch at
-   most.
+   `RECENT_INTERACTIVE_S` seconds, or on an urgent lane (the first worker of two or more), a
+   batch holds at most `small_bulk_batch` bulk jobs: an interactive call arriving then waits for
+   a small batch at most.
 6. Continuous batching: interactive articles may join the running set `interactive_headroom`
    beyond its size (and while the session has articles waiting for cache room, when nothing
    else may); while interactive work arrived or started in the last `RECENT_INTERACTIVE_S`
