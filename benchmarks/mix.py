@@ -69,6 +69,7 @@ from continuous import (
     warm_up,
 )
 from throughput import make_articles, percentile
+from plots import latency_by_class_svg
 
 CONFIGS = {"default": ["--engine", "auto"], "torch": ["--engine", "torch"]}
 LABELS = {"default": "default (--engine auto)", "torch": "--engine torch (continuous)"}
@@ -170,7 +171,10 @@ class Texts:
 # ----- one configuration -----
 
 def run_config(name: str, model: Path, texts: Texts, args: argparse.Namespace,
-               fields: tuple[dict[str, Any], dict[str, Any]]) -> dict[str, Any]:
+               fields: tuple[dict[str, Any], dict[str, Any]],
+               latencies: dict[str, list[float]]) -> dict[str, Any]:
+    """One configuration's row of the report; `latencies` gets its calls' latencies in seconds,
+    by class (for the figure)."""
     interactive_fields, bulk_fields = fields
     bulk_options = BULK.options("both", args.headline_tokens)
     interactive_options = INTERACTIVE.options("both", args.headline_tokens)
@@ -230,6 +234,9 @@ def run_config(name: str, model: Path, texts: Texts, args: argparse.Namespace,
         check(stream.stop(), f"{name}: bulk beside interactive")
         check([o for _, o in interactive], f"{name}: interactive calls under the back-fill")
     row["load_average_end"] = load_average()
+    latencies[f"{name}: interactive, beside bulk"] = [o.latency_s for _, o in interactive]
+    latencies[f"{name}: bulk, beside interactive"] = [o.latency_s for o in beside_done]
+    latencies[f"{name}: bulk alone"] = [o.latency_s for o in alone_done]
 
     bulk_beside_rate = len(beside_done) / args.window_s
     interactive_ratios = [o.latency_s / unloaded[index] for index, o in interactive]
@@ -281,9 +288,9 @@ def report(rows: dict[str, dict[str, Any]]) -> list[str]:
         lines.append(
             f"  {LABELS[name]:<30} {inter_s:>24} {bulk_s:>20} "
             f"{row['bulk_alone_articles_per_s']:16.3f} {row['bulk_beside_articles_per_s']:7.3f} "
-            f"{kept if kept is None else f'{kept:.0%}':>6} "
+            f"{'-' if kept is None else f'{kept:.0%}':>6} "
             f"{row['interactive_busy_fraction']:5.2f} "
-            f"{vs_share if vs_share is None else f'{vs_share:.0%}':>8}")
+            f"{'-' if vs_share is None else f'{vs_share:.0%}':>8}")
         lines.append(f"  {'':<30} {row['interactive_calls']} interactive calls, unloaded "
                      f"{row['interactive_unloaded_s']['median']:.2f} s median; bulk unloaded "
                      f"{row['bulk_unloaded_s']:.2f} s; load average "
@@ -330,6 +337,9 @@ def main() -> int:
     parser.add_argument("--server-flags", type=shlex.split, default=[],
                         help="more flags for every server, as one string")
     parser.add_argument("--cache", type=Path, default=Path(".bench-cache"))
+    parser.add_argument("--plot-dir", type=Path, default=Path("."),
+                        help="where to write mix-latency.svg (latency per class)")
+    parser.add_argument("--no-plots", action="store_true", help="write no figure")
     args = parser.parse_args()
     if args.window_s <= 0 or args.interactive_interval_s <= 0:
         parser.error("--window-s and --interactive-interval-s must be positive")
@@ -352,9 +362,17 @@ def main() -> int:
           f"over {args.window_s:g} s, {INTERACTIVE.describe()} + {args.headline_tokens}-token "
           f"headline; priorities: {priority_note}", flush=True)
     rows = {}
+    latencies: dict[str, list[float]] = {}
     for name in args.configs:
-        rows[name] = run_config(name, model, texts, args, (interactive_fields, bulk_fields))
+        rows[name] = run_config(name, model, texts, args, (interactive_fields, bulk_fields),
+                                latencies)
     elapsed = time.perf_counter() - started
+    if latencies and not args.no_plots:
+        figure = latency_by_class_svg(
+            args.plot_dir / "mix-latency.svg", latencies,
+            title=f"Call latency per class: {args.preset} (random weights); load average "
+                  f"{' '.join(f'{x:g}' for x in load_average())}")
+        print(f"figure: {figure}", flush=True)
     print(f"\n---- mixed load ({elapsed / 60:.1f} min; load average {load_average()} at the "
           f"end; priorities: {priority_note})")
     for line in report(rows):
