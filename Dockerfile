@@ -3,7 +3,7 @@
 #   docker build -t summarizer .                       # CPU torch, bakes in distilbart-cnn-12-6
 #   docker run --rm -p 50051:50051 summarizer
 #
-# Build arguments (the README's "Docker" section has examples):
+# Build arguments (docs/deployment.md, "Docker", has examples):
 #   BASE_IMAGE       any image with Python 3.11+ (with venv) and useradd; default: official slim.
 #   TORCH_INDEX_URL  the index torch comes from: CPU wheels by default, a CUDA index for GPUs.
 #   TORCH_SPEC       the torch requirement taken from it; empty: use the base image's own torch.

@@ -533,7 +533,8 @@ def scenario_load(model: Path, args: argparse.Namespace, batching: bool) -> Scen
             lock = threading.Lock()
             closed: list[Outcome] = []
 
-            def caller() -> None:
+            def caller(todo: collections.deque[int], lock: threading.Lock,
+                       closed: list[Outcome]) -> None:
                 while True:
                     with lock:
                         if not todo:
@@ -543,7 +544,8 @@ def scenario_load(model: Path, args: argparse.Namespace, batching: bool) -> Scen
                                        options[i % len(options)], MIXED[i % len(MIXED)].name))
 
             started = time.perf_counter()
-            threads = [threading.Thread(target=caller) for _ in range(args.load_clients)]
+            threads = [threading.Thread(target=caller, args=(todo, lock, closed))
+                       for _ in range(args.load_clients)]
             for thread in threads:
                 thread.start()
             for thread in threads:

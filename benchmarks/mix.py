@@ -8,7 +8,10 @@ output lengths (min = max tokens), driven over gRPC:
   ~400 tokens), 4 beams, a 48-token summary and a 12-token headline, `--bulk-in-flight` (16)
   callers each sending its next call when its last is answered;
 - interactive: single-article calls (150-300 tokens), 2 beams, 16 + 12 tokens, Poisson
-  arrivals (`--interactive-interval-s` apart on average, seeded) over `--window-s`.
+  arrivals (seeded) over `--window-s`, `--interactive-interval-s` apart on average; by default
+  the interval is set per configuration so that the calls need `--interactive-busy` (25%) of the
+  server's time (their unloaded latency / 0.25): on a loaded shared machine a fixed interval can
+  ask for more than the whole machine.
 
 Per configuration, on the same server: each interactive article alone (its unloaded latency),
 `--bulk-unloaded-calls` bulk calls alone; then the bulk stream alone for `--window-s` (after
@@ -16,9 +19,10 @@ Per configuration, on the same server: each interactive article alone (its unloa
 the same length. Reported:
 
 - per class, p50/p99/worst of each call's latency over its unloaded latency (interactive: the
-  same article alone; bulk: the median bulk call alone);
-- bulk throughput beside the interactive calls over bulk alone (articles completed inside each
-  window), judged against the work-conserving share: bulk alone x (1 - busy fraction), where
+  same article alone; bulk: the median bulk call alone; the calls in flight during the window);
+- bulk throughput beside the interactive calls over bulk alone (articles per second inside each
+  window, each call counted by the share of its lifetime inside it), judged against the
+  work-conserving share: bulk alone x (1 - busy fraction), where
   the busy fraction is calls x unloaded interactive latency / window (the machine time the
   interactive calls need themselves).
 
@@ -31,7 +35,7 @@ interactive calls are sent INTERACTIVE and bulk calls BULK (`--priorities auto`)
 none (the "before" figures on a server that has them), `on` insists.
 
     python benchmarks/mix.py                                     # both configurations, ~8 min
-    python benchmarks/mix.py --configs torch --window-s 60 --interactive-interval-s 2
+    python benchmarks/mix.py --configs torch --window-s 90 --interactive-interval-s 2
 
 Run it from the repository root. Ratios within one run are what count: absolute times vary up to
 2x between runs on a shared machine (the load average is printed).
@@ -109,17 +113,20 @@ def priority_fields(mode: str) -> tuple[dict[str, Any], dict[str, Any], str]:
 
 class BulkStream:
     """`in_flight` callers, each sending its next bulk call when its last one is answered, until
-    `stop()`; `stop()` waits for the calls in flight (the server is idle afterwards)."""
+    `stop()`; `stop()` waits for the calls in flight (the server is idle afterwards). The
+    callers' first calls are spread over `stagger_s`, so that (with fixed output lengths) their
+    articles do not all start and end in the same step, wave after wave."""
 
     def __init__(self, server: Server, texts: list[str], options: pb.GenerationOptions,
-                 in_flight: int, fields: dict[str, Any]) -> None:
+                 in_flight: int, fields: dict[str, Any], stagger_s: float) -> None:
         self.server, self.texts, self.options, self.fields = server, texts, options, fields
         self.outcomes: list[Outcome] = []
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._next = 0
-        self._threads = [threading.Thread(target=self._caller, daemon=True)
-                         for _ in range(in_flight)]
+        self._threads = [threading.Thread(target=self._caller, args=(i * stagger_s / in_flight,),
+                                          daemon=True)
+                         for i in range(in_flight)]
 
     def start(self) -> BulkStream:
         self.started_s = time.perf_counter()
@@ -127,7 +134,9 @@ class BulkStream:
             thread.start()
         return self
 
-    def _caller(self) -> None:
+    def _caller(self, delay_s: float) -> None:
+        if self._stopping.wait(delay_s):
+            return
         while not self._stopping.is_set():
             with self._lock:
                 index, self._next = self._next, self._next + 1
@@ -146,6 +155,18 @@ class BulkStream:
     def completed_between(self, start_s: float, end_s: float) -> list[Outcome]:
         with self._lock:
             return [o for o in self.outcomes if start_s <= o.done_s < end_s]
+
+    def overlapping(self, start_s: float, end_s: float) -> list[Outcome]:
+        """The calls that were in flight at some point of [start_s, end_s] (after `stop()`)."""
+        return [o for o in self.outcomes if o.sent_s < end_s and o.done_s > start_s]
+
+    def rate(self, start_s: float, end_s: float) -> float:
+        """Articles per second over [start_s, end_s], counting each call by the share of its
+        lifetime inside the window (after `stop()`, when every call has ended): Little's law
+        call by call, so it does not matter where a window cuts a wave of completions."""
+        work = sum(max(0.0, min(o.done_s, end_s) - max(o.sent_s, start_s)) / o.latency_s
+                   for o in self.outcomes if o.latency_s > 0)
+        return work / (end_s - start_s)
 
 
 def poisson_arrivals(window_s: float, interval_s: float, seed: int) -> list[float]:
@@ -202,20 +223,24 @@ def run_config(name: str, model: Path, texts: Texts, args: argparse.Namespace,
 
         # The bulk stream alone.
         stream = BulkStream(server, texts.bulk, bulk_options, args.bulk_in_flight,
-                            bulk_fields).start()
+                            bulk_fields, args.ramp_s).start()
         time.sleep(args.ramp_s)  # the stream fills the server; nothing is measured meanwhile
         window_start = time.perf_counter()
         time.sleep(args.window_s)
-        alone_done = stream.completed_between(window_start, window_start + args.window_s)
+        window_end = window_start + args.window_s
+        alone_done = stream.completed_between(window_start, window_end)
         check(stream.stop(), f"{name}: bulk alone")
-        bulk_alone_rate = len(alone_done) / args.window_s
+        bulk_alone_rate = stream.rate(window_start, window_end)
+        alone_calls = stream.overlapping(window_start, window_end)
         print(f"  {name}: bulk alone {bulk_alone_rate:.3f} articles/s", flush=True)
 
         # The bulk stream with the interactive calls beside it.
         stream = BulkStream(server, texts.bulk, bulk_options, args.bulk_in_flight,
-                            bulk_fields).start()
+                            bulk_fields, args.ramp_s).start()
         time.sleep(args.ramp_s)
-        arrivals = poisson_arrivals(args.window_s, args.interactive_interval_s, args.seed)
+        interval_s = (args.interactive_interval_s
+                      or statistics.median(unloaded) / args.interactive_busy)
+        arrivals = poisson_arrivals(args.window_s, interval_s, args.seed)
         pendings: list[tuple[int, Pending]] = []
         window_start = time.perf_counter()
         for n, at in enumerate(arrivals):
@@ -229,16 +254,18 @@ def run_config(name: str, model: Path, texts: Texts, args: argparse.Namespace,
         delay = window_start + args.window_s - time.perf_counter()
         if delay > 0:
             time.sleep(delay)
-        beside_done = stream.completed_between(window_start, window_start + args.window_s)
+        window_end = window_start + args.window_s
+        beside_done = stream.completed_between(window_start, window_end)
         interactive = [(index, pending.wait()) for index, pending in pendings]
         check(stream.stop(), f"{name}: bulk beside interactive")
+        bulk_beside_rate = stream.rate(window_start, window_end)
+        beside_calls = stream.overlapping(window_start, window_end)
         check([o for _, o in interactive], f"{name}: interactive calls under the back-fill")
     row["load_average_end"] = load_average()
     latencies[f"{name}: interactive, beside bulk"] = [o.latency_s for _, o in interactive]
     latencies[f"{name}: bulk, beside interactive"] = [o.latency_s for o in beside_done]
     latencies[f"{name}: bulk alone"] = [o.latency_s for o in alone_done]
 
-    bulk_beside_rate = len(beside_done) / args.window_s
     interactive_ratios = [o.latency_s / unloaded[index] for index, o in interactive]
     mean_unloaded = statistics.mean(unloaded[index] for index, _ in interactive) if interactive \
         else 0.0
@@ -246,6 +273,7 @@ def run_config(name: str, model: Path, texts: Texts, args: argparse.Namespace,
     share = bulk_alone_rate * max(0.0, 1 - busy)
     row.update({
         "server_flags": server.flags,
+        "interactive_interval_s": round(interval_s, 2),
         "interactive_calls": len(interactive),
         "interactive_unloaded_s": {"median": round(statistics.median(unloaded), 3),
                                    "max": round(max(unloaded), 3)},
@@ -255,10 +283,9 @@ def run_config(name: str, model: Path, texts: Texts, args: argparse.Namespace,
                                   if interactive else {}),
         "interactive_vs_unloaded": ratios(interactive_ratios) if interactive else {},
         "bulk_unloaded_s": round(bulk_unloaded, 3),
-        "bulk_alone_vs_unloaded": ratios([o.latency_s / bulk_unloaded for o in alone_done])
-        if alone_done else {},
-        "bulk_beside_vs_unloaded": ratios([o.latency_s / bulk_unloaded for o in beside_done])
-        if beside_done else {},
+        "bulk_alone_vs_unloaded": ratios([o.latency_s / bulk_unloaded for o in alone_calls]),
+        "bulk_beside_vs_unloaded": ratios([o.latency_s / bulk_unloaded for o in beside_calls]),
+        "bulk_completed_in_window": {"alone": len(alone_done), "beside": len(beside_done)},
         "bulk_alone_articles_per_s": round(bulk_alone_rate, 3),
         "bulk_beside_articles_per_s": round(bulk_beside_rate, 3),
         "bulk_kept": round(bulk_beside_rate / bulk_alone_rate, 3) if bulk_alone_rate else None,
@@ -283,20 +310,19 @@ def report(rows: dict[str, dict[str, Any]]) -> list[str]:
                    if inter else "no calls")
         bulk_s = (f"{bulk['p50']:.1f} / {bulk['p99']:.1f} / {bulk['worst']:.1f}x"
                   if bulk else "none done")
-        kept = row["bulk_kept"]
-        vs_share = row["bulk_vs_share"]
+        kept = "-" if row["bulk_kept"] is None else f"{row['bulk_kept']:.0%}"
+        vs_share = "-" if row["bulk_vs_share"] is None else f"{row['bulk_vs_share']:.0%}"
         lines.append(
             f"  {LABELS[name]:<30} {inter_s:>24} {bulk_s:>20} "
             f"{row['bulk_alone_articles_per_s']:16.3f} {row['bulk_beside_articles_per_s']:7.3f} "
-            f"{'-' if kept is None else f'{kept:.0%}':>6} "
-            f"{row['interactive_busy_fraction']:5.2f} "
-            f"{'-' if vs_share is None else f'{vs_share:.0%}':>8}")
+            f"{kept:>6} {row['interactive_busy_fraction']:5.2f} {vs_share:>8}")
         lines.append(f"  {'':<30} {row['interactive_calls']} interactive calls, unloaded "
                      f"{row['interactive_unloaded_s']['median']:.2f} s median; bulk unloaded "
                      f"{row['bulk_unloaded_s']:.2f} s; load average "
                      f"{row['load_average_start']} -> {row['load_average_end']}")
     lines.append("  x unloaded: a call's latency over its latency alone on the same server "
-                 "(interactive: the same article; bulk: the median bulk call alone)")
+                 "(interactive: the same article; bulk: the median bulk call alone, over the "
+                 "calls in flight during the window)")
     lines.append("  kept: bulk articles/s beside the interactive calls over bulk alone; vs share: "
                  "over bulk alone x (1 - busy), busy = calls x unloaded interactive latency / "
                  "window")
@@ -315,14 +341,19 @@ def main() -> int:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="bart-base")
     parser.add_argument("--threads", type=int, default=0,
                         help="the worker's threads; 0: all cores")
-    parser.add_argument("--window-s", type=float, default=40.0,
+    parser.add_argument("--window-s", type=float, default=60.0,
                         help="seconds each measuring window lasts (bulk alone, then beside the "
                              "interactive calls)")
-    parser.add_argument("--ramp-s", type=float, default=10.0,
-                        help="seconds the bulk stream runs before a window starts")
-    parser.add_argument("--interactive-interval-s", type=float, default=2.0,
+    parser.add_argument("--ramp-s", type=float, default=15.0,
+                        help="seconds the bulk stream runs before a window starts; its callers' "
+                             "first calls are spread over it")
+    parser.add_argument("--interactive-interval-s", type=float, default=0.0,
                         help="mean seconds between interactive arrivals (Poisson); the number "
-                             "of calls is about window / interval")
+                             "of calls is about window / interval. 0: the unloaded interactive "
+                             "latency / --interactive-busy, per configuration (the calls then "
+                             "need the same share of each server's time)")
+    parser.add_argument("--interactive-busy", type=float, default=0.25,
+                        help="with --interactive-interval-s 0: the busy fraction to offer")
     parser.add_argument("--interactive-articles", type=int, default=8,
                         help="distinct interactive articles (each timed alone first)")
     parser.add_argument("--bulk-in-flight", type=int, default=16)
@@ -341,8 +372,9 @@ def main() -> int:
                         help="where to write mix-latency.svg (latency per class)")
     parser.add_argument("--no-plots", action="store_true", help="write no figure")
     args = parser.parse_args()
-    if args.window_s <= 0 or args.interactive_interval_s <= 0:
-        parser.error("--window-s and --interactive-interval-s must be positive")
+    if args.window_s <= 0 or args.interactive_interval_s < 0 or not 0 < args.interactive_busy < 1:
+        parser.error("--window-s must be positive, --interactive-interval-s not negative, "
+                     "--interactive-busy between 0 and 1")
 
     interactive_fields, bulk_fields, priority_note = priority_fields(args.priorities)
     model = cached_preset_checkpoint(args.cache, args.preset)
@@ -358,14 +390,17 @@ def main() -> int:
           f"{load_average()} at the start", flush=True)
     print(f"bulk: {args.bulk_in_flight} in flight, {BULK.describe()} + {args.headline_tokens}-"
           f"token headline, {args.bulk_min_input_tokens}-{args.bulk_max_input_tokens}-token "
-          f"articles; interactive: Poisson every {args.interactive_interval_s:g} s on average "
-          f"over {args.window_s:g} s, {INTERACTIVE.describe()} + {args.headline_tokens}-token "
+          f"articles; interactive: Poisson every "
+          f"{args.interactive_interval_s or f'(unloaded / {args.interactive_busy:g})'} s on "
+          f"average over {args.window_s:g} s, {INTERACTIVE.describe()} + "
+          f"{args.headline_tokens}-token "
           f"headline; priorities: {priority_note}", flush=True)
     rows = {}
     latencies: dict[str, list[float]] = {}
     for name in args.configs:
         rows[name] = run_config(name, model, texts, args, (interactive_fields, bulk_fields),
                                 latencies)
+        print(f"  {name}: " + json.dumps(rows[name], separators=(",", ":")), flush=True)
     elapsed = time.perf_counter() - started
     if latencies and not args.no_plots:
         figure = latency_by_class_svg(

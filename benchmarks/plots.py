@@ -73,7 +73,7 @@ class _Figure:
             f"<svg xmlns='http://www.w3.org/2000/svg' width='{self.width:.0f}' "
             f"height='{self.height:.0f}' viewBox='0 0 {self.width:.0f} {self.height:.0f}' "
             f"data-axis-max='{self.ticks[-1]}'>",
-            f"<rect width='100%' height='100%' fill='white'/>",
+            "<rect width='100%' height='100%' fill='white'/>",
             f"<text x='{self.width / 2:.1f}' y='22' text-anchor='middle' {FONT} "
             f"font-weight='bold'>{escape(title)}</text>",
         ]

@@ -38,15 +38,17 @@ def _setting(default: Any, help: str, *, choices: tuple[str, ...] | None = None,
 
 @dataclass(frozen=True)
 class Settings:
-    """Server configuration. Defaults suit a CPU machine; see README "Configuration"."""
+    """Server configuration. Defaults suit a CPU machine; see docs/configuration.md."""
 
     # --- model ---
     model: str = _setting(
-        "", "Summary model: a local checkpoint directory, a hub id, or a manifest name from models/.")
+        "", "Summary model: a local checkpoint directory, a hub id, or a manifest name from "
+            "models/.")
     headline_model: str = _setting(
-        "", "Separate headline model (directory, hub id or manifest name); empty: the summary model "
-            "also writes headlines.")
-    revision: str = _setting("", "Hub revision (branch, tag or commit) for hub ids; empty: default.")
+        "", "Separate headline model (directory, hub id or manifest name); empty: the summary "
+            "model also writes headlines.")
+    revision: str = _setting(
+        "", "Hub revision (branch, tag or commit) for hub ids; empty: default.")
     family: str = _setting(
         "", "Force the defaults: a family (bart, t5, pegasus, ...) or a manifest name "
             "(flan-t5-base), instead of detecting them from the checkpoint.")
@@ -183,7 +185,7 @@ class Settings:
            "--max-batch-size by this many, so a full set of bulk work never makes them wait "
            "for a slot.")
     small_bulk_batch: int = _setting(
-        4, "While interactive work has arrived in the last few seconds: static batching cuts "
+        4, "While interactive work arrived or started in the last 30 s: static batching cuts "
            "batches of at most this many BULK articles (always, on the first worker when there "
            "are two or more), so an interactive call waits at most one small batch; continuous "
            "batching admits at most this many BULK articles per decoding step (their encoding "
@@ -202,6 +204,21 @@ class Settings:
     max_concurrent_rpcs: int = _setting(
         0, "Most Summarize/SummarizeStream calls handled at once; past it calls get "
            "RESOURCE_EXHAUSTED. Health checks never count. 0: no limit.")
+    request_memory_mb: int = _setting(
+        128, "Memory for the article text of calls in progress (as the server holds it, about "
+             "1-4 bytes a character), in MiB; a call that would take the total past it gets "
+             "RESOURCE_EXHAUSTED at once (a call alone is always let in). The process holds "
+             "about twice this at most (the text and the message it came in). 0: no limit.")
+    max_streams_per_connection: int = _setting(
+        100, "Most calls open at once on one client connection (HTTP/2 "
+             "SETTINGS_MAX_CONCURRENT_STREAMS); gRPC clients queue the rest. Bounds what one "
+             "connection can make the server buffer: this many messages of up to "
+             "--max-message-bytes (see docs/input-limits.md). 0: gRPC's default (no limit).")
+    max_open_calls: int = _setting(
+        0, "Most calls of any kind open at once (health checks included); past it gRPC "
+           "refuses new calls with RESOURCE_EXHAUSTED before reading their message. Bounds what "
+           "half-sent messages over many connections can buffer: this many x "
+           "--max-message-bytes. 0: no limit.")
 
     # --- server ---
     host: str = _setting("0.0.0.0", "Address to listen on.")
@@ -254,7 +271,8 @@ class Settings:
                      "max_batch_tokens", "max_concurrent_rpcs", "port", "max_chunk_depth",
                      "workers", "max_worker_restarts", "kv_cache_mb",
                      "max_encode_tokens_per_step", "max_queue_default", "max_queue_bulk",
-                     "interactive_headroom", "small_bulk_batch"):
+                     "interactive_headroom", "small_bulk_batch", "request_memory_mb",
+                     "max_streams_per_connection", "max_open_calls"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative")
         for name in ("metrics_port", "health_port"):  # 0: off, -1: any free port
@@ -377,7 +395,7 @@ def from_arguments(namespace: argparse.Namespace,
 
 
 def markdown_table() -> str:
-    """The configuration table of the README, generated so that it cannot drift."""
+    """The configuration table of docs/configuration.md, generated so that it cannot drift."""
     rows = ["| flag | environment | default | meaning |", "|---|---|---|---|"]
     for item in fields():
         default = "(unset)" if item.default is None else f"`{item.default!r}`"

@@ -3,9 +3,9 @@
 A small tokenizer, enough to check alert rules and dashboard queries against the metrics a server
 really exports; it is not a PromQL parser (it never checks the syntax: promtool does). An
 identifier is a metric name unless it calls a function or aggregation (followed by `(`, or by
-`by`/`without`), is a keyword or operator word, or sits in the label list of by/without/on/ignoring/group_left/
-group_right. Strings, ranges (`[5m]`, `[$__rate_interval]`), numbers, durations and Grafana
-variables (`$pod`, `${pod}`) are skipped.
+`by`/`without`), is a keyword or operator word, or sits in the label list of by/without/on/
+ignoring/group_left/group_right. Strings, ranges (`[5m]`, `[$__rate_interval]`), numbers,
+durations and Grafana variables (`$pod`, `${pod}`) are skipped.
 """
 
 from __future__ import annotations

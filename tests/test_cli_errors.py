@@ -264,6 +264,50 @@ def test_hub_warnings_are_printed_once_in_the_server_log() -> None:
     assert done.stderr.count("Retrying in 1s") == 1, done.stderr
 
 
+@pytest.mark.parametrize("args", [
+    ["summarize", "{good}"], ["summarize", "--input", "{data}"], ["soak", "--duration", "1"],
+    ["evaluate", "--data", "{data}"]], ids=lambda args: " ".join(args[:2]))
+def test_no_server_means_the_command_could_not_start(args: list[str], files: dict[str, Path],
+                                                    closed_port: int) -> None:
+    """Exit 2, as documented: the work could not start (1 means some work failed)."""
+    values = {name: str(path) for name, path in files.items()}
+    done = run(*(a.format(**values) for a in args), "--server", f"127.0.0.1:{closed_port}")
+    assert_one_clear_line(done, NO_SERVER.format(port=closed_port))
+    assert done.returncode == 2
+
+
+def test_health_without_a_server_is_a_failed_check(closed_port: int) -> None:
+    """`health` answers a question: anything but SERVING, unreachable included, exits 1."""
+    done = run("health", "--server", f"127.0.0.1:{closed_port}")
+    assert_one_clear_line(done, NO_SERVER.format(port=closed_port))
+    assert done.returncode == 1
+
+
+def test_summarize_on_a_terminal_says_it_reads_stdin(closed_port: int) -> None:
+    """With no file and stdin a terminal, say what it waits for instead of waiting silently."""
+    import pty
+
+    controller, terminal = pty.openpty()
+    try:
+        process = subprocess.Popen([*CLI, "summarize", "--server", f"127.0.0.1:{closed_port}"],
+                                   stdin=terminal, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, env=env())
+        os.write(controller, b"\x04")  # Ctrl-D: the end of what was typed (nothing)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        os.close(controller)
+        os.close(terminal)
+    lines = stderr.decode().splitlines()
+    assert lines[0].startswith("summarizer: reading an article from stdin"), lines
+    assert "Ctrl-D" in lines[0] and "summarizer summarize FILE" in lines[0]
+    assert lines[1:] == ["summarizer: error: stdin: is empty; nothing to summarise"]
+
+
+def test_summarize_reading_a_pipe_says_nothing_more(closed_port: int) -> None:
+    done = run("summarize", "--server", f"127.0.0.1:{closed_port}", stdin=b"")
+    assert "reading an article" not in done.stderr.decode()
+
+
 def test_every_subcommand_help_prints() -> None:
     """`--help` of every command (the client's and the server's) prints its page and exits 0:
     an unescaped % in one setting's help made `serve --help` end in a TypeError."""

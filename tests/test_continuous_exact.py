@@ -22,6 +22,7 @@ from service.engines.stepping.decoders import adapter_for
 from service.engines.stepping.session import TorchSession
 from service.engines.tiny import training_text
 from service.engines.torch_engine import TorchEngine
+from service.errors import ConfigError
 
 FAMILIES = ("bart", "t5", "pegasus")
 TEXTS = training_text(80, seed=7)
@@ -122,7 +123,8 @@ def test_each_option_set_is_exact_while_sharing_steps_with_other_options(engines
     requests, arrivals = {}, {}
     for ticket, options in enumerate(option_sets):
         # The request under test, and others with other options joining before and after it.
-        for offset, other in ((0, dict(num_beams=rng.choice([1, 2, 4]))), (1, dict(num_beams=beams, **options)),
+        for offset, other in ((0, dict(num_beams=rng.choice([1, 2, 4]))),
+                              (1, dict(num_beams=beams, **options)),
                               (2, dict(num_beams=rng.choice([1, 2, 4])))):
             key = ticket * 3 + offset
             params, article = request(engine, rng, **other)
@@ -578,3 +580,11 @@ def test_an_encode_slice_always_takes_at_least_one_article(engines):
     results, failures, _ = run(sess, {})
     assert not failures
     check_exact(engine, requests, results)
+
+
+def test_the_encoder_slice_setting_reaches_the_session(tiny_bart):
+    engine = TorchEngine(Settings(model=str(tiny_bart), threads=1, engine="torch",
+                                  compute_type="float32", max_encode_tokens_per_step=77)).load()
+    assert engine.open_session().max_encode_tokens_per_step == 77
+    with pytest.raises(ConfigError, match="max_encode_tokens_per_step must not be negative"):
+        Settings(max_encode_tokens_per_step=-1)

@@ -109,9 +109,9 @@ def test_kustomization_images_block_sets_the_deployments_image() -> None:
     name, _, tag = container()["image"].partition(":")
     [image] = kustomization["images"]
     assert image["name"] == name and {"newName", "newTag"} <= set(image)
-    readme = (ROOT / "README.md").read_text()
-    assert "images:\n  - name: summarizer " in readme  # the README shows kubectl users the block
-    assert "newName: registry.example.com/summarizer" in readme
+    page = (ROOT / "docs" / "deployment.md").read_text()
+    assert "images:\n  - name: summarizer " in page  # the docs show kubectl users the block
+    assert "newName: registry.example.com/summarizer" in page
 
 
 def test_container_runs_the_image_command_with_real_arguments_and_settings() -> None:

@@ -132,6 +132,21 @@ async def test_bulk_batches_stay_small_after_interactive_work_arrived(make):
     assert fake.batches[1:] == [[9], [1, 2], [3, 4], [5]]
 
 
+async def test_bulk_batches_stay_small_for_a_while_after_interactive_work_started(make):
+    now = [0.0]
+    batcher, [fake] = await make(small_bulk_batch=2, clock=lambda: now[0])
+    await occupied(batcher, fake)
+    urgent = batcher.submit(jobs(9, priority=INT))  # arrives at 0 s
+    now[0] = 20.0
+    fake.release()  # ... and starts at 20 s
+    await asyncio.wait_for(asyncio.gather(*urgent), WAIT_S)
+    now[0] = 45.0  # 45 s after it arrived, 25 s after it started: bulk batches stay small
+    await asyncio.wait_for(asyncio.gather(*batcher.submit(jobs(1, 2, 3, priority=BLK))), WAIT_S)
+    now[0] = 55.0  # long enough after: full batches again
+    await asyncio.wait_for(asyncio.gather(*batcher.submit(jobs(4, 5, 6, priority=BLK))), WAIT_S)
+    assert fake.batches[1:] == [[9], [1, 2], [3], [4, 5, 6]]
+
+
 async def test_bulk_batches_are_full_size_without_interactive_traffic(make):
     batcher, [fake] = await make(small_bulk_batch=2)
     await occupied(batcher, fake)

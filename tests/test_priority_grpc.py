@@ -9,7 +9,7 @@ import contextlib
 import json
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -25,7 +25,7 @@ from summarizer_client.client import AsyncSummarizerClient, SummarizerClient
 from summarizer_client.gen.summarizer.v1 import summarizer_pb2 as pb
 from summarizer_client.gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
 
-from .conftest import serving
+from .conftest import serving, until
 from .fakes import FakeEngine
 from .test_grpc import BASE, request
 
@@ -248,10 +248,10 @@ async def test_overload_sheds_bulk_first_and_every_interactive_call_succeeds() -
                 for n in range(64)]
         batcher = server.core.batcher
         # The worker holds its first batch; the queue fills with bulk work, the rest refused.
-        await _until(lambda: batcher.queue_depth == 24 and sum(f.done() for f in bulk) == 36)
+        await until(lambda: batcher.queue_depth == 24 and sum(f.done() for f in bulk) == 36)
         urgent = [asyncio.ensure_future(call(f"urgent {n:02d}", pb.PRIORITY_INTERACTIVE))
                   for n in range(12)]
-        await _until(lambda: batcher.queue_depth_of(INT) == 12)
+        await until(lambda: batcher.queue_depth_of(INT) == 12)
         engine.hold.set()
         urgent_codes = await asyncio.wait_for(asyncio.gather(*urgent), 20)
         bulk_codes = await asyncio.wait_for(asyncio.gather(*bulk), 20)
@@ -271,13 +271,6 @@ async def test_overload_sheds_bulk_first_and_every_interactive_call_succeeds() -
     last_urgent = max(i for i, t in enumerate(texts) if t.startswith("urgent"))
     first_bulk = min(i for i, t in enumerate(texts) if t.startswith("bulk"))
     assert last_urgent < first_bulk
-
-
-async def _until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    async def reached() -> None:
-        while not condition():
-            await asyncio.sleep(0.005)
-    await asyncio.wait_for(reached(), timeout)
 
 
 # ----- seen from outside -----
@@ -319,7 +312,7 @@ async def test_bulk_articles_sit_steps_out_in_the_worker_while_interactive_ones_
         bulk = request("a long back-fill article", **long_options)
         bulk.priority = pb.PRIORITY_BULK
         bulk_call = asyncio.ensure_future(stub.Summarize(bulk, timeout=30))
-        await _until(lambda: any(s.active for s in server.core.batcher.last_steps()))
+        await until(lambda: any(s.active for s in server.core.batcher.last_steps()))
         urgent = request("an editor waits", summary_max_tokens=8, headline_max_tokens=4)
         urgent.priority = pb.PRIORITY_INTERACTIVE
         urgent_reply = await stub.Summarize(urgent, timeout=30)
@@ -342,3 +335,37 @@ async def test_the_class_is_on_the_trace_spans() -> None:
     for name in ("summarizer.prepare", "summarizer.queue_wait", "summarizer.batch"):
         [span] = traced.named(name)
         assert span.attributes["summarizer.priority"] == "bulk", name
+
+
+async def test_bulk_completes_while_interactive_calls_arrive_back_to_back() -> None:
+    """Three callers send interactive calls back to back, so interactive work is always queued
+    when the worker asks for more; a bulk call still completes, within the starvation bound."""
+    engine = FakeEngine()
+    engine.batch_delay_s = 0.01
+    settings = BASE.replace(max_batch_size=1, starvation_bound=4)
+    async with serving(settings, lambda s: engine) as (server, channel):
+        stub = pb_grpc.SummarizerStub(channel)
+        stop = asyncio.Event()
+        answered = [0]
+
+        async def editor(name: str) -> None:
+            message = request(f"urgent {name}")
+            message.priority = pb.PRIORITY_INTERACTIVE
+            while not stop.is_set():
+                await stub.Summarize(message, timeout=10)
+                answered[0] += 1
+
+        editors = [asyncio.ensure_future(editor(str(n))) for n in range(3)]
+        await until(lambda: answered[0] >= 6)
+        bulk = request("the back-fill", "goes on", ids=["b1", "b2"])
+        bulk.priority = pb.PRIORITY_BULK
+        reply = await asyncio.wait_for(stub.Summarize(bulk, timeout=10), 10)
+        at_bulk_done = answered[0]
+        await until(lambda: answered[0] >= at_bulk_done + 3)  # the editors were still busy
+        stop.set()
+        await asyncio.gather(*editors)
+    assert [r.summary for r in reply.results] == ["S:the back-fil", "S:goes on"]
+    texts = [batch[0] for batch in engine.batches]
+    # The two bulk articles ran at most 4 batches apart (starvation_bound), with interactive
+    # work around them.
+    assert 1 < abs(texts.index("goes on") - texts.index("the back-fill")) <= 4

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -22,6 +23,9 @@ from ..domain import ArticleFailure, ArticleSummary, Priority
 from ..engines.protocol import ModelDescription
 from ..errors import code_name
 from ..workers.pool import WorkerPool
+
+if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +200,7 @@ class Metrics:
             "sequence).", buckets=STEP_BUCKETS_S, registry=r)
         self._steps = _StepsCollector()
         r.register(self._steps)
-        self._http = None
+        self._http: WSGIServer | None = None
 
     # ----- wiring -----
     def attach(self, queue_depth: Callable[[], int], stats: BatcherStats,
@@ -273,8 +277,9 @@ class Metrics:
     # ----- HTTP endpoint -----
     def serve(self, host: str, port: int) -> int:
         """Serve /metrics on a background thread; returns the bound port."""
-        self._http, _thread = start_http_server(port, addr=host, registry=self.registry)
-        bound = self._http.server_address[1]
+        http, _thread = start_http_server(port, addr=host, registry=self.registry)
+        self._http = http
+        bound = http.server_address[1]
         log.info("metrics on http://%s:%d/metrics", host, bound)
         return bound
 

@@ -67,21 +67,21 @@ def _service_of(method: str) -> str:
 
 
 def _denying(handler: grpc.RpcMethodHandler, error: Unauthenticated) -> grpc.RpcMethodHandler:
-    """A handler of the same shape as `handler` that ends the call with `error`'s status."""
+    """A handler that ends the call with `error`'s status before reading its message.
+
+    gRPC reads a unary call's whole message before it runs the handler, so a refusal shaped
+    like the method would first buffer whatever the caller sends (up to --max-message-bytes,
+    per call). Declared as streaming requests, the handler runs on the headers alone; its status
+    ends the call and gRPC drops the rest of the body. On the wire a client cannot tell the
+    difference: it gets UNAUTHENTICATED and no message."""
     code, message = status_for(error)
 
-    async def deny(_request: Any, context: grpc.aio.ServicerContext) -> None:
+    async def deny(_requests: Any, context: grpc.aio.ServicerContext) -> None:
         await context.abort(grpc.StatusCode[code.name], message)
 
-    shape = (handler.request_streaming, handler.response_streaming)
-    make = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }[shape]
-    return make(deny, request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
+    return grpc.stream_stream_rpc_method_handler(
+        deny, request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer)
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):

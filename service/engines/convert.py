@@ -8,8 +8,8 @@ was converted from. `summarizer convert` writes one ahead of time (for a Docker 
 checkpoint and the compute type, and reuses it afterwards.
 
 CTranslate2's converter predates some `transformers` changes; `_converter_class` fills the gaps
-instead of pinning `transformers` back: BART and PEGASUS configs no longer carry `normalize_before` (and
-PEGASUS not `normalize_embedding`), T5 v1.1 / FLAN-T5 moved "untied embeddings" to
+instead of pinning `transformers` back: BART and PEGASUS configs no longer carry `normalize_before`
+(and PEGASUS not `normalize_embedding`), T5 v1.1 / FLAN-T5 moved "untied embeddings" to
 `scale_decoder_outputs`, and a model vocabulary larger than the tokenizer's (common: rows padded
 for speed) is padded with placeholder tokens.
 """

@@ -34,18 +34,29 @@ class ModelDescription:
     """For an article summarised in chunks, what the headline is written from: "summary" (the
     final summary) or "opening+summary" (the article's opening sentences, then the summary).
     Meaningful for the model that writes headlines."""
+    length_penalty: float | None = None
+    """The checkpoint's own generation default (its generation config), used when a request
+    leaves it unset; None when the checkpoint sets none."""
+    no_repeat_ngram_size: int | None = None
+    """Likewise (0: off)."""
 
 
 class Engine(Protocol):
     name: str
-    models: Sequence[ModelDescription]
+
+    @property
+    def models(self) -> Sequence[ModelDescription]:
+        """The loaded checkpoints (read-only here: an engine may hold them in any sequence)."""
+        ...
+
     defaults: GenerationParams
     """Options applied where a request leaves them unset; `max_input_tokens` is the window."""
     max_new_tokens: int | None
     """The most tokens the model(s) can write (a decoder's position limit); None: no limit."""
 
     def prepare(self, texts: Sequence[str], params: GenerationParams) -> list[PreparedArticle]:
-        """Tokenise cleaned article texts for the outputs `params` asks for, cutting to the window."""
+        """Tokenise cleaned article texts for the outputs `params` asks for, cutting to the
+        window."""
         ...
 
     def count_tokens(self, texts: Sequence[str], params: GenerationParams) -> list[int]:

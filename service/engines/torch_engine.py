@@ -76,7 +76,8 @@ class TorchEngine(CheckpointEngine):
         try:
             import torch
         except ImportError as error:  # pragma: no cover - depends on the install
-            raise ModelLoadError("torch is not installed; see README 'Install'") from error
+            raise ModelLoadError(
+                "torch is not installed; install it first (README, Quick start)") from error
         self._torch = torch
         if settings.threads:
             torch.set_num_threads(settings.threads)

@@ -44,7 +44,7 @@ class Batcher(Generic[P, R]):
     reason it was dropped. Queued jobs belong to the queue, jobs cut into a batch to the executor;
     with `check_invariants`, each checks its own bookkeeping after every change (for tests)."""
 
-    def __init__(self, run_batch: RunBatch | Sequence[RunBatch] | None = None, *,
+    def __init__(self, run_batch: RunBatch[P, R] | Sequence[RunBatch[P, R]] | None = None, *,
                  max_batch_size: int, max_wait_ms: float,
                  max_queue: int, max_batch_tokens: int = 0,
                  clock: Callable[[], float] = time.monotonic,

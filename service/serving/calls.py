@@ -1,8 +1,9 @@
 """One caller's work in the queue, and the one place where it is cancelled.
 
 A `CallWork` is made per call (a unary call, or a whole stream): its jobs share one class
-(`domain.Priority`), one round-robin group in the queue (one caller, one turn, however many articles and chunk passes it queues) and
-one deadline, and it remembers every future it queued and every task it started for the caller.
+(`domain.Priority`), one round-robin group in the queue (one caller, one turn, however many
+articles and chunk passes it queues) and one deadline, and it remembers every future it queued
+and every task it started for the caller.
 When the call ends, however it ends (answered, failed, cancelled, past its deadline), `close()`
 cancels what is left: nothing of a caller who has gone stays queued.
 """
@@ -66,7 +67,9 @@ class CallWork:
 
     def start(self, work: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
         """A task for the caller (e.g. an article's assembly), cancelled with the call."""
-        return self._track([asyncio.ensure_future(work)])[0]
+        task = asyncio.ensure_future(work)
+        self._track([task])
+        return task
 
     def close(self) -> None:
         """Cancel everything still pending for the caller: queued jobs leave the queue, tasks

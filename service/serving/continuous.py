@@ -27,10 +27,11 @@ one place, and it resolves each entry it is handed exactly once. Its loop:
    ("too_large" and "out_of_memory": `OutOfMemory`, RESOURCE_EXHAUSTED with the session's
    message; "error": `GenerationFailed`, INTERNAL). One article's failure never touches another's.
 5. `advance` raising: `Unavailable` (the engine is gone: shutdown, or workers in a crash loop)
-   fails every held article with it, `OutOfMemory` (the step as a whole) too; anything else is a bug in the engine: every held article
-   fails with `GenerationFailed` and is removed from the session at the next step. The loop
-   survives both. (A worker process that dies is handled below `advance`, in
-   `workers.pool.Slot.advance`: its articles are admitted again once on the new worker.)
+   fails every held article with it, `OutOfMemory` (the step as a whole) too; anything else is a
+   bug in the engine: every held article fails with `GenerationFailed` and is removed from the
+   session at the next step. The loop survives both. (A worker process that dies is handled
+   below `advance`, in `workers.pool.Slot.advance`: its articles are admitted again once on the
+   new worker.)
 
 The queue's "deadline cannot be met" check hears, per key (generation options), how long an
 article took from its admission to the engine until it was done (`record_duration`): its
@@ -51,8 +52,9 @@ import logging
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Generic, Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar, cast
 
+from ..domain import GenerationParams
 from ..engines.protocol import Admit, StepFailure, StepIn, StepOut
 from ..errors import GenerationFailed, OutOfMemory, Unavailable
 from .executor import BatchReport
@@ -260,7 +262,7 @@ class ContinuousExecutor(Runner, Generic[P, R]):
         for ticket, held in list(self._held.items()):
             entry = held.entry
             if entry.future.done():
-                drop = Drop(DropReason.CANCELLED, asyncio.CancelledError())
+                drop: Drop | None = Drop(DropReason.CANCELLED, asyncio.CancelledError())
             else:
                 drop = self._source.should_drop(entry.job, now)
                 if drop is not None and drop.reason is not DropReason.DEADLINE_PASSED:
@@ -278,7 +280,8 @@ class ContinuousExecutor(Runner, Generic[P, R]):
         for entry in entries:
             ticket = next(self._tickets)
             self._held[ticket] = _Held(entry, now)
-            admits.append(Admit(ticket, entry.job.key, entry.job.payload,
+            # The queue's key is the article's generation options (core.py keys jobs by them).
+            admits.append(Admit(ticket, cast(GenerationParams, entry.job.key), entry.job.payload,
                                 priority=int(entry.job.priority)))
         self._check()
         return tuple(admits)

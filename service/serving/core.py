@@ -14,6 +14,7 @@ Speaks only domain types (no protobuf): the gRPC servicer converts at the edge.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
@@ -26,7 +27,8 @@ from ..errors import GenerationFailed, InvalidArgument, SummarizerError
 from .batcher import Batcher, BatchReport, StepReport
 from .continuous import Advance
 from .calls import CallWork
-from .generation import RunBatch, generate_batch
+from .executor import RunBatch
+from .generation import generate_batch
 from .planning import ArticleTrace, Plan, Planner
 from .stream import Requests, StreamCall
 from .tracing import NO_TRACER, Tracer, span
@@ -68,7 +70,7 @@ class SummarizerCore:
     def __init__(self, engine: Engine, settings: Settings,
                  on_batch: Callable[[BatchReport], None] | None = None,
                  tracer: Tracer = NO_TRACER,
-                 run_batches: Sequence[RunBatch] | None = None,
+                 run_batches: Sequence[RunBatch[PreparedArticle, Generated]] | None = None,
                  advancers: Sequence[Advance] | None = None,
                  on_step: Callable[[StepReport], None] | None = None) -> None:
         """`engine` prepares inputs (and generates, unless `run_batches` is given: one blocking
@@ -83,7 +85,8 @@ class SummarizerCore:
                              max_new_tokens=min(settings.max_new_tokens,
                                                 engine.max_new_tokens or settings.max_new_tokens))
         self.long_input = LongInput(settings.long_input)
-        run: RunBatch | list[RunBatch] | None = None
+        run: (RunBatch[PreparedArticle, Generated]
+              | list[RunBatch[PreparedArticle, Generated]] | None) = None
         if not advancers:
             run = list(run_batches) if run_batches else generate_batch(engine)
         self.batcher: Batcher[PreparedArticle, Generated] = Batcher(
@@ -117,7 +120,7 @@ class SummarizerCore:
         s = self.settings
         return ServiceDescription(
             engine=self.engine.name, models=list(self.engine.models),
-            defaults=self.engine.defaults, long_input=self.long_input,
+            defaults=self.model_defaults(), long_input=self.long_input,
             max_articles_per_request=s.max_articles_per_request,
             max_article_chars=s.max_article_chars, max_batch_size=s.max_batch_size,
             max_queue=self.batcher.max_queue, limits=self.limits,
@@ -128,6 +131,21 @@ class SummarizerCore:
                 starvation_bound=s.starvation_bound,
                 interactive_headroom=s.interactive_headroom if self.batcher.continuous else 0,
                 small_bulk_batch=s.small_bulk_batch))
+
+    def model_defaults(self) -> GenerationParams:
+        """The engine's defaults, with the summary model's own length penalty and n-gram block
+        where the engine leaves them to the model (what a request leaving them unset gets)."""
+        defaults = self.engine.defaults
+        if not self.engine.models:
+            return defaults
+        model = self.engine.models[0]
+        return dataclasses.replace(
+            defaults,
+            length_penalty=(model.length_penalty if defaults.length_penalty is None
+                            else defaults.length_penalty),
+            no_repeat_ngram_size=(model.no_repeat_ngram_size
+                                  if defaults.no_repeat_ngram_size is None
+                                  else defaults.no_repeat_ngram_size))
 
     async def summarize(self, articles: Sequence[ArticleIn], options: RequestedOptions,
                         deadline: float | None = None, priority: Priority | None = None
@@ -156,8 +174,9 @@ class SummarizerCore:
         if needed > room:
             raise InvalidArgument(
                 "articles", f"split into chunks, the request's long articles make {needed} "
-                f"model inputs, more than the server's queue holds ({room} for "
-                f"{priority.name}); send fewer long articles per call, or use SummarizeStream")
+                f"model inputs, more than the server's queue holds ({room}"
+                f"{'' if room >= self.batcher.max_queue else ' of ' + priority.name}); send "
+                "fewer long articles per call, or use SummarizeStream")
         call = CallWork(self.batcher, deadline, priority)
         traces: list[ArticleTrace] = []
         try:

@@ -29,7 +29,7 @@ import logging
 import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from ..errors import GenerationFailed, SummarizerError, Unavailable
 from .jobs import P, BatcherStats, Drop, Entry, InvariantViolation, Job, JobState
@@ -38,7 +38,9 @@ from .runner import Runner
 log = logging.getLogger(__name__)
 
 R = TypeVar("R")
-RunBatch = Callable[[Hashable, list[P]], Sequence[R]]
+RunBatch = Callable[[Any, list[P]], Sequence[R]]
+"""`run_batch(key, payloads) -> results`. The key is the queue's (Hashable) grouping key, typed
+Any here so that a run_batch may name its concrete key type (generation.py: GenerationParams)."""
 
 
 class BatchSource(Protocol):

@@ -18,13 +18,14 @@ The rules, in order:
    `starvation_bound` cuts (`starvation_bound + 1` when two starving classes are due at once).
 5. Static batches (keys must match): a batch is cut from its first class and fills its room from
    less urgent ones, except that bulk work never rides in a batch with interactive work (it would
-   set the batch's pace). While interactive work arrived in the last `RECENT_INTERACTIVE_S`
-   seconds, or on an urgent lane (the first worker of two or more), a batch holds at most
-   `small_bulk_batch` bulk jobs: an interactive call arriving then waits for a small batch at
-   most.
+   set the batch's pace). While interactive work arrived or started in the last
+   `RECENT_INTERACTIVE_S` seconds, or on an urgent lane (the first worker of two or more), a
+   batch holds at most `small_bulk_batch` bulk jobs: an interactive call arriving then waits for
+   a small batch at most.
 6. Continuous batching: interactive articles may join the running set `interactive_headroom`
    beyond its size (and while the session has articles waiting for cache room, when nothing
-   else may); while interactive work arrived in the last `RECENT_INTERACTIVE_S` seconds, at most
+   else may); while interactive work arrived or started in the last `RECENT_INTERACTIVE_S`
+   seconds, at most
    `small_bulk_batch` bulk articles join per step (their encoding is part of the step: a burst
    of long bulk encodings is sliced by articles); while interactive articles decode, less urgent
    ones sit steps out (`pauses`), their caches kept, except every `starvation_bound`-th step,
@@ -45,8 +46,10 @@ from .jobs import Entry
 
 CLASSES: tuple[Priority, ...] = tuple(sorted(Priority))
 """Every class, most urgent first."""
-RECENT_INTERACTIVE_S = 5.0
-"""How long after interactive work arrived static bulk batches stay small."""
+RECENT_INTERACTIVE_S = 30.0
+"""How long after interactive work last arrived or started bulk batches stay small: longer than
+an interactive caller's usual pause between calls (a caller that waits for one reply before
+sending the next must still find bulk batches small)."""
 
 
 @dataclass(eq=False)
@@ -188,7 +191,7 @@ class SchedulingPolicy:
     # ----- cutting -----
     def cut(self, key: Hashable, limit: int | None = None, *,
             classes: Collection[Priority] = CLASSES, small_bulk: bool = False,
-            take: Callable[[Entry], None]) -> list[Entry]:
+            take: Callable[[Entry], None], now: float | None = None) -> list[Entry]:
         """Choose up to a batch (or `limit`) of `key` jobs by the rules above, handing each to
         `take` (the queue marks it running) and forgetting it here."""
         size = self.max_batch_size if limit is None else min(limit, self.max_batch_size)
@@ -220,6 +223,8 @@ class SchedulingPolicy:
             self._lines[priority] = collections.deque(
                 [g for g in line if id(g) not in served] + [g for g in line if id(g) in served])
         got = {e.job.priority for e in batch}
+        if Priority.INTERACTIVE in got and now is not None:
+            self._last_interactive = now
         for priority in waiting if set(classes) >= set(CLASSES) else ():
             self._passed_over[priority] = 0 if priority in got else self._passed_over[priority] + 1
         return batch

@@ -46,13 +46,10 @@ from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Generic
 
-from ..domain import Priority
+from ..domain import RECENT_BATCHES, Priority
 from ..errors import DeadlineExceeded, QueueFull, Unavailable
 from .jobs import P, BatcherStats, Drop, DropReason, Entry, InvariantViolation, Job, JobState
 from .policy import CLASSES, SchedulingPolicy
-
-RECENT_BATCHES = 8
-"""How many recent batch durations per key inform the "deadline cannot be met" check."""
 
 
 @dataclass(eq=False)
@@ -312,7 +309,8 @@ class BatchQueue(Generic[P]):
         if entries:
             self.policy.add(entries, group, now)
             for entry in entries:
-                entry.future.add_done_callback(lambda _f, e=entry: self._on_done(e))
+                entry.future.add_done_callback(  # mypy infers no type for a default argument
+                    lambda _f, e=entry: self._on_done(e))  # type: ignore[misc]
                 self._queued_by_class[entry.job.priority] += 1
                 self.stats.admitted_by_priority[entry.job.priority] += 1
             self._queued += len(entries)
@@ -465,8 +463,9 @@ class BatchQueue(Generic[P]):
     def _cut(self, key: Hashable, limit: int | None = None, *, urgent_lane: bool = False,
              classes: Sequence[Priority] = CLASSES) -> list[Entry]:
         """Take the batch the policy chooses."""
-        batch = self.policy.cut(key, limit, classes=classes, take=self._take,
-                                small_bulk=self.policy.small_bulk(self._clock(), urgent_lane))
+        now = self._clock()
+        batch = self.policy.cut(key, limit, classes=classes, take=self._take, now=now,
+                                small_bulk=self.policy.small_bulk(now, urgent_lane))
         if self.check_invariants and len(batch) > self.max_batch_size:
             raise InvariantViolation(f"a batch of {len(batch)} cut, over max_batch_size")
         self._serve_waiters()

@@ -124,7 +124,8 @@ class StreamCall:
             result: Result = await self._planner.assemble(plan, first, params, self._work,
                                                           trace)
         except asyncio.CancelledError:
-            if asyncio.current_task().cancelling():
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
                 raise  # the stream is ending
             # Its queued work was cancelled from elsewhere (shutdown): the caller still hears.
             result = failure_for(article_id, Unavailable("server is shutting down"))

@@ -26,14 +26,14 @@ import random
 import threading
 import time
 from collections.abc import (AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable,
-                             Iterable, Iterator, Sequence)
+                             Coroutine, Iterable, Iterator, Sequence)
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 
-from .errors import ClientError
+from .errors import CallError, ClientError
 from .gen.summarizer.v1 import summarizer_pb2 as pb
 from .gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
 from .results import ArticleFailure, ArticleSummary, Result
@@ -264,9 +264,10 @@ class SummarizerClient(_ClientBase):
                  client_cert: str = "", client_key: str = "", token: str = "",
                  max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
         super().__init__(timeout_s, retry, token)
-        self._settings = dict(target=target, timeout_s=timeout_s, retry=retry, tls=tls,
-                              ca_cert=ca_cert, client_cert=client_cert, client_key=client_key,
-                              token=token, max_message_bytes=max_message_bytes)
+        self._settings: dict[str, Any] = dict(
+            target=target, timeout_s=timeout_s, retry=retry, tls=tls, ca_cert=ca_cert,
+            client_cert=client_cert, client_key=client_key, token=token,
+            max_message_bytes=max_message_bytes)
         self._channel = open_channel(target, tls=tls, ca_cert=ca_cert, client_cert=client_cert,
                                      client_key=client_key,
                                      options=_channel_options(max_message_bytes))
@@ -340,7 +341,7 @@ class SummarizerClient(_ClientBase):
             results = client.summarize_many(articles, options, max_in_flight=max_in_flight,
                                             request_size=request_size, priority=priority)
             try:
-                while (result := loop.next(results)) is not _DONE:
+                while not isinstance(result := _blocking(loop.next, results), _Done):
                     yield result
             finally:
                 loop.finish(results, client)
@@ -403,7 +404,7 @@ class AsyncSummarizerClient(_ClientBase):
     async def summarize_many(self, articles: Iterable[tuple[str, str]] | AsyncIterable[
             tuple[str, str]], options: pb.GenerationOptions | None = None, *,
             max_in_flight: int = 64, request_size: int = 16,
-            priority: str = "") -> AsyncIterator[Result]:
+            priority: str = "") -> AsyncGenerator[Result, None]:
         """See SummarizerClient.summarize_many; `articles` may also be an async iterable. A
         plain iterable is read on the event loop, so it should not block. `priority`: the
         stream's class (every request of it carries it)."""
@@ -492,6 +493,16 @@ async def _feed(call: grpc.aio.StreamStreamCall, pending: _Pending, source: _Sou
         await call.done_writing()
 
 
+def _blocking(step: Callable[[AsyncIterator[T]], T | _Done], results: AsyncIterator[T]
+              ) -> T | _Done:
+    """One step of an asyncio iteration for the blocking client: a failed call is raised as a
+    CallError, a plain grpc.RpcError, not as grpc's asyncio type."""
+    try:
+        return step(results)
+    except grpc.aio.AioRpcError as error:
+        raise CallError.of(error) from error
+
+
 class _Done:
     """The end of an iteration driven by `_LoopThread.next`."""
 
@@ -518,7 +529,7 @@ class _LoopThread:
         self._thread.join()
         self._loop.close()
 
-    def run(self, coroutine: Awaitable[T]) -> T:
+    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
 
     def next(self, iterator: AsyncIterator[T]) -> T | _Done:
@@ -530,7 +541,7 @@ class _LoopThread:
 
         return self.run(step())
 
-    def finish(self, iterator: AsyncGenerator, client: AsyncSummarizerClient) -> None:
+    def finish(self, iterator: AsyncGenerator[Any, None], client: AsyncSummarizerClient) -> None:
         """Cancel a step still running (the caller was interrupted), close the iterator (which
         cancels its stream) and the client's channel."""
 

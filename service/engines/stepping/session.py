@@ -26,8 +26,11 @@ counts the padded worst case of the set, for what is decoding plus the article b
 that fits.
 
 Pausing: the forward pass runs over the other groups only (their caches cut to the columns they
-need), and the paused rows' caches are put back beside the new ones, right-aligned as before, in
-the same gather that applies the beam reordering. A paused article therefore produces exactly the
+need); the stepping rows' new caches are then written into the set's cache in place (beam
+reordering applied), right-aligned as before, so the paused rows' caches are not touched at all.
+Only when a group left in the step, or the stepping rows outgrew the set's cache width, is the
+set's cache rebuilt once with the paused rows copied as they were. A paused article therefore
+produces exactly the
 tokens it would produce unpaused: its rows see the same inputs whenever they do step. A paused
 article that is still waiting is not admitted (its encoding sits the step out too).
 
@@ -74,7 +77,7 @@ class _Article:
     """(rows, longest max length, sources, longest source) its groups need."""
     order: tuple[int, int] = (1, 0)
     """Its place in the waiting line: (priority class, arrival number); smallest first."""
-    groups: list["_Group"] = field(default_factory=list)
+    groups: list[_Group] = field(default_factory=list)
     texts: dict[str, tuple[str, int]] = field(default_factory=dict)
 
 
@@ -284,9 +287,9 @@ class TorchSession:
     def _encode_batch(self, articles: list[_Article]) -> dict[int, dict[tuple, _Source]]:
         inputs = []
         for article in articles:
-            for ids in article.inputs.values():
-                if ids not in inputs:
-                    inputs.append(ids)
+            for source_ids in article.inputs.values():
+                if source_ids not in inputs:
+                    inputs.append(source_ids)
         width = max(len(ids) for ids in inputs)
         pad = self.model.config.pad_token_id or 0
         ids = torch.full((len(inputs), width), pad, dtype=torch.long)
@@ -346,9 +349,8 @@ class TorchSession:
             stepping = self._stepping(paused)  # without the articles that failed
             if not stepping:
                 return failed
-        if len(stepping) < len(self.groups):
-            merged = self._with_paused_rows(merged, stepping)
         keep: list[torch.Tensor] = []  # rows of the next step, in order
+        stepped: list[torch.Tensor] = []  # the same for the stepping rows, among themselves
         keep_groups: list[_Group] = []
         broken: set[int] = set()
         offset = 0
@@ -360,6 +362,7 @@ class TorchSession:
                 offset += group.width
                 continue
             rows = slice(logit_offset, logit_offset + group.width)
+            local = logit_offset
             logit_offset += group.width
             try:
                 tokens, parents = group.search.advance(logits[rows])
@@ -376,13 +379,14 @@ class TorchSession:
             else:
                 group.tokens = tokens
                 keep.append(parents + offset)
+                stepped.append(parents + local)
                 keep_groups.append(group)
             offset += group.width
         # Groups of an article that failed leave with it.
         surviving = []
-        for group, rows in zip(keep_groups, keep):
+        for group, kept in zip(keep_groups, keep):
             if id(group.article) not in broken:
-                surviving.append((group, rows))
+                surviving.append((group, kept))
         for group in self.groups:
             article = group.article
             if id(article) in broken:
@@ -391,7 +395,11 @@ class TorchSession:
                 del self._articles[article.ticket]
                 done.append((article.ticket, _generated(article)))
         try:
-            self._reorder(merged, surviving)
+            if len(stepping) == len(self.groups):
+                self._reorder(merged, surviving)
+            elif not (len(surviving) == len(self.groups)
+                      and self._write_stepped_rows(merged, stepping, stepped)):
+                self._reorder(self._with_paused_rows(merged, stepping), surviving)
         except Exception as error:  # noqa: BLE001 - e.g. out of memory copying the cache
             # The set's cache could not be rebuilt: the articles still decoding fail (the ones
             # done in this step are delivered above) and the set starts over empty, so no
@@ -508,6 +516,25 @@ class TorchSession:
                    torch.cat([kv[i][1] for _, kv in results]))
                   for i in range(len(results[0][1]))]
         return logits, merged, failed
+
+    def _write_stepped_rows(self, merged: list[KV], stepping: list[int],
+                            order: list[torch.Tensor]) -> bool:
+        """After a step that left some groups out and where no group left: write the stepping
+        rows' new caches (`merged`, reordered by `order`, their beams' parents) into the set's
+        cache in place, right-aligned, so the paused rows' caches are not even copied. False
+        (nothing written) when the stepping rows need more columns than the set's cache has.
+        Columns left of a row's history may keep stale values: they are masked."""
+        if self._self_kv is None or not order:
+            return False
+        width, total = merged[0][0].shape[2], self._self_kv[0][0].shape[2]
+        if width > total:
+            return False
+        rows = self._row_index(stepping)
+        parents = torch.cat(order)
+        for (k, v), (k_new, v_new) in zip(self._self_kv, merged):
+            k[rows, :, total - width:] = k_new.index_select(0, parents)
+            v[rows, :, total - width:] = v_new.index_select(0, parents)
+        return True
 
     def _with_paused_rows(self, merged: list[KV], stepping: list[int]) -> list[KV]:
         """The whole set's caches after a step that left some groups out: the stepping rows'
