@@ -240,11 +240,14 @@ class Pending:
     waiting on other calls first does not inflate it."""
 
     def __init__(self, stub: pb_grpc.SummarizerStub, text: str, options: pb.GenerationOptions,
-                 label: str) -> None:
+                 label: str, **request_fields: Any) -> None:
+        """`request_fields`: more SummarizeRequest fields (e.g. a priority, where the stubs
+        have one)."""
         self.outcome = Outcome(label, time.perf_counter())
         self.done = threading.Event()
         self.future = stub.Summarize.future(
-            pb.SummarizeRequest(articles=[pb.Article(id=label, text=text)], options=options),
+            pb.SummarizeRequest(articles=[pb.Article(id=label, text=text)], options=options,
+                                **request_fields),
             timeout=CALL_TIMEOUT_S)
         self.future.add_done_callback(self._finished)
 

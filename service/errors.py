@@ -90,6 +90,12 @@ class Unauthenticated(SummarizerError):
     code = Code.UNAUTHENTICATED
 
 
+class PermissionDenied(SummarizerError):
+    """The caller's token does not allow what it asked for (e.g. a priority above its ceiling)."""
+
+    code = Code.PERMISSION_DENIED
+
+
 class DeadlineExceeded(SummarizerError):
     code = Code.DEADLINE_EXCEEDED
 

@@ -18,6 +18,8 @@ from service.config import Settings
 from service.api.server import SummarizerServer
 from service.engines.tiny import build_tiny_checkpoint
 
+pytest_plugins = ("tests.processes",)  # the `serve` fixture: real server processes
+
 
 # ----- waiting on conditions: the one polling helper (no test sleeps, then asserts) -----
 

@@ -125,6 +125,23 @@ def test_summarize_command_reads_stdin_and_reports_errors(bart_server: ServerPro
     assert bad.stderr == "summarizer: error: stdin: is empty; nothing to summarise\n"
 
 
+def test_an_article_over_the_size_limit_says_what_to_do(bart_server: ServerProcess,
+                                                        tmp_path: Path) -> None:
+    """A 200 KB article: the line names the server's limit, the way out (split it) and that
+    --long-input truncate does not help."""
+    big = tmp_path / "big.txt"
+    big.write_text("word " * 40_960)  # 204,800 characters
+    for policy in ([], ["--long-input", "truncate"]):
+        done = subprocess.run([*CLI, "summarize", "--server", bart_server.target, *policy,
+                               str(big)], capture_output=True, text=True, timeout=120, env=env())
+        assert done.returncode == 1 and not done.stdout
+        assert done.stderr == (
+            f"summarizer: error: {big}: 204800 characters, over the server's limit of 100000 "
+            "(its --max-article-chars); split the article into parts of at most 100000 "
+            "characters, or raise the limit; --long-input truncate does not help: the limit "
+            "applies before any truncation\n")
+
+
 def test_summarize_reports_each_bad_input_and_summarises_the_rest(tiny_bart: Path,
                                                                   tmp_path: Path) -> None:
     """Files the client can judge (empty, not UTF-8, missing) are reported without being sent;

@@ -130,7 +130,8 @@ async def test_long_article_is_truncated_and_flagged() -> None:
     (request("fine", "   \n\t "), "articles.text (article 1, id 'a1'): is empty"),
     (request("fine", "Advertisement\nRead more"), "articles.text (article 1, id 'a1'): is empty"),
     (request("a\x00b"), "articles.text (article 0, id 'a0'): contains NUL"),
-    (request("x" * 101), "articles.text (article 0, id 'a0'): 101 characters, over the limit"),
+    (request("x" * 101),
+     "articles.text (article 0, id 'a0'): 101 characters, over the server's limit"),
     (request("one", "two", ids=["d", "d"]), "articles.id (article 1, id 'd'): duplicate id"),
     (request("text", summary_min_tokens=30, summary_max_tokens=10),
      "options.summary_min_tokens: 30 is more than summary_max_tokens (10)"),
@@ -514,3 +515,31 @@ async def test_reflection_v1_lists_the_services() -> None:
     assert {SERVICE_NAME, "grpc.health.v1.Health",
             "grpc.reflection.v1alpha.ServerReflection"} <= listed
     assert replies[1].file_descriptor_response.file_descriptor_proto
+
+
+async def test_reflection_resolves_method_symbols() -> None:
+    """`grpcurl describe summarizer.v1.Summarizer.Summarize` asks for the file containing the
+    method; Python's descriptor pool alone answers NOT_FOUND (grpc/grpc#34743)."""
+    from google.protobuf import descriptor_pb2
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    symbols = [f"{SERVICE_NAME}.Summarize", f"{SERVICE_NAME}.GetModelInfo",
+               f"{SERVICE_NAME}.NoSuchMethod", "summarizer.v1.NoSuchService.Summarize"]
+    engine = FakeEngine()
+    async with serving(BASE, lambda s: engine) as (_, channel):
+        call = channel.stream_stream(
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString)(
+                iter([reflection_pb2.ServerReflectionRequest(file_containing_symbol=symbol)
+                      for symbol in symbols]), timeout=10)
+        replies = [reply async for reply in call]
+    for reply in replies[:2]:
+        assert not reply.HasField("error_response"), reply.error_response
+        files = [descriptor_pb2.FileDescriptorProto.FromString(data)
+                 for data in reply.file_descriptor_response.file_descriptor_proto]
+        assert files[0].name == "summarizer/v1/summarizer.proto"
+        assert [m.name for m in files[0].service[0].method] == [
+            "Summarize", "SummarizeStream", "GetModelInfo"]
+    for reply in replies[2:]:  # what does not exist is still not found
+        assert reply.error_response.error_code == grpc.StatusCode.NOT_FOUND.value[0]

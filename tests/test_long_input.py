@@ -163,7 +163,12 @@ async def test_a_megabyte_article_is_refused_by_the_default_size_limit() -> None
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.Summarize(request("x" * 1_000_000, long_input=CHUNK), timeout=20)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "1000000 characters, over the limit of 100000" in caught.value.details()
+    details = caught.value.details()
+    assert "1000000 characters, over the server's limit of 100000 (its --max-article-chars)" in (
+        details)
+    # What to do about it, and that asking for truncation is not the way out.
+    assert "split the article into parts of at most 100000 characters" in details
+    assert "LONG_INPUT_POLICY_TRUNCATE does not help" in details
 
 
 async def test_a_request_whose_chunks_overflow_the_queue_is_refused() -> None:

@@ -143,10 +143,10 @@ REAL = Settings(model="fake/model", max_wait_ms=5)  # default limits
 
 @pytest.mark.parametrize(("req", "needle"), [
     (request("x" * (10 * 1024 * 1024)),
-     "articles.text (article 0, id 'a0'): 10485760 characters, over the limit of 100000"),
+     "articles.text (article 0, id 'a0'): 10485760 characters, over the server's limit of 100000"),
     (request(*["short text"] * 5000),
      "articles: 5000 articles, over the limit of 256 per request"),
-    (request("w" * (1024 * 1024)), "over the limit of 100000"),
+    (request("w" * (1024 * 1024)), "over the server's limit of 100000"),
     (request("text", num_beams=10000), "options.num_beams: 10000 is over"),
     (request("text", summary_min_tokens=50, summary_max_tokens=20),
      "options.summary_min_tokens: 50 is more than summary_max_tokens (20)"),

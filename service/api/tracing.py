@@ -41,6 +41,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import Link, Status, StatusCode
 
 from .. import __version__
+from ..domain import Priority
 from ..engines.protocol import Engine
 from ..errors import ConfigError
 from ..serving.batcher import BatchReport
@@ -170,6 +171,9 @@ class Tracing:
             "batch_size": size, "input_tokens": sum(report.costs),
             "padded_tokens": size * longest, "padding_ratio": round(report.padding_ratio, 4),
             "isolation_depth": report.isolation_depth}
+        if report.priorities:  # the batch's classes, most urgent first
+            attributes["priority"] = ",".join(
+                Priority(p).name.lower() for p in sorted(set(report.priorities)))
         for name in ("num_beams", "summary_max_tokens", "headline_max_tokens"):
             value = getattr(report.key, name, None)
             if isinstance(value, int):
@@ -196,9 +200,14 @@ class Tracing:
                 owner.span.add_link(served)
         if report.isolation_depth:
             return  # the jobs' queue wait ended at their first try
-        for traced, waited_s, cost in zip(report.traces, report.waited_s, report.costs):
+        classes = report.priorities or (None,) * len(report.costs)
+        for traced, waited_s, cost, priority in zip(report.traces, report.waited_s, report.costs,
+                                                   classes):
             if isinstance(traced, OtelSpan) and traced.span.is_recording():
+                wait_attributes: dict[str, AttributeValue] = {PREFIX + "input_tokens": cost}
+                if priority is not None:
+                    wait_attributes[PREFIX + "priority"] = Priority(priority).name.lower()
                 self.tracer.start_span(
                     PREFIX + "queue_wait", context=trace.set_span_in_context(traced.span),
-                    attributes={PREFIX + "input_tokens": cost},
+                    attributes=wait_attributes,
                     start_time=started_ns - int(waited_s * 1e9)).end(end_time=started_ns)

@@ -248,7 +248,7 @@ def _score_cell(score: PublishedScore) -> str:
 
 
 def markdown_table() -> str:
-    """The README's table of recommended checkpoints, generated so that it cannot drift."""
+    """The table of recommended checkpoints in docs/models.md, generated so that it cannot drift."""
     rows = ["| name | hub id | family | roles | parameters | safetensors | licence | "
             "published ROUGE (CNN/DailyMail test) |", "|---|---|---|---|---|---|---|---|"]
     for manifest in catalogue():

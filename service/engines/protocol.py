@@ -34,6 +34,11 @@ class ModelDescription:
     """For an article summarised in chunks, what the headline is written from: "summary" (the
     final summary) or "opening+summary" (the article's opening sentences, then the summary).
     Meaningful for the model that writes headlines."""
+    length_penalty: float | None = None
+    """The checkpoint's own generation default (its generation config), used when a request
+    leaves it unset; None when the checkpoint sets none."""
+    no_repeat_ngram_size: int | None = None
+    """Likewise (0: off)."""
 
 
 class Engine(Protocol):
@@ -105,7 +110,8 @@ class StepIn:
     """Tickets whose rows sit this step out (the serving side's policy decides, e.g. bulk
     articles while interactive ones decode): their rows, caches and search state are kept as
     they are, nothing is recomputed, and they resume at the first step that does not name them.
-    A paused article still counts against the cache budget. An unknown ticket is ignored."""
+    A paused article still counts against the cache budget. A paused article that is still
+    waiting is not admitted (not encoded) in that step. An unknown ticket is ignored."""
 
 
 @dataclass(frozen=True)
@@ -132,12 +138,19 @@ class StepOut:
     active: int = 0
     """Articles decoding (an article leaves when both of its outputs are done)."""
     rows: int = 0
-    """Sequences (beams included) in the step that ran; 0: no step ran (nothing active)."""
+    """Sequences (beams included) in the step that ran; 0: no step ran (nothing active, or
+    every active row paused)."""
     step_s: float = 0.0
     """Seconds the call spent in the model: encoding what joined, then the step."""
     used_bytes: int = 0
     """Cache memory held by the active articles after this call."""
     budget_bytes: int = 0
+    paused_rows: int = 0
+    """Sequences of active articles that sat this step out (`StepIn.pause`); not in `rows`."""
+    encode_deferred: int = 0
+    """Of `waiting`, the articles that had cache room but were left for a later step by the
+    encoder slice (a burst of long inputs is encoded a slice per step); the others wait for
+    room (or are paused)."""
 
 
 class DecodingSession(Protocol):

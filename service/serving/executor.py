@@ -78,6 +78,8 @@ class BatchReport:
     input that made the engine fail (its jobs' queue wait ended at the first try)."""
     error_type: str = ""
     """The failed call's exception type (never its message: it could quote the input)."""
+    priorities: tuple[int, ...] = ()
+    """Each job's class (`domain.Priority`), in batch order."""
     decoding: bool = False
     """Continuous batching (continuous.py): not an engine call but one article, from its
     admission to the engine (`started_s`) until it finished (`duration_s`), beside others that
@@ -252,6 +254,7 @@ class Executor(Runner, Generic[P, R]):
                     waited_s=tuple(max(0.0, started - e.enqueued_at) for e in entries),
                     duration_s=elapsed, failed=error is not None, started_s=started,
                     traces=tuple(e.job.trace for e in entries), isolation_depth=depth,
+                    priorities=tuple(int(e.job.priority) for e in entries),
                     error_type="" if error is None else type(error).__name__))
             except Exception:  # noqa: BLE001 - metrics and tracing must never break serving
                 log.exception("on_batch hook failed")

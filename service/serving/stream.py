@@ -74,7 +74,8 @@ class StreamCall:
 
     async def _read(self) -> None:
         async for articles, options in self._requests:
-            with span(self._tracer, "prepare", articles=len(articles)) as prepare:
+            with span(self._tracer, "prepare", articles=len(articles),
+                      priority=self._work.priority.name.lower()) as prepare:
                 self._validator.check_count(articles)
                 self._validator.check_ids(articles, required=True, taken=self._in_flight)
                 params = self._resolve(options)

@@ -276,21 +276,21 @@ class SessionReplay:
             self.admitted.pop(ticket, None)
             self.crashes.pop(ticket, None)
 
-    def next_step(self, new: list[Admit], remove: tuple[int, ...],
+    def next_step(self, step: StepIn, new: list[Admit],
                   process: multiprocessing.process.BaseProcess | None
                   ) -> tuple[StepIn, list[StepFailure], bool]:
-        """The message for `process`'s session, which from then on holds `new` too: the step as
-        asked when it holds what was admitted, else everything admitted again (a new worker).
-        Returns it, the articles failed for a second death, and whether any were admitted
-        again."""
+        """The message for `process`'s session, which from then on holds `new` too: `step` as
+        asked (with `new` to admit) when it holds what was admitted, else everything admitted
+        again (a new worker), with `step`'s pauses. Returns it, the articles failed for a
+        second death, and whether any were admitted again."""
         failures: list[StepFailure] = []
         replayed = False
         if self.admitted and self.session_of is not process:
             failures = self._second_deaths()
             replayed = bool(self.admitted)
-            message = StepIn(admit=(*self.admitted.values(), *new))
+            message = StepIn(admit=(*self.admitted.values(), *new), pause=step.pause)
         else:
-            message = StepIn(admit=tuple(new), remove=remove)
+            message = StepIn(admit=tuple(new), remove=step.remove, pause=step.pause)
         # From here the worker holds them: a death now is theirs too.
         self.session_of = process
         self.admitted.update((a.ticket, a) for a in new)
@@ -371,7 +371,7 @@ class _SessionRunner:
         replay.forget(step.remove)
         new = [a for a in step.admit if a.ticket not in step.remove]
         try:
-            out, lost = self._step_on_a_live_worker(new, step.remove)
+            out, lost = self._step_on_a_live_worker(step, new)
         except BaseException:
             # Unavailable (stopping, crash loop) or a failed step: the executor fails every
             # article it holds, so nothing here is held any more.
@@ -382,7 +382,7 @@ class _SessionRunner:
             out = replace(out, failed=(*lost, *out.failed))
         return out
 
-    def _step_on_a_live_worker(self, new: list[Admit], remove: tuple[int, ...]
+    def _step_on_a_live_worker(self, step: StepIn, new: list[Admit]
                                ) -> tuple[StepOut, list[StepFailure]]:
         """One step; a worker that dies under it is replaced and the step sent again, with
         what the lost session held. Returns the step's result and the articles failed for
@@ -392,7 +392,7 @@ class _SessionRunner:
         while True:
             self.pool.claim(slot)
             try:
-                message, failures, replayed = replay.next_step(new, remove, slot.process)
+                message, failures, replayed = replay.next_step(step, new, slot.process)
                 lost += failures
                 if replayed:
                     self.pool.count_retry()

@@ -49,9 +49,11 @@ GENERATION_FLAGS = ("summary-max-tokens", "summary-min-tokens", "headline-max-to
 """Per-request generation options that client commands take as flags (0: the default)."""
 
 EXIT_FAILED = 1
-"""Some work failed (an article, a call, a check)."""
+"""Some work failed (an article, a call, a check); `health`: the server is not SERVING."""
 EXIT_USAGE = 2
-"""The command could not start: a bad flag, file or setting."""
+"""The command could not start: a bad flag, file or setting, or no server to send work to."""
+EXIT_INTERRUPTED = 130
+"""Ctrl-C (128 + SIGINT, as shells report it)."""
 _SOAK_MIN_CHARS = 40
 """soak's shortest generated article (SoakConfig.min_chars)."""
 DEFAULT_PORT = 50051
@@ -61,6 +63,10 @@ TOKEN_VARIABLE = "SUMMARIZER_AUTH_TOKEN"
 
 class InputError(ClientError):
     """An input file the command cannot use; the message names the file and the fix."""
+
+
+class NoServer(ClientError):
+    """Nothing answers at --server, so the command could not start its work (exit 2)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -201,6 +207,11 @@ def build_parser(extensions: Sequence[Extension] = ()) -> tuple[argparse.Argumen
                       help="results file, appended to and resumable (default: stdout)")
     bulk.add_argument("--max-in-flight", type=positive_int, default=64,
                       help="articles sent and not yet answered (default 64)")
+    send.add_argument("--priority", choices=("interactive", "default", "bulk"), default=None,
+                      help="the calls' class: interactive (someone waits for the result now), "
+                           "default or bulk (back-fills: served when nothing more urgent "
+                           "waits, shed first under overload). Default: the server's (or the "
+                           "token's) default; bulk for --input runs")
     send.add_argument("--outputs", choices=("both", "summary", "headline"), default="both",
                       help="what to write for each article: both (default), or only the "
                            "summary or the headline (faster)")
@@ -375,6 +386,9 @@ def _read_articles(paths: Sequence[str], reject: Callable[[str], None]
 
     for path in paths:
         try:
+            if path == "-" and sys.stdin.isatty():
+                print("summarizer: reading an article from stdin (type or paste it, then Ctrl-D; "
+                      "or give files: summarizer summarize FILE...)", file=sys.stderr, flush=True)
             text = read_text(path)
             if ((path == "-" and text.lstrip().startswith("{"))
                     or path.endswith((".jsonl", ".ndjson"))):
@@ -451,16 +465,17 @@ def _health_check(target: str, connection: Connection, timeout_s: float) -> int:
 
 
 def require_server(target: str, connection: Connection) -> None:
-    """Fail at once, with the usual one line, when nothing listens at `target`; otherwise the
-    client's retries (meant for a server that restarts) would take seconds to say so. Any
-    answer, even an error from a server without the health service, means a server is there."""
+    """Fail at once with NoServer (one line, exit 2: the work could not start) when nothing
+    answers at `target`; otherwise the client's retries (meant for a server that restarts) would
+    take seconds to say so. Any answer, even an error from a server without the health service,
+    means a server is there."""
     import grpc
 
     try:
         _health_check(target, connection, 10.0)
     except grpc.RpcError as error:
         if error.code() == grpc.StatusCode.UNAVAILABLE:
-            raise
+            raise NoServer(_rpc_error_line(target, error)) from None
 
 
 def _health(args: argparse.Namespace) -> int:
@@ -488,7 +503,7 @@ def _soak(args: argparse.Namespace) -> int:
 
 def _send_batches(client: SummarizerClient, articles: Iterable[tuple[str, str, str]],
                   batch_size: int, options: pb.GenerationOptions,
-                  reject: Callable[[str], None]) -> Iterator[Result]:
+                  reject: Callable[[str], None], priority: str = "") -> Iterator[Result]:
     """Results of `articles`, `batch_size` per call. A call refused with INVALID_ARGUMENT because
     of one of its articles is sent again one article per call, so that the other articles still
     get results; each refused article goes to `reject`. Other errors end the run."""
@@ -507,13 +522,15 @@ def _send_batches(client: SummarizerClient, articles: Iterable[tuple[str, str, s
         if not batch:
             break
         try:
-            yield from client.summarize([(i, t) for i, t, _ in batch], options)
+            yield from client.summarize([(i, t) for i, t, _ in batch], options,
+                                        priority=priority)
         except grpc.RpcError as error:
             if not refused(error):
                 raise
             for article_id, text, where in batch:
                 try:
-                    yield from client.summarize([(article_id, text)], options)
+                    yield from client.summarize([(article_id, text)], options,
+                                                priority=priority)
                 except grpc.RpcError as single:
                     if not refused(single):
                         raise
@@ -561,7 +578,7 @@ def _summarize(args: argparse.Namespace) -> int:
         require_server(target, connection)
         with SummarizerClient(target, timeout_s=args.timeout, **connection) as client:
             results = _send_batches(client, itertools.chain([first], articles), args.batch,
-                                    options, reject)
+                                    options, reject, args.priority or "")
             write_results(reported(results), sys.stdout, Progress(0, enabled=False), outcome)
     return EXIT_FAILED if outcome.failed or rejected else 0
 
@@ -586,16 +603,37 @@ def _bulk(client: SummarizerClient, args: argparse.Namespace,
     outcome = BulkOutcome(total=total, skipped=skipped)
     progress = Progress(total, done=min(skipped, total))
     out = open(args.output, "a", encoding="utf-8") if args.output else sys.stdout
+    interrupted = False
     try:
+        # A bulk run is a back-fill: BULK unless --priority says otherwise.
         write_results(client.summarize_many(articles, options, max_in_flight=args.max_in_flight,
-                                            request_size=args.batch), out, progress, outcome)
+                                            request_size=args.batch,
+                                            priority=args.priority or "bulk"),
+                      out, progress, outcome)
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
     finally:
         progress.close()
         if out is not sys.stdout:
             out.close()
+        if interrupted:
+            print(f"summarizer: {_interrupted_line(args, outcome)}", file=sys.stderr,
+                  flush=True)
     print(f"summarizer: {outcome.succeeded} summarised, {outcome.failed} failed, "
           f"{outcome.skipped} skipped (done before)", file=sys.stderr)
     return outcome
+
+
+def _interrupted_line(args: argparse.Namespace, outcome: BulkOutcome) -> str:
+    """What an interrupted bulk run leaves behind, and how to go on."""
+    written = outcome.succeeded + outcome.failed
+    if not args.output:
+        return (f"interrupted: {written} results printed; with --output FILE a run can be "
+                "resumed")
+    have = outcome.skipped + outcome.succeeded
+    return (f"interrupted: {written} results written to {args.output} ({have} of "
+            f"{outcome.total} articles have one); run the same command again to resume")
 
 
 def _os_error_line(error: OSError) -> str:
@@ -634,7 +672,7 @@ def main(argv: Sequence[str] | None = None, *,
         print(f"summarizer: error: {_os_error_line(error)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
     except Exception as error:  # noqa: BLE001 - a bug: one line, the traceback on request
         if args.debug:
             raise

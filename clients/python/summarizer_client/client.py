@@ -33,13 +33,13 @@ from typing import Any, TypeVar
 
 import grpc
 
-from .errors import ClientError
+from .errors import CallError, ClientError
 from .gen.summarizer.v1 import summarizer_pb2 as pb
 from .gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
 from .results import ArticleFailure, ArticleSummary, Result
 
-__all__ = ["ArticleFailure", "ArticleSummary", "AsyncSummarizerClient", "Result", "RetryPolicy",
-           "SummarizerClient", "make_options"]
+__all__ = ["PRIORITIES", "ArticleFailure", "ArticleSummary", "AsyncSummarizerClient", "Result",
+           "RetryPolicy", "SummarizerClient", "make_options"]
 
 T = TypeVar("T")
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -62,6 +62,19 @@ _OUTPUTS = {"both": pb.OUTPUTS_BOTH, "summary": pb.OUTPUTS_SUMMARY,
             "headline": pb.OUTPUTS_HEADLINE}
 _LONG_INPUT = {"": pb.LONG_INPUT_POLICY_UNSPECIFIED, "truncate": pb.LONG_INPUT_POLICY_TRUNCATE,
                "chunk": pb.LONG_INPUT_POLICY_CHUNK}
+PRIORITIES = {"": pb.PRIORITY_UNSPECIFIED, "interactive": pb.PRIORITY_INTERACTIVE,
+              "default": pb.PRIORITY_DEFAULT, "bulk": pb.PRIORITY_BULK}
+"""A call's class by name: "interactive" (someone waits now), "default", "bulk" (back-fills);
+"" leaves it to the server (or the token's default)."""
+
+
+def priority_value(priority: str) -> pb.Priority:
+    """The request field's value for a class name (ValueError for an unknown one)."""
+    try:
+        return PRIORITIES[priority.lower()]
+    except KeyError:
+        raise ValueError(f"priority must be one of {', '.join(p for p in PRIORITIES if p)} "
+                         f"(or empty for the server's default), not {priority!r}") from None
 
 
 def make_options(*, summary_max_tokens: int = 0, summary_min_tokens: int = 0,
@@ -166,10 +179,10 @@ def auth_metadata(token: str) -> tuple[tuple[str, str], ...] | None:
     return ((AUTH_METADATA_KEY, f"Bearer {token}"),) if token else None
 
 
-def _request(articles: Sequence[tuple[str, str]],
-             options: pb.GenerationOptions | None) -> pb.SummarizeRequest:
+def _request(articles: Sequence[tuple[str, str]], options: pb.GenerationOptions | None,
+             priority: pb.Priority = pb.PRIORITY_UNSPECIFIED) -> pb.SummarizeRequest:
     return pb.SummarizeRequest(articles=[pb.Article(id=i, text=t) for i, t in articles],
-                               options=options)
+                               options=options, priority=priority)
 
 
 def _remaining(deadline: float | None) -> float | None:
@@ -284,30 +297,33 @@ class SummarizerClient(_ClientBase):
 
     def summarize(self, articles: Sequence[tuple[str, str]],
                   options: pb.GenerationOptions | None = None, *,
-                  timeout_s: float | None = None) -> list[Result]:
+                  timeout_s: float | None = None, priority: str = "") -> list[Result]:
         """Summarise (id, text) pairs in one call; results in the same order. An article that
-        failed on its own (while others succeeded) comes back as an ArticleFailure."""
-        request = _request(articles, options)
+        failed on its own (while others succeeded) comes back as an ArticleFailure.
+        `priority`: "interactive", "default" or "bulk" ("": the server's default for the
+        token); see PRIORITIES."""
+        request = _request(articles, options, priority_value(priority))
         response = self._with_retries(
             lambda remaining: self._stub.Summarize(request, timeout=remaining,
                                                    metadata=self._metadata), timeout_s)
         return [result_from_pb(r) for r in response.results]
 
     def summarize_batches(self, articles: Iterable[tuple[str, str]], batch_size: int,
-                          options: pb.GenerationOptions | None = None) -> Iterator[Result]:
+                          options: pb.GenerationOptions | None = None, *,
+                          priority: str = "") -> Iterator[Result]:
         """Summarise any number of articles, `batch_size` per call, yielding results in order."""
         batch: list[tuple[str, str]] = []
         for article in articles:
             batch.append(article)
             if len(batch) >= batch_size:
-                yield from self.summarize(batch, options)
+                yield from self.summarize(batch, options, priority=priority)
                 batch = []
         if batch:
-            yield from self.summarize(batch, options)
+            yield from self.summarize(batch, options, priority=priority)
 
     def summarize_many(self, articles: Iterable[tuple[str, str]],
                        options: pb.GenerationOptions | None = None, *, max_in_flight: int = 64,
-                       request_size: int = 16) -> Iterator[Result]:
+                       request_size: int = 16, priority: str = "") -> Iterator[Result]:
         """Summarise an iterable of (id, text) of any size through SummarizeStream, with at most
         `max_in_flight` articles sent and unanswered; results in completion order. Ids must be
         unique among the articles in flight. The iterable is read lazily (on the client's own
@@ -319,12 +335,13 @@ class SummarizerClient(_ClientBase):
         early, or Ctrl-C) cancels the stream and ends the thread."""
         if max_in_flight < 1 or request_size < 1:
             raise ValueError("max_in_flight and request_size must be at least 1")
+        priority_value(priority)  # an unknown class fails here, not on the loop thread
         with _LoopThread() as loop:
             client = loop.run(self._async_twin())
             results = client.summarize_many(articles, options, max_in_flight=max_in_flight,
-                                            request_size=request_size)
+                                            request_size=request_size, priority=priority)
             try:
-                while not isinstance(result := loop.next(results), _Done):
+                while not isinstance(result := _blocking(loop.next, results), _Done):
                     yield result
             finally:
                 loop.finish(results, client)
@@ -377,8 +394,8 @@ class AsyncSummarizerClient(_ClientBase):
 
     async def summarize(self, articles: Sequence[tuple[str, str]],
                         options: pb.GenerationOptions | None = None, *,
-                        timeout_s: float | None = None) -> list[Result]:
-        request = _request(articles, options)
+                        timeout_s: float | None = None, priority: str = "") -> list[Result]:
+        request = _request(articles, options, priority_value(priority))
         response = await self._with_retries(
             lambda remaining: self._stub.Summarize(request, timeout=remaining,
                                                    metadata=self._metadata), timeout_s)
@@ -386,11 +403,14 @@ class AsyncSummarizerClient(_ClientBase):
 
     async def summarize_many(self, articles: Iterable[tuple[str, str]] | AsyncIterable[
             tuple[str, str]], options: pb.GenerationOptions | None = None, *,
-            max_in_flight: int = 64, request_size: int = 16) -> AsyncGenerator[Result, None]:
+            max_in_flight: int = 64, request_size: int = 16,
+            priority: str = "") -> AsyncGenerator[Result, None]:
         """See SummarizerClient.summarize_many; `articles` may also be an async iterable. A
-        plain iterable is read on the event loop, so it should not block."""
+        plain iterable is read on the event loop, so it should not block. `priority`: the
+        stream's class (every request of it carries it)."""
         if max_in_flight < 1 or request_size < 1:
             raise ValueError("max_in_flight and request_size must be at least 1")
+        value = priority_value(priority)
         source = _Source(_aiter(articles))
         pending = _Pending()
         slots = asyncio.Semaphore(max_in_flight)
@@ -398,7 +418,7 @@ class AsyncSummarizerClient(_ClientBase):
         while True:
             call = self._stub.SummarizeStream(metadata=self._metadata)
             feeder = asyncio.ensure_future(_feed(call, pending, source, slots, options,
-                                                 request_size))
+                                                 request_size, value))
             try:
                 while (message := await call.read()) is not grpc.aio.EOF:
                     if pending.answered(message.id):
@@ -442,14 +462,14 @@ def _lost_status(error: grpc.RpcError) -> bool:
 
 async def _feed(call: grpc.aio.StreamStreamCall, pending: _Pending, source: _Source,
                 slots: asyncio.Semaphore, options: pb.GenerationOptions | None,
-                request_size: int) -> None:
+                request_size: int, priority: pb.Priority = pb.PRIORITY_UNSPECIFIED) -> None:
     """Write the unanswered articles again (after a broken stream), then new ones from the
     source while a slot is free. A write to a stream that has failed ends the feeding: the
     reader sees the stream's real status."""
     with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
         resend = pending.snapshot()
         for start in range(0, len(resend), request_size):
-            await call.write(_request(resend[start:start + request_size], options))
+            await call.write(_request(resend[start:start + request_size], options, priority))
         while not source.exhausted:
             batch: list[tuple[str, str]] = []
             while len(batch) < request_size:
@@ -469,8 +489,18 @@ async def _feed(call: grpc.aio.StreamStreamCall, pending: _Pending, source: _Sou
                     break
                 batch.append((article_id, text))
             if batch:
-                await call.write(_request(batch, options))
+                await call.write(_request(batch, options, priority))
         await call.done_writing()
+
+
+def _blocking(step: Callable[[AsyncIterator[T]], T | _Done], results: AsyncIterator[T]
+              ) -> T | _Done:
+    """One step of an asyncio iteration for the blocking client: a failed call is raised as a
+    CallError, a plain grpc.RpcError, not as grpc's asyncio type."""
+    try:
+        return step(results)
+    except grpc.aio.AioRpcError as error:
+        raise CallError.of(error) from error
 
 
 class _Done:
