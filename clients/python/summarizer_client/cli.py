@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from . import __version__
+from .balancing import DEFAULT_STREAMS
 from .errors import ClientError
 
 if TYPE_CHECKING:
@@ -136,9 +137,11 @@ def default_token(environ: dict[str, str] | None = None) -> str:
 
 
 def _server_help() -> str:
-    return ("HOST:PORT of the server, or a bare PORT for this machine (default: "
-            f"localhost:{DEFAULT_PORT}, or the port in {PORT_VARIABLE} when it is set, "
-            "as for `serve`)")
+    return ("HOST:PORT of the server, a bare PORT for this machine, or a gRPC target URI "
+            "naming several replicas (dns:///summarizer-headless:50051, "
+            "ipv4:10.0.0.1:50051,10.0.0.2:50051), whose calls go round-robin over every address "
+            f"(default: localhost:{DEFAULT_PORT}, or the port in {PORT_VARIABLE} when it is "
+            "set, as for `serve`)")
 
 
 def build_parser(extensions: Sequence[Extension] = ()) -> tuple[argparse.ArgumentParser,
@@ -154,8 +157,8 @@ def build_parser(extensions: Sequence[Extension] = ()) -> tuple[argparse.Argumen
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     connection = argparse.ArgumentParser(add_help=False)
-    connection.add_argument("--server", type=server_target, default=None, metavar="HOST:PORT",
-                            help=_server_help())
+    connection.add_argument("--server", type=server_target, default=None,
+                            metavar="HOST:PORT|URI", help=_server_help())
     secure = connection.add_argument_group("connection security")
     secure.add_argument("--tls", action="store_true",
                         help="use TLS, verifying the server against the system's CA roots")
@@ -192,6 +195,10 @@ def build_parser(extensions: Sequence[Extension] = ()) -> tuple[argparse.Argumen
                       help="results file, appended to and resumable (default: stdout)")
     bulk.add_argument("--max-in-flight", type=_positive_int, default=64,
                       help="articles sent and not yet answered (default 64)")
+    bulk.add_argument("--streams", type=_positive_int, default=DEFAULT_STREAMS,
+                      help="streams open at once, each to the next replica of a --server URI "
+                           f"that names several (default {DEFAULT_STREAMS}); a replica that "
+                           "fails has its unanswered articles sent again to the others")
     send.add_argument("--outputs", choices=("both", "summary", "headline"), default="both",
                       help="what to write for each article: both (default), or only the "
                            "summary or the headline (faster)")
@@ -555,7 +562,8 @@ def _bulk(client: SummarizerClient, args: argparse.Namespace,
     out = open(args.output, "a", encoding="utf-8") if args.output else sys.stdout
     try:
         write_results(client.summarize_many(articles, options, max_in_flight=args.max_in_flight,
-                                            request_size=args.batch), out, progress, outcome)
+                                            request_size=args.batch, streams=args.streams),
+                      out, progress, outcome)
     finally:
         progress.close()
         if out is not sys.stdout:
