@@ -76,7 +76,11 @@ class TorchEngine(CheckpointEngine):
         try:
             import torch
         except ImportError as error:  # pragma: no cover - depends on the install
-            raise ModelLoadError("torch is not installed; see README 'Install'") from error
+            raise ModelLoadError(
+                "the torch engine needs torch, which this installation leaves out (the container "
+                "image built with ENGINE=ctranslate2 serves models ctranslate2 takes, converted): "
+                "install torch (README 'Install') or build the image with --build-arg "
+                "ENGINE=torch") from error
         self._torch = torch
         if settings.threads:
             torch.set_num_threads(settings.threads)
