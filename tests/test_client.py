@@ -149,7 +149,8 @@ async def test_a_broken_stream_is_resumed_with_only_the_unanswered_articles() ->
     ids: list[str] = []
     try:
         async with AsyncSummarizerClient(f"127.0.0.1:{port}", retry=FAST_RETRY) as client:
-            async for result in client.summarize_many(articles(40), max_in_flight=8,
+            async for result in client.summarize_many(articles(40), max_in_flight=8, streams=1,
+                                                      articles_per_stream=100,
                                                       request_size=3):
                 if len(servicer.streams) == 1:
                     received_first.add(result.id)
@@ -214,7 +215,8 @@ def test_the_blocking_client_also_resumes_a_broken_stream() -> None:
     ids: list[str] = []
     try:
         with SummarizerClient(f"127.0.0.1:{port}", retry=FAST_RETRY) as client:
-            for result in client.summarize_many(articles(30), max_in_flight=6, request_size=2):
+            for result in client.summarize_many(articles(30), max_in_flight=6, request_size=2,
+                                                streams=1, articles_per_stream=100):
                 if len(servicer.streams) == 1:
                     received_first.add(result.id)
                 ids.append(result.id)

@@ -21,11 +21,12 @@ from service import cli, config
 from summarizer_client.gen.summarizer.v1 import summarizer_pb2 as pb
 from summarizer_client.gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
 
+from . import kustomize
 from .conftest import serving
 from .fakes import FakeEngine
 
 ROOT = Path(__file__).resolve().parent.parent
-KUBERNETES = ROOT / "deploy" / "kubernetes"
+KUBERNETES = kustomize.KUBERNETES
 
 
 def dockerfile() -> dict[str, list[str]]:
@@ -62,13 +63,9 @@ def image_port() -> int:
 
 
 def documents() -> dict[str, dict[str, Any]]:
-    """Every Kubernetes object in deploy/kubernetes, by kind/name."""
-    objects = {}
-    for path in sorted(KUBERNETES.glob("*.yaml")):
-        for document in yaml.safe_load_all(path.read_text(encoding="utf-8")):
-            if document and document.get("kind") != "Kustomization":
-                objects[f"{document['kind']}/{document['metadata']['name']}"] = document
-    return objects
+    """Every Kubernetes object `kubectl apply -k deploy/kubernetes` applies, by kind/name (the
+    base and the CPU autoscaler; tests/test_autoscaling.py checks the other overlays)."""
+    return kustomize.by_name(kustomize.objects(KUBERNETES))
 
 
 def pod_spec() -> dict[str, Any]:
@@ -94,9 +91,9 @@ def check_environment(env: dict[str, str]) -> config.Settings:
 # ----- Kubernetes -----
 
 def test_every_manifest_parses_and_kustomization_lists_them() -> None:
-    kustomization = yaml.safe_load((KUBERNETES / "kustomization.yaml").read_text())
-    assert sorted(kustomization["resources"]) == sorted(
-        p.name for p in KUBERNETES.glob("*.yaml") if p.name != "kustomization.yaml")
+    base = KUBERNETES / "base"
+    assert sorted(kustomize.kustomization(base)["resources"]) == sorted(
+        p.name for p in base.glob("*.yaml") if p.name != "kustomization.yaml")
     assert {"Deployment/summarizer", "Service/summarizer", "Service/summarizer-headless",
             "HorizontalPodAutoscaler/summarizer", "PodDisruptionBudget/summarizer"} <= set(
         documents())
@@ -105,7 +102,7 @@ def test_every_manifest_parses_and_kustomization_lists_them() -> None:
 def test_kustomization_images_block_sets_the_deployments_image() -> None:
     """`kubectl apply -k` (no standalone kustomize) takes the pushed image from `images:`; its
     name must be the Deployment's image name, or the block silently changes nothing."""
-    kustomization = yaml.safe_load((KUBERNETES / "kustomization.yaml").read_text())
+    kustomization = kustomize.kustomization(KUBERNETES / "base")  # every overlay builds on it
     name, _, tag = container()["image"].partition(":")
     [image] = kustomization["images"]
     assert image["name"] == name and {"newName", "newTag"} <= set(image)
@@ -132,7 +129,9 @@ def test_container_runs_the_image_command_with_real_arguments_and_settings() -> 
 def test_probes_use_grpc_health_on_the_serving_port() -> None:
     spec = container()
     port = image_port()
-    assert [p["containerPort"] for p in spec["ports"]] == [port]
+    ports = {p["name"]: p["containerPort"] for p in spec["ports"]}
+    assert ports["grpc"] == port
+    assert set(ports) <= {"grpc", "metrics"}  # the metrics port: tests/test_autoscaling.py
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert set(spec[probe]) & {"grpc", "httpGet", "tcpSocket", "exec"} == {"grpc"}, probe
         assert spec[probe]["grpc"]["port"] == port, probe
@@ -235,6 +234,9 @@ def test_compose_builds_the_dockerfile_and_publishes_the_port(compose: dict[str,
 def test_compose_converts_a_mounted_model_into_a_volume_the_user_owns(
         compose: dict[str, Any]) -> None:
     cache = compose["environment"]["SUMMARIZER_CONVERT_CACHE_DIR"]
+    # A model mounted at run time (no baked-in MODEL) may be unconverted: the image must hold
+    # torch to convert it (the default ENGINE=ctranslate2 image leaves torch out).
+    assert compose["build"]["args"]["MODEL"] == "" and compose["build"]["args"]["ENGINE"] == "torch"
     targets = {v["target"]: v for v in compose["volumes"]}
     assert targets[cache]["type"] == "volume" and not targets[cache].get("read_only")
     # A new named volume takes the owner of the image's directory: the image must create it.

@@ -415,7 +415,7 @@ def component() -> dict[str, Any]:
 
 
 def base_deployment() -> dict[str, Any]:
-    for path in sorted(KUBERNETES.glob("*.yaml")):
+    for path in sorted(KUBERNETES.glob("**/*.yaml")):
         for document in yaml.safe_load_all(path.read_text(encoding="utf-8")):
             if document and document.get("kind") == "Deployment":
                 return document
@@ -468,7 +468,7 @@ def rendered(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     shutil.copytree(ROOT / "deploy", copy)
     kustomization = copy / "kubernetes" / "kustomization.yaml"
     text = kustomization.read_text(encoding="utf-8")
-    enabled = text.replace("# components:\n#   - ../monitoring", "components:\n  - ../monitoring")
+    enabled = text.replace("\n#   - ../monitoring", "\n  - ../monitoring")
     assert enabled != text, "the base no longer has the commented components line"
     kustomization.write_text(enabled, encoding="utf-8")
     done = subprocess.run([kubectl, "kustomize", str(copy / "kubernetes")], capture_output=True,

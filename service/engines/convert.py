@@ -133,6 +133,7 @@ def convert(source: Source, out: str | Path, compute_type: str, revision: str = 
     except ImportError as error:
         raise ModelLoadError("the ctranslate2 engine needs the ctranslate2 package: "
                              "pip install ctranslate2") from error
+    _check_conversion_tools(source)
     out = Path(out).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -159,6 +160,22 @@ def convert(source: Source, out: str | Path, compute_type: str, revision: str = 
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
+
+
+def _check_conversion_tools(source: Source) -> None:
+    """Converting reads the checkpoint with torch and transformers. An installation that serves
+    converted models only (the image built with ENGINE=ctranslate2) has neither: say so, and
+    what to do, instead of failing inside the converter."""
+    import importlib.util
+
+    missing = [name for name in ("torch", "transformers") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ModelLoadError(
+            f"cannot convert {source.ref!r} for ctranslate2: converting needs "
+            f"{' and '.join(missing)}, which this installation leaves out (the container image "
+            "built with ENGINE=ctranslate2 serves converted models only). Convert it once where "
+            "they are installed (`summarizer convert DIR --in-place`) and serve that directory, "
+            "or build the image with --build-arg ENGINE=torch")
 
 
 def convert_in_place(source: Source, compute_type: str) -> Path:

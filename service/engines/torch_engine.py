@@ -77,7 +77,10 @@ class TorchEngine(CheckpointEngine):
             import torch
         except ImportError as error:  # pragma: no cover - depends on the install
             raise ModelLoadError(
-                "torch is not installed; install it first (README, Quick start)") from error
+                "the torch engine needs torch, which this installation leaves out (the container "
+                "image built with ENGINE=ctranslate2 serves models ctranslate2 takes, converted): "
+                "install torch (docs/engines.md) or build the image with --build-arg "
+                "ENGINE=torch") from error
         self._torch = torch
         if settings.threads:
             torch.set_num_threads(settings.threads)

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn, TypedDict
 
 from . import __version__
+from .balancing import DEFAULT_STREAMS
 from .errors import ClientError
 
 if TYPE_CHECKING:
@@ -150,9 +151,11 @@ def default_token(environ: Mapping[str, str] | None = None) -> str:
 
 
 def _server_help() -> str:
-    return ("HOST:PORT of the server, or a bare PORT for this machine (default: "
-            f"localhost:{DEFAULT_PORT}, or the port in {PORT_VARIABLE} when it is set, "
-            "as for `serve`)")
+    return ("HOST:PORT of the server, a bare PORT for this machine, or a gRPC target URI "
+            "naming several replicas (dns:///summarizer-headless:50051, "
+            "ipv4:10.0.0.1:50051,10.0.0.2:50051), whose calls go round-robin over every address "
+            f"(default: localhost:{DEFAULT_PORT}, or the port in {PORT_VARIABLE} when it is "
+            "set, as for `serve`)")
 
 
 def build_parser(extensions: Sequence[Extension] = ()) -> tuple[argparse.ArgumentParser,
@@ -168,8 +171,8 @@ def build_parser(extensions: Sequence[Extension] = ()) -> tuple[argparse.Argumen
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     connection = _Parser(add_help=False)
-    connection.add_argument("--server", type=server_target, default=None, metavar="HOST:PORT",
-                            help=_server_help())
+    connection.add_argument("--server", type=server_target, default=None,
+                            metavar="HOST:PORT|URI", help=_server_help())
     secure = connection.add_argument_group("connection security")
     secure.add_argument("--tls", action="store_true",
                         help="use TLS, verifying the server against the system's CA roots")
@@ -212,6 +215,10 @@ def build_parser(extensions: Sequence[Extension] = ()) -> tuple[argparse.Argumen
                            "default or bulk (back-fills: served when nothing more urgent "
                            "waits, shed first under overload). Default: the server's (or the "
                            "token's) default; bulk for --input runs")
+    bulk.add_argument("--streams", type=positive_int, default=DEFAULT_STREAMS,
+                      help="streams open at once, each to the next replica of a --server URI "
+                           f"that names several (default {DEFAULT_STREAMS}); a replica that "
+                           "fails has its unanswered articles sent again to the others")
     send.add_argument("--outputs", choices=("both", "summary", "headline"), default="both",
                       help="what to write for each article: both (default), or only the "
                            "summary or the headline (faster)")
@@ -607,7 +614,7 @@ def _bulk(client: SummarizerClient, args: argparse.Namespace,
     try:
         # A bulk run is a back-fill: BULK unless --priority says otherwise.
         write_results(client.summarize_many(articles, options, max_in_flight=args.max_in_flight,
-                                            request_size=args.batch,
+                                            request_size=args.batch, streams=args.streams,
                                             priority=args.priority or "bulk"),
                       out, progress, outcome)
     except KeyboardInterrupt:
