@@ -54,6 +54,7 @@ def test_truncate_tokenises_only_what_the_window_holds_with_the_same_ids(
         assert got.input_tokens == len(ids)
 
 
+@pytest.mark.slow
 def test_truncated_results_over_grpc_match_the_whole_text_tokenised(serve: Serve) -> None:
     """Same summaries, token counts and truncated flags as with the text cut to the window by
     the caller (what today's server reads of it), over a real server."""
@@ -75,6 +76,7 @@ def test_truncated_results_over_grpc_match_the_whole_text_tokenised(serve: Serve
 
 # ----- 2. Preparation is fair and proportional -----
 
+@pytest.mark.slow
 def test_a_one_article_call_answers_within_a_second_during_a_10mb_truncate_request(
         serve: Serve) -> None:
     server = serve("--workers", "1")
