@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import threading
@@ -130,10 +131,17 @@ def big(target: str, pid: int, articles: int, chars: int, window_chars: int) -> 
         peak = sampler.stop()
         time.sleep(max(0.0, result["big_done"] + 20 - time.monotonic()))
         after = tree_rss_mib(pid)
+        # Side by side, alternating (the machine's load moves between runs): the big call
+        # alone against the same articles cut to the window beforehand.
+        pairs = [(timed(lambda: call([t[:window_chars] for t in texts])),
+                  timed(lambda: call(texts))) for _ in range(3)]
     return {"scenario": "big", "articles": articles, "chars": chars,
             "request_mib": round(articles * chars / MIB, 1),
             "small_alone_s": round(small_alone, 2), "small_during_s": round(small_during, 2),
             "big_s": round(result["big_s"], 2), "cut_beforehand_s": round(cut_s, 2),
+            "alternating_cut_then_big_s": [[round(c, 2), round(b, 2)] for c, b in pairs],
+            "median_big_over_cut": round(statistics.median(b for _, b in pairs)
+                                         / statistics.median(c for c, _ in pairs), 2),
             "rss_baseline_mib": round(baseline), "rss_peak_mib": round(peak),
             "rss_20s_after_mib": round(after)}
 

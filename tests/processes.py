@@ -55,6 +55,15 @@ class ServerProcess:
             total += int(re.search(r"VmRSS:\s+(\d+)", status).group(1))
         return total / 1024
 
+    def server_peak_mib(self) -> float:
+        """Peak resident set of the server process itself (VmHWM; its workers not included)."""
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        return int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) / 1024
+
+    def server_rss_mib(self) -> float:
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        return int(re.search(r"VmRSS:\s+(\d+)", status).group(1)) / 1024
+
     def wait_log(self, pattern: str, timeout_s: float = 10) -> str:
         """The first log line matching `pattern`, waiting for it to be written."""
         deadline = time.monotonic() + timeout_s

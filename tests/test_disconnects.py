@@ -15,6 +15,8 @@ from summarizer_client.gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
 from .processes import STREAM, SUMMARIZE, Serve, ServerProcess, request_of
 from .rawh2 import RawConnection, grpc_frame
 
+pytestmark = pytest.mark.slow  # real server processes
+
 
 def _call_lines(server: ServerProcess, request_id: str) -> list[str]:
     return [line for line in server.log().splitlines() if f"request_id={request_id}" in line]

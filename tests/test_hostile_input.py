@@ -54,6 +54,7 @@ def test_truncate_tokenises_only_what_the_window_holds_with_the_same_ids(
         assert got.input_tokens == len(ids)
 
 
+@pytest.mark.slow
 def test_truncated_results_over_grpc_match_the_whole_text_tokenised(serve: Serve) -> None:
     """Same summaries, token counts and truncated flags as with the text cut to the window by
     the caller (what today's server reads of it), over a real server."""
@@ -75,6 +76,7 @@ def test_truncated_results_over_grpc_match_the_whole_text_tokenised(serve: Serve
 
 # ----- 2. Preparation is fair and proportional -----
 
+@pytest.mark.slow
 def test_a_one_article_call_answers_within_a_second_during_a_10mb_truncate_request(
         serve: Serve) -> None:
     server = serve("--workers", "1")
@@ -85,6 +87,8 @@ def test_a_one_article_call_answers_within_a_second_during_a_10mb_truncate_reque
     with grpc.insecure_channel(server.target) as channel:
         stub = pb_grpc.SummarizerStub(channel)
         stub.Summarize(small, timeout=60)  # warm
+        baseline = server.rss_mib()
+        server_baseline = server.server_rss_mib()
         started = time.perf_counter()
         pending = stub.Summarize.future(big, timeout=300)
         time.sleep(1.0)  # the big call is in the server (sent; being prepared or generated)
@@ -93,6 +97,11 @@ def test_a_one_article_call_answers_within_a_second_during_a_10mb_truncate_reque
         small_s = time.perf_counter() - began
         big_done = pending.result()
         big_s = time.perf_counter() - started
+        peak_growth = server.server_peak_mib() - server_baseline
+        deadline = time.monotonic() + 20
+        while server.rss_mib() - baseline >= 100 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        kept = server.rss_mib() - baseline
         # What the same articles cost cut to the window beforehand.
         began = time.perf_counter()
         stub.Summarize(request_of([t[:4000] for t in texts]), timeout=300)
@@ -100,3 +109,5 @@ def test_a_one_article_call_answers_within_a_second_during_a_10mb_truncate_reque
     assert len(big_done.results) == 100
     assert small_s < 1.0, f"the one-article call waited {small_s:.1f}s (big call {big_s:.1f}s)"
     assert big_s < 2 * cut_s + 2.0, f"10 MB call {big_s:.1f}s vs {cut_s:.1f}s cut beforehand"
+    assert peak_growth < 400, f"the server grew {peak_growth:.0f} MiB at its peak"
+    assert kept < 100, f"still {kept:.0f} MiB above the baseline 20 s after the call"

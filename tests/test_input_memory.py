@@ -16,6 +16,8 @@ from .rawh2 import RawConnection, grpc_frame
 
 TOKEN = "hostile-test-token"
 
+pytestmark = pytest.mark.slow  # real server processes
+
 
 def test_an_unauthenticated_call_is_refused_before_its_body_arrives(serve: Serve) -> None:
     server = serve("--workers", "0", env={"SUMMARIZER_AUTH_TOKEN": TOKEN})

@@ -7,10 +7,13 @@ import shutil
 from pathlib import Path
 
 import grpc
+import pytest
 from summarizer_client.gen.summarizer.v1 import summarizer_pb2 as pb
 from summarizer_client.gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
 
 from .processes import Serve
+
+pytestmark = pytest.mark.slow  # real server processes
 
 
 def test_model_info_gives_the_models_own_length_penalty_and_ngram_block(

@@ -13,6 +13,8 @@ from .rawh2 import RawConnection, grpc_frame
 
 INVALID_ARGUMENT = str(grpc.StatusCode.INVALID_ARGUMENT.value[0])
 
+pytestmark = pytest.mark.slow  # real server processes
+
 
 def test_an_emoji_only_article_is_refused_in_words_a_caller_understands(serve: Serve) -> None:
     server = serve("--workers", "0")

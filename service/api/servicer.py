@@ -441,7 +441,6 @@ class SummarizerServicer(pb_grpc.SummarizerServicer):
                     call.message_bytes += size
                     with self.budget.hold(size):  # while the message's articles are planned
                         yield articles, options_from_pb(request.options)
-                    del articles
                     raw = await anext(incoming, None)
                     request = None if raw is None else _parsed(raw)
 
