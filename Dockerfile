@@ -3,7 +3,7 @@
 #   docker build -t summarizer .                       # CPU torch, bakes in distilbart-cnn-12-6
 #   docker run --rm -p 50051:50051 summarizer
 #
-# Build arguments (the README's "Docker" section has examples):
+# Build arguments (docs/deployment.md, "Docker", has examples):
 #   BASE_IMAGE       any image with Python 3.11+ (with venv) and useradd; default: official slim.
 #   TORCH_INDEX_URL  the index torch comes from: CPU wheels by default, a CUDA index for GPUs.
 #   TORCH_SPEC       the torch requirement taken from it; empty: use the base image's own torch.
@@ -133,7 +133,11 @@ RUN set -eu; \
 FROM ${BASE_IMAGE}
 
 ARG ENGINE
-RUN useradd --uid 10001 --user-group --create-home --shell /usr/sbin/nologin summarizer
+# /var/cache/summarizer: where a mounted, unconverted model is converted for the default engine
+# (SUMMARIZER_CONVERT_CACHE_DIR in compose.yaml and the Deployment, which mount a volume there;
+# the image's own directory gives a new named volume the right owner).
+RUN useradd --uid 10001 --user-group --create-home --shell /usr/sbin/nologin summarizer \
+    && install -d -o 10001 -g 10001 /var/cache/summarizer
 
 COPY --from=serve /opt/venv /opt/venv
 COPY --from=model /models /models

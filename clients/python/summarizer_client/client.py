@@ -31,22 +31,22 @@ import random
 import threading
 import time
 from collections.abc import (AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable,
-                             Iterable, Iterator, Sequence)
+                             Coroutine, Iterable, Iterator, Sequence)
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 
 from .balancing import (DEFAULT_ARTICLES_PER_STREAM, DEFAULT_LOAD_BALANCING, DEFAULT_STREAMS,
                         service_config)
-from .errors import ClientError
+from .errors import CallError, ClientError
 from .gen.summarizer.v1 import summarizer_pb2 as pb
 from .gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
 from .results import ArticleFailure, ArticleSummary, Result
 
-__all__ = ["ArticleFailure", "ArticleSummary", "AsyncSummarizerClient", "Result", "RetryPolicy",
-           "SummarizerClient", "make_options"]
+__all__ = ["PRIORITIES", "ArticleFailure", "ArticleSummary", "AsyncSummarizerClient", "Result",
+           "RetryPolicy", "SummarizerClient", "make_options"]
 
 T = TypeVar("T")
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -69,6 +69,19 @@ _OUTPUTS = {"both": pb.OUTPUTS_BOTH, "summary": pb.OUTPUTS_SUMMARY,
             "headline": pb.OUTPUTS_HEADLINE}
 _LONG_INPUT = {"": pb.LONG_INPUT_POLICY_UNSPECIFIED, "truncate": pb.LONG_INPUT_POLICY_TRUNCATE,
                "chunk": pb.LONG_INPUT_POLICY_CHUNK}
+PRIORITIES = {"": pb.PRIORITY_UNSPECIFIED, "interactive": pb.PRIORITY_INTERACTIVE,
+              "default": pb.PRIORITY_DEFAULT, "bulk": pb.PRIORITY_BULK}
+"""A call's class by name: "interactive" (someone waits now), "default", "bulk" (back-fills);
+"" leaves it to the server (or the token's default)."""
+
+
+def priority_value(priority: str) -> pb.Priority:
+    """The request field's value for a class name (ValueError for an unknown one)."""
+    try:
+        return PRIORITIES[priority.lower()]
+    except KeyError:
+        raise ValueError(f"priority must be one of {', '.join(p for p in PRIORITIES if p)} "
+                         f"(or empty for the server's default), not {priority!r}") from None
 
 
 def make_options(*, summary_max_tokens: int = 0, summary_min_tokens: int = 0,
@@ -173,10 +186,10 @@ def auth_metadata(token: str) -> tuple[tuple[str, str], ...] | None:
     return ((AUTH_METADATA_KEY, f"Bearer {token}"),) if token else None
 
 
-def _request(articles: Sequence[tuple[str, str]],
-             options: pb.GenerationOptions | None) -> pb.SummarizeRequest:
+def _request(articles: Sequence[tuple[str, str]], options: pb.GenerationOptions | None,
+             priority: pb.Priority = pb.PRIORITY_UNSPECIFIED) -> pb.SummarizeRequest:
     return pb.SummarizeRequest(articles=[pb.Article(id=i, text=t) for i, t in articles],
-                               options=options)
+                               options=options, priority=priority)
 
 
 def _remaining(deadline: float | None) -> float | None:
@@ -286,10 +299,10 @@ class SummarizerClient(_ClientBase):
                  max_message_bytes: int = MAX_MESSAGE_BYTES,
                  load_balancing: str = DEFAULT_LOAD_BALANCING) -> None:
         super().__init__(timeout_s, retry, token)
-        self._settings = dict(target=target, timeout_s=timeout_s, retry=retry, tls=tls,
-                              ca_cert=ca_cert, client_cert=client_cert, client_key=client_key,
-                              token=token, max_message_bytes=max_message_bytes,
-                              load_balancing=load_balancing)
+        self._settings: dict[str, Any] = dict(
+            target=target, timeout_s=timeout_s, retry=retry, tls=tls, ca_cert=ca_cert,
+            client_cert=client_cert, client_key=client_key, token=token,
+            max_message_bytes=max_message_bytes, load_balancing=load_balancing)
         self._channel = open_channel(target, tls=tls, ca_cert=ca_cert, client_cert=client_cert,
                                      client_key=client_key,
                                      options=_channel_options(max_message_bytes, load_balancing))
@@ -319,30 +332,33 @@ class SummarizerClient(_ClientBase):
 
     def summarize(self, articles: Sequence[tuple[str, str]],
                   options: pb.GenerationOptions | None = None, *,
-                  timeout_s: float | None = None) -> list[Result]:
+                  timeout_s: float | None = None, priority: str = "") -> list[Result]:
         """Summarise (id, text) pairs in one call; results in the same order. An article that
-        failed on its own (while others succeeded) comes back as an ArticleFailure."""
-        request = _request(articles, options)
+        failed on its own (while others succeeded) comes back as an ArticleFailure.
+        `priority`: "interactive", "default" or "bulk" ("": the server's default for the
+        token); see PRIORITIES."""
+        request = _request(articles, options, priority_value(priority))
         response = self._with_retries(
             lambda remaining: self._stub.Summarize(request, timeout=remaining,
                                                    metadata=self._metadata), timeout_s)
         return [result_from_pb(r) for r in response.results]
 
     def summarize_batches(self, articles: Iterable[tuple[str, str]], batch_size: int,
-                          options: pb.GenerationOptions | None = None) -> Iterator[Result]:
+                          options: pb.GenerationOptions | None = None, *,
+                          priority: str = "") -> Iterator[Result]:
         """Summarise any number of articles, `batch_size` per call, yielding results in order."""
         batch: list[tuple[str, str]] = []
         for article in articles:
             batch.append(article)
             if len(batch) >= batch_size:
-                yield from self.summarize(batch, options)
+                yield from self.summarize(batch, options, priority=priority)
                 batch = []
         if batch:
-            yield from self.summarize(batch, options)
+            yield from self.summarize(batch, options, priority=priority)
 
     def summarize_many(self, articles: Iterable[tuple[str, str]],
                        options: pb.GenerationOptions | None = None, *, max_in_flight: int = 64,
-                       request_size: int = 16, streams: int = DEFAULT_STREAMS,
+                       request_size: int = 16, priority: str = "", streams: int = DEFAULT_STREAMS,
                        articles_per_stream: int = DEFAULT_ARTICLES_PER_STREAM
                        ) -> Iterator[Result]:
         """Summarise an iterable of (id, text) of any size through SummarizeStream (`streams` of
@@ -357,13 +373,15 @@ class SummarizerClient(_ClientBase):
         that lives as long as the iteration: closing the generator (or leaving a `for` loop
         early, or Ctrl-C) cancels the streams and ends the thread."""
         _check_many(max_in_flight, request_size, streams, articles_per_stream)
+        priority_value(priority)  # an unknown class fails here, not on the loop thread
         with _LoopThread() as loop:
             client = loop.run(self._async_twin())
             results = client.summarize_many(articles, options, max_in_flight=max_in_flight,
-                                            request_size=request_size, streams=streams,
+                                            request_size=request_size, priority=priority,
+                                            streams=streams,
                                             articles_per_stream=articles_per_stream)
             try:
-                while (result := loop.next(results)) is not _DONE:
+                while not isinstance(result := _blocking(loop.next, results), _Done):
                     yield result
             finally:
                 loop.finish(results, client)
@@ -417,8 +435,8 @@ class AsyncSummarizerClient(_ClientBase):
 
     async def summarize(self, articles: Sequence[tuple[str, str]],
                         options: pb.GenerationOptions | None = None, *,
-                        timeout_s: float | None = None) -> list[Result]:
-        request = _request(articles, options)
+                        timeout_s: float | None = None, priority: str = "") -> list[Result]:
+        request = _request(articles, options, priority_value(priority))
         response = await self._with_retries(
             lambda remaining: self._stub.Summarize(request, timeout=remaining,
                                                    metadata=self._metadata), timeout_s)
@@ -426,17 +444,21 @@ class AsyncSummarizerClient(_ClientBase):
 
     async def summarize_many(self, articles: Iterable[tuple[str, str]] | AsyncIterable[
             tuple[str, str]], options: pb.GenerationOptions | None = None, *,
-            max_in_flight: int = 64, request_size: int = 16, streams: int = DEFAULT_STREAMS,
-            articles_per_stream: int = DEFAULT_ARTICLES_PER_STREAM) -> AsyncIterator[Result]:
+            max_in_flight: int = 64, request_size: int = 16, priority: str = "",
+            streams: int = DEFAULT_STREAMS, articles_per_stream: int = DEFAULT_ARTICLES_PER_STREAM
+            ) -> AsyncGenerator[Result, None]:
         """See SummarizerClient.summarize_many; `articles` may also be an async iterable. A
-        plain iterable is read on the event loop, so it should not block."""
+        plain iterable is read on the event loop, so it should not block. `priority`: the
+        streams' class (every request of them carries it)."""
         _check_many(max_in_flight, request_size, streams, articles_per_stream)
+        value = priority_value(priority)
         source = _Source(_aiter(articles))
         slots = asyncio.Semaphore(max_in_flight)
         in_flight: set[str] = set()
         results: asyncio.Queue[Result | _LaneEnd] = asyncio.Queue()
         lanes = [asyncio.ensure_future(self._lane(source, slots, _Pending(in_flight), options,
-                                                  request_size, articles_per_stream, results))
+                                                  request_size, articles_per_stream, value,
+                                                  results))
                  for _ in range(streams)]
         running = len(lanes)
         try:
@@ -458,8 +480,8 @@ class AsyncSummarizerClient(_ClientBase):
 
     async def _lane(self, source: _Source, slots: asyncio.Semaphore, pending: _Pending,
                     options: pb.GenerationOptions | None, request_size: int,
-                    articles_per_stream: int, results: asyncio.Queue[Result | _LaneEnd]
-                    ) -> None:
+                    articles_per_stream: int, priority: pb.Priority,
+                    results: asyncio.Queue[Result | _LaneEnd]) -> None:
         """One of summarize_many's streams, opened again and again: after `articles_per_stream`
         articles (so a balancing channel spreads the work over its backends, new ones included)
         and after a retryable break (the unanswered articles go out again on the new stream,
@@ -469,7 +491,8 @@ class AsyncSummarizerClient(_ClientBase):
             while True:
                 call = self._stub.SummarizeStream(metadata=self._metadata)
                 feeder = asyncio.ensure_future(_feed(call, pending, source, slots, options,
-                                                     request_size, articles_per_stream))
+                                                     request_size, articles_per_stream,
+                                                     priority))
                 try:
                     while (message := await call.read()) is not grpc.aio.EOF:
                         if pending.answered(message.id):
@@ -513,14 +536,15 @@ def _lost_status(error: grpc.RpcError) -> bool:
 
 async def _feed(call: grpc.aio.StreamStreamCall, pending: _Pending, source: _Source,
                 slots: asyncio.Semaphore, options: pb.GenerationOptions | None,
-                request_size: int, articles_per_stream: int) -> None:
+                request_size: int, articles_per_stream: int,
+                priority: pb.Priority = pb.PRIORITY_UNSPECIFIED) -> None:
     """Write the unanswered articles again (after a broken stream), then new ones from the
     source while a slot is free, up to `articles_per_stream` on this stream. A write to a stream
     that has failed ends the feeding: the reader sees the stream's real status."""
     with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
         resend = pending.snapshot()
         for start in range(0, len(resend), request_size):
-            await call.write(_request(resend[start:start + request_size], options))
+            await call.write(_request(resend[start:start + request_size], options, priority))
         sent = len(resend)
         while not source.exhausted and sent < articles_per_stream:
             batch: list[tuple[str, str]] = []
@@ -541,7 +565,7 @@ async def _feed(call: grpc.aio.StreamStreamCall, pending: _Pending, source: _Sou
                     break
                 batch.append((article_id, text))
             if batch:
-                await call.write(_request(batch, options))
+                await call.write(_request(batch, options, priority))
                 sent += len(batch)
         await call.done_writing()
 
@@ -558,6 +582,16 @@ def _check_many(max_in_flight: int, request_size: int, streams: int,
     if min(max_in_flight, request_size, streams, articles_per_stream) < 1:
         raise ValueError("max_in_flight, request_size, streams and articles_per_stream must "
                          "be at least 1")
+
+
+def _blocking(step: Callable[[AsyncIterator[T]], T | _Done], results: AsyncIterator[T]
+              ) -> T | _Done:
+    """One step of an asyncio iteration for the blocking client: a failed call is raised as a
+    CallError, a plain grpc.RpcError, not as grpc's asyncio type."""
+    try:
+        return step(results)
+    except grpc.aio.AioRpcError as error:
+        raise CallError.of(error) from error
 
 
 class _Done:
@@ -586,7 +620,7 @@ class _LoopThread:
         self._thread.join()
         self._loop.close()
 
-    def run(self, coroutine: Awaitable[T]) -> T:
+    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
 
     def next(self, iterator: AsyncIterator[T]) -> T | _Done:
@@ -598,7 +632,7 @@ class _LoopThread:
 
         return self.run(step())
 
-    def finish(self, iterator: AsyncGenerator, client: AsyncSummarizerClient) -> None:
+    def finish(self, iterator: AsyncGenerator[Any, None], client: AsyncSummarizerClient) -> None:
         """Cancel a step still running (the caller was interrupted), close the iterator (which
         cancels its stream) and the client's channel."""
 

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from summarizer_client.cli import _health_check
+from summarizer_client.cli import Connection, _health_check
 from summarizer_client.gen.summarizer.v1 import summarizer_pb2 as pb
 from summarizer_client.gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
 
@@ -35,7 +35,8 @@ def wait_serving(target: str, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            if _health_check(target, {}, 2.0) == 1:  # SERVING
+            insecure = Connection(tls=False, ca_cert="", client_cert="", client_key="", token="")
+            if _health_check(target, insecure, 2.0) == 1:  # SERVING
                 return
         except grpc.RpcError:
             pass
