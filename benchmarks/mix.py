@@ -73,6 +73,7 @@ from continuous import (
     warm_up,
 )
 from throughput import make_articles, percentile
+from plots import latency_by_class_svg
 
 CONFIGS = {"default": ["--engine", "auto"], "torch": ["--engine", "torch"]}
 LABELS = {"default": "default (--engine auto)", "torch": "--engine torch (continuous)"}
@@ -191,7 +192,10 @@ class Texts:
 # ----- one configuration -----
 
 def run_config(name: str, model: Path, texts: Texts, args: argparse.Namespace,
-               fields: tuple[dict[str, Any], dict[str, Any]]) -> dict[str, Any]:
+               fields: tuple[dict[str, Any], dict[str, Any]],
+               latencies: dict[str, list[float]]) -> dict[str, Any]:
+    """One configuration's row of the report; `latencies` gets its calls' latencies in seconds,
+    by class (for the figure)."""
     interactive_fields, bulk_fields = fields
     bulk_options = BULK.options("both", args.headline_tokens)
     interactive_options = INTERACTIVE.options("both", args.headline_tokens)
@@ -258,6 +262,9 @@ def run_config(name: str, model: Path, texts: Texts, args: argparse.Namespace,
         beside_calls = stream.overlapping(window_start, window_end)
         check([o for _, o in interactive], f"{name}: interactive calls under the back-fill")
     row["load_average_end"] = load_average()
+    latencies[f"{name}: interactive, beside bulk"] = [o.latency_s for _, o in interactive]
+    latencies[f"{name}: bulk, beside interactive"] = [o.latency_s for o in beside_done]
+    latencies[f"{name}: bulk alone"] = [o.latency_s for o in alone_done]
 
     interactive_ratios = [o.latency_s / unloaded[index] for index, o in interactive]
     mean_unloaded = statistics.mean(unloaded[index] for index, _ in interactive) if interactive \
@@ -361,6 +368,9 @@ def main() -> int:
     parser.add_argument("--server-flags", type=shlex.split, default=[],
                         help="more flags for every server, as one string")
     parser.add_argument("--cache", type=Path, default=Path(".bench-cache"))
+    parser.add_argument("--plot-dir", type=Path, default=Path("."),
+                        help="where to write mix-latency.svg (latency per class)")
+    parser.add_argument("--no-plots", action="store_true", help="write no figure")
     args = parser.parse_args()
     if args.window_s <= 0 or args.interactive_interval_s < 0 or not 0 < args.interactive_busy < 1:
         parser.error("--window-s must be positive, --interactive-interval-s not negative, "
@@ -386,10 +396,18 @@ def main() -> int:
           f"{args.headline_tokens}-token "
           f"headline; priorities: {priority_note}", flush=True)
     rows = {}
+    latencies: dict[str, list[float]] = {}
     for name in args.configs:
-        rows[name] = run_config(name, model, texts, args, (interactive_fields, bulk_fields))
+        rows[name] = run_config(name, model, texts, args, (interactive_fields, bulk_fields),
+                                latencies)
         print(f"  {name}: " + json.dumps(rows[name], separators=(",", ":")), flush=True)
     elapsed = time.perf_counter() - started
+    if latencies and not args.no_plots:
+        figure = latency_by_class_svg(
+            args.plot_dir / "mix-latency.svg", latencies,
+            title=f"Call latency per class: {args.preset} (random weights); load average "
+                  f"{' '.join(f'{x:g}' for x in load_average())}")
+        print(f"figure: {figure}", flush=True)
     print(f"\n---- mixed load ({elapsed / 60:.1f} min; load average {load_average()} at the "
           f"end; priorities: {priority_note})")
     for line in report(rows):

@@ -66,7 +66,8 @@ class _Figure:
         self.ticks = nice_ticks(largest)
         self.left = 16 + CHAR_PX * max(len(label) for label in labels)
         self.top = 60 if subtitle else 44
-        self.width = self.left + PLOT_PX + 24 + CHAR_PX * note_chars
+        self.width = max(self.left + PLOT_PX + 24 + CHAR_PX * note_chars,
+                         32 + 1.1 * CHAR_PX * max(len(title), len(subtitle)))  # bold title
         self.height = self.top + ROW_PX * len(labels) + 44
         self.parts = [
             f"<svg xmlns='http://www.w3.org/2000/svg' width='{self.width:.0f}' "

@@ -94,6 +94,12 @@ def quartiles_of(values: list[float]) -> list[float]:
     return statistics.quantiles(values, n=4, method="inclusive")
 
 
+def test_a_long_title_widens_the_figure(tmp_path: Path) -> None:
+    short = parse(plots.throughput_svg(tmp_path / "a.svg", {"a": 1.0}, title="T"))
+    long = parse(plots.throughput_svg(tmp_path / "b.svg", {"a": 1.0}, title="T" * 200))
+    assert float(long.get("width")) >= 200 * plots.CHAR_PX > float(short.get("width"))
+
+
 def test_percentile_interpolates_and_refuses_nothing() -> None:
     assert plots.percentile([3.0, 1.0, 2.0, 4.0], 50) == 2.5
     assert plots.percentile([1.0], 99) == 1.0

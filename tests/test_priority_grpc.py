@@ -247,8 +247,11 @@ async def test_overload_sheds_bulk_first_and_every_interactive_call_succeeds() -
         bulk = [asyncio.ensure_future(call(f"bulk {n:02d}", pb.PRIORITY_BULK))
                 for n in range(64)]
         batcher = server.core.batcher
-        # The worker holds its first batch; the queue fills with bulk work, the rest refused.
-        await until(lambda: batcher.queue_depth == 24 and sum(f.done() for f in bulk) == 36)
+        # The worker holds its first batch (1 to 4 articles, as they arrived); the queue fills
+        # with bulk work, the rest is refused.
+        await until(lambda: batcher.queue_depth == 24 and batcher.running > 0
+                     and sum(f.done() for f in bulk) == 64 - 24 - batcher.running)
+        held = batcher.running
         urgent = [asyncio.ensure_future(call(f"urgent {n:02d}", pb.PRIORITY_INTERACTIVE))
                   for n in range(12)]
         await until(lambda: batcher.queue_depth_of(INT) == 12)
@@ -257,15 +260,16 @@ async def test_overload_sheds_bulk_first_and_every_interactive_call_succeeds() -
         bulk_codes = await asyncio.wait_for(asyncio.gather(*bulk), 20)
         assert urgent_codes == [grpc.StatusCode.OK] * 12
         assert set(bulk_codes) == {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
-        # 4 ran in the held batch, 12 stayed queued; 36 refused, 12 displaced.
-        assert bulk_codes.count(grpc.StatusCode.OK) == 16
+        # The held batch ran, 12 stayed queued; the rest were refused, and 12 displaced.
+        assert bulk_codes.count(grpc.StatusCode.OK) == held + 12
         stats = batcher.stats
-        assert stats.refused_by_priority[BLK] == 36 and stats.displaced_by_priority[BLK] == 12
+        assert stats.refused_by_priority[BLK] == 64 - 24 - held
+        assert stats.displaced_by_priority[BLK] == 12
         assert stats.refused_by_priority[INT] == 0
         assert sample(server, "summarizer_priority_articles_displaced_total",
                       priority="bulk") == 12
         assert sample(server, "summarizer_priority_requests_total", method="Summarize",
-                      priority="bulk", code="RESOURCE_EXHAUSTED") == 48
+                      priority="bulk", code="RESOURCE_EXHAUSTED") == 64 - held - 12
     # The interactive articles ran before the bulk work still queued.
     texts = [t for batch in engine.batches[1:] for t in batch]
     last_urgent = max(i for i, t in enumerate(texts) if t.startswith("urgent"))
@@ -366,6 +370,6 @@ async def test_bulk_completes_while_interactive_calls_arrive_back_to_back() -> N
         await asyncio.gather(*editors)
     assert [r.summary for r in reply.results] == ["S:the back-fil", "S:goes on"]
     texts = [batch[0] for batch in engine.batches]
-    # The two bulk articles ran at most 4 batches apart (starvation_bound), with interactive
-    # work around them.
-    assert 1 < abs(texts.index("goes on") - texts.index("the back-fill")) <= 4
+    # The two bulk articles ran at most 4 batches apart (starvation_bound), however much
+    # interactive work was queued.
+    assert abs(texts.index("goes on") - texts.index("the back-fill")) <= 4
