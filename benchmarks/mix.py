@@ -34,7 +34,7 @@ Priorities: where the client's generated stubs have a `priority` field on Summar
 interactive calls are sent INTERACTIVE and bulk calls BULK (`--priorities auto`); `off` sends
 none (the "before" figures on a server that has them), `on` insists.
 
-    python benchmarks/mix.py                                     # both configurations, ~8 min
+    python benchmarks/mix.py                      # both configurations, 8-11 min on 2 loaded cores
     python benchmarks/mix.py --configs torch --window-s 90 --interactive-interval-s 2
 
 Run it from the repository root. Ratios within one run are what count: absolute times vary up to
