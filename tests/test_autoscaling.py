@@ -26,7 +26,8 @@ KUBERNETES_VERSIONS = ("1.29", "1.37")
 """The oldest Kubernetes still common in managed clusters, and the newest kubernetes-validate
 knows."""
 KEDA_CRD = Path(__file__).parent / "schemas" / "keda.sh_scaledobjects-v2.20.1.yaml"
-ADAPTER_VALUES = KUBERNETES / "components" / "autoscale-pods-metric" / "prometheus-adapter-values.yaml"
+ADAPTER_VALUES = (KUBERNETES / "components" / "autoscale-pods-metric"
+                  / "prometheus-adapter-values.yaml")
 BASE_OBJECTS = {"Deployment/summarizer", "Service/summarizer", "Service/summarizer-headless",
                 "PodDisruptionBudget/summarizer"}
 

@@ -107,7 +107,8 @@ def test_a_bulk_run_spreads_over_every_replica_of_the_target(replicas: list[Repl
     ids = write_corpus(tmp_path / "corpus.jsonl")
     output = tmp_path / "results.jsonl"
     done = subprocess.run(bulk_command(target_of(replicas), tmp_path / "corpus.jsonl", output),
-                          capture_output=True, text=True, timeout=600, env=env(), check=False)
+                          capture_output=True, text=True, timeout=600, env=env(),
+                          check=False)
     assert done.returncode == 0, done.stderr
     results = results_of(output)
     assert sorted(str(r["id"]) for r in results) == ids
@@ -144,7 +145,8 @@ def test_a_replica_killed_mid_run_loses_no_article_and_answers_none_twice(
     status = run.wait(timeout=600)
     reader.join(10)
     if status != 0:  # allowed once: the rerun resumes from the output file
-        rerun = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env(), check=False)
+        rerun = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env(),
+                               check=False)
         assert rerun.returncode == 0, "".join(stderr) + rerun.stderr
     results = results_of(output)
     answered = [str(r["id"]) for r in results if "error" not in r]
