@@ -2,8 +2,8 @@
 the Dockerfile's `serve` stage uninstalls them. Here a server runs in an environment made the
 same way (a virtual environment with this one's packages less those the Dockerfile uninstalls,
 so that they truly cannot be imported, in the server and in every process it starts): it serves
-a converted checkpoint with `--engine auto`, and refuses an unconverted one with a line that
-says what to do.
+a converted checkpoint with `--engine auto`, and refuses an unconverted one with a line that says
+what to do.
 """
 
 from __future__ import annotations

@@ -107,7 +107,8 @@ def test_a_bulk_run_spreads_over_every_replica_of_the_target(replicas: list[Repl
     ids = write_corpus(tmp_path / "corpus.jsonl")
     output = tmp_path / "results.jsonl"
     done = subprocess.run(bulk_command(target_of(replicas), tmp_path / "corpus.jsonl", output),
-                          capture_output=True, text=True, timeout=600, env=env(), check=False)
+                          capture_output=True, text=True, timeout=600, env=env(),
+                          check=False)
     assert done.returncode == 0, done.stderr
     results = results_of(output)
     assert sorted(str(r["id"]) for r in results) == ids
@@ -152,7 +153,6 @@ def test_a_replica_killed_mid_run_loses_no_article_and_answers_none_twice(
     assert sorted(answered) == ids, "".join(stderr)  # every article, each exactly once
     survivors = [replica.answered() for replica in replicas[1:]]
     assert all(count > 0 for count in survivors), survivors
-    # The victim's share: no more than it had answered when killed plus what was in flight on
-    # it; the other two answered the rest, the resent articles included.
-    assert sum(survivors) + answered_before_kill >= ARTICLES
-    assert sum(survivors) < ARTICLES
+    # The victim answered its share until the kill (a few more may have left it between the
+    # last scrape and the signal); the other two answered the rest, the resent articles too.
+    assert answered_before_kill >= 4 and sum(survivors) < ARTICLES
