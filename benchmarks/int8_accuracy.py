@@ -37,10 +37,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
+import torch
 
-from service.config import Settings  # noqa: E402
-from service.engines.tiny import PRESETS, cached_preset_checkpoint  # noqa: E402
+from service.config import Settings
+from service.engines.tiny import PRESETS, cached_preset_checkpoint
 
 
 def reference_tokens(model: Any, ids: list[int], tokens: int, eos: int) -> list[int]:
