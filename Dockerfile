@@ -3,7 +3,7 @@
 #   docker build -t summarizer .                       # CPU torch, bakes in distilbart-cnn-12-6
 #   docker run --rm -p 50051:50051 summarizer
 #
-# Build arguments (the README's "Docker" section has examples):
+# Build arguments (docs/deployment.md, "Docker", has examples):
 #   BASE_IMAGE       any image with Python 3.11+ (with venv) and useradd; default: official slim.
 #   TORCH_INDEX_URL  the index torch comes from: CPU wheels by default, a CUDA index for GPUs.
 #   TORCH_SPEC       the torch requirement taken from it; empty: use the base image's own torch.
@@ -12,12 +12,22 @@
 #   MODEL            what /models/default holds: a hub id or manifest name (fetched, safetensors
 #                    only), a directory in the build context (copied), or empty (mount one at run
 #                    time: -v /path/to/model:/models/default:ro).
+#   ENGINE           what the runtime stage can serve (docs/container.md):
+#                    ctranslate2 (default: what `--engine auto` picks for the supported models on
+#                      a CPU): the model is converted here, in the build, which needs torch and
+#                      transformers; the image leaves both out (about 1 GB less) and serves the
+#                      converted model. A model ctranslate2 cannot take fails the build; a mounted
+#                      model must be converted before (`summarizer convert DIR --in-place`).
+#                    torch: the whole build environment, torch and transformers included; serves
+#                      any model (--engine torch, or auto for the models ctranslate2 cannot take)
+#                      and converts a mounted model at start-up.
 # Build secret (optional):
 #   pip_ca           an extra CA bundle (PEM) trusted by the build's downloads, e.g. a corporate
 #                    TLS proxy's: --secret id=pip_ca,src=proxy-ca.pem. It is mounted only for the
 #                    steps that download and never written to a layer.
 
 ARG BASE_IMAGE=python:3.11-slim
+ARG ENGINE=ctranslate2
 
 # ---- build: a virtual environment with torch and the service -----------------------------------
 FROM ${BASE_IMAGE} AS build
@@ -67,10 +77,13 @@ RUN --mount=type=secret,id=pip_ca \
 FROM build AS model
 
 ARG MODEL=sshleifer/distilbart-cnn-12-6
+ARG ENGINE
 
 RUN --mount=type=secret,id=pip_ca \
     --mount=type=bind,target=/context \
     set -eu; \
+    case "${ENGINE}" in ctranslate2|torch) ;; \
+        *) echo "ENGINE=${ENGINE}: use ctranslate2 or torch" >&2; exit 1 ;; esac; \
     mkdir -p /models/default; \
     if [ -z "${MODEL}" ]; then \
         echo "no model baked in: mount one at /models/default"; \
@@ -86,25 +99,50 @@ RUN --mount=type=secret,id=pip_ca \
         HF_HOME=/tmp/hf summarizer fetch "${MODEL}" --out /models/default; \
         rm -rf /models/default/.cache /tmp/hf /tmp/pip-ca.pem; \
     fi; \
-    # Convert for the default engine now, so that a container never converts at start-up: the
+    # Convert now for the engine auto picks, so that a container never converts at start-up
+    # (and, with ENGINE=ctranslate2, because only this stage has torch and transformers): the
     # CTranslate2 model (int8, what --compute-type auto picks on a CPU) goes into the checkpoint
     # directory itself, which torch (--engine torch) still loads as before.
-    if [ -f /models/default/config.json ] \
-            && python -m service.engines.choice /models/default; then \
-        HF_HOME=/tmp/hf summarizer convert /models/default --in-place --compute-type int8 \
-            --offline; \
-        rm -rf /tmp/hf; \
+    if [ -f /models/default/config.json ]; then \
+        if python -m service.engines.choice /models/default; then \
+            HF_HOME=/tmp/hf summarizer convert /models/default --in-place --compute-type int8 \
+                --offline; \
+            rm -rf /tmp/hf; \
+        elif [ "${ENGINE}" = ctranslate2 ]; then \
+            echo "MODEL=${MODEL}: --engine auto serves it with torch, which an ENGINE=ctranslate2" \
+                 "image leaves out: build with --build-arg ENGINE=torch" >&2; \
+            exit 1; \
+        fi; \
     fi; \
     chmod -R a+rX /models
+
+# ---- serve: the environment the runtime stage copies: all of build's for ENGINE=torch; for
+# ENGINE=ctranslate2 the same less torch and transformers (and what only torch needs), which the
+# ctranslate2 engine never imports when serving (tests/test_container_engine.py) ---------------
+FROM build AS serve
+
+ARG ENGINE
+
+RUN set -eu; \
+    if [ "${ENGINE}" = ctranslate2 ]; then \
+        pip uninstall --yes torch transformers sympy mpmath networkx; \
+        python -c "import service.api.server, service.engines.ct2_engine, service.workers.child"; \
+    fi
 
 # ---- runtime: the base image, the virtual environment, the model; no build tools, no secrets ---
 FROM ${BASE_IMAGE}
 
-RUN useradd --uid 10001 --user-group --create-home --shell /usr/sbin/nologin summarizer
+ARG ENGINE
+# /var/cache/summarizer: where a mounted, unconverted model is converted for the default engine
+# (SUMMARIZER_CONVERT_CACHE_DIR in compose.yaml and the Deployment, which mount a volume there;
+# the image's own directory gives a new named volume the right owner).
+RUN useradd --uid 10001 --user-group --create-home --shell /usr/sbin/nologin summarizer \
+    && install -d -o 10001 -g 10001 /var/cache/summarizer
 
-COPY --from=build /opt/venv /opt/venv
+COPY --from=serve /opt/venv /opt/venv
 COPY --from=model /models /models
 
+LABEL org.opencontainers.image.description="summarizer, serving with ENGINE=${ENGINE}"
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     HF_HOME=/tmp/hf \

@@ -253,11 +253,14 @@ class Pending:
     waiting on other calls first does not inflate it."""
 
     def __init__(self, stub: pb_grpc.SummarizerStub, text: str, options: pb.GenerationOptions,
-                 label: str) -> None:
+                 label: str, **request_fields: Any) -> None:
+        """`request_fields`: more SummarizeRequest fields (e.g. a priority, where the stubs
+        have one)."""
         self.outcome = Outcome(label, time.perf_counter())
         self.done = threading.Event()
         self.future = stub.Summarize.future(
-            pb.SummarizeRequest(articles=[pb.Article(id=label, text=text)], options=options),
+            pb.SummarizeRequest(articles=[pb.Article(id=label, text=text)], options=options,
+                                **request_fields),
             timeout=CALL_TIMEOUT_S)
         self.future.add_done_callback(self._finished)
 
@@ -543,7 +546,8 @@ def scenario_load(model: Path, args: argparse.Namespace, batching: bool) -> Scen
             lock = threading.Lock()
             closed: list[Outcome] = []
 
-            def caller() -> None:
+            def caller(todo: collections.deque[int], lock: threading.Lock,
+                       closed: list[Outcome]) -> None:
                 while True:
                     with lock:
                         if not todo:
@@ -553,7 +557,8 @@ def scenario_load(model: Path, args: argparse.Namespace, batching: bool) -> Scen
                                        options[i % len(options)], MIXED[i % len(MIXED)].name))
 
             started = time.perf_counter()
-            threads = [threading.Thread(target=caller) for _ in range(args.load_clients)]
+            threads = [threading.Thread(target=caller, args=(todo, lock, closed))
+                       for _ in range(args.load_clients)]
             for thread in threads:
                 thread.start()
             for thread in threads:

@@ -27,7 +27,8 @@ import time
 from pathlib import Path
 
 import grpc
-from concurrency import cpu_seconds, start_server  # this directory: run as `python benchmarks/long_input.py`
+# this directory: run as `python benchmarks/long_input.py`
+from concurrency import cpu_seconds, start_server
 
 from summarizer_client.gen.summarizer.v1 import summarizer_pb2 as pb
 from summarizer_client.gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc

@@ -20,6 +20,10 @@ raw throughput; then the same two ratios per CPU-second of the measured process 
 whatever share of the cores it got: steadier than wall time on a machine shared with other jobs).
 Ratios within one run carry over between machines; absolute figures do not.
 
+Beside the table it writes two figures into --plot-dir (benchmarks/plots.py): throughput.svg,
+articles per second of each run, and latency.svg, the call latency distribution of each run that
+timed calls.
+
     python benchmarks/throughput.py --preset bart-base --engines default torch:float32
 
 Checkpoints are built (and converted for ctranslate2) once into --cache.
@@ -51,6 +55,7 @@ from service.engines.tiny import PRESETS, cached_preset_checkpoint, training_tex
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from concurrency import cpu_seconds, peak_rss_mb, start_server  # noqa: E402 - sibling helpers
+from plots import latency_by_class_svg, throughput_svg  # noqa: E402
 
 
 @dataclass
@@ -349,6 +354,9 @@ def main() -> int:
     parser.add_argument("--skip-raw", action="store_true",
                         help="skip the in-process runs (no server overhead figure)")
     parser.add_argument("--cache", type=Path, default=Path(".bench-cache"))
+    parser.add_argument("--plot-dir", type=Path, default=Path("."),
+                        help="where to write throughput.svg and latency.svg")
+    parser.add_argument("--no-plots", action="store_true", help="write no figures")
     args = parser.parse_args()
 
     from service.config import Settings
@@ -401,7 +409,25 @@ def main() -> int:
           f"{'per CPU-s vs base, vs raw':>14}")
     for result, raw in results:
         print(row(result, baseline, raw))
+    if not args.no_plots:
+        write_figures(args.plot_dir, [result for result, _ in results], baseline,
+                      f"{args.preset} (random weights), {args.articles} articles, "
+                      f"{args.num_beams} beams")
     return 0
+
+
+def write_figures(directory: Path, results: list[Result], baseline: Result, work: str) -> None:
+    """throughput.svg (articles/s of every run, with the speed-up over the baseline) and
+    latency.svg (the latency distribution of every run that timed its calls)."""
+    throughput = throughput_svg(
+        directory / "throughput.svg", {r.name: r.rate for r in results},
+        notes={r.name: f"{r.rate / baseline.rate:.2f}x the baseline"
+               for r in results if r is not baseline},
+        title=f"Throughput per configuration: {work}")
+    latency = latency_by_class_svg(
+        directory / "latency.svg", {r.name: r.latencies for r in results if r.latencies},
+        title=f"Latency per configuration (the baseline per article, servers per call): {work}")
+    print(f"\nfigures: {throughput}, {latency}")
 
 
 if __name__ == "__main__":

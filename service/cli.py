@@ -19,10 +19,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from summarizer_client import cli as client_cli
-from summarizer_client.cli import (Command, _add_generation_flags, _count,
-                                   _generation_lengths, _positive_int, _seconds, cli_wording,
-                                   read_text, require_server, security_of, server_of,
-                                   server_target)
+from summarizer_client.cli import (Command, add_generation_flags, cli_wording, count_or_default,
+                                   generation_lengths, positive_int, read_text, require_server,
+                                   seconds, security_of, server_of, server_target)
 from summarizer_client.errors import ClientError
 
 from . import config as config_module
@@ -94,18 +93,18 @@ def add_commands(commands: argparse._SubParsersAction,
                                                                "model")
     evaluate.add_argument("--family", default="", help="with --model: force a family or manifest")
     evaluate.add_argument("--device", default=None, help="with --model: cpu, cuda, cuda:N, auto")
-    evaluate.add_argument("--threads", type=_count, default=None,
+    evaluate.add_argument("--threads", type=count_or_default, default=None,
                           help="with --model: CPU threads")
     evaluate.add_argument("--report", metavar="FILE.json", help="write the report as JSON")
     evaluate.add_argument("--html", metavar="FILE.html",
                           help="write a self-contained HTML report with a chart")
-    evaluate.add_argument("--limit", type=_count, default=0,
+    evaluate.add_argument("--limit", type=count_or_default, default=0,
                           help="only the first N records (default 0: all)")
-    evaluate.add_argument("--batch", type=_positive_int, default=8,
+    evaluate.add_argument("--batch", type=positive_int, default=8,
                           help="articles per call (default 8)")
-    evaluate.add_argument("--timeout", type=_seconds, default=600.0,
+    evaluate.add_argument("--timeout", type=seconds, default=600.0,
                           help="with a server: seconds each call may take (default 600)")
-    _add_generation_flags(evaluate, "the server's or model's")
+    add_generation_flags(evaluate, "the server's or model's")
 
     models = commands.add_parser(
         "models", help="list the recommended checkpoints (manifest names for --model)",
@@ -207,7 +206,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise SummarizerError("give either --server or --model, not both")
     records = evaluate.parse_records(read_text(args.data).splitlines(), args.data)
     records = records[:args.limit] if args.limit > 0 else records
-    lengths = _generation_lengths(args)
+    lengths = generation_lengths(args)
     outputs = evaluate.outputs_needed(records)
     if not args.model:
         from summarizer_client.client import SummarizerClient, make_options

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .domain import MIN_WINDOW_TOKENS
+from .domain import MIN_WINDOW_TOKENS, Priority
 from .errors import ConfigError
 
 ENV_PREFIX = "SUMMARIZER_"
@@ -38,15 +38,17 @@ def _setting(default: Any, help: str, *, choices: tuple[str, ...] | None = None,
 
 @dataclass(frozen=True)
 class Settings:
-    """Server configuration. Defaults suit a CPU machine; see README "Configuration"."""
+    """Server configuration. Defaults suit a CPU machine; see docs/configuration.md."""
 
     # --- model ---
     model: str = _setting(
-        "", "Summary model: a local checkpoint directory, a hub id, or a manifest name from models/.")
+        "", "Summary model: a local checkpoint directory, a hub id, or a manifest name from "
+            "models/.")
     headline_model: str = _setting(
-        "", "Separate headline model (directory, hub id or manifest name); empty: the summary model "
-            "also writes headlines.")
-    revision: str = _setting("", "Hub revision (branch, tag or commit) for hub ids; empty: default.")
+        "", "Separate headline model (directory, hub id or manifest name); empty: the summary "
+            "model also writes headlines.")
+    revision: str = _setting(
+        "", "Hub revision (branch, tag or commit) for hub ids; empty: default.")
     family: str = _setting(
         "", "Force the defaults: a family (bart, t5, pegasus, ...) or a manifest name "
             "(flan-t5-base), instead of detecting them from the checkpoint.")
@@ -71,7 +73,9 @@ class Settings:
     threads: int = _setting(0, "CPU threads for inference; 0: the engine's default (all cores).")
     convert_cache_dir: str = _setting(
         "", "Where the ctranslate2 engine keeps converted checkpoints, one directory per "
-            "checkpoint and compute type; empty: ~/.cache/summarizer/ctranslate2.")
+            "checkpoint and compute type; empty: ~/.cache/summarizer/ctranslate2, or, where that "
+            "cannot be written (a read-only root filesystem), summarizer-ctranslate2 under the "
+            "temporary directory ($TMPDIR, else /tmp).")
     warmup: bool = _setting(True, "Run a warm-up generation before reporting SERVING.")
     workers: int = _setting(
         1, "Engine worker processes: each loads the model and runs batches, supervised (a worker "
@@ -149,8 +153,43 @@ class Settings:
            "RESOURCE_EXHAUSTED. Counted between steps; a step briefly holds up to about 3x the "
            "self-attention and 2x the cross-attention part. 0: auto (an eighth of system RAM on "
            "CPU, 30% of free GPU memory after loading)")
+    max_encode_tokens_per_step: int = _setting(
+        1024, "Continuous batching: most padded input tokens (articles x longest input) encoded "
+              "between two decoding steps; a burst of long articles is encoded a slice per step, "
+              "most urgent first, so articles already decoding keep stepping. At least one "
+              "article per step whatever its length. 0: no cap (a burst is encoded at once).")
     max_queue: int = _setting(
         1024, "Most articles waiting for the model; past it calls get RESOURCE_EXHAUSTED.")
+
+    # --- priority classes (docs/priority.md) ---
+    default_priority: str = _setting(
+        "default", "Class of a request that names none (a bearer token's own default wins): "
+                   "interactive (someone waits for it now), default, or bulk (back-fills; runs "
+                   "when nothing more urgent needs the model).",
+        choices=("interactive", "default", "bulk"))
+    max_queue_default: int = _setting(
+        0, "Most DEFAULT articles queued at once (past it they get RESOURCE_EXHAUSTED, or wait, "
+           "for streams); 0: --max-queue.")
+    max_queue_bulk: int = _setting(
+        0, "Most BULK articles queued at once; 0: --max-queue. Whatever the limits, more urgent "
+           "work finding the queue full pushes out queued (never running) less urgent work, "
+           "bulk first; those callers get RESOURCE_EXHAUSTED at once.")
+    starvation_bound: int = _setting(
+        8, "No starvation: a class with work waiting is served (static batching: in a batch; "
+           "continuous: admitted, and a paused article decodes) at least once in every this "
+           "many batches or decoding steps, however much more urgent work arrives. Larger: "
+           "interactive articles decode more steps alone (faster), less urgent ones wait longer "
+           "beside them. 1: classes only order the queue (no pausing).")
+    interactive_headroom: int = _setting(
+        4, "Continuous batching: INTERACTIVE articles may join the running set beyond "
+           "--max-batch-size by this many, so a full set of bulk work never makes them wait "
+           "for a slot.")
+    small_bulk_batch: int = _setting(
+        1, "While interactive work arrived or started in the last 30 s: static batching cuts "
+           "batches of at most this many BULK articles (always, on the first worker when there "
+           "are two or more), so an interactive call waits at most one small batch; continuous "
+           "batching admits at most this many BULK articles per decoding step (their encoding "
+           "is part of that step). 0: no cap.")
     check_invariants: bool = _setting(
         False, "Check the batch queue's bookkeeping after every change (queued count, no article "
                "both queued and running) and fail loudly on a mismatch. For tests and debugging: "
@@ -165,6 +204,21 @@ class Settings:
     max_concurrent_rpcs: int = _setting(
         0, "Most Summarize/SummarizeStream calls handled at once; past it calls get "
            "RESOURCE_EXHAUSTED. Health checks never count. 0: no limit.")
+    request_memory_mb: int = _setting(
+        128, "Memory for the article text of calls in progress (as the server holds it, about "
+             "1-4 bytes a character), in MiB; a call that would take the total past it gets "
+             "RESOURCE_EXHAUSTED at once (a call alone is always let in). The process holds "
+             "about twice this at most (the text and the message it came in). 0: no limit.")
+    max_streams_per_connection: int = _setting(
+        100, "Most calls open at once on one client connection (HTTP/2 "
+             "SETTINGS_MAX_CONCURRENT_STREAMS); gRPC clients queue the rest. Bounds what one "
+             "connection can make the server buffer: this many messages of up to "
+             "--max-message-bytes (see docs/input-limits.md). 0: gRPC's default (no limit).")
+    max_open_calls: int = _setting(
+        0, "Most calls of any kind open at once (health checks included); past it gRPC "
+           "refuses new calls with RESOURCE_EXHAUSTED before reading their message. Bounds what "
+           "half-sent messages over many connections can buffer: this many x "
+           "--max-message-bytes. 0: no limit.")
 
     # --- server ---
     host: str = _setting("0.0.0.0", "Address to listen on.")
@@ -201,11 +255,13 @@ class Settings:
             "--auth-tokens-file: a command line is visible to other users.", secret=True)
     auth_tokens_file: str = _setting(
         "", "File of accepted bearer tokens, one per line (several allow rotation without "
-            "downtime); combined with --auth-token.")
+            "downtime); combined with --auth-token. A token may be followed by default=CLASS "
+            "and ceiling=CLASS: its calls' class when they name none, and the most urgent class "
+            "it may ask for (above it: PERMISSION_DENIED); see docs/priority.md.")
 
     def __post_init__(self) -> None:
         problems = []
-        for name in ("max_batch_size", "max_queue", "max_articles_per_request",
+        for name in ("max_batch_size", "max_queue", "max_articles_per_request", "starvation_bound",
                      "max_article_chars", "max_message_bytes", "max_num_beams", "max_new_tokens",
                      "max_chunks_per_article"):
             if getattr(self, name) < 1:
@@ -213,7 +269,10 @@ class Settings:
         for name in ("threads", "max_input_tokens", "summary_max_tokens", "summary_min_tokens",
                      "headline_max_tokens", "headline_min_tokens", "num_beams",
                      "max_batch_tokens", "max_concurrent_rpcs", "port", "max_chunk_depth",
-                     "workers", "max_worker_restarts", "kv_cache_mb"):
+                     "workers", "max_worker_restarts", "kv_cache_mb",
+                     "max_encode_tokens_per_step", "max_queue_default", "max_queue_bulk",
+                     "interactive_headroom", "small_bulk_batch", "request_memory_mb",
+                     "max_streams_per_connection", "max_open_calls"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative")
         for name in ("metrics_port", "health_port"):  # 0: off, -1: any free port
@@ -228,6 +287,10 @@ class Settings:
             problems.append(f"max_articles_per_request ({self.max_articles_per_request}) must not "
                             f"exceed max_queue ({self.max_queue}): such a request could never "
                             "be queued")
+        for name in ("max_queue_default", "max_queue_bulk"):
+            if getattr(self, name) > self.max_queue:
+                problems.append(f"{name} ({getattr(self, name)}) must not exceed max_queue "
+                                f"({self.max_queue})")
         if 0 < self.max_input_tokens < MIN_WINDOW_TOKENS:
             problems.append(f"max_input_tokens must be 0 or at least {MIN_WINDOW_TOKENS}")
         if bool(self.tls_cert) != bool(self.tls_key):
@@ -254,6 +317,16 @@ class Settings:
                     break
         values.update({k: v for k, v in (overrides or {}).items() if v is not None})
         return cls(**values)
+
+    def queue_limits(self) -> dict[Priority, int]:
+        """Most articles of each class queued at once."""
+        return {Priority.INTERACTIVE: self.max_queue,
+                Priority.DEFAULT: self.max_queue_default or self.max_queue,
+                Priority.BULK: self.max_queue_bulk or self.max_queue}
+
+    @property
+    def default_class(self) -> Priority:
+        return Priority[self.default_priority.upper()]
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
@@ -303,7 +376,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for item in fields():
         kind = _value_type(item)
         env = " or ".join(env_names(item))
-        help_text = f"{item.metadata['help']} [env {env}; default {item.default!r}]"
+        # argparse %-formats help text: a literal % (as in "30% of free GPU memory") must be %%.
+        help_text = f"{item.metadata['help']} [env {env}; default {item.default!r}]".replace(
+            "%", "%%")
         if kind is bool:
             parser.add_argument(*flag_names(item), dest=item.name, default=None,
                                 action=argparse.BooleanOptionalAction, help=help_text)
@@ -320,7 +395,7 @@ def from_arguments(namespace: argparse.Namespace,
 
 
 def markdown_table() -> str:
-    """The configuration table of the README, generated so that it cannot drift."""
+    """The configuration table of docs/configuration.md, generated so that it cannot drift."""
     rows = ["| flag | environment | default | meaning |", "|---|---|---|---|"]
     for item in fields():
         default = "(unset)" if item.default is None else f"`{item.default!r}`"

@@ -17,6 +17,11 @@ MIN_WINDOW_TOKENS = 16
 """The smallest input window allowed: room for a task prefix, special tokens and some text."""
 MAX_LENGTH_PENALTY = 10.0
 """Beam scores divide by length**penalty: far past this they overflow and mean nothing."""
+RECENT_BATCHES = 16
+"""How many of the most recent batch (or decoding step) durations the service remembers for its
+estimates: the queue's "deadline cannot be met" check uses the fastest recent batch of a key
+(serving/queue.py), a worker's watchdog the slowest recent batch of its worker
+(workers/pool.py). Enough to ride out one odd batch, few enough to follow a change of load."""
 
 
 class Outputs(enum.Enum):

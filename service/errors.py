@@ -62,7 +62,8 @@ class InvalidArgument(SummarizerError):
                  article_id: str = "") -> None:
         where = ""
         if article_index is not None:
-            where = f" (article {article_index}" + (f", id {article_id!r}" if article_id else "") + ")"
+            named = f", id {article_id!r}" if article_id else ""
+            where = f" (article {article_index}{named})"
         super().__init__(f"{field}{where}: {problem}")
         self.field = field
         self.article_index = article_index
@@ -87,6 +88,12 @@ class Unauthenticated(SummarizerError):
     """No valid bearer token: checked before any other work."""
 
     code = Code.UNAUTHENTICATED
+
+
+class PermissionDenied(SummarizerError):
+    """The caller's token does not allow what it asked for (e.g. a priority above its ceiling)."""
+
+    code = Code.PERMISSION_DENIED
 
 
 class DeadlineExceeded(SummarizerError):

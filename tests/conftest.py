@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,40 @@ import pytest
 from service.config import Settings
 from service.api.server import SummarizerServer
 from service.engines.tiny import build_tiny_checkpoint
+
+pytest_plugins = ("tests.processes",)  # the `serve` fixture: real server processes
+
+
+# ----- waiting on conditions: the one polling helper (no test sleeps, then asserts) -----
+
+async def until(condition: Callable[[], object | Awaitable[object]], timeout_s: float = 20.0,
+                what: str = "", interval_s: float = 0.002) -> None:
+    """Wait on the event loop until `condition()` (a plain or an async callable) is true; fail
+    naming `what` when it is not within `timeout_s`. For what nothing signals: metrics, the
+    batcher's counters, a server's state."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        reached = condition()
+        if inspect.isawaitable(reached):
+            reached = await reached
+        if reached:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"timed out after {timeout_s}s waiting for {what or 'a condition'}")
+        await asyncio.sleep(interval_s)
+
+
+def wait_until(condition: Callable[[], object], timeout_s: float = 20.0, what: str = "",
+               interval_s: float = 0.02, details: Callable[[], str] = str) -> None:
+    """`until` for a test's own thread (no event loop): processes, threads. `details()` is added
+    to the failure (e.g. a server's log)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for "
+                                 f"{what or 'a condition'}\n{details()}".rstrip())
+        time.sleep(interval_s)
 
 
 @pytest.fixture(scope="session")

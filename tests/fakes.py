@@ -90,7 +90,13 @@ class FakeSteppingEngine(FakeEngine):
     fit wait in the session (StepOut.waiting); one that alone exceeds the budget fails "too_large".
     An article whose text holds `fail_on` fails "error" at its first step, alone.
 
-    For tests: `steps` records every step's active tickets, `texts` each ticket's text,
+    The session honours the engine contract for priority classes: waiting articles are admitted
+    most urgent class first (`Admit.priority`), then in arrival order; a ticket in `StepIn.pause`
+    sits the step out (not counted down, not admitted while waiting; its rows are reported in
+    `StepOut.paused_rows`, not in `rows`).
+
+    For tests: `steps` records every step's decoding tickets (paused ones left out), `paused`
+    every step's paused active tickets, `texts` each ticket's text,
     `removed` the tickets taken out by `StepIn.remove` (their memory freed at once); `hold`
     blocks every step until it is set; `started` is set when a step begins; `step_delay_s` makes
     each step take that long.
@@ -103,6 +109,7 @@ class FakeSteppingEngine(FakeEngine):
         self.budget_bytes = budget_bytes
         self.step_delay_s = 0.0
         self.steps: list[tuple[int, ...]] = []
+        self.paused: list[tuple[int, ...]] = []
         self.texts: dict[int, str] = {}
         self.removed: list[int] = []
         self.sessions: list[FakeSession] = []
@@ -130,6 +137,7 @@ class FakeSession:
     def __init__(self, engine: FakeSteppingEngine) -> None:
         self.engine = engine
         self.waiting: list[Admit] = []
+        """In admission order: most urgent class first, then arrival (a stable sort)."""
         self.active: dict[int, tuple[Admit, int]] = {}
         """ticket -> (its request, steps left)"""
 
@@ -154,21 +162,28 @@ class FakeSession:
                                           "the article needs more cache than the whole budget"))
             else:
                 self.waiting.append(admit)
-        while self.waiting and (self.used_bytes + fake_cost(self.waiting[0].params,
-                                                            self.waiting[0].article)
-                                <= engine.budget_bytes):
-            admit = self.waiting.pop(0)
+        self.waiting.sort(key=lambda a: a.priority)  # stable: arrival order within a class
+        paused = frozenset(step.pause)
+        for admit in [a for a in self.waiting if a.ticket not in paused]:
+            if self.used_bytes + fake_cost(admit.params, admit.article) > engine.budget_bytes:
+                break  # in line order: the rest waits for room
+            self.waiting.remove(admit)
             self.active[admit.ticket] = (admit, fake_steps(admit.params))
         done: list[tuple[int, Generated]] = []
-        rows = sum(max(a.params.num_beams, 1) for a, _ in self.active.values())
-        if self.active:
+        stepping = [t for t in self.active if t not in paused]
+        rows = sum(max(self.active[t][0].params.num_beams, 1) for t in stepping)
+        paused_rows = sum(max(a.params.num_beams, 1) for t, (a, _) in self.active.items()
+                          if t in paused)
+        if stepping:
             engine.started.set()
             if engine.hold is not None:
                 engine.hold.wait(timeout=30)
             if engine.step_delay_s:
                 time.sleep(engine.step_delay_s)
-            engine.steps.append(tuple(self.active))
-            for ticket, (admit, left) in list(self.active.items()):
+            engine.steps.append(tuple(stepping))
+            engine.paused.append(tuple(t for t in self.active if t in paused))
+            for ticket in stepping:
+                admit, left = self.active[ticket]
                 text = engine.texts[ticket]
                 if engine.fail_on is not None and engine.fail_on in text:
                     del self.active[ticket]
@@ -185,4 +200,5 @@ class FakeSession:
                     self.active[ticket] = (admit, left - 1)
         return StepOut(done=tuple(done), failed=tuple(failed), waiting=len(self.waiting),
                        active=len(self.active), rows=rows, step_s=time.monotonic() - started,
-                       used_bytes=self.used_bytes, budget_bytes=engine.budget_bytes)
+                       used_bytes=self.used_bytes, budget_bytes=engine.budget_bytes,
+                       paused_rows=paused_rows)

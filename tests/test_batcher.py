@@ -26,6 +26,8 @@ from service.serving.jobs import Entry, JobState
 from service.serving.queue import BatchQueue
 from service.errors import DeadlineExceeded, GenerationFailed, QueueFull, Unavailable
 
+from .conftest import until
+
 pytestmark = pytest.mark.timeout(10)
 
 WAIT_S = 1.0
@@ -83,7 +85,7 @@ class FakeRunBatch:
         for index in indices or tuple(self.gates):
             self.gates[index].set()
 
-    async def wait_calls(self, n: int, timeout: float = WAIT_S) -> None:
+    async def wait_calls(self, n: int, timeout_s: float = WAIT_S) -> None:
         """Return once run_batch has been entered at least `n` times."""
         async def reached() -> None:
             while len(self.calls) < n:
@@ -91,7 +93,7 @@ class FakeRunBatch:
                 if len(self.calls) >= n:
                     break
                 await self._changed.wait()
-        await asyncio.wait_for(reached(), timeout)
+        await asyncio.wait_for(reached(), timeout_s)
 
     # -- views --
     @property
@@ -100,14 +102,6 @@ class FakeRunBatch:
 
     def all_payloads(self) -> list[Any]:
         return [p for c in self.calls for p in c.payloads]
-
-
-async def until(condition: Callable[[], bool], timeout: float = WAIT_S) -> None:
-    """Poll `condition` with short awaits; fail if it is not true within `timeout`."""
-    async def reached() -> None:
-        while not condition():
-            await asyncio.sleep(0.001)
-    await asyncio.wait_for(reached(), timeout)
 
 
 async def settle(turns: int = 20) -> None:
@@ -272,17 +266,27 @@ async def test_results_follow_submit_order_when_the_fake_returns_distinct_values
 
 
 async def test_lone_job_waits_under_long_max_wait_until_the_batch_is_full(make):
-    batcher, fake = await make(max_batch_size=3, max_wait_ms=LONG_WAIT_MS)
+    # The queue reads the clock when it decides whether to cut a batch or wait (and cuts in the
+    # same step): once it has read the clock after the submit, it has decided.
+    reads = [0]
+
+    def clock() -> float:
+        reads[0] += 1
+        return time.monotonic()
+
+    async def decided() -> None:
+        submitted = reads[0]
+        await until(lambda: reads[0] > submitted)
+
+    batcher, fake = await make(max_batch_size=3, max_wait_ms=LONG_WAIT_MS, clock=clock)
     [first] = batcher.submit(jobs(1))
-    await settle()
-    await asyncio.sleep(0.05)  # a chance to misbehave; the check below is that nothing ran
-    assert fake.calls == []
+    await decided()
+    assert batcher.queue_depth == 1, "cut a batch of one before it was full or its wait ended"
     assert not first.done()
-    assert batcher.queue_depth == 1
 
     [second] = batcher.submit(jobs(2))
-    await settle()
-    assert fake.calls == [], "two of three is still not full"
+    await decided()
+    assert batcher.queue_depth == 2, "two of three is still not full"
     [third] = batcher.submit(jobs(3))  # now full: cut at once, long before 10 s
     assert await asyncio.wait_for(asyncio.gather(first, second, third), WAIT_S) == [10, 20, 30]
     assert fake.batches == [[1, 2, 3]]
@@ -314,7 +318,7 @@ async def test_full_batch_of_another_key_is_not_held_behind_a_lone_older_job(mak
     full = batcher.submit(jobs(2, 3, key="b"))  # a whole batch of key "b", worker idle
     try:
         try:
-            await fake.wait_calls(1, timeout=0.5)
+            await fake.wait_calls(1, timeout_s=0.5)
         except TimeoutError:
             pass
         assert fake.batches == [[2, 3]]

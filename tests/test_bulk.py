@@ -126,3 +126,44 @@ def test_progress_shows_rate_and_eta_on_a_terminal_only() -> None:
     silent.advance()
     silent.close()
     assert quiet.getvalue() == ""
+
+
+@pytest.mark.slow
+def test_ctrl_c_says_what_was_written_and_that_the_command_resumes(tmp_path: Path) -> None:
+    """Ctrl-C (SIGINT) during a bulk run, as a real process: it says how many results are in
+    the file and that the same command resumes; then the same command finishes the rest."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    corpus, output = tmp_path / "corpus.jsonl", tmp_path / "out.jsonl"
+    ids = write_corpus(corpus, 300)
+    engine = FakeEngine()
+    engine.batch_delay_s = 0.05  # a model's time: the run lasts long enough to interrupt
+    with server_in_thread(BASE, lambda s: engine) as port:
+        command = [sys.executable, "-m", "service", "summarize", "--server",
+                   f"127.0.0.1:{port}", "--input", str(corpus), "--output", str(output),
+                   "--max-in-flight", "2", "--batch", "1"]
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("SUMMARIZER_")}
+        process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=environ)
+        deadline = time.monotonic() + 60
+        while not (output.exists() and output.read_text().count("\n") >= 3):
+            assert process.poll() is None and time.monotonic() < deadline, "no results came"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+        written = len(records(output))
+        assert process.returncode == 130, stderr
+        assert 3 <= written < len(ids)
+        assert stderr.endswith(
+            f"summarizer: interrupted: {written} results written to {output} ({written} of "
+            f"{len(ids)} articles have one); run the same command again to resume\n"), stderr
+        assert "Traceback" not in stderr and "Task was destroyed" not in stderr, stderr
+        engine.batch_delay_s = 0.0
+        again = subprocess.run(command, stderr=subprocess.PIPE, text=True, env=environ,
+                               timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert f"resuming: {written} of {len(ids)} articles already have results" in again.stderr
+    assert sorted(r["id"] for r in records(output)) == ids  # each once

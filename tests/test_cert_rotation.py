@@ -11,8 +11,7 @@ import logging
 import os
 import socket
 import ssl
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from service.api.credentials import ReloadingCertificates, TlsFiles, load_materi
 from service.errors import ConfigError
 from summarizer_client.gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
 
-from .conftest import serving
+from .conftest import serving, until
 from .fakes import FakeEngine
 from .pki import Pki, issue_server_cert, make_pki
 from .test_grpc import BASE, request
@@ -84,14 +83,6 @@ def served_fingerprint(port: int, ca: Path, client: tuple[Path, Path] | None = N
     return ":".join(f"{byte:02X}" for byte in hashlib.sha256(der).digest())
 
 
-async def eventually(condition: Callable[[], Awaitable[bool]], what: str) -> None:
-    """Wait, bounded, until `condition` holds; each try is itself a new connection."""
-    deadline = time.monotonic() + WAIT_S
-    while not await condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
-
-
 def tls_channel(port: int, ca: Path, client: tuple[Path, Path] | None = None
                 ) -> grpc.aio.Channel:
     """A channel with a connection of its own (no subchannel shared with other channels)."""
@@ -141,7 +132,7 @@ class Load:
 
         async def done() -> bool:
             return self.ok_fresh >= fresh and self.ok_kept >= kept
-        await eventually(done, f"{count} more successful calls")
+        await until(done, WAIT_S, f"{count} more successful calls", interval_s=0.02)
 
 
 @contextlib.asynccontextmanager
@@ -179,7 +170,7 @@ async def test_a_renewed_certificate_is_served_to_new_connections_without_a_fail
 
             async def serves_b() -> bool:
                 return await asyncio.to_thread(served_fingerprint, port, pki.ca_cert) == b
-            await eventually(serves_b, "the renewed certificate to be served")
+            await until(serves_b, WAIT_S, "the renewed certificate to be served", interval_s=0.02)
             await load.more_calls()
             assert any(r.levelno == logging.INFO and b in r.getMessage()
                        for r in caplog.records if r.name == LOGGER)
@@ -190,7 +181,7 @@ async def test_a_renewed_certificate_is_served_to_new_connections_without_a_fail
 
             async def refused() -> bool:
                 return bool(errors_logged(caplog))
-            await eventually(refused, "the broken certificate to be reported")
+            await until(refused, WAIT_S, "the broken certificate to be reported", interval_s=0.02)
             for _ in range(5):  # each a new connection, so each a new look at the files
                 assert await asyncio.to_thread(served_fingerprint, port, pki.ca_cert) == b
             await load.more_calls()
@@ -225,7 +216,7 @@ async def test_a_key_that_does_not_match_keeps_the_old_pair_and_is_reported_once
 
             async def refused() -> bool:
                 return bool(errors_logged(caplog))
-            await eventually(refused, "the mismatched pair to be reported")
+            await until(refused, WAIT_S, "the mismatched pair to be reported", interval_s=0.02)
             for _ in range(5):
                 assert await asyncio.to_thread(served_fingerprint, port, pki.ca_cert) == a
             await load.more_calls()
@@ -236,7 +227,7 @@ async def test_a_key_that_does_not_match_keeps_the_old_pair_and_is_reported_once
 
             async def serves_b() -> bool:
                 return await asyncio.to_thread(served_fingerprint, port, pki.ca_cert) == b
-            await eventually(serves_b, "the completed pair to be served")
+            await until(serves_b, WAIT_S, "the completed pair to be served", interval_s=0.02)
             await load.more_calls()
         assert load.failures == []
     assert len(errors_logged(caplog)) == 1
@@ -271,14 +262,14 @@ async def test_a_rotated_client_ca_is_honoured_for_mutual_tls(tmp_path: Path) ->
 
         async def newcomer_admitted() -> bool:
             return await summarize(newcomer) == grpc.StatusCode.OK
-        await eventually(newcomer_admitted, "the new client CA to be honoured")
+        await until(newcomer_admitted, WAIT_S, "the new client CA to be honoured", interval_s=0.02)
         assert await summarize(trusted) == grpc.StatusCode.OK
         # The old CA retired.
         client_ca.write_bytes(other.ca_cert.read_bytes())
 
         async def old_refused() -> bool:
             return await summarize(trusted) == grpc.StatusCode.UNAVAILABLE
-        await eventually(old_refused, "the retired client CA to be refused")
+        await until(old_refused, WAIT_S, "the retired client CA to be refused", interval_s=0.02)
         assert await summarize(newcomer) == grpc.StatusCode.OK
 
 

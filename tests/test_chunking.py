@@ -1,5 +1,5 @@
-"""Chunking long texts (service/serving/chunking.py): with a character-counting fake and with the real
-tokenisers of the tiny checkpoints, whose counts are the ones the model reads."""
+"""Chunking long texts (service/serving/chunking.py): with a character-counting fake and with the
+real tokenisers of the tiny checkpoints, whose counts are the ones the model reads."""
 
 from __future__ import annotations
 

@@ -23,6 +23,8 @@ from summarizer_client.gen.summarizer.v1 import summarizer_pb2 as pb
 from summarizer_client.gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
 from service.engines.tiny import training_text
 
+from .conftest import wait_until
+
 pytestmark = pytest.mark.slow
 CLI = [sys.executable, "-m", "service"]
 ARTICLE = ("The city council voted on Tuesday to expand the bus network.\n"
@@ -62,15 +64,11 @@ class ServerProcess:
         return f"127.0.0.1:{self.port}"
 
     def wait_serving(self, timeout_s: float = 120) -> None:
-        deadline = time.monotonic() + timeout_s
         with grpc.insecure_channel(self.target) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
-            while time.monotonic() < deadline:
-                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-                time.sleep(0.1)
-        raise AssertionError("never SERVING:\n" + "".join(self.log))
+            wait_until(lambda: stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+                       == health_pb2.HealthCheckResponse.SERVING, timeout_s, "SERVING",
+                       interval_s=0.1, details=lambda: "".join(self.log))
 
     def stop(self) -> int:
         if self.process.poll() is None:
@@ -125,6 +123,23 @@ def test_summarize_command_reads_stdin_and_reports_errors(bart_server: ServerPro
                          input="   \n", capture_output=True, text=True, timeout=120, env=env())
     assert bad.returncode == 1
     assert bad.stderr == "summarizer: error: stdin: is empty; nothing to summarise\n"
+
+
+def test_an_article_over_the_size_limit_says_what_to_do(bart_server: ServerProcess,
+                                                        tmp_path: Path) -> None:
+    """A 200 KB article: the line names the server's limit, the way out (split it) and that
+    --long-input truncate does not help."""
+    big = tmp_path / "big.txt"
+    big.write_text("word " * 40_960)  # 204,800 characters
+    for policy in ([], ["--long-input", "truncate"]):
+        done = subprocess.run([*CLI, "summarize", "--server", bart_server.target, *policy,
+                               str(big)], capture_output=True, text=True, timeout=120, env=env())
+        assert done.returncode == 1 and not done.stdout
+        assert done.stderr == (
+            f"summarizer: error: {big}: 204800 characters, over the server's limit of 100000 "
+            "(its --max-article-chars); split the article into parts of at most 100000 "
+            "characters, or raise the limit; --long-input truncate does not help: the limit "
+            "applies before any truncation\n")
 
 
 def test_summarize_reports_each_bad_input_and_summarises_the_rest(tiny_bart: Path,
@@ -242,12 +257,12 @@ def test_sigterm_drains_in_flight_work_and_exits_zero(tiny_bart: Path) -> None:
         big = pb.SummarizeRequest(articles=[pb.Article(id=str(n), text=ARTICLE * 3)
                                             for n in range(16)], options=options)
         future = stub.Summarize.future(big, timeout=300)
-        deadline = time.monotonic() + 60
-        # The call is being generated: a batch of it is done and the rest still queued.
-        while not ((samples := scrape(port)).get("summarizer_batch_size_count", 0) >= 1
-                   and samples.get("summarizer_queue_depth", 0) > 0):
-            assert not future.done() and time.monotonic() < deadline, samples
-            time.sleep(0.02)
+        def generating() -> bool:
+            samples = scrape(port)
+            return (samples.get("summarizer_batch_size_count", 0) >= 1
+                    and samples.get("summarizer_queue_depth", 0) > 0) or future.done()
+
+        wait_until(generating, 60, "a batch of the call done and the rest still queued")
         assert not future.done()
         server.process.send_signal(signal.SIGTERM)
         reply = future.result()

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from service import cli
+from summarizer_client import cli as client_cli
 from summarizer_client.cli import default_target
 from summarizer_client.errors import ClientError
 from service.engines.checkpoint import looks_like_path, resolve_source
@@ -261,3 +262,113 @@ def test_hub_warnings_are_printed_once_in_the_server_log() -> None:
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=60, env=env())
     assert done.stderr.count("Retrying in 1s") == 1, done.stderr
+
+
+@pytest.mark.parametrize("args", [
+    ["summarize", "{good}"], ["summarize", "--input", "{data}"], ["soak", "--duration", "1"],
+    ["evaluate", "--data", "{data}"]], ids=lambda args: " ".join(args[:2]))
+def test_no_server_means_the_command_could_not_start(args: list[str], files: dict[str, Path],
+                                                    closed_port: int) -> None:
+    """Exit 2, as documented: the work could not start (1 means some work failed)."""
+    values = {name: str(path) for name, path in files.items()}
+    done = run(*(a.format(**values) for a in args), "--server", f"127.0.0.1:{closed_port}")
+    assert_one_clear_line(done, NO_SERVER.format(port=closed_port))
+    assert done.returncode == 2
+
+
+def test_health_without_a_server_is_a_failed_check(closed_port: int) -> None:
+    """`health` answers a question: anything but SERVING, unreachable included, exits 1."""
+    done = run("health", "--server", f"127.0.0.1:{closed_port}")
+    assert_one_clear_line(done, NO_SERVER.format(port=closed_port))
+    assert done.returncode == 1
+
+
+def test_summarize_on_a_terminal_says_it_reads_stdin(closed_port: int) -> None:
+    """With no file and stdin a terminal, say what it waits for instead of waiting silently."""
+    import pty
+
+    controller, terminal = pty.openpty()
+    try:
+        process = subprocess.Popen([*CLI, "summarize", "--server", f"127.0.0.1:{closed_port}"],
+                                   stdin=terminal, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, env=env())
+        os.write(controller, b"\x04")  # Ctrl-D: the end of what was typed (nothing)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        os.close(controller)
+        os.close(terminal)
+    lines = stderr.decode().splitlines()
+    assert lines[0].startswith("summarizer: reading an article from stdin"), lines
+    assert "Ctrl-D" in lines[0] and "summarizer summarize FILE" in lines[0]
+    assert lines[1:] == ["summarizer: error: stdin: is empty; nothing to summarise"]
+
+
+def test_summarize_reading_a_pipe_says_nothing_more(closed_port: int) -> None:
+    done = run("summarize", "--server", f"127.0.0.1:{closed_port}", stdin=b"")
+    assert "reading an article" not in done.stderr.decode()
+
+
+def test_every_subcommand_help_prints() -> None:
+    """`--help` of every command (the client's and the server's) prints its page and exits 0:
+    an unescaped % in one setting's help made `serve --help` end in a TypeError."""
+    parser, _ = client_cli.build_parser([cli.add_commands])
+    [commands] = [action for action in parser._actions
+                  if isinstance(action, argparse._SubParsersAction)]
+    names = sorted(commands.choices)
+    assert {"serve", "summarize", "health", "convert", "make-tiny-model"} <= set(names)
+    for name in names:
+        done = run(name, "--help")
+        stdout = done.stdout.decode()
+        assert done.returncode == 0, (name, done.stderr.decode())
+        assert stdout.startswith(f"usage: summarizer {name}"), (name, stdout[:200])
+    assert "30% of free GPU memory" in run("serve", "--help").stdout.decode()
+
+
+@pytest.fixture(scope="module")
+def unconverted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from service.engines.tiny import build_tiny_checkpoint
+
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("unconverted") / "tiny")
+
+
+@pytest.mark.slow
+def test_unconverted_model_without_a_writable_cache_says_what_to_do(unconverted: Path,
+                                                                    tmp_path: Path) -> None:
+    """The cache directory given cannot be written (a read-only filesystem): one line naming the
+    three ways out, and exit 2 ("could not start")."""
+    done = run("serve", "--model", str(unconverted), "--engine", "ctranslate2", "--port", "0",
+               "--convert-cache-dir", "/dev/null/cache", HOME="/dev/null/home")
+    stderr = done.stderr.decode()
+    assert done.returncode == 2, stderr
+    assert "Traceback" not in stderr, stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("summarizer: error: cannot convert"), stderr
+    for text in ("no writable cache directory", "/dev/null/cache", "--convert-cache-dir",
+                 "summarizer convert MODEL --in-place", "--engine torch"):
+        assert text in last, last
+
+
+@pytest.mark.slow
+def test_unconverted_model_with_an_unwritable_home_converts_under_tmp(unconverted: Path,
+                                                                      tmp_path: Path) -> None:
+    """The shipped manifests' case: HOME on a read-only root, /tmp a writable volume. The server
+    converts there and reaches SERVING instead of exiting 2 in a crash loop."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    server = subprocess.Popen(
+        [*CLI, "serve", "--model", str(unconverted), "--host", "127.0.0.1", "--port", "0",
+         "--no-warmup"], stderr=subprocess.PIPE, text=True,
+        env=env(HOME="/dev/null/home", TMPDIR=str(tmp)))
+    try:
+        lines: list[str] = []
+        assert server.stderr is not None
+        for line in server.stderr:
+            lines.append(line)
+            if "SERVING: " in line or "Traceback" in line or "error:" in line:
+                break
+        assert any("SERVING: " in line for line in lines), "".join(lines)
+        converted = list((tmp / "summarizer-ctranslate2").iterdir())
+        assert len(converted) == 1 and converted[0].name.startswith("tiny-"), converted
+    finally:
+        server.kill()
+        server.wait(timeout=30)

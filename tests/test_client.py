@@ -10,15 +10,15 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 
-from summarizer_client.client import (ArticleFailure, ArticleSummary, AsyncSummarizerClient, RetryPolicy,
-                            SummarizerClient, make_options)
+from summarizer_client.client import (ArticleFailure, ArticleSummary, AsyncSummarizerClient,
+                                      RetryPolicy, SummarizerClient, make_options)
 from summarizer_client.gen.summarizer.v1 import summarizer_pb2 as pb
 from summarizer_client.gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
 from service.api.server import SummarizerServer
 
-from .conftest import server_in_thread
+from .conftest import server_in_thread, until
 from .fakes import FakeEngine
-from .test_grpc import BASE, wait_until
+from .test_grpc import BASE
 
 FAST_RETRY = RetryPolicy(attempts=20, initial_backoff_s=0.05, max_backoff_s=0.2)
 
@@ -62,7 +62,7 @@ async def test_unavailable_is_retried_until_the_model_is_ready() -> None:
     try:
         async with AsyncSummarizerClient(f"127.0.0.1:{port}", retry=FAST_RETRY) as client:
             call = asyncio.ensure_future(client.summarize([("a", "patience pays")]))
-            await wait_until(lambda: unavailable_answers(server) >= 2)  # refused, then retried
+            await until(lambda: unavailable_answers(server) >= 2)  # refused, then retried
             assert not call.done()
             await server.load()
             [result] = await asyncio.wait_for(call, 10)
@@ -149,7 +149,8 @@ async def test_a_broken_stream_is_resumed_with_only_the_unanswered_articles() ->
     ids: list[str] = []
     try:
         async with AsyncSummarizerClient(f"127.0.0.1:{port}", retry=FAST_RETRY) as client:
-            async for result in client.summarize_many(articles(40), max_in_flight=8,
+            async for result in client.summarize_many(articles(40), max_in_flight=8, streams=1,
+                                                      articles_per_stream=100,
                                                       request_size=3):
                 if len(servicer.streams) == 1:
                     received_first.add(result.id)
@@ -214,7 +215,8 @@ def test_the_blocking_client_also_resumes_a_broken_stream() -> None:
     ids: list[str] = []
     try:
         with SummarizerClient(f"127.0.0.1:{port}", retry=FAST_RETRY) as client:
-            for result in client.summarize_many(articles(30), max_in_flight=6, request_size=2):
+            for result in client.summarize_many(articles(30), max_in_flight=6, request_size=2,
+                                                streams=1, articles_per_stream=100):
                 if len(servicer.streams) == 1:
                     received_first.add(result.id)
                 ids.append(result.id)
@@ -245,3 +247,41 @@ def test_blocking_summarize_many_reports_a_bad_source_instead_of_unknown() -> No
                 list(client.summarize_many(source(), max_in_flight=4, request_size=1))
             with pytest.raises(ValueError, match="duplicate article id"):
                 list(client.summarize_many([("x", "one"), ("x", "two")], request_size=4))
+
+
+def test_a_failed_articles_code_prints_as_its_name() -> None:
+    """Logged as `log.warning("%s: %s", id, code)`, a failure says INVALID_ARGUMENT, not 3; the
+    code still equals the number, and a code this client does not know stays a number."""
+    engine = FakeEngine()
+    with server_in_thread(BASE, lambda s: engine) as port:
+        with SummarizerClient(f"127.0.0.1:{port}") as client:
+            [failure] = [r for r in client.summarize_many([("ok", "a fine article"),
+                                                           ("empty", "   ")])
+                         if isinstance(r, ArticleFailure)]
+    assert failure.id == "empty" and failure.code == 3
+    assert failure.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "%s %s" % (failure.id, failure.code) == "empty INVALID_ARGUMENT"  # noqa: UP031 - logging's style
+    assert f"{failure.code}" == str(failure.code) == "INVALID_ARGUMENT"
+    assert f"{failure.code:d}" == "3"
+    assert str(ArticleFailure("x", 99, "from a newer server").code) == "99"
+
+
+def test_the_blocking_client_raises_a_blocking_error_when_no_server_answers() -> None:
+    """No asyncio type reaches blocking code: summarize_many runs on a private event loop, and
+    its failure is raised as a plain grpc.RpcError with the call's status."""
+    import socket
+
+    with socket.socket() as sock:  # bound, never listening: connections are refused
+        sock.bind(("127.0.0.1", 0))
+        target = f"127.0.0.1:{sock.getsockname()[1]}"
+        with SummarizerClient(target, timeout_s=5, retry=RetryPolicy(attempts=1)) as client:
+            with pytest.raises(grpc.RpcError) as streamed:
+                list(client.summarize_many(articles(2)))
+            with pytest.raises(grpc.RpcError) as unary:
+                client.summarize(articles(1))
+    for caught in (streamed, unary):
+        assert not isinstance(caught.value, grpc.aio.AioRpcError)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    from summarizer_client import CallError
+
+    assert isinstance(streamed.value, CallError) and streamed.value.details()

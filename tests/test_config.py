@@ -1,4 +1,4 @@
-"""Settings: one object, flags over environment over defaults, and a README that matches."""
+"""Settings: one object, flags over environment over defaults, and documentation that matches."""
 
 from __future__ import annotations
 
@@ -72,8 +72,8 @@ def test_bad_values_are_reported_by_name(env: dict[str, str], message: str) -> N
         Settings.load(environ=env)
 
 
-def test_readme_configuration_table_matches_the_settings() -> None:
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    assert config.markdown_table() in readme, (
-        "README's configuration table is stale: paste the output of "
+def test_documented_configuration_table_matches_the_settings() -> None:
+    page = (Path(__file__).resolve().parent.parent / "docs" / "configuration.md").read_text()
+    assert config.markdown_table() in page, (
+        "docs/configuration.md's table is stale: paste the output of "
         "`python -c 'from service.config import markdown_table; print(markdown_table())'`")

@@ -23,6 +23,7 @@ from service.serving.batcher import Batcher, BatchReport, DropReason, Job, StepR
 from service.serving.jobs import JobState
 from service.serving.queue import BatchQueue
 
+from .conftest import until
 from .fakes import FakeSteppingEngine, fake_cost
 
 pytestmark = pytest.mark.timeout(20)
@@ -193,7 +194,7 @@ async def test_nothing_more_is_pulled_while_articles_wait_for_cache_room(rig) ->
     results = await asyncio.gather(*futures)
     assert [x.summary for x in results[:6]] == [f"S:article {n:02}" for n in range(6)]
     waited = False
-    for (step, out), (following, _) in zip(r.recorder.calls, r.recorder.calls[1:]):
+    for (_, out), (following, _) in zip(r.recorder.calls, r.recorder.calls[1:]):
         if out.waiting:
             waited = True
             assert not following.admit, "pulled from the queue while the session had a backlog"
@@ -420,8 +421,8 @@ async def test_stress_every_future_resolved_once_with_its_own_outcome(rig, seed:
             assert kind == "huge", text
         else:
             assert isinstance(outcome, GenerationFailed) and kind == "poison", (text, outcome)
-    await asyncio.sleep(0.05)
-    assert r.batcher.running == 0 and r.batcher.queue_depth == 0
+    await until(lambda: r.batcher.running == 0 and r.batcher.queue_depth == 0, 10,
+                "the batcher to hold nothing")
     # Nothing removed was answered afterwards, and the session holds nothing.
     removed: set[int] = set()
     for step, out in r.recorder.calls:

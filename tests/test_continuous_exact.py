@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from service.engines.stepping.decoders import adapter_for
 from service.engines.stepping.session import TorchSession
 from service.engines.tiny import training_text
 from service.engines.torch_engine import TorchEngine
+from service.errors import ConfigError
 
 FAMILIES = ("bart", "t5", "pegasus")
 TEXTS = training_text(80, seed=7)
@@ -141,7 +143,8 @@ def test_each_option_set_is_exact_while_sharing_steps_with_other_options(any_eng
     requests, arrivals = {}, {}
     for ticket, options in enumerate(option_sets):
         # The request under test, and others with other options joining before and after it.
-        for offset, other in ((0, dict(num_beams=rng.choice([1, 2, 4]))), (1, dict(num_beams=beams, **options)),
+        for offset, other in ((0, dict(num_beams=rng.choice([1, 2, 4]))),
+                              (1, dict(num_beams=beams, **options)),
                               (2, dict(num_beams=rng.choice([1, 2, 4])))):
             key = ticket * 3 + offset
             params, article = request(engine, rng, **other)
@@ -436,3 +439,175 @@ def test_a_generation_mode_the_loop_does_not_run_fails_the_article_not_silently(
     params, article = request(engine, rng, num_beams=4, outputs=Outputs.SUMMARY)
     results, failures, _ = run(session(engine), {0: [Admit(0, params, article)]})
     assert not results and failures[0].kind == "error"
+
+
+# ----- priority classes, pauses and encoder slicing (issue 20; issue 21 item 3) -----
+
+def run_with_pauses(sess: TorchSession, arrivals: dict[int, list[Admit]],
+                    pause_of: Callable[[int, list[int]], tuple[int, ...]],
+                    max_steps: int = 10_000) -> tuple[dict, dict, list]:
+    """Like `run`, pausing `pause_of(step, active tickets)` at each step. Returns the results,
+    the failures, and per step (rows stepped, rows paused, tickets that stepped)."""
+    results, failures, steps = {}, {}, []
+    last = max([*arrivals, 0])
+    for step in range(max_steps):
+        active = sorted({g.article.ticket for g in sess.groups})
+        pause = pause_of(step, active)
+        before = {g.article.ticket: g.length for g in sess.groups}
+        out = sess.advance(StepIn(admit=tuple(arrivals.get(step, ())), pause=pause))
+        results.update(dict(out.done))
+        failures.update({f.ticket: f for f in out.failed})
+        lengths = {g.article.ticket: g.length for g in sess.groups}
+        # A paused article's groups hold exactly the tokens they held before the step.
+        for ticket in pause:
+            if ticket in before and ticket in lengths:
+                assert lengths[ticket] == before[ticket], f"paused ticket {ticket} decoded"
+        steps.append((out.rows, out.paused_rows, sorted(set(active) - set(pause))))
+        if step >= last and out.active == 0 and out.waiting == 0:
+            return results, failures, steps
+    raise AssertionError("the session never finished")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_mixed_classes_paused_at_random_steps_are_token_exact(engines, family, seed):
+    """Property-style: random options, classes and arrival steps; at each step a random share
+    of the active articles sits out. Every article still equals `generate` alone, and a paused
+    article's rows really did not decode (checked at every step)."""
+    engine = engines[family]
+    rng = random.Random(200 + seed)
+    requests, arrivals = {}, {}
+    for ticket in range(12):
+        params, article = request(engine, rng)
+        requests[ticket] = (params, article)
+        arrivals.setdefault(rng.randint(0, 20), []).append(
+            Admit(ticket, params, article, priority=rng.choice([0, 1, 2])))
+
+    def pause_of(step: int, active: list[int]) -> tuple[int, ...]:
+        if step % 7 == 6:  # now and then every active article sits out
+            return tuple(active)
+        return tuple(t for t in active if rng.random() < 0.4)
+
+    results, failures, steps = run_with_pauses(session(engine), arrivals, pause_of)
+    assert not failures
+    assert sorted(results) == sorted(requests)
+    assert any(rows and paused for rows, paused, _ in steps), "no step ran beside a pause"
+    assert any(not rows and paused for rows, paused, _ in steps), "never all paused"
+    check_exact(engine, requests, results)
+
+
+def test_a_paused_article_finishes_as_many_steps_later_as_it_sat_out(engines):
+    engine = engines["t5"]
+    rng = random.Random(21)
+    params, article = request(engine, rng, summary_min_tokens=10, summary_max_tokens=10,
+                              num_beams=2, outputs=Outputs.SUMMARY)
+    requests = {1: (params, article), 2: (params, article)}  # twins: one is paused
+    sess = session(engine)
+    finished, results = {}, {}
+    for step in range(40):
+        pause = (2,) if 3 <= step < 8 else ()
+        admit = (Admit(1, params, article), Admit(2, params, article)) if step == 0 else ()
+        out = sess.advance(StepIn(admit=admit, pause=pause))
+        if out.active == 2:
+            assert (out.rows, out.paused_rows) == ((2, 2) if pause else (4, 0))
+        finished.update({t: step for t, _ in out.done})
+        results.update(dict(out.done))
+        if out.active == 0:
+            break
+    assert finished[2] - finished[1] == 5
+    check_exact(engine, requests, results)
+
+
+def test_waiting_articles_are_admitted_most_urgent_class_first(engines):
+    """Room for one article at a time: bulk articles queued first wait while a later
+    interactive one (then a default one) goes ahead of them; within a class, arrival order."""
+    engine = engines["bart"]
+    rng = random.Random(22)
+    same = dict(summary_min_tokens=4, summary_max_tokens=4, num_beams=2, outputs=Outputs.SUMMARY)
+    requests = {t: request(engine, rng, **same) for t in range(5)}
+    probe = session(engine)
+    one = max(probe._bytes(2, 5, 1, len(a.summary_ids)) for _, a in requests.values())
+    sess = session(engine, budget_bytes=one)
+    classes = {0: 2, 1: 2, 2: 2, 3: 0, 4: 1}  # ticket -> class; 0 starts alone at once
+    arrivals = {0: [Admit(0, *requests[0], priority=2)],
+                1: [Admit(t, *requests[t], priority=classes[t]) for t in (1, 2, 3, 4)]}
+    results, failures, steps = run(sess, arrivals)
+    assert not failures
+    order = [s[0] for i, s in enumerate(steps) if s and (i == 0 or steps[i - 1] != s)]
+    assert order == [0, 3, 4, 1, 2]
+    check_exact(engine, requests, results)
+
+
+def test_a_paused_waiting_article_is_not_admitted_and_others_go_ahead(engines):
+    engine = engines["bart"]
+    rng = random.Random(23)
+    requests = {t: request(engine, rng, num_beams=2) for t in range(2)}
+    sess = session(engine)
+    out = sess.advance(StepIn(admit=tuple(Admit(t, *requests[t]) for t in range(2)), pause=(0,)))
+    assert out.waiting == 1 and out.active == 1 and out.encode_deferred == 0
+    assert {g.article.ticket for g in sess.groups} == {1}
+    results, failures, _ = run(sess, {})
+    assert not failures
+    check_exact(engine, requests, results)
+
+
+def test_a_burst_of_long_encodings_is_sliced_between_decoding_steps(engines, monkeypatch):
+    """An article is decoding when six long ones and, last, an interactive one arrive: with a
+    slice of about two articles' tokens, each call encodes one slice (the interactive article
+    in the first) and the decoding rows step in every call; results stay exact."""
+    engine = engines["bart"]
+    rng = random.Random(24)
+    decoding = request(engine, rng, summary_min_tokens=12, summary_max_tokens=12, num_beams=2,
+                       outputs=Outputs.SUMMARY)
+    burst = {t: request(engine, rng, num_beams=2, outputs=Outputs.SUMMARY,
+                        summary_min_tokens=3, summary_max_tokens=3) for t in range(1, 8)}
+    longest = max(len(a.summary_ids) for _, a in burst.values())
+    sess = session(engine)
+    sess.max_encode_tokens_per_step = 2 * longest
+    encoded: list[tuple[int, int]] = []  # (inputs, padded width) per encoder pass
+    encode = sess.adapter.encode
+    monkeypatch.setattr(sess.adapter, "encode",
+                        lambda ids, mask: encoded.append(tuple(ids.shape)) or encode(ids, mask))
+    sess.advance(StepIn(admit=(Admit(0, *decoding),)))
+    encoded.clear()
+    admits = tuple(Admit(t, *burst[t], priority=2 if t < 7 else 0) for t in burst)
+    out = sess.advance(StepIn(admit=admits))
+    assert 7 in {g.article.ticket for g in sess.groups}  # the interactive one: first slice
+    assert out.encode_deferred == out.waiting > 0
+    rows_per_call = [out.rows]
+    while out.waiting:
+        out = sess.advance(StepIn())
+        rows_per_call.append(out.rows)
+    assert all(n == 1 or n * width <= 2 * longest for n, width in encoded), encoded
+    assert len(encoded) >= 3 and sum(n for n, _ in encoded) == 7, encoded
+    assert all(rows_per_call), "a call encoded without decoding a step"
+    results, failures, _ = run(sess, {})
+    assert not failures
+    check_exact(engine, {0: decoding}, results)
+    # The burst finished along the way (3 tokens each): check them too, from a fresh run.
+    fresh = session(engine)
+    fresh.max_encode_tokens_per_step = 2 * longest
+    again, failures, _ = run(fresh, {0: list(admits)})
+    assert not failures
+    check_exact(engine, burst, again)
+
+
+def test_an_encode_slice_always_takes_at_least_one_article(engines):
+    engine = engines["t5"]
+    rng = random.Random(25)
+    requests = {t: request(engine, rng, num_beams=1) for t in range(3)}
+    sess = session(engine)
+    sess.max_encode_tokens_per_step = 1  # smaller than any article
+    out = sess.advance(StepIn(admit=tuple(Admit(t, *requests[t]) for t in requests)))
+    assert out.active == 1 and out.waiting == 2 and out.encode_deferred == 2
+    results, failures, _ = run(sess, {})
+    assert not failures
+    check_exact(engine, requests, results)
+
+
+def test_the_encoder_slice_setting_reaches_the_session(tiny_bart):
+    engine = TorchEngine(Settings(model=str(tiny_bart), threads=1, engine="torch",
+                                  compute_type="float32", max_encode_tokens_per_step=77)).load()
+    assert engine.open_session().max_encode_tokens_per_step == 77
+    with pytest.raises(ConfigError, match="max_encode_tokens_per_step must not be negative"):
+        Settings(max_encode_tokens_per_step=-1)

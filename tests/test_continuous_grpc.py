@@ -15,7 +15,7 @@ from service.errors import ConfigError
 from summarizer_client.gen.summarizer.v1 import summarizer_pb2 as pb
 from summarizer_client.gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
 
-from .conftest import serving
+from .conftest import serving, until
 from .fakes import FakeEngine, FakeSteppingEngine
 
 BASE = Settings(model="fake/model", max_batch_tokens=0, batching="continuous")
@@ -27,11 +27,6 @@ def request(*texts: str, **options: float) -> pb.SummarizeRequest:
                                options=pb.GenerationOptions(**options))
 
 
-async def wait_until(condition, timeout_s: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.005)
 
 
 async def test_concurrent_calls_with_different_options_share_steps_and_never_cross() -> None:
@@ -43,11 +38,11 @@ async def test_concurrent_calls_with_different_options_share_steps_and_never_cro
         long_call = asyncio.ensure_future(stub.Summarize(
             request("a long one, 30 tokens", summary_max_tokens=30, headline_max_tokens=30),
             timeout=20))
-        await wait_until(engine.started.is_set)  # the long call is decoding, held
+        await until(engine.started.is_set)  # the long call is decoding, held
         calls = [asyncio.ensure_future(stub.Summarize(
             request(f"caller {n} text", f"caller {n} more", summary_max_tokens=3 + n,
                     headline_max_tokens=2, num_beams=1 + n % 3), timeout=20)) for n in range(6)]
-        await wait_until(lambda: server.core.batcher.queue_depth == 12)
+        await until(lambda: server.core.batcher.queue_depth == 12)
         engine.hold.set()
         replies = await asyncio.gather(*calls)
         assert not long_call.done(), "the short calls waited for the long one"
@@ -99,8 +94,8 @@ async def test_a_call_whose_client_gives_up_leaves_the_session_at_the_next_step(
             await stub.Summarize(request("gives up early", summary_max_tokens=400,
                                          headline_max_tokens=4), timeout=0.3)
         assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        await wait_until(lambda: engine.removed)
-        await wait_until(lambda: server.core.batcher.running == 0)
+        await until(lambda: engine.removed)
+        await until(lambda: server.core.batcher.running == 0)
         steps_then = len(engine.steps)
         reply = await stub.Summarize(request("after it"), timeout=10)
     assert reply.results[0].summary == "S:after it"

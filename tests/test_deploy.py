@@ -21,11 +21,12 @@ from service import cli, config
 from summarizer_client.gen.summarizer.v1 import summarizer_pb2 as pb
 from summarizer_client.gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
 
+from . import kustomize
 from .conftest import serving
 from .fakes import FakeEngine
 
 ROOT = Path(__file__).resolve().parent.parent
-KUBERNETES = ROOT / "deploy" / "kubernetes"
+KUBERNETES = kustomize.KUBERNETES
 
 
 def dockerfile() -> dict[str, list[str]]:
@@ -62,13 +63,9 @@ def image_port() -> int:
 
 
 def documents() -> dict[str, dict[str, Any]]:
-    """Every Kubernetes object in deploy/kubernetes, by kind/name."""
-    objects = {}
-    for path in sorted(KUBERNETES.glob("*.yaml")):
-        for document in yaml.safe_load_all(path.read_text(encoding="utf-8")):
-            if document and document.get("kind") != "Kustomization":
-                objects[f"{document['kind']}/{document['metadata']['name']}"] = document
-    return objects
+    """Every Kubernetes object `kubectl apply -k deploy/kubernetes` applies, by kind/name (the
+    base and the CPU autoscaler; tests/test_autoscaling.py checks the other overlays)."""
+    return kustomize.by_name(kustomize.objects(KUBERNETES))
 
 
 def pod_spec() -> dict[str, Any]:
@@ -94,9 +91,9 @@ def check_environment(env: dict[str, str]) -> config.Settings:
 # ----- Kubernetes -----
 
 def test_every_manifest_parses_and_kustomization_lists_them() -> None:
-    kustomization = yaml.safe_load((KUBERNETES / "kustomization.yaml").read_text())
-    assert sorted(kustomization["resources"]) == sorted(
-        p.name for p in KUBERNETES.glob("*.yaml") if p.name != "kustomization.yaml")
+    base = KUBERNETES / "base"
+    assert sorted(kustomize.kustomization(base)["resources"]) == sorted(
+        p.name for p in base.glob("*.yaml") if p.name != "kustomization.yaml")
     assert {"Deployment/summarizer", "Service/summarizer", "Service/summarizer-headless",
             "HorizontalPodAutoscaler/summarizer", "PodDisruptionBudget/summarizer"} <= set(
         documents())
@@ -105,13 +102,13 @@ def test_every_manifest_parses_and_kustomization_lists_them() -> None:
 def test_kustomization_images_block_sets_the_deployments_image() -> None:
     """`kubectl apply -k` (no standalone kustomize) takes the pushed image from `images:`; its
     name must be the Deployment's image name, or the block silently changes nothing."""
-    kustomization = yaml.safe_load((KUBERNETES / "kustomization.yaml").read_text())
+    kustomization = kustomize.kustomization(KUBERNETES / "base")  # every overlay builds on it
     name, _, tag = container()["image"].partition(":")
     [image] = kustomization["images"]
     assert image["name"] == name and {"newName", "newTag"} <= set(image)
-    readme = (ROOT / "README.md").read_text()
-    assert "images:\n  - name: summarizer " in readme  # the README shows kubectl users the block
-    assert "newName: registry.example.com/summarizer" in readme
+    page = (ROOT / "docs" / "deployment.md").read_text()
+    assert "images:\n  - name: summarizer " in page  # the docs show kubectl users the block
+    assert "newName: registry.example.com/summarizer" in page
 
 
 def test_container_runs_the_image_command_with_real_arguments_and_settings() -> None:
@@ -132,7 +129,9 @@ def test_container_runs_the_image_command_with_real_arguments_and_settings() -> 
 def test_probes_use_grpc_health_on_the_serving_port() -> None:
     spec = container()
     port = image_port()
-    assert [p["containerPort"] for p in spec["ports"]] == [port]
+    ports = {p["name"]: p["containerPort"] for p in spec["ports"]}
+    assert ports["grpc"] == port
+    assert set(ports) <= {"grpc", "metrics"}  # the metrics port: tests/test_autoscaling.py
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert set(spec[probe]) & {"grpc", "httpGet", "tcpSocket", "exec"} == {"grpc"}, probe
         assert spec[probe]["grpc"]["port"] == port, probe
@@ -159,6 +158,21 @@ def test_runs_as_the_images_non_root_user_with_a_writable_tmp() -> None:
         # The image points the Hugging Face cache (HF_HOME) under a path that must be writable.
         mounts = [m["mountPath"] for m in spec["volumeMounts"]]
         assert any(image_env()["HF_HOME"].startswith(m + "/") for m in mounts), mounts
+
+
+def test_a_mounted_unconverted_model_converts_into_a_writable_volume() -> None:
+    """With the root filesystem read-only, the default engine's conversion of a mounted model
+    must land on a volume (it went to ~/.cache and the pod crash-looped), one big enough for an
+    int8 copy of a large checkpoint."""
+    spec = container()
+    env = {e["name"]: e["value"] for e in spec["env"] if "value" in e}
+    cache = env["SUMMARIZER_CONVERT_CACHE_DIR"]
+    assert check_environment(env).convert_cache_dir == cache
+    mounts = {m["mountPath"]: m for m in spec["volumeMounts"]}
+    assert cache in mounts and not mounts[cache].get("readOnly"), mounts
+    volumes = {v["name"]: v for v in pod_spec()["volumes"]}
+    size = volumes[mounts[cache]["name"]]["emptyDir"]["sizeLimit"]
+    assert size.endswith("Gi") and float(size[:-2]) >= 1, size
 
 
 def test_resources_have_requests_within_limits() -> None:
@@ -217,6 +231,20 @@ def test_compose_builds_the_dockerfile_and_publishes_the_port(compose: dict[str,
     assert [int(container_port) for _, container_port in published] == [image_port()]
 
 
+def test_compose_converts_a_mounted_model_into_a_volume_the_user_owns(
+        compose: dict[str, Any]) -> None:
+    cache = compose["environment"]["SUMMARIZER_CONVERT_CACHE_DIR"]
+    # A model mounted at run time (no baked-in MODEL) may be unconverted: the image must hold
+    # torch to convert it (the default ENGINE=ctranslate2 image leaves torch out).
+    assert compose["build"]["args"]["MODEL"] == "" and compose["build"]["args"]["ENGINE"] == "torch"
+    targets = {v["target"]: v for v in compose["volumes"]}
+    assert targets[cache]["type"] == "volume" and not targets[cache].get("read_only")
+    # A new named volume takes the owner of the image's directory: the image must create it.
+    created = " ".join(dockerfile()["RUN"])
+    assert re.search(rf"install -d -o {image_uid()} -g {image_uid()} {re.escape(cache)}\b",
+                     created), created
+
+
 def test_compose_health_check_is_the_cli_health_command(compose: dict[str, Any]) -> None:
     test = compose["healthcheck"]["test"]
     assert test[0] == "CMD" and test[1] == exec_form(dockerfile()["ENTRYPOINT"][-1])[0]
@@ -226,8 +254,8 @@ def test_compose_health_check_is_the_cli_health_command(compose: dict[str, Any])
 def test_compose_settings_model_volume_and_stop_time(compose: dict[str, Any]) -> None:
     settings = check_environment(compose["environment"])
     assert settings.port == image_port()
-    (volume,) = compose["volumes"]
-    assert volume["target"] == settings.model and volume["read_only"] is True
+    (volume,) = [v for v in compose["volumes"] if v["target"] == settings.model]
+    assert volume["type"] == "bind" and volume["read_only"] is True
     stop_s = float(compose["stop_grace_period"].removesuffix("s"))
     assert stop_s > settings.grace_period_s
 

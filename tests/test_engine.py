@@ -10,6 +10,7 @@ import pytest
 
 from service.config import Settings
 from service.domain import GenerationParams, Limits, Outputs, RequestedOptions, resolve_options
+from service.engines.protocol import StepIn, StepOut
 from service.engines.torch_engine import TorchEngine
 from service.errors import ModelLoadError
 
@@ -179,8 +180,50 @@ def test_max_tokens_are_all_text_tokens(engines) -> None:
     assert {r.summary_tokens for r in engine.generate(p, engine.prepare(TEXTS, p))} == {6}
 
 
-def test_warmup_runs(engines) -> None:
-    engines["bart"].warmup()
+@pytest.mark.parametrize("batching", ["static", "continuous"])
+def test_warmup_runs_the_path_requests_take(tiny_bart: Path, batching: str,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Static: one small generate of one article, both outputs. Continuous: a decoding session
+    that admits the warm-up article and steps until it is done, without generate."""
+    engine = TorchEngine(Settings(model=str(tiny_bart), threads=1, batching=batching)).load()
+    generated: list[tuple[GenerationParams, int, list]] = []
+    generate = engine.generate
+
+    def counting_generate(p: GenerationParams, batch: list) -> list:
+        results = generate(p, batch)
+        generated.append((p, len(batch), results))
+        return results
+
+    outs: list = []
+    open_session = engine.open_session
+
+    def recording_session() -> object:
+        session = open_session()
+        advance = session.advance
+
+        def recorded(step: StepIn) -> StepOut:
+            outs.append((step, advance(step)))
+            return outs[-1][1]
+
+        session.advance = recorded
+        return session
+
+    monkeypatch.setattr(engine, "generate", counting_generate)
+    monkeypatch.setattr(engine, "open_session", recording_session)
+    engine.warmup()
+    small = engine.warmup_params()
+    assert small.outputs == Outputs.BOTH and small.summary_max_tokens <= 8
+    if batching == "static":
+        assert outs == []
+        [(p, articles, results)] = generated
+        assert (p, articles) == (small, 1)
+        assert results[0].summary_tokens <= 8 and results[0].headline_tokens <= 8
+    else:
+        assert generated == []
+        admitted = [a for step, _ in outs for a in step.admit]
+        assert [(a.ticket, a.params) for a in admitted] == [(0, small)]
+        done = [ticket for _, out in outs for ticket, _ in out.done]
+        assert done == [0] and not outs[-1][1].active and not outs[-1][1].waiting
 
 
 # ----- loading failures: one clear line, never a traceback wall -----

@@ -189,7 +189,7 @@ def test_the_side_file_tokenizer_gives_transformers_ids_and_texts(converted: dic
     assert side.tokenizer.pad_token_id == reference.pad_token_id
     assert side.tokenizer.special_ids == reference.special_ids
     rows = [ids for ids, _ in reference.encode_batch(PARITY_TEXTS)]
-    rows.append(list(range(0, 200)))  # arbitrary output ids, special ones among them
+    rows.append(list(range(200)))  # arbitrary output ids, special ones among them
     assert side.tokenizer.decode_batch(rows) == reference.decode_batch(rows)
     assert [side.tokenizer.id_to_token(i) for i in range(50)] == [
         reference.id_to_token(i) for i in range(50)]

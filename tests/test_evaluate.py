@@ -131,7 +131,8 @@ def _report() -> dict:
     records = [evaluate.Record("a", "Prices rose. Shares fell. Oil gained. Gold slipped.",
                                summary="Prices rose. Shares fell. Oil gained.",
                                headline="Prices rose"),
-               evaluate.Record("b", "Storm hits coast. Homes flooded.", headline="Storm hits coast"),
+               evaluate.Record("b", "Storm hits coast. Homes flooded.",
+                               headline="Storm hits coast"),
                evaluate.Record("c", "Bad one.", summary="Whatever.")]
     results = [_output("a", summary="Oil gained.", headline="Prices rose"),
                _output("b", summary="", headline="Storm"),
@@ -264,7 +265,7 @@ def test_evaluate_without_a_server_is_one_clear_line(tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     data = _write_data(tmp_path / "set.jsonl", DATA)
     assert main(["evaluate", "--data", str(data), "--server", "127.0.0.1:1",
-                 "--timeout", "1"]) == 1
+                 "--timeout", "1"]) == 2  # the work could not start
     err = capsys.readouterr().err
     assert err.startswith("summarizer: error: no server at 127.0.0.1:1; start one with "
                           "`summarizer serve") and "Traceback" not in err

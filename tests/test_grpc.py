@@ -15,7 +15,7 @@ from summarizer_client.gen.summarizer.v1 import summarizer_pb2 as pb
 from summarizer_client.gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
 from service.api.server import SERVICE_NAME, SummarizerServer
 
-from .conftest import serving
+from .conftest import serving, until
 from .fakes import FakeEngine
 
 # No token cap: the fakes' token counts are not a model's.
@@ -33,14 +33,6 @@ async def health_status(channel: grpc.aio.Channel, service: str = "") -> int:
     stub = health_pb2_grpc.HealthStub(channel)
     reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
     return reply.status
-
-
-async def wait_until(condition, timeout_s: float = 20.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not condition():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.01)
 
 
 async def wait_until_stalled(server: SummarizerServer, engine: FakeEngine,
@@ -68,7 +60,7 @@ async def occupy_worker(stub: pb_grpc.SummarizerStub, engine: FakeEngine,
     """Start a call and return once the (held) fake engine is generating it."""
     engine.started.clear()  # set by any earlier batch: wait for this call's own
     call = asyncio.ensure_future(stub.Summarize(request(text), timeout=10))
-    await wait_until(lambda: engine.started.is_set() and text in engine.batches[-1])
+    await until(lambda: engine.started.is_set() and text in engine.batches[-1])
     return call
 
 
@@ -97,7 +89,7 @@ async def test_concurrent_callers_are_batched_and_never_crossed() -> None:
                                 timeout=10) for n in range(12)]
         tasks = [asyncio.ensure_future(c) for c in calls]
         # Every call's two articles wait in the queue while the worker is held.
-        await wait_until(lambda: server.core.batcher.queue_depth == 24)
+        await until(lambda: server.core.batcher.queue_depth == 24)
         engine.hold.set()
         replies = await asyncio.gather(*tasks)
         await first
@@ -138,7 +130,8 @@ async def test_long_article_is_truncated_and_flagged() -> None:
     (request("fine", "   \n\t "), "articles.text (article 1, id 'a1'): is empty"),
     (request("fine", "Advertisement\nRead more"), "articles.text (article 1, id 'a1'): is empty"),
     (request("a\x00b"), "articles.text (article 0, id 'a0'): contains NUL"),
-    (request("x" * 101), "articles.text (article 0, id 'a0'): 101 characters, over the limit"),
+    (request("x" * 101),
+     "articles.text (article 0, id 'a0'): 101 characters, over the server's limit"),
     (request("one", "two", ids=["d", "d"]), "articles.id (article 1, id 'd'): duplicate id"),
     (request("text", summary_min_tokens=30, summary_max_tokens=10),
      "options.summary_min_tokens: 30 is more than summary_max_tokens (10)"),
@@ -191,7 +184,7 @@ async def test_full_queue_answers_resource_exhausted() -> None:
         stub = pb_grpc.SummarizerStub(channel)
         running = await occupy_worker(stub, engine, "running")
         queued = asyncio.ensure_future(stub.Summarize(request("q1", "q2"), timeout=10))
-        await wait_until(lambda: server.core.batcher.queue_depth == 2)
+        await until(lambda: server.core.batcher.queue_depth == 2)
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.Summarize(request("one too many"), timeout=10)
         assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -211,9 +204,9 @@ async def test_expired_and_cancelled_requests_are_never_generated() -> None:
             await stub.Summarize(request("expires in the queue"), timeout=0.3)
         assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         call = stub.Summarize(request("cancelled in the queue"), timeout=10)
-        await wait_until(lambda: server.core.batcher.queue_depth >= 1)
+        await until(lambda: server.core.batcher.queue_depth >= 1)
         call.cancel()
-        await wait_until(lambda: server.core.batcher.queue_depth == 0)
+        await until(lambda: server.core.batcher.queue_depth == 0)
         engine.hold.set()
         await running
         after = await stub.Summarize(request("after"), timeout=10)
@@ -310,7 +303,7 @@ async def test_graceful_stop_drains_in_flight_and_refuses_new_calls() -> None:
         stub = pb_grpc.SummarizerStub(channel)
         in_flight = await occupy_worker(stub, engine, "in flight")
         stopping = asyncio.ensure_future(server.stop(grace_s=10))
-        await wait_until(lambda: server.health._server_status.get("")  # noqa: SLF001
+        await until(lambda: server.health._server_status.get("")  # noqa: SLF001
                          == health_pb2.HealthCheckResponse.NOT_SERVING)
         late = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
         with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -522,3 +515,31 @@ async def test_reflection_v1_lists_the_services() -> None:
     assert {SERVICE_NAME, "grpc.health.v1.Health",
             "grpc.reflection.v1alpha.ServerReflection"} <= listed
     assert replies[1].file_descriptor_response.file_descriptor_proto
+
+
+async def test_reflection_resolves_method_symbols() -> None:
+    """`grpcurl describe summarizer.v1.Summarizer.Summarize` asks for the file containing the
+    method; Python's descriptor pool alone answers NOT_FOUND (grpc/grpc#34743)."""
+    from google.protobuf import descriptor_pb2
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    symbols = [f"{SERVICE_NAME}.Summarize", f"{SERVICE_NAME}.GetModelInfo",
+               f"{SERVICE_NAME}.NoSuchMethod", "summarizer.v1.NoSuchService.Summarize"]
+    engine = FakeEngine()
+    async with serving(BASE, lambda s: engine) as (_, channel):
+        call = channel.stream_stream(
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString)(
+                iter([reflection_pb2.ServerReflectionRequest(file_containing_symbol=symbol)
+                      for symbol in symbols]), timeout=10)
+        replies = [reply async for reply in call]
+    for reply in replies[:2]:
+        assert not reply.HasField("error_response"), reply.error_response
+        files = [descriptor_pb2.FileDescriptorProto.FromString(data)
+                 for data in reply.file_descriptor_response.file_descriptor_proto]
+        assert files[0].name == "summarizer/v1/summarizer.proto"
+        assert [m.name for m in files[0].service[0].method] == [
+            "Summarize", "SummarizeStream", "GetModelInfo"]
+    for reply in replies[2:]:  # what does not exist is still not found
+        assert reply.error_response.error_code == grpc.StatusCode.NOT_FOUND.value[0]

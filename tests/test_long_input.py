@@ -17,9 +17,9 @@ from summarizer_client.gen.summarizer.v1 import summarizer_pb2 as pb
 from summarizer_client.gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
 from service.engines.tiny import training_text
 
-from .conftest import serving
+from .conftest import serving, until
 from .fakes import FakeEngine
-from .test_grpc import BASE, occupy_worker, request, wait_until
+from .test_grpc import BASE, occupy_worker, request
 
 CHUNK = pb.LONG_INPUT_POLICY_CHUNK
 TRUNCATE = pb.LONG_INPUT_POLICY_TRUNCATE
@@ -163,7 +163,12 @@ async def test_a_megabyte_article_is_refused_by_the_default_size_limit() -> None
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.Summarize(request("x" * 1_000_000, long_input=CHUNK), timeout=20)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "1000000 characters, over the limit of 100000" in caught.value.details()
+    details = caught.value.details()
+    assert "1000000 characters, over the server's limit of 100000 (its --max-article-chars)" in (
+        details)
+    # What to do about it, and that asking for truncation is not the way out.
+    assert "split the article into parts of at most 100000 characters" in details
+    assert "LONG_INPUT_POLICY_TRUNCATE does not help" in details
 
 
 async def test_a_request_whose_chunks_overflow_the_queue_is_refused() -> None:
@@ -190,10 +195,10 @@ async def test_a_40_chunk_article_holds_single_article_callers_back_one_batch_at
         running = await occupy_worker(stub, engine, "running")
         long_call = asyncio.ensure_future(
             stub.Summarize(request(long_article(40), long_input=CHUNK), timeout=30))
-        await wait_until(lambda: server.core.batcher.queue_depth == 40)
+        await until(lambda: server.core.batcher.queue_depth == 40)
         singles = [asyncio.ensure_future(stub.Summarize(request(f"single {n}"), timeout=30))
                    for n in range(3)]
-        await wait_until(lambda: server.core.batcher.queue_depth == 43)
+        await until(lambda: server.core.batcher.queue_depth == 43)
         engine.hold.set()
         replies = await asyncio.gather(*singles)
         long_reply = await long_call
@@ -220,16 +225,16 @@ async def test_a_caller_gone_drops_every_chunk_of_its_article(gone: str) -> None
                 await stub.Summarize(request(long_article(10), long_input=CHUNK), timeout=0.5)
             assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
             # The server sees the deadline pass a moment after the caller does.
-            await wait_until(lambda: server.core.batcher.queue_depth == 0)
+            await until(lambda: server.core.batcher.queue_depth == 0)
         else:
             call = stub.Summarize(request(long_article(10), long_input=CHUNK), timeout=10)
-            await wait_until(lambda: server.core.batcher.queue_depth == 10)
+            await until(lambda: server.core.batcher.queue_depth == 10)
             call.cancel()
-            await wait_until(lambda: server.core.batcher.queue_depth == 0)
+            await until(lambda: server.core.batcher.queue_depth == 0)
         engine.hold.set()
         await running
         after = await stub.Summarize(request("after"), timeout=10)
-        await wait_until(lambda: server.core.batcher.queue_depth == 0)
+        await until(lambda: server.core.batcher.queue_depth == 0)
     assert after.results[0].summary == "S:after"
     assert generated(engine) == ["running", "after"]
 
@@ -241,7 +246,7 @@ async def test_a_failing_chunk_fails_its_article_and_stops_its_other_chunks() ->
         stub = pb_grpc.SummarizerStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.Summarize(request(long_article(12), long_input=CHUNK), timeout=10)
-        await wait_until(lambda: server.core.batcher.queue_depth == 0)
+        await until(lambda: server.core.batcher.queue_depth == 0)
         after = await stub.Summarize(request("after"), timeout=10)
     assert caught.value.code() == grpc.StatusCode.INTERNAL
     assert after.results[0].summary == "S:after"

@@ -166,10 +166,12 @@ def test_family_manifests_and_old_style_named_manifests_load_without_the_new_fie
         manifests.load_root(bad)
 
 
-def test_readme_model_table_is_generated_from_the_manifests() -> None:
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
-    assert manifests.markdown_table() in readme, (
-        "README model table is stale: paste the output of `python -c 'from service.engines.manifests "
+def test_documented_model_table_is_generated_from_the_manifests() -> None:
+    page = (Path(__file__).resolve().parent.parent / "docs" / "models.md").read_text(
+        encoding="utf-8")
+    assert manifests.markdown_table() in page, (
+        "docs/models.md's model table is stale: paste the output of "
+        "`python -c 'from service.engines.manifests "
         "import markdown_table; print(markdown_table())'`")
 
 

@@ -17,9 +17,9 @@ from summarizer_client.gen.summarizer.v1 import summarizer_pb2 as pb
 from summarizer_client.gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
 from service.api.logs import JsonFormatter
 
-from .conftest import serving
+from .conftest import serving, until
 from .fakes import FakeEngine
-from .test_grpc import BASE, occupy_worker, request, wait_until
+from .test_grpc import BASE, occupy_worker, request
 
 
 async def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -65,7 +65,7 @@ async def test_metrics_endpoint_moves_with_real_traffic() -> None:
         engine.hold = threading.Event()
         held = await occupy_worker(stub, engine, "hold the worker")
         queued = asyncio.ensure_future(stub.Summarize(request("q1", "q2", "q3"), timeout=10))
-        await wait_until(lambda: server.core.batcher.queue_depth == 3)
+        await until(lambda: server.core.batcher.queue_depth == 3)
         during = await scrape(port)
         assert value(during, "summarizer_queue_depth") == 3
         assert value(during, "summarizer_requests_in_flight", method="Summarize") == 2
@@ -111,7 +111,8 @@ async def test_one_info_line_per_call_with_its_figures_and_the_callers_request_i
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.Summarize(request(""), timeout=10)
         generated_id = dict(caught.value.trailing_metadata())["x-request-id"]
-    lines = [r for r in caplog.records if r.name == "service.api.servicer" and hasattr(r, "request")]
+    lines = [r for r in caplog.records
+             if r.name == "service.api.servicer" and hasattr(r, "request")]
     assert len(lines) == 2
     ok, bad = (r.request for r in lines)
     assert ok["request_id"] == "trace-42" and ok["status"] == "OK"

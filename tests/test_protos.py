@@ -25,7 +25,8 @@ def test_generated_code_is_up_to_date(tmp_path: Path) -> None:
     fresh.ParseFromString(eval(source[start:end]))  # noqa: S307 - a bytes literal protoc wrote
     committed = descriptor_pb2.FileDescriptorProto()
     pb.DESCRIPTOR.CopyToProto(committed)
-    assert committed == fresh, "clients/python/summarizer_client/gen is stale: run `python protos/generate.py`"
+    assert committed == fresh, (
+        "clients/python/summarizer_client/gen is stale: run `python protos/generate.py`")
 
 
 def test_contract_names() -> None:

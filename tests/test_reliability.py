@@ -24,10 +24,10 @@ from summarizer_client.gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
 from service.api.server import SummarizerServer
 from summarizer_client.soak import SoakConfig, run_soak
 
-from .conftest import server_in_thread, serving
+from .conftest import server_in_thread, serving, until
 from .fakes import FakeEngine
 from .test_grpc import (BASE, assert_refused_and_still_serving, health_status, occupy_worker,
-                        request, wait_until)
+                        request)
 
 GENERIC_INTERNAL = "internal error while summarising; see the server log"
 
@@ -63,7 +63,7 @@ async def test_a_poison_article_fails_alone_and_other_callers_in_its_batch_get_r
         texts.insert(3, "caller with a poison pill")
         calls = [asyncio.ensure_future(stub.Summarize(request(t), timeout=10)) for t in texts]
         # All eight queue behind the held worker: one batch.
-        await wait_until(lambda: server.core.batcher.queue_depth == 8)
+        await until(lambda: server.core.batcher.queue_depth == 8)
         engine.hold.set()
         outcomes = await asyncio.gather(*calls, return_exceptions=True)
         await first
@@ -123,10 +123,10 @@ async def test_a_256_article_request_holds_single_article_callers_back_by_at_mos
         first = await occupy_worker(stub, engine, "warm the worker")
         bulk = asyncio.ensure_future(stub.Summarize(
             request(*[f"bulk article {n:03d}" for n in range(256)]), timeout=30))
-        await wait_until(lambda: server.core.batcher.queue_depth == 256)
+        await until(lambda: server.core.batcher.queue_depth == 256)
         singles = [asyncio.ensure_future(stub.Summarize(request(f"single caller {n}"),
                                                         timeout=30)) for n in range(5)]
-        await wait_until(lambda: server.core.batcher.queue_depth == 261)
+        await until(lambda: server.core.batcher.queue_depth == 261)
         engine.hold.set()
         await asyncio.gather(first, bulk, *singles)
     next_batch = engine.batches[1]
@@ -143,10 +143,10 @@ REAL = Settings(model="fake/model", max_wait_ms=5)  # default limits
 
 @pytest.mark.parametrize(("req", "needle"), [
     (request("x" * (10 * 1024 * 1024)),
-     "articles.text (article 0, id 'a0'): 10485760 characters, over the limit of 100000"),
+     "articles.text (article 0, id 'a0'): 10485760 characters, over the server's limit of 100000"),
     (request(*["short text"] * 5000),
      "articles: 5000 articles, over the limit of 256 per request"),
-    (request("w" * (1024 * 1024)), "over the limit of 100000"),
+    (request("w" * (1024 * 1024)), "over the server's limit of 100000"),
     (request("text", num_beams=10000), "options.num_beams: 10000 is over"),
     (request("text", summary_min_tokens=50, summary_max_tokens=20),
      "options.summary_min_tokens: 50 is more than summary_max_tokens (20)"),
@@ -362,7 +362,7 @@ async def test_stop_returns_within_the_grace_period_even_while_the_model_is_stuc
                                            grpc.StatusCode.CANCELLED)
     finally:
         engine.hold.set()
-    await wait_until(lambda: not server.worker_busy)
+    await until(lambda: not server.worker_busy)
 
 
 def test_an_in_band_deadline_on_a_call_the_soak_gave_a_short_deadline_is_provoked() -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from service.text import clean_article, has_nul, model_text, tidy_headline
 
@@ -73,3 +75,41 @@ def test_model_text_runs_paragraphs_together() -> None:
 ])
 def test_headline_is_one_line_first_sentence(raw: str, headline: str) -> None:
     assert tidy_headline(raw) == headline
+
+
+def _clean_article_by_regex(text: str) -> str:
+    """clean_article as it was written first (a regular expression per kind of character):
+    the reference the one-pass version must equal."""
+    import re
+    import unicodedata
+
+    from service.text import _FURNITURE, _bare, _is_trailer
+
+    text = unicodedata.normalize("NFC", text).translate(
+        dict.fromkeys(map(ord, "\u200b\ufeff\u00ad\u2060\u180e"), None))
+    text = re.sub(r"\r\n|\r|\u2028|\u2029|\x0b|\x0c|\x85", "\n", text)
+    text = re.sub(r"[\x00-\x08\x0e-\x1f\x7f-\x84\x86-\x9f]", "", text)
+    lines = [re.sub(r"[^\S\n]+", " ", line).strip() for line in text.split("\n")]
+    lines = [line for line in lines if line and not _FURNITURE.match(_bare(line))]
+    while lines and _is_trailer(lines[-1]):
+        lines.pop()
+    return "\n".join(lines)
+
+
+_MESSY = st.text(alphabet=st.one_of(
+    st.sampled_from(list(" \t\n\r\x0b\x0c\x1c\x1f\x85\xa0\u2028\u2029\u3000\u2009\u200b\ufeff"
+                         "\u00ad\x00\x07\x7f\x9fe\u0301.-*")),
+    st.characters()), max_size=60)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_MESSY)
+def test_one_pass_cleaning_equals_the_regex_cleaning(text: str) -> None:
+    assert clean_article(text) == _clean_article_by_regex(text)
+
+
+def test_one_pass_cleaning_equals_the_regex_cleaning_on_scraped_pages() -> None:
+    page = ("Headline\r\n\r\nFirst\u00a0para  with\ttabs.\u2028Advertisement\n"
+            "Second para\u200b.\x0c\x85 Read more >>\n\u00a9 2024 Example News")
+    for text in (page, page * 50, " \n ".join([page] * 3)):
+        assert clean_article(text) == _clean_article_by_regex(text)

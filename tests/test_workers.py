@@ -27,6 +27,7 @@ from summarizer_client.gen.summarizer.v1 import summarizer_pb2 as pb
 from summarizer_client.gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
 from summarizer_client.soak import SoakConfig, run_soak
 
+from .conftest import wait_until
 from .test_cli import ServerProcess
 from .worker_engines import LOAD_DELAY_FILE_ENV
 
@@ -64,17 +65,14 @@ def serve(model_dir: Path) -> Iterator[Callable[..., ServerProcess]]:
         pids = worker_pids(server).values()
         server.process.kill()
         server.process.wait()
-        wait_until(lambda: not any(alive(p) for p in pids), 10, "workers outlived the test")
+        wait_until(lambda: not any(alive(p) for p in pids), 10,  # noqa: B023 - waited for here
+                   "the workers to exit with their server")
 
 
 # ----- waiting on conditions -----
-def wait_until(condition: Callable[[], object], timeout_s: float, what: str,
-               server: ServerProcess | None = None) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(what + ("\n" + "".join(server.log) if server else ""))
-        time.sleep(0.02)
+def log_of(server: ServerProcess) -> Callable[[], str]:
+    """What a failed wait adds: the server's log so far."""
+    return lambda: "".join(server.log)
 
 
 def wait_for_log(server: ServerProcess, pattern: str, timeout_s: float = 30,
@@ -90,7 +88,7 @@ def wait_for_log(server: ServerProcess, pattern: str, timeout_s: float = 30,
                 return True
         return False
 
-    wait_until(seen, timeout_s, f"no log line matching {pattern!r}", server)
+    wait_until(seen, timeout_s, f"a log line matching {pattern!r}", details=log_of(server))
     return found[0]
 
 
@@ -252,7 +250,8 @@ def test_a_hanging_input_is_ended_by_the_watchdog_while_others_are_served(serve)
     assert (failure.code(), failure.details()) == (grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
     assert restarts(server, "watchdog") == 2  # the batch, then its one retry
     assert "ran past the watchdog" in "".join(server.log)
-    wait_until(lambda: health(server) == SERVING, 30, "not SERVING after the watchdog", server)
+    wait_until(lambda: health(server) == SERVING, 30, "SERVING after the watchdog",
+               details=log_of(server))
 
 
 def test_a_crash_loop_stops_serving_and_exits_nonzero(serve) -> None:
@@ -271,7 +270,7 @@ def test_a_crash_loop_stops_serving_and_exits_nonzero(serve) -> None:
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
-    wait_until(lambda: statuses, 10, "no health status")
+    wait_until(lambda: statuses, 10, "a health status")
     stub = pb_grpc.SummarizerStub(channel)
     started = time.monotonic()
     # Each call costs the worker two deaths (the batch and its retry): the breaker must trip.
@@ -282,7 +281,8 @@ def test_a_crash_loop_stops_serving_and_exits_nonzero(serve) -> None:
         except grpc.RpcError as error:
             assert error.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE)
     wait_until(lambda: statuses[-1] == NOT_SERVING or server.process.poll() is not None, 10,
-               f"health {statuses} after the crash loop", server)
+               f"NOT_SERVING after the crash loop (health {statuses})",
+               details=log_of(server))
     # An open Watch is an in-flight call: the server's stop would wait the whole grace period.
     replies.cancel()
     assert server.process.wait(timeout=30) != 0
@@ -327,7 +327,8 @@ def test_workers_survive_a_soak_while_one_is_sigkilled_every_two_seconds(serve) 
         summary, "".join(log[-40:]))
     assert report.results_verified > 0 and report.codes["OK"] > 0, summary
     wait_until(lambda: restarts(server, "signal") == len(killed), 30,
-               f"{len(killed)} kills, restarts {metrics(server)}", server)
+               f"a restart per kill ({len(killed)} kills)",
+               details=lambda: f"restarts {metrics(server)}\n" + log_of(server)())
 
 
 def test_no_orphans_when_the_server_is_sigkilled(serve) -> None:
@@ -341,7 +342,7 @@ def test_no_orphans_when_the_server_is_sigkilled(serve) -> None:
         wait_for_log(server, r"generating a batch of 1 \(poisoned\)")
         server.process.kill()
         server.process.wait()
-        wait_until(lambda: not any(alive(p) for p in pids), 5, f"orphaned workers {pids}")
+        wait_until(lambda: not any(alive(p) for p in pids), 5, f"orphaned workers {pids} to exit")
         assert stuck.exception(timeout=30).code() == grpc.StatusCode.UNAVAILABLE
 
 
@@ -352,9 +353,9 @@ def test_health_follows_the_one_worker_through_its_restart(serve, tmp_path: Path
     marker.write_text("3")  # the replacement takes 3 s to load
     mark = len(server.log)
     os.kill(pid, signal.SIGKILL)
-    wait_until(lambda: health(server) == NOT_SERVING, 10, "still SERVING without a worker",
-               server)
-    wait_until(lambda: health(server) == SERVING, 30, "never SERVING again", server)
+    wait_until(lambda: health(server) == NOT_SERVING, 10, "NOT_SERVING without a worker",
+               details=log_of(server))
+    wait_until(lambda: health(server) == SERVING, 30, "SERVING again", details=log_of(server))
     replaced = wait_for_log(server, REPLACED.pattern, after=mark)
     assert float(replaced.group(2)) >= 3
     with grpc.insecure_channel(server.target) as channel:
@@ -374,7 +375,7 @@ def test_sigterm_lets_the_running_batch_finish(serve) -> None:
             server.process.send_signal(signal.SIGTERM)
             check_results(call.result(timeout=60), ["a0", "a1"], sent)
     assert server.process.wait(timeout=30) == 0
-    wait_until(lambda: not any(alive(p) for p in pids), 10, f"workers {pids} still running")
+    wait_until(lambda: not any(alive(p) for p in pids), 10, f"workers {pids} to exit")
     log = "".join(server.log)
     assert "draining" in log and "stopped" in log and "Traceback" not in log
 

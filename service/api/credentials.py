@@ -182,8 +182,8 @@ class ReloadingCertificates:
         return self._current
 
     def credentials(self) -> grpc.ServerCredentials:
-        return grpc.dynamic_ssl_server_credentials(
-            self._current.configuration(), self.fetch,
+        return grpc.dynamic_ssl_server_credentials(  # the stubs miss fetch's None ("no change")
+            self._current.configuration(), self.fetch,  # type: ignore[arg-type]
             require_client_authentication=self.files.client_ca is not None)
 
     def fetch(self) -> grpc.ServerCertificateConfiguration | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -18,10 +19,13 @@ from prometheus_client.registry import Collector
 
 from ..engines.protocol import StepOut
 from ..serving.batcher import BatcherStats, BatchReport, DropReason, StepReport
-from ..domain import ArticleFailure, ArticleSummary
+from ..domain import ArticleFailure, ArticleSummary, Priority
 from ..engines.protocol import ModelDescription
 from ..errors import code_name
 from ..workers.pool import WorkerPool
+
+if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +41,35 @@ class _BatcherStatsCollector(Collector):
 
     def __init__(self) -> None:
         self.stats: BatcherStats | None = None
+        self.depth_of: Callable[[Priority], int] | None = None
 
-    def collect(self) -> Iterator[CounterMetricFamily]:
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         stats = self.stats
         if stats is None:
             return
+        for name, text, counts in (
+                ("summarizer_priority_articles_admitted", "Articles queued, by class.",
+                 stats.admitted_by_priority),
+                ("summarizer_priority_articles_refused", "Articles refused at admission because "
+                 "the queue (or their class's share of it) was full: RESOURCE_EXHAUSTED, by "
+                 "class.", stats.refused_by_priority),
+                ("summarizer_priority_articles_displaced", "Queued articles pushed out by more "
+                 "urgent work (their callers get RESOURCE_EXHAUSTED), by class.",
+                 stats.displaced_by_priority),
+                ("summarizer_priority_paused_steps", "Continuous batching: decoding steps an "
+                 "article sat out so more urgent work decoded alone, by the article's class.",
+                 stats.paused_steps_by_priority)):
+            family = CounterMetricFamily(name, text, labels=["priority"])
+            for priority in Priority:
+                family.add_metric([priority.name.lower()], counts[priority])
+            yield family
+        if self.depth_of is not None:
+            depth = GaugeMetricFamily("summarizer_priority_queue_depth",
+                                      "Articles waiting for the model, by class.",
+                                      labels=["priority"])
+            for priority in Priority:
+                depth.add_metric([priority.name.lower()], self.depth_of(priority))
+            yield depth
         dropped = CounterMetricFamily(
             "summarizer_articles_dropped",
             "Articles that left the queue (or a retry) without a result from the model, each "
@@ -123,6 +151,18 @@ class Metrics:
             buckets=LATENCY_BUCKETS_S, registry=r)
         self.queue_depth = Gauge("summarizer_queue_depth", "Articles waiting for the model.",
                                  registry=r)
+        # Per class (docs/priority.md): new series beside the totals above, which keep their
+        # names and labels.
+        self.class_requests = Counter(
+            "summarizer_priority_requests", "Summarize/SummarizeStream calls answered, by class "
+            "and status code.", ["method", "priority", "code"], registry=r)
+        self.class_request_seconds = Histogram(
+            "summarizer_priority_request_duration_seconds", "End-to-end call latency, by class.",
+            ["method", "priority"], buckets=LATENCY_BUCKETS_S, registry=r)
+        self.class_queue_wait_seconds = Histogram(
+            "summarizer_priority_queue_wait_seconds", "Time an article queued before its batch "
+            "started (continuous batching: before it was admitted to the engine), by class.",
+            ["priority"], buckets=LATENCY_BUCKETS_S, registry=r)
         self.batch_size = Histogram("summarizer_batch_size", "Articles per engine call.",
                                     buckets=BATCH_SIZE_BUCKETS, registry=r)
         self.padding_ratio = Histogram(
@@ -160,12 +200,14 @@ class Metrics:
             "sequence).", buckets=STEP_BUCKETS_S, registry=r)
         self._steps = _StepsCollector()
         r.register(self._steps)
-        self._http = None
+        self._http: WSGIServer | None = None
 
     # ----- wiring -----
-    def attach(self, queue_depth: Callable[[], int], stats: BatcherStats) -> None:
+    def attach(self, queue_depth: Callable[[], int], stats: BatcherStats,
+               depth_of: Callable[[Priority], int] | None = None) -> None:
         self.queue_depth.set_function(lambda: float(queue_depth()))
         self._batcher.stats = stats
+        self._batcher.depth_of = depth_of
 
     def attach_steps(self, last_steps: Callable[[], list[StepOut]]) -> None:
         """Continuous batching: the gauges read each engine instance's last step."""
@@ -186,20 +228,25 @@ class Metrics:
         self.info.info(labels)
 
     # ----- observations -----
+    def _observe_waits(self, report: BatchReport) -> None:
+        for index, waited in enumerate(report.waited_s):
+            self.queue_wait_seconds.observe(waited)
+            if index < len(report.priorities):
+                self.class_queue_wait_seconds.labels(
+                    Priority(report.priorities[index]).name.lower()).observe(waited)
+
     def observe_batch(self, report: BatchReport) -> None:
         if report.decoding:
             # Continuous batching: one article, from admission to done. Its queue wait is
             # truthful; batch sizes and durations have no meaning here (see observe_step).
-            for waited in report.waited_s:
-                self.queue_wait_seconds.observe(waited)
+            self._observe_waits(report)
             return
         self.batch_seconds.observe(report.duration_s)
         if report.failed:
             return  # counted by the batcher's own stats; its articles are retried or reported
         self.batch_size.observe(len(report.costs))
         self.padding_ratio.observe(report.padding_ratio)
-        for waited in report.waited_s:
-            self.queue_wait_seconds.observe(waited)
+        self._observe_waits(report)
 
     def observe_step(self, report: StepReport) -> None:
         if report.rows:
@@ -218,15 +265,21 @@ class Metrics:
             self.truncated.inc()
         self.chunks.observe(result.chunks)
 
-    def observe_call(self, method: str, code: str, seconds: float) -> None:
+    def observe_call(self, method: str, code: str, seconds: float, priority: str = "") -> None:
+        """`priority`: the call's class, once resolved ("" for GetModelInfo, or a call refused
+        before its class was known: counted in the totals only)."""
         self.requests.labels(method, code).inc()
         self.request_seconds.labels(method).observe(seconds)
+        if priority:
+            self.class_requests.labels(method, priority, code).inc()
+            self.class_request_seconds.labels(method, priority).observe(seconds)
 
     # ----- HTTP endpoint -----
     def serve(self, host: str, port: int) -> int:
         """Serve /metrics on a background thread; returns the bound port."""
-        self._http, _thread = start_http_server(port, addr=host, registry=self.registry)
-        bound = self._http.server_address[1]
+        http, _thread = start_http_server(port, addr=host, registry=self.registry)
+        self._http = http
+        bound = http.server_address[1]
         log.info("metrics on http://%s:%d/metrics", host, bound)
         return bound
 

@@ -19,6 +19,7 @@ from summarizer_client.client import AUTH_METADATA_KEY
 from ..config import Settings
 from ..errors import ConfigError, Unauthenticated, status_for
 from .credentials import ReloadingCertificates, TlsFiles, read_nonempty
+from .priority import TokenClasses, parse_token_line
 
 EXEMPT_SERVICES = frozenset({health.SERVICE_NAME})
 TOKEN_SCHEME = "bearer"
@@ -34,18 +35,30 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
         client_ca=settings.tls_client_ca or None)).credentials()
 
 
-def accepted_tokens(settings: Settings) -> tuple[str, ...]:
-    """Every bearer token the server accepts; empty means authentication is off."""
-    tokens = [settings.auth_token.strip()] if settings.auth_token.strip() else []
+def token_classes(settings: Settings) -> dict[str, TokenClasses]:
+    """Every bearer token the server accepts, with the priority classes it may use (see
+    api/priority.py: `TOKEN [default=CLASS] [ceiling=CLASS]` per line of the tokens file);
+    empty means authentication is off."""
+    tokens: dict[str, TokenClasses] = {}
+    if settings.auth_token.strip():
+        tokens[settings.auth_token.strip()] = TokenClasses()
     if settings.auth_tokens_file:
         text = read_nonempty(settings.auth_tokens_file, "tokens file (--auth-tokens-file)").decode(
             "utf-8", errors="replace")
-        tokens += [line.strip() for line in text.splitlines()
-                   if line.strip() and not line.lstrip().startswith("#")]
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip() and not line.lstrip().startswith("#"):
+                token, classes = parse_token_line(
+                    line, f"tokens file (--auth-tokens-file) line {number}")
+                tokens[token] = classes
     for token in tokens:
         if any(c.isspace() for c in token) or not token.isprintable():
             raise ConfigError("a bearer token must be one printable word without spaces")
-    return tuple(tokens)
+    return tokens
+
+
+def accepted_tokens(settings: Settings) -> tuple[str, ...]:
+    """Every bearer token the server accepts; empty means authentication is off."""
+    return tuple(token_classes(settings))
 
 
 def _service_of(method: str) -> str:
@@ -54,21 +67,21 @@ def _service_of(method: str) -> str:
 
 
 def _denying(handler: grpc.RpcMethodHandler, error: Unauthenticated) -> grpc.RpcMethodHandler:
-    """A handler of the same shape as `handler` that ends the call with `error`'s status."""
+    """A handler that ends the call with `error`'s status before reading its message.
+
+    gRPC reads a unary call's whole message before it runs the handler, so a refusal shaped
+    like the method would first buffer whatever the caller sends (up to --max-message-bytes,
+    per call). Declared as streaming requests, the handler runs on the headers alone; its status
+    ends the call and gRPC drops the rest of the body. On the wire a client cannot tell the
+    difference: it gets UNAUTHENTICATED and no message."""
     code, message = status_for(error)
 
-    async def deny(_request: Any, context: grpc.aio.ServicerContext) -> None:
+    async def deny(_requests: Any, context: grpc.aio.ServicerContext) -> None:
         await context.abort(grpc.StatusCode[code.name], message)
 
-    shape = (handler.request_streaming, handler.response_streaming)
-    make = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }[shape]
-    return make(deny, request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
+    return grpc.stream_stream_rpc_method_handler(
+        deny, request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer)
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):

@@ -11,25 +11,28 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import grpc
+from google.protobuf import descriptor, descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from ..config import Settings, trace_exporters, worker_devices
 from ..serving.core import SummarizerCore
-from ..serving.executor import BatchReport
+from ..serving.batcher import BatchReport
 from ..serving.tracing import NO_TRACER
 from ..engines.choice import batching_mode, resolved
 from ..engines.factory import build_engine
 from ..workers.child import build as build_worker_engine
 from ..workers.pool import CrashLoop, WorkerPool
-from ..engines.protocol import Engine
+from ..engines.protocol import Engine, SteppingEngine
 from ..errors import ConfigError
+from .memory import MIB, MemoryReleaser, RequestBudget
 from .metrics import Metrics
-from .security import interceptors, server_credentials
-from .servicer import SERVICE_NAME, SummarizerServicer, add_to_server
+from .priority import PriorityRules
+from .security import interceptors, server_credentials, token_classes
+from .servicer import SERVICE_NAME, SummarizerServicer, add_to_server, install_peer_gone_filter
 
 if TYPE_CHECKING:
     from .tracing import Tracing
@@ -44,12 +47,42 @@ REFLECTION_V1_SERVICE = "grpc.reflection.v1.ServerReflection"
 ships only v1alpha, whose messages are the same on the wire."""
 
 
+class MethodSymbolPool:
+    """The default protobuf descriptor pool, which also finds the file of a method symbol.
+
+    grpcurl and Postman describe a method by asking for the file containing
+    `summarizer.v1.Summarizer.Summarize`; protobuf's Python pool resolves messages, services
+    and fields but not methods (grpc/grpc#34743), so reflection answered `Symbol not found`.
+    A name that is not found is tried as SERVICE.METHOD: the service's file is the answer, as
+    the C++ and Go servers give it. Everything else goes to the pool as it is."""
+
+    def __init__(self, pool: descriptor_pool.DescriptorPool | None = None) -> None:
+        self._pool = pool or descriptor_pool.Default()
+
+    def FindFileContainingSymbol(self, symbol: str) -> descriptor.FileDescriptor:  # noqa: N802
+        try:
+            return self._pool.FindFileContainingSymbol(symbol)
+        except KeyError:
+            service_name, _, method = symbol.rpartition(".")
+            if not service_name:
+                raise
+            service = self._pool.FindServiceByName(service_name)  # KeyError: not found
+            if method not in service.methods_by_name:
+                raise
+            return service.file
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pool, name)
+
+
 def enable_reflection(server: grpc.aio.Server, service_names: tuple[str, ...]) -> None:
     """Serve reflection as grpc.reflection.v1 and v1alpha, both by the same servicer.
 
     The services listed are the ones whose descriptors the servicer can describe: v1alpha's is
-    in the protobuf pool, v1's is not (no module ships it), so v1 is served but not listed."""
-    servicer = reflection.aio.ReflectionServicer((*service_names, reflection.SERVICE_NAME))
+    in the protobuf pool, v1's is not (no module ships it), so v1 is served but not listed.
+    Method symbols resolve too (MethodSymbolPool)."""
+    servicer = reflection.aio.ReflectionServicer((*service_names, reflection.SERVICE_NAME),
+                                                 pool=MethodSymbolPool())
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
         REFLECTION_V1_SERVICE, {"ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
@@ -89,8 +122,8 @@ def _check_free(host: str, port: int, flags: str) -> None:
 def _bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None,
           flags: str) -> int:
     """Listen on `address`; a port that cannot be had is one clear error naming the flags."""
-    host, _, port = address.rpartition(":")
-    _check_free(host, int(port), flags)
+    host, _, wanted = address.rpartition(":")
+    _check_free(host, int(wanted), flags)
     try:
         if credentials is None:
             port = server.add_insecure_port(address)
@@ -166,12 +199,20 @@ class SummarizerServer:
         self.batching = ""
         """"static" or "continuous", once loaded (`--batching` decided for the engine)."""
         self._stopping = False
+        # Health updates the workers trigger: held until done (the loop keeps only weak references).
+        self._health_updates: set[asyncio.Future[None]] = set()
         self.tracing = tracing if tracing is not None else tracing_from_environment()
         self.metrics = Metrics()
         self.metrics_port: int | None = None
         self.health_port: int | None = None
         self._health_server: grpc.aio.Server | None = None
-        self.servicer = SummarizerServicer(settings.max_concurrent_rpcs, self.metrics)
+        self.releaser = MemoryReleaser()
+        install_peer_gone_filter()
+        self.servicer = SummarizerServicer(
+            settings.max_concurrent_rpcs, self.metrics,
+            PriorityRules(settings.default_class, token_classes(settings)),
+            budget=RequestBudget(settings.request_memory_mb * MIB),
+            on_call_end=self.releaser.call_ended)
         self.health = health.aio.HealthServicer()
         self.core: SummarizerCore | None = None
         self.port: int | None = None
@@ -180,6 +221,8 @@ class SummarizerServer:
             ("grpc.max_send_message_length", settings.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ]
+        if settings.max_streams_per_connection:
+            options.append(("grpc.max_concurrent_streams", settings.max_streams_per_connection))
         if settings.max_connection_age_s:
             options += [
                 ("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)),
@@ -190,7 +233,8 @@ class SummarizerServer:
         self._authenticating = bool(auth)
         # Tracing first: a call refused for its token still has its server span.
         traced = [self.tracing.interceptor()] if self.tracing is not None else []
-        self.server = grpc.aio.server(options=options, interceptors=[*traced, *auth])
+        self.server = grpc.aio.server(options=options, interceptors=[*traced, *auth],
+                                      maximum_concurrent_rpcs=settings.max_open_calls or None)
         add_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if settings.reflection:
@@ -257,7 +301,7 @@ class SummarizerServer:
             settings = (self.settings if self.settings.worker_engine else
                         await _in_daemon_thread(lambda: resolved(self.settings),
                                                 "summarizer-choose"))
-            engine = await _in_daemon_thread(
+            engine: Engine = await _in_daemon_thread(
                 lambda: (build_worker_engine(settings) if settings.worker_engine
                          else build_engine(settings, weights=False)), "summarizer-load")
             # Decided once, here, like the engine: the workers open sessions when it says so.
@@ -272,15 +316,16 @@ class SummarizerServer:
                 run_batches = self.workers.run_batches()
             loaded = warmed = time.perf_counter()
         else:
-            engine = await _in_daemon_thread(lambda: self._engine_factory(self.settings),
-                                             "summarizer-load")
+            engine = await _in_daemon_thread(
+                lambda: self._engine_factory(self.settings), "summarizer-load")
             self.batching = batching_mode(self.settings, engine)
             loaded = time.perf_counter()
             if self.settings.warmup:
                 await _in_daemon_thread(engine.warmup, "summarizer-warmup")
             if self.batching == "continuous":
-                session = await _in_daemon_thread(engine.open_session,  # type: ignore[attr-defined]
-                                                  "summarizer-session")
+                # batching_mode chose continuous: the engine can step
+                stepping = cast(SteppingEngine, engine)
+                session = await _in_daemon_thread(stepping.open_session, "summarizer-session")
                 advancers = [session.advance]
             warmed = time.perf_counter()
         on_batch = self.metrics.observe_batch
@@ -297,12 +342,14 @@ class SummarizerServer:
                               run_batches=run_batches, advancers=advancers,
                               on_step=self.metrics.observe_step)
         await core.start()
-        self.metrics.attach(lambda: core.batcher.queue_depth, core.batcher.stats)
+        self.metrics.attach(lambda: core.batcher.queue_depth, core.batcher.stats,
+                            core.batcher.queue_depth_of)
         if advancers:
             self.metrics.attach_steps(core.batcher.last_steps)
         self.metrics.model_loaded(engine.name, engine.models, loaded - started, warmed - loaded)
         self.core = core
         self.servicer.core = core
+        self.releaser.start()  # the floor: the model loaded
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         described = ", ".join(f"{m.model_id} ({m.role}, {m.family}, {m.dtype} on {m.device})"
                               for m in engine.models)
@@ -319,7 +366,9 @@ class SummarizerServer:
         serving = workers.ready > 0 and workers.failed is None
         status = (health_pb2.HealthCheckResponse.SERVING if serving
                   else health_pb2.HealthCheckResponse.NOT_SERVING)
-        asyncio.ensure_future(self._set_health(status))
+        update = asyncio.ensure_future(self._set_health(status))
+        self._health_updates.add(update)
+        update.add_done_callback(self._health_updates.discard)
 
     async def start(self) -> int:
         port = await self.listen()
@@ -335,6 +384,7 @@ class SummarizerServer:
         self._stopping = True
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace_s)
+        await self.releaser.stop()
         if self.core is not None:
             await self.core.stop(timeout_s=max(0.0, deadline - time.monotonic()))
         if self.workers is not None:

@@ -41,9 +41,10 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import Link, Status, StatusCode
 
 from .. import __version__
+from ..domain import Priority
 from ..engines.protocol import Engine
 from ..errors import ConfigError
-from ..serving.executor import BatchReport
+from ..serving.batcher import BatchReport
 from ..serving.tracing import AttributeValue
 
 log = logging.getLogger(__name__)
@@ -170,6 +171,9 @@ class Tracing:
             "batch_size": size, "input_tokens": sum(report.costs),
             "padded_tokens": size * longest, "padding_ratio": round(report.padding_ratio, 4),
             "isolation_depth": report.isolation_depth}
+        if report.priorities:  # the batch's classes, most urgent first
+            attributes["priority"] = ",".join(
+                Priority(p).name.lower() for p in sorted(set(report.priorities)))
         for name in ("num_beams", "summary_max_tokens", "headline_max_tokens"):
             value = getattr(report.key, name, None)
             if isinstance(value, int):
@@ -182,7 +186,8 @@ class Tracing:
                           if k not in ("batch_size", "padded_tokens", "padding_ratio",
                                        "isolation_depth")}
         batch = self.tracer.start_span(
-            PREFIX + ("decode" if report.decoding else "batch"), context=trace.set_span_in_context(sampled[0].span),
+            PREFIX + ("decode" if report.decoding else "batch"),
+            context=trace.set_span_in_context(sampled[0].span),
             attributes={**_attributes(attributes), **self.engine_attributes},
             links=[Link(o.span.get_span_context()) for o in sampled], start_time=started_ns)
         if report.failed:
@@ -195,9 +200,14 @@ class Tracing:
                 owner.span.add_link(served)
         if report.isolation_depth:
             return  # the jobs' queue wait ended at their first try
-        for owner, waited_s, cost in zip(report.traces, report.waited_s, report.costs):
-            if isinstance(owner, OtelSpan) and owner.span.is_recording():
+        classes = report.priorities or (None,) * len(report.costs)
+        for traced, waited_s, cost, priority in zip(report.traces, report.waited_s, report.costs,
+                                                   classes):
+            if isinstance(traced, OtelSpan) and traced.span.is_recording():
+                wait_attributes: dict[str, AttributeValue] = {PREFIX + "input_tokens": cost}
+                if priority is not None:
+                    wait_attributes[PREFIX + "priority"] = Priority(priority).name.lower()
                 self.tracer.start_span(
-                    PREFIX + "queue_wait", context=trace.set_span_in_context(owner.span),
-                    attributes={PREFIX + "input_tokens": cost},
+                    PREFIX + "queue_wait", context=trace.set_span_in_context(traced.span),
+                    attributes=wait_attributes,
                     start_time=started_ns - int(waited_s * 1e9)).end(end_time=started_ns)

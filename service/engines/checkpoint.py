@@ -20,7 +20,7 @@ from ..domain import Generated, GenerationParams, Outputs, PreparedArticle
 from .protocol import WARMUP_TEXT, ModelDescription
 from ..errors import ModelLoadError, first_line
 from .manifests import Manifest, manifest_for, source_for, unknown_name
-from .tokenizer import HFTokenizer, SideFile, TextTokenizer
+from .tokenizer import GENERATION_KEYS, HFTokenizer, SideFile, TextTokenizer, encode_for_window
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +58,17 @@ class Checkpoint:
     special_ids: frozenset[int]
     max_new_tokens: int | None
     model: Any = None
+    generation: dict[str, Any] = field(default_factory=dict)
+    """The generation-config values the engines read (tokenizer.GENERATION_KEYS)."""
 
     def encode(self, texts: list[str], window: int) -> list[tuple[tuple[int, ...], bool]]:
         """Token ids per text, cut to `window` while keeping the special tokens at both ends."""
         if not texts:
             return []  # the tokenizer refuses an empty batch
         out = []
-        for ids, mask in self.tokenizer.encode_batch(texts):
+        encoded = (self.tokenizer.encode_batch(texts) if window == sys.maxsize
+                   else encode_for_window(self.tokenizer, texts, window))
+        for ids, mask in encoded:
             if len(ids) <= window:
                 out.append((tuple(ids), False))
                 continue
@@ -189,12 +193,28 @@ def load_checkpoint(source: Source, settings: Settings) -> Checkpoint:
     values = {key: getattr(config, key, None) for key in (
         "model_type", "pad_token_id", "max_position_embeddings",
         "max_encoder_position_embeddings", "max_decoder_position_embeddings")}
-    return _checkpoint(source.ref, config, values, HFTokenizer(tokenizer), settings)
+    ckpt = _checkpoint(source.ref, config, values, HFTokenizer(tokenizer), settings)
+    ckpt.generation = _generation_defaults(source, config)
+    return ckpt
+
+
+def _generation_defaults(source: Source, config: Any) -> dict[str, Any]:
+    """The checkpoint's generation config values (GENERATION_KEYS): its generation_config.json,
+    else what transformers derives from its config."""
+    from transformers import GenerationConfig
+
+    try:
+        generation = GenerationConfig.from_pretrained(source.location, **source.options)
+    except Exception:  # noqa: BLE001 - none, or unreadable: what the config implies
+        generation = GenerationConfig.from_model_config(config)
+    return {key: getattr(generation, key, None) for key in GENERATION_KEYS}
 
 
 def load_converted_checkpoint(ref: str, side: SideFile, settings: Settings) -> Checkpoint:
     """A converted directory's tokenizer and defaults from its side file: no transformers."""
-    return _checkpoint(ref, side.config, side.config, side.tokenizer, settings)
+    ckpt = _checkpoint(ref, side.config, side.config, side.tokenizer, settings)
+    ckpt.generation = dict(side.generation)
+    return ckpt
 
 
 def _checkpoint(ref: str, config: Any, values: dict[str, Any], tokenizer: TextTokenizer,
@@ -227,6 +247,10 @@ def _checkpoint(ref: str, config: Any, values: dict[str, Any], tokenizer: TextTo
         special_ids=tokenizer.special_ids | {pad_id},
         max_new_tokens=max_new_tokens,
     )
+
+
+def _optional(kind: Callable[[Any], Any], value: Any) -> Any:
+    return None if value is None else kind(value)
 
 
 class CheckpointEngine:
@@ -296,7 +320,9 @@ class CheckpointEngine:
             role=role, model_id=ckpt.ref, family=ckpt.manifest.family, model_type=ckpt.model_type,
             max_input_tokens=ckpt.window, summary_prefix=ckpt.summary_prefix,
             headline_prefix=ckpt.headline_prefix, dtype=self.compute_type, device=self.device,
-            chunked_headline=ckpt.manifest.chunked_headline)
+            chunked_headline=ckpt.manifest.chunked_headline,
+            length_penalty=_optional(float, ckpt.generation.get("length_penalty")),
+            no_repeat_ngram_size=_optional(int, ckpt.generation.get("no_repeat_ngram_size")))
 
     def prepare(self, texts: Sequence[str], params: GenerationParams) -> list[PreparedArticle]:
         texts = list(texts)

@@ -1,7 +1,7 @@
 """`--engine auto` and `--compute-type auto`: the fast path unless the model or device needs torch.
 
 CTranslate2 int8 measured 8-10x the naive transformers loop on a 2-core CPU, torch float32 1.4-2.5x
-(README "Performance"), in a third of the memory; so auto picks CTranslate2 wherever it supports
+(docs/performance.md), in a third of the memory; so auto picks CTranslate2 wherever it supports
 the checkpoint's model type and the device, else torch, and says why in one log line. The choice
 needs the model type before anything loads: a directory's config.json, a named manifest's family,
 or a hub id's config.json (one small file, from the hub cache when offline).

@@ -8,8 +8,8 @@ was converted from. `summarizer convert` writes one ahead of time (for a Docker 
 checkpoint and the compute type, and reuses it afterwards.
 
 CTranslate2's converter predates some `transformers` changes; `_converter_class` fills the gaps
-instead of pinning `transformers` back: BART and PEGASUS configs no longer carry `normalize_before` (and
-PEGASUS not `normalize_embedding`), T5 v1.1 / FLAN-T5 moved "untied embeddings" to
+instead of pinning `transformers` back: BART and PEGASUS configs no longer carry `normalize_before`
+(and PEGASUS not `normalize_embedding`), T5 v1.1 / FLAN-T5 moved "untied embeddings" to
 `scale_decoder_outputs`, and a model vocabulary larger than the tokenizer's (common: rows padded
 for speed) is padded with placeholder tokens.
 """
@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -132,6 +133,7 @@ def convert(source: Source, out: str | Path, compute_type: str, revision: str = 
     except ImportError as error:
         raise ModelLoadError("the ctranslate2 engine needs the ctranslate2 package: "
                              "pip install ctranslate2") from error
+    _check_conversion_tools(source)
     out = Path(out).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -158,6 +160,22 @@ def convert(source: Source, out: str | Path, compute_type: str, revision: str = 
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
+
+
+def _check_conversion_tools(source: Source) -> None:
+    """Converting reads the checkpoint with torch and transformers. An installation that serves
+    converted models only (the image built with ENGINE=ctranslate2) has neither: say so, and
+    what to do, instead of failing inside the converter."""
+    import importlib.util
+
+    missing = [name for name in ("torch", "transformers") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ModelLoadError(
+            f"cannot convert {source.ref!r} for ctranslate2: converting needs "
+            f"{' and '.join(missing)}, which this installation leaves out (the container image "
+            "built with ENGINE=ctranslate2 serves converted models only). Convert it once where "
+            "they are installed (`summarizer convert DIR --in-place`) and serve that directory, "
+            "or build the image with --build-arg ENGINE=torch")
 
 
 def convert_in_place(source: Source, compute_type: str) -> Path:
@@ -197,15 +215,45 @@ def _copy_hf_side(source: Source, out: Path, revision: str) -> None:
         write_marker(out, source.location)
 
 
+def _writable(directory: Path) -> bool:
+    """Whether a conversion could be written under `directory` (created if need be)."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(directory, os.W_OK | os.X_OK)
+
+
+def cache_candidates(cache_dir: str) -> list[str]:
+    """Where converted checkpoints may live, in the order tried: the one given; else
+    ~/.cache/summarizer/ctranslate2, then one under the temporary directory (a container's home
+    is often on a read-only root filesystem while /tmp is a writable volume)."""
+    if cache_dir:
+        return [cache_dir]
+    return [DEFAULT_CACHE_DIR, str(Path(tempfile.gettempdir()) / "summarizer-ctranslate2")]
+
+
 def converted_for(source: Source, compute_type: str, cache_dir: str, revision: str = "") -> Path:
     """A converted directory for `source`: itself if pre-converted, else the cache entry,
     converting into it first if needed. Converting runs in a child process, so that torch and
     the float32 weights it loads do not stay in the server's memory."""
     if source.local and is_converted(source.location):
         return Path(source.location)
-    target = cache_path(cache_dir, source, revision, compute_type)
-    if is_converted(target):
-        return target
+    targets = [cache_path(base, source, revision, compute_type)
+               for base in cache_candidates(cache_dir)]
+    for target in targets:
+        if is_converted(target):
+            return target
+    writable = [target for target in targets if _writable(target.parent)]
+    if not writable:
+        tried = ", ".join(str(target.parent) for target in targets)
+        raise ModelLoadError(
+            f"cannot convert {source.ref!r} for ctranslate2: no writable cache directory "
+            f"(tried {tried}). Give a writable one with --convert-cache-dir "
+            "(SUMMARIZER_CONVERT_CACHE_DIR), convert ahead of time with `summarizer convert "
+            "MODEL --in-place` (or --out DIR, then serve that directory), or serve without "
+            "conversion with --engine torch")
+    target = writable[0]
     log.info("converting %s for ctranslate2 (%s) into %s, once", source.ref, compute_type,
              target)
     command = [sys.executable, "-m", "service", "convert", source.location, "--out", str(target),

@@ -2,8 +2,8 @@
 
 `--model` takes what the torch engine takes (a directory, hub id or manifest name; the checkpoint is
 converted into `--convert-cache-dir` on first use) or a directory `summarizer convert` wrote.
-Tokenising, windows, defaults and results are the shared ones (service/engines/checkpoint.py), so both
-engines read the same ids and answer in the same format; the options are passed to CTranslate2
+Tokenising, windows, defaults and results are the shared ones (service/engines/checkpoint.py), so
+both engines read the same ids and answer in the same format; the options are passed to CTranslate2
 explicitly, since it reads no `generation_config.json`: beams, lengths, `length_penalty`,
 `no_repeat_ngram_size` and a checkpoint's forced first token (BART-CNN's `forced_bos_token_id`).
 """

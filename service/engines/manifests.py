@@ -161,7 +161,7 @@ def close_names(model_ref: str, count: int = 3) -> list[str]:
     by_hub_name = {data["hub_id"].rsplit("/", 1)[-1]: name
                    for name, data in named_models().items() if data.get("hub_id")}
     close = difflib.get_close_matches(model_ref, [*names, *by_hub_name], n=count * 2)
-    found = [by_hub_name.get(match, match) for match in close]
+    found = [str(by_hub_name.get(match, match)) for match in close]
     return list(dict.fromkeys(found))[:count]
 
 
@@ -248,7 +248,7 @@ def _score_cell(score: PublishedScore) -> str:
 
 
 def markdown_table() -> str:
-    """The README's table of recommended checkpoints, generated so that it cannot drift."""
+    """The table of recommended checkpoints in docs/models.md, generated so that it cannot drift."""
     rows = ["| name | hub id | family | roles | parameters | safetensors | licence | "
             "published ROUGE (CNN/DailyMail test) |", "|---|---|---|---|---|---|---|---|"]
     for manifest in catalogue():

@@ -34,18 +34,29 @@ class ModelDescription:
     """For an article summarised in chunks, what the headline is written from: "summary" (the
     final summary) or "opening+summary" (the article's opening sentences, then the summary).
     Meaningful for the model that writes headlines."""
+    length_penalty: float | None = None
+    """The checkpoint's own generation default (its generation config), used when a request
+    leaves it unset; None when the checkpoint sets none."""
+    no_repeat_ngram_size: int | None = None
+    """Likewise (0: off)."""
 
 
 class Engine(Protocol):
     name: str
-    models: Sequence[ModelDescription]
+
+    @property
+    def models(self) -> Sequence[ModelDescription]:
+        """The loaded checkpoints (read-only here: an engine may hold them in any sequence)."""
+        ...
+
     defaults: GenerationParams
     """Options applied where a request leaves them unset; `max_input_tokens` is the window."""
     max_new_tokens: int | None
     """The most tokens the model(s) can write (a decoder's position limit); None: no limit."""
 
     def prepare(self, texts: Sequence[str], params: GenerationParams) -> list[PreparedArticle]:
-        """Tokenise cleaned article texts for the outputs `params` asks for, cutting to the window."""
+        """Tokenise cleaned article texts for the outputs `params` asks for, cutting to the
+        window."""
         ...
 
     def count_tokens(self, texts: Sequence[str], params: GenerationParams) -> list[int]:
@@ -99,7 +110,8 @@ class StepIn:
     """Tickets whose rows sit this step out (the serving side's policy decides, e.g. bulk
     articles while interactive ones decode): their rows, caches and search state are kept as
     they are, nothing is recomputed, and they resume at the first step that does not name them.
-    A paused article still counts against the cache budget. An unknown ticket is ignored."""
+    A paused article still counts against the cache budget. A paused article that is still
+    waiting is not admitted (not encoded) in that step. An unknown ticket is ignored."""
 
 
 @dataclass(frozen=True)
@@ -126,12 +138,19 @@ class StepOut:
     active: int = 0
     """Articles decoding (an article leaves when both of its outputs are done)."""
     rows: int = 0
-    """Sequences (beams included) in the step that ran; 0: no step ran (nothing active)."""
+    """Sequences (beams included) in the step that ran; 0: no step ran (nothing active, or
+    every active row paused)."""
     step_s: float = 0.0
     """Seconds the call spent in the model: encoding what joined, then the step."""
     used_bytes: int = 0
     """Cache memory held by the active articles after this call."""
     budget_bytes: int = 0
+    paused_rows: int = 0
+    """Sequences of active articles that sat this step out (`StepIn.pause`); not in `rows`."""
+    encode_deferred: int = 0
+    """Of `waiting`, the articles that had cache room but were left for a later step by the
+    encoder slice (a burst of long inputs is encoded a slice per step); the others wait for
+    room (or are paused)."""
 
 
 class DecodingSession(Protocol):

@@ -12,6 +12,10 @@ import random
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
 
 FAMILIES = ("bart", "t5", "pegasus")
 
@@ -36,7 +40,7 @@ def training_text(sentences: int = 400, seed: int = 0) -> list[str]:
     return out
 
 
-def _bpe_tokenizer(family: str, vocab_size: int):  # -> PreTrainedTokenizerFast
+def _bpe_tokenizer(family: str, vocab_size: int) -> PreTrainedTokenizerFast:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -133,13 +137,15 @@ def build_checkpoint(out_dir: str | Path, *, family: str, seed: int, tokenizer_v
     tokenizer = _bpe_tokenizer(family, tokenizer_vocab)
     vocab = max(vocab_size, len(tokenizer))
     torch.manual_seed(seed)
-    bart_like = dict(
+    bart_like: dict[str, Any] = dict(
         vocab_size=vocab, d_model=d_model, encoder_layers=encoder_layers,
         decoder_layers=decoder_layers, encoder_attention_heads=heads,
         decoder_attention_heads=heads, encoder_ffn_dim=ffn, decoder_ffn_dim=ffn,
         max_position_embeddings=max_positions)
     if init_std is not None:
         bart_like["init_std"] = init_std
+    config: PretrainedConfig
+    model: PreTrainedModel
     if family == "bart":
         config = BartConfig(**bart_like, pad_token_id=1, bos_token_id=0, eos_token_id=2,
                             decoder_start_token_id=2, forced_eos_token_id=2)
@@ -149,8 +155,8 @@ def build_checkpoint(out_dir: str | Path, *, family: str, seed: int, tokenizer_v
             vocab_size=vocab, d_model=d_model, d_kv=d_kv or d_model // heads, d_ff=ffn,
             num_layers=encoder_layers, num_decoder_layers=decoder_layers, num_heads=heads,
             feed_forward_proj=feed_forward_proj, pad_token_id=0, eos_token_id=1,
-            decoder_start_token_id=0,
             initializer_factor=1.0 if init_std is None else init_std * 10)
+        config.decoder_start_token_id = 0  # not in T5Config's signature: a generic config field
         model = T5ForConditionalGeneration(config)
     else:
         config = PegasusConfig(**bart_like, pad_token_id=0, eos_token_id=1,
@@ -226,9 +232,10 @@ def calibrate_eos_bias(gaps: list[list[float]], min_new_tokens: int,
     candidates are the gaps themselves, each raised by 0.001 (the precision kept)."""
     candidates = sorted({math.floor(row[step] * 1000) / 1000 + 0.001 for row in gaps
                          for step in range(min_new_tokens, min(max_new_tokens, len(row)))})
-    return round(min(candidates, key=lambda bias: (distance_from_uniform(
+    best = min(candidates, key=lambda bias: (distance_from_uniform(
         greedy_lengths(gaps, bias, min_new_tokens, max_new_tokens), min_new_tokens,
-        max_new_tokens), bias)), 3)
+        max_new_tokens), bias))
+    return round(best, 3)
 
 
 def build_varied_length_checkpoint(out_dir: str | Path, base_dir: str | Path, *,

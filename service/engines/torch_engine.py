@@ -78,7 +78,11 @@ class TorchEngine(CheckpointEngine):
         try:
             import torch
         except ImportError as error:  # pragma: no cover - depends on the install
-            raise ModelLoadError("torch is not installed; see README 'Install'") from error
+            raise ModelLoadError(
+                "the torch engine needs torch, which this installation leaves out (the container "
+                "image built with ENGINE=ctranslate2 serves models ctranslate2 takes, converted): "
+                "install torch (docs/engines.md) or build the image with --build-arg "
+                "ENGINE=torch") from error
         self._torch = torch
         if settings.threads:
             torch.set_num_threads(settings.threads)
@@ -175,7 +179,9 @@ class TorchEngine(CheckpointEngine):
 
         return TorchSession(adapter=adapter_for(ckpt.model), model=ckpt.model,
                             device=self.device, budget_bytes=self._cache_budget(),
-                            generation_config=self.output_config, decode=decode)
+                            generation_config=self.output_config, decode=decode,
+                            max_encode_tokens_per_step=getattr(
+                                self.settings, "max_encode_tokens_per_step", 0))
 
     def output_config(self, output: str, params: GenerationParams) -> Any:
         """The generation config `output` ("summary" or "headline") is written with."""

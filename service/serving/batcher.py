@@ -2,9 +2,11 @@
 
 This is the facade the request path uses; the work is done by two parts, each the one owner of its
 state, wired together here:
-- `queue.BatchQueue`, the policy: admission (a bounded queue; `submit` refuses at once what does
-  not fit, `admit` waits for room), fairness across callers, keys, token budget, shortest first,
-  deadlines, and the adaptive-wait cut of the next batch.
+- `queue.BatchQueue`, admission: a bounded queue (per class too; `submit` refuses at once what
+  does not fit, `admit` waits for room, more urgent work displaces less urgent queued work),
+  deadlines, and the adaptive-wait timing of the next batch;
+- `policy.SchedulingPolicy`, the order: classes, fairness across callers, keys, token budget,
+  shortest first, no starvation, and for continuous batching what to admit and pause each step;
 - `executor.Executor`, execution: pulls a batch from the queue whenever its worker is free, runs it
   through the blocking `run_batch(key, payloads)` in one worker thread, isolates failing inputs by
   halving, delivers each result to its own future, and reports batch durations back to the queue.
@@ -22,13 +24,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Generic
 
+from ..domain import Priority
 from ..engines.protocol import StepOut
 from .continuous import Advance, ContinuousExecutor, StepReport
 from .executor import R, BatchReport, Executor, RunBatch
 from .jobs import P, BatcherStats, DropReason, InvariantViolation, Job
+from .policy import SchedulingPolicy
 from .queue import BatchQueue
 
 __all__ = ["Batcher", "BatcherStats", "BatchReport", "DropReason", "InvariantViolation", "Job",
@@ -40,27 +44,36 @@ class Batcher(Generic[P, R]):
     reason it was dropped. Queued jobs belong to the queue, jobs cut into a batch to the executor;
     with `check_invariants`, each checks its own bookkeeping after every change (for tests)."""
 
-    def __init__(self, run_batch: RunBatch | Sequence[RunBatch] | None = None, *,
+    def __init__(self, run_batch: RunBatch[P, R] | Sequence[RunBatch[P, R]] | None = None, *,
                  max_batch_size: int, max_wait_ms: float,
                  max_queue: int, max_batch_tokens: int = 0,
                  clock: Callable[[], float] = time.monotonic,
                  on_batch: Callable[[BatchReport], None] | None = None,
                  check_invariants: bool = False,
                  advancers: Sequence[Advance] | None = None,
-                 on_step: Callable[[StepReport], None] | None = None) -> None:
+                 on_step: Callable[[StepReport], None] | None = None,
+                 class_limits: Mapping[Priority, int] | None = None,
+                 starvation_bound: int = 8, small_bulk_batch: int = 0,
+                 interactive_headroom: int = 0) -> None:
         """Either `run_batch` (static batching: one callable, or one per engine instance) or
         `advancers` (continuous batching: one per engine instance; `max_batch_size` is then the
         most articles each holds at once, and `max_wait_ms` and `max_batch_tokens` do not
-        apply)."""
+        apply). `class_limits`, `starvation_bound`, `small_bulk_batch` and
+        `interactive_headroom`: the priority classes' rules (queue.py, policy.py)."""
         if (run_batch is None) == (not advancers):
             raise ValueError("give either run_batch or advancers")
         self.stats = BatcherStats()
         self.continuous = bool(advancers)
+        self.policy = SchedulingPolicy(
+            max_batch_size=max_batch_size,
+            max_batch_tokens=0 if self.continuous else max_batch_tokens,
+            share_keys=self.continuous, starvation_bound=starvation_bound,
+            small_bulk_batch=small_bulk_batch, interactive_headroom=interactive_headroom)
         self._queue: BatchQueue[P] = BatchQueue(
             max_batch_size=max_batch_size, max_wait_ms=0 if self.continuous else max_wait_ms,
             max_queue=max_queue, max_batch_tokens=0 if self.continuous else max_batch_tokens,
             clock=clock, stats=self.stats, check_invariants=check_invariants,
-            share_keys=self.continuous)
+            share_keys=self.continuous, class_limits=class_limits, policy=self.policy)
         # One executor per engine instance (a worker process each), all pulling from the one
         # queue when they have room. If an executor's loop ever dies, refuse work.
         self._executors: list[Executor[P, R] | ContinuousExecutor[P, R]]
@@ -68,7 +81,8 @@ class Batcher(Generic[P, R]):
             self._executors = [
                 ContinuousExecutor(advance, max_active=max_batch_size, clock=clock,
                                    on_batch=on_batch, on_step=on_step, stats=self.stats,
-                                   check_invariants=check_invariants, on_exit=self._queue.close)
+                                   check_invariants=check_invariants, on_exit=self._queue.close,
+                                   policy=self.policy)
                 for advance in advancers]
         else:
             assert run_batch is not None
@@ -106,8 +120,14 @@ class Batcher(Generic[P, R]):
             raise RuntimeError("batcher already started")
         self._started = True
         self._queue.open()
-        for executor in self._executors:
-            await executor.start(self._queue)
+        for index, executor in enumerate(self._executors):
+            if isinstance(executor, ContinuousExecutor):
+                await executor.start(self._queue)
+            else:
+                # With two workers or more, the first is an urgent lane: its bulk batches stay
+                # small, so it is soon free for interactive work (policy rule 5).
+                await executor.start(self._queue.lane(
+                    urgent=index == 0 and len(self._executors) > 1))
 
     async def stop(self, timeout_s: float | None = None) -> None:
         """Stop taking work, let the running batch finish (for at most `timeout_s`; its callers
@@ -127,6 +147,15 @@ class Batcher(Generic[P, R]):
     def queue_depth(self) -> int:
         """Jobs waiting for the worker (not counting the running batch)."""
         return self._queue.depth
+
+    def queue_depth_of(self, priority: Priority) -> int:
+        """Jobs of one class waiting for the worker."""
+        return self._queue.depth_of(priority)
+
+    @property
+    def class_limits(self) -> dict[Priority, int]:
+        """Most jobs of each class queued at once."""
+        return dict(self._queue.class_limits)
 
     @property
     def running(self) -> int:

@@ -1,8 +1,9 @@
 """One caller's work in the queue, and the one place where it is cancelled.
 
-A `CallWork` is made per call (a unary call, or a whole stream): its jobs share one round-robin
-group in the queue (one caller, one turn, however many articles and chunk passes it queues) and
-one deadline, and it remembers every future it queued and every task it started for the caller.
+A `CallWork` is made per call (a unary call, or a whole stream): its jobs share one class
+(`domain.Priority`), one round-robin group in the queue (one caller, one turn, however many
+articles and chunk passes it queues) and one deadline, and it remembers every future it queued
+and every task it started for the caller.
 When the call ends, however it ends (answered, failed, cancelled, past its deadline), `close()`
 cancels what is left: nothing of a caller who has gone stays queued.
 """
@@ -10,10 +11,11 @@ cancels what is left: nothing of a caller who has gone stays queued.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
 
-from ..domain import Generated, GenerationParams, PreparedArticle
+from ..domain import Generated, GenerationParams, PreparedArticle, Priority
 from .batcher import Batcher, Job
 from .tracing import Span
 
@@ -29,9 +31,12 @@ def jobs_for(prepared: Sequence[PreparedArticle], params: GenerationParams,
 
 
 class CallWork:
-    def __init__(self, batcher: Batcher, deadline: float | None) -> None:
+    def __init__(self, batcher: Batcher, deadline: float | None,
+                 priority: Priority = Priority.DEFAULT) -> None:
         self.batcher = batcher
         self.deadline = deadline
+        self.priority = priority
+        """The call's class: every job it queues carries it (one class per call)."""
         self.group = object()
         self._pending: set[asyncio.Future] = set()
 
@@ -41,14 +46,18 @@ class CallWork:
             future.add_done_callback(self._pending.discard)
         return list(futures)
 
+    def _classed(self, jobs: Sequence[Job]) -> list[Job]:
+        return [job if job.priority is self.priority
+                else dataclasses.replace(job, priority=self.priority) for job in jobs]
+
     def submit_now(self, jobs: Sequence[Job]) -> list[asyncio.Future[Generated]]:
         """Queue `jobs` at once, all or none (QueueFull when they do not fit now)."""
-        return self._track(self.batcher.submit(jobs, group=self.group))
+        return self._track(self.batcher.submit(self._classed(jobs), group=self.group))
 
     async def admit(self, jobs: Sequence[Job]) -> list[asyncio.Future[Generated]]:
         """Queue `jobs`, waiting for room within the call's deadline: accepted work (stream
         articles, later passes over a long article's chunks) pushes back instead of failing."""
-        return self._track(await self.batcher.admit(jobs, group=self.group,
+        return self._track(await self.batcher.admit(self._classed(jobs), group=self.group,
                                                     deadline=self.deadline))
 
     async def queue(self, prepared: Sequence[PreparedArticle], params: GenerationParams,
@@ -58,7 +67,9 @@ class CallWork:
 
     def start(self, work: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
         """A task for the caller (e.g. an article's assembly), cancelled with the call."""
-        return self._track([asyncio.ensure_future(work)])[0]
+        task = asyncio.ensure_future(work)
+        self._track([task])
+        return task
 
     def close(self) -> None:
         """Cancel everything still pending for the caller: queued jobs leave the queue, tasks

@@ -138,13 +138,14 @@ class _Pieces:
             reach = min(end, start + self.reach)
             last = bisect.bisect_right(word_ends, reach, lo=first)
             offset = first
+            # The lambdas run inside _last_true, before `start` and `offset` move on.
             k = _last_true(last - offset,
-                           lambda k: self.tokens(start, word_ends[offset + k]) <= self.window)
+                           lambda k: self.tokens(start, word_ends[offset + k]) <= self.window)  # noqa: B023
             if k >= 0:
                 cut = word_ends[offset + k]
             else:  # one word longer than the window
                 cut = start + 1 + max(0, _last_true(
-                    reach - start - 1, lambda k: self.tokens(start, start + 1 + k) <= self.window))
+                    reach - start - 1, lambda k: self.tokens(start, start + 1 + k) <= self.window))  # noqa: B023
             yield _Piece(start, cut, self.tokens(start, cut) - self.overhead)
             start = cut
             while start < end and self.text[start].isspace():

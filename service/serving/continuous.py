@@ -8,10 +8,14 @@ one place, and it resolves each entry it is handed exactly once. Its loop:
 1. Nothing held (nothing decoding or waiting in the session): block on `next_batch()` until work
    is queued; the first article starts at once (no `max_wait_ms`) with whatever is queued beside
    it, whatever its options.
-2. Otherwise, between two steps: take what is queued NOW (`take_ready`, never waits), but only
-   while the session reports no article waiting for cache room and fewer than `max_active`
-   (`--max-batch-size`) articles are held. Each new article gets a ticket and goes into the next
-   step's `StepIn.admit` with its own options (the job's key).
+2. Otherwise, between two steps: take what is queued NOW (`take_ready`, never waits), as much as
+   the policy gives room for (`SchedulingPolicy.room`: fewer than `max_active`
+   (`--max-batch-size`) articles held and none waiting in the session for cache room; interactive
+   ones also beyond that, by `interactive_headroom`). Each new article gets a ticket and goes
+   into the next step's `StepIn.admit` with its own options (the job's key) and its class
+   (`Admit.priority`: the session admits its waiting articles most urgent first).
+   The policy also names the held articles that sit the next step out (`StepIn.pause`: less
+   urgent ones while interactive ones decode, never `starvation_bound` steps in a row).
 3. Also between steps: held articles whose caller went (future done) or whose deadline passed
    (`source.should_drop` says DEADLINE_PASSED) are resolved now and go into `StepIn.remove`, so
    the session frees their cache memory at the next step. A job already decoding is not dropped
@@ -23,10 +27,11 @@ one place, and it resolves each entry it is handed exactly once. Its loop:
    ("too_large" and "out_of_memory": `OutOfMemory`, RESOURCE_EXHAUSTED with the session's
    message; "error": `GenerationFailed`, INTERNAL). One article's failure never touches another's.
 5. `advance` raising: `Unavailable` (the engine is gone: shutdown, or workers in a crash loop)
-   fails every held article with it, `OutOfMemory` (the step as a whole) too; anything else is a bug in the engine: every held article
-   fails with `GenerationFailed` and is removed from the session at the next step. The loop
-   survives both. (A worker process that dies is handled below `advance`, in
-   `workers.pool.Slot.advance`: its articles are admitted again once on the new worker.)
+   fails every held article with it, `OutOfMemory` (the step as a whole) too; anything else is a
+   bug in the engine: every held article fails with `GenerationFailed` and is removed from the
+   session at the next step. The loop survives both. (A worker process that dies is handled
+   below `advance`, in `workers.pool.Slot.advance`: its articles are admitted again once on the
+   new worker.)
 
 The queue's "deadline cannot be met" check hears, per key (generation options), how long an
 article took from its admission to the engine until it was done (`record_duration`): its
@@ -47,12 +52,14 @@ import logging
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Generic, Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar, cast
 
+from ..domain import GenerationParams
 from ..engines.protocol import Admit, StepFailure, StepIn, StepOut
 from ..errors import GenerationFailed, OutOfMemory, Unavailable
 from .executor import BatchReport
 from .jobs import P, BatcherStats, Drop, DropReason, Entry, InvariantViolation, Job, JobState
+from .policy import SchedulingPolicy
 from .runner import Runner
 
 log = logging.getLogger(__name__)
@@ -69,8 +76,9 @@ class ContinuousSource(Protocol):
     async def next_batch(self) -> tuple[Hashable, list[Entry]] | None:
         """Wait for work; the entries are RUNNING. None: no more work."""
 
-    def take_ready(self, limit: int) -> list[Entry]:
-        """At most `limit` queued entries, now, without waiting (RUNNING)."""
+    def take_ready(self, limit: int, interactive_limit: int = 0) -> list[Entry]:
+        """At most `limit` queued entries, then interactive ones up to `interactive_limit` in
+        all, now, without waiting (RUNNING)."""
 
     def should_drop(self, job: Job, now: float) -> Drop | None:
         """Whether a job is no longer worth running."""
@@ -95,6 +103,8 @@ class StepReport:
     """The whole call as the executor saw it (a worker's pipe included)."""
     used_bytes: int
     budget_bytes: int
+    paused: int = 0
+    """Held articles that sat the step out (StepIn.pause)."""
 
 
 @dataclass(eq=False)
@@ -121,11 +131,16 @@ class ContinuousExecutor(Runner, Generic[P, R]):
                  on_batch: Callable[[BatchReport], None] | None = None,
                  on_step: Callable[[StepReport], None] | None = None,
                  stats: BatcherStats | None = None, check_invariants: bool = False,
-                 on_exit: Callable[[], None] | None = None) -> None:
+                 on_exit: Callable[[], None] | None = None,
+                 policy: SchedulingPolicy | None = None) -> None:
+        """`policy`: what to admit and pause (default: policy.py's rules, no headroom)."""
         if max_active < 1:
             raise ValueError("max_active must be at least 1")
         super().__init__(on_exit)
         self._task_name = "continuous-executor"
+        self.policy = policy if policy is not None else SchedulingPolicy(
+            max_batch_size=max_active, share_keys=True)
+        self._paused_in_a_row = 0
         self._advance = advance
         self.max_active = max_active
         self._clock = clock
@@ -193,12 +208,16 @@ class ContinuousExecutor(Runner, Generic[P, R]):
             admit = batch[1][:self.max_active]
             for extra in batch[1][self.max_active:]:  # never: the queue cuts at most that many
                 self._finish(extra, error=GenerationFailed("too many articles handed over"))
-        elif not self._stopping and self._room() > 0:
-            admit = self._source.take_ready(self._room())
+        elif not self._stopping:
+            room = self.policy.room([h.entry.job.priority for h in self._held.values()],
+                                    self.max_active, self._last.waiting)
+            if room.any > 0 or room.interactive > 0:
+                admit = self._source.take_ready(room.any, room.interactive)
         admits = self._hold(admit)
         if not (admits or remove or self._held):
             return True
-        step = StepIn(admit=admits, remove=remove)
+        pause = self._pauses()
+        step = StepIn(admit=admits, remove=remove, pause=pause)
         started = self._clock()
         try:
             out = await self._in_worker(self._advance, step)
@@ -222,15 +241,17 @@ class ContinuousExecutor(Runner, Generic[P, R]):
             if not isinstance(error, Exception):
                 raise
         else:
-            self._deliver(out, started, len(admits), len(remove))
+            self._deliver(out, started, len(admits), len(remove), len(pause))
         return True
 
-    def _room(self) -> int:
-        """How many more articles to admit now: none while the session has some waiting for
-        cache room (they go first), else up to `max_active` held."""
-        if self._last.waiting > 0:
-            return 0
-        return max(0, self.max_active - len(self._held))
+    def _pauses(self) -> tuple[int, ...]:
+        """The held articles the policy has sit the next step out (counted per class)."""
+        classes = {ticket: held.entry.job.priority for ticket, held in self._held.items()}
+        pause = self.policy.pauses(classes, self._paused_in_a_row)
+        self._paused_in_a_row = self._paused_in_a_row + 1 if pause else 0
+        for ticket in pause:
+            self.stats.paused_steps_by_priority[classes[ticket]] += 1
+        return pause
 
     def _leavers(self) -> tuple[int, ...]:
         """Resolve held articles whose caller went or whose deadline passed; their tickets (and
@@ -241,7 +262,7 @@ class ContinuousExecutor(Runner, Generic[P, R]):
         for ticket, held in list(self._held.items()):
             entry = held.entry
             if entry.future.done():
-                drop = Drop(DropReason.CANCELLED, asyncio.CancelledError())
+                drop: Drop | None = Drop(DropReason.CANCELLED, asyncio.CancelledError())
             else:
                 drop = self._source.should_drop(entry.job, now)
                 if drop is not None and drop.reason is not DropReason.DEADLINE_PASSED:
@@ -259,11 +280,14 @@ class ContinuousExecutor(Runner, Generic[P, R]):
         for entry in entries:
             ticket = next(self._tickets)
             self._held[ticket] = _Held(entry, now)
-            admits.append(Admit(ticket, entry.job.key, entry.job.payload))
+            # The queue's key is the article's generation options (core.py keys jobs by them).
+            admits.append(Admit(ticket, cast(GenerationParams, entry.job.key), entry.job.payload,
+                                priority=int(entry.job.priority)))
         self._check()
         return tuple(admits)
 
-    def _deliver(self, out: StepOut, started: float, admitted: int, removed: int) -> None:
+    def _deliver(self, out: StepOut, started: float, admitted: int, removed: int,
+                 paused: int = 0) -> None:
         now = self._clock()
         self._last = out
         if out.rows:
@@ -301,7 +325,7 @@ class ContinuousExecutor(Runner, Generic[P, R]):
                     admitted=admitted, removed=removed, done=len(out.done),
                     failed=len(out.failed), active=out.active, waiting=out.waiting,
                     rows=out.rows, duration_s=now - started, used_bytes=out.used_bytes,
-                    budget_bytes=out.budget_bytes))
+                    budget_bytes=out.budget_bytes, paused=paused))
             except Exception:  # noqa: BLE001 - metrics must never break serving
                 log.exception("on_step hook failed")
 
@@ -320,6 +344,7 @@ class ContinuousExecutor(Runner, Generic[P, R]):
                 waited_s=(max(0.0, held.admitted_at - held.entry.enqueued_at),),
                 duration_s=now - held.admitted_at, failed=error is not None,
                 started_s=held.admitted_at, traces=(job.trace,),
+                priorities=(int(job.priority),),
                 error_type="" if error is None else type(error).__name__, decoding=True))
         except Exception:  # noqa: BLE001 - metrics and tracing must never break serving
             log.exception("on_batch hook failed")

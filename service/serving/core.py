@@ -14,24 +14,27 @@ Speaks only domain types (no protobuf): the gRPC servicer converts at the edge.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 from ..config import Settings
 from ..domain import (ArticleFailure, ArticleSummary, Generated, GenerationParams, Limits,
-                      LongInput, PreparedArticle, RequestedOptions, failure_for, resolve_options)
+                      LongInput, PreparedArticle, Priority, RequestedOptions, failure_for,
+                      resolve_options)
 from ..engines.protocol import Engine, ModelDescription
 from ..errors import GenerationFailed, InvalidArgument, SummarizerError
 from .batcher import Batcher, BatchReport, StepReport
 from .continuous import Advance
 from .calls import CallWork
-from .generation import RunBatch, generate_batch
+from .executor import RunBatch
+from .generation import generate_batch
 from .planning import ArticleTrace, Plan, Planner
 from .stream import Requests, StreamCall
 from .tracing import NO_TRACER, Tracer, span
 from .validation import ArticleIn, Validator
 
-__all__ = ["ArticleIn", "ServiceDescription", "SummarizerCore"]
+__all__ = ["ArticleIn", "Scheduling", "ServiceDescription", "SummarizerCore"]
 
 
 @dataclass(frozen=True)
@@ -49,13 +52,25 @@ class ServiceDescription:
     limits: Limits
     max_chunks_per_article: int
     max_chunk_depth: int
+    scheduling: Scheduling
+
+
+@dataclass(frozen=True)
+class Scheduling:
+    """The priority classes' settings (docs/priority.md)."""
+
+    default_priority: Priority
+    queue_limits: dict[Priority, int]
+    starvation_bound: int
+    interactive_headroom: int
+    small_bulk_batch: int
 
 
 class SummarizerCore:
     def __init__(self, engine: Engine, settings: Settings,
                  on_batch: Callable[[BatchReport], None] | None = None,
                  tracer: Tracer = NO_TRACER,
-                 run_batches: Sequence[RunBatch] | None = None,
+                 run_batches: Sequence[RunBatch[PreparedArticle, Generated]] | None = None,
                  advancers: Sequence[Advance] | None = None,
                  on_step: Callable[[StepReport], None] | None = None) -> None:
         """`engine` prepares inputs (and generates, unless `run_batches` is given: one blocking
@@ -70,7 +85,8 @@ class SummarizerCore:
                              max_new_tokens=min(settings.max_new_tokens,
                                                 engine.max_new_tokens or settings.max_new_tokens))
         self.long_input = LongInput(settings.long_input)
-        run: RunBatch | list[RunBatch] | None = None
+        run: (RunBatch[PreparedArticle, Generated]
+              | list[RunBatch[PreparedArticle, Generated]] | None) = None
         if not advancers:
             run = list(run_batches) if run_batches else generate_batch(engine)
         self.batcher: Batcher[PreparedArticle, Generated] = Batcher(
@@ -78,7 +94,10 @@ class SummarizerCore:
             max_batch_size=settings.max_batch_size,
             max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue,
             max_batch_tokens=settings.max_batch_tokens, on_batch=on_batch,
-            check_invariants=settings.check_invariants)
+            check_invariants=settings.check_invariants, class_limits=settings.queue_limits(),
+            starvation_bound=settings.starvation_bound,
+            small_bulk_batch=settings.small_bulk_batch,
+            interactive_headroom=settings.interactive_headroom)
         self.validator = Validator(max_articles_per_request=settings.max_articles_per_request,
                                    max_article_chars=settings.max_article_chars)
         # An article's chunks are queued all at once, so the queue must hold them.
@@ -101,21 +120,44 @@ class SummarizerCore:
         s = self.settings
         return ServiceDescription(
             engine=self.engine.name, models=list(self.engine.models),
-            defaults=self.engine.defaults, long_input=self.long_input,
+            defaults=self.model_defaults(), long_input=self.long_input,
             max_articles_per_request=s.max_articles_per_request,
             max_article_chars=s.max_article_chars, max_batch_size=s.max_batch_size,
             max_queue=self.batcher.max_queue, limits=self.limits,
             max_chunks_per_article=self.planner.mapreduce.max_chunks,
-            max_chunk_depth=s.max_chunk_depth)
+            max_chunk_depth=s.max_chunk_depth,
+            scheduling=Scheduling(
+                default_priority=s.default_class, queue_limits=self.batcher.class_limits,
+                starvation_bound=s.starvation_bound,
+                interactive_headroom=s.interactive_headroom if self.batcher.continuous else 0,
+                small_bulk_batch=s.small_bulk_batch))
+
+    def model_defaults(self) -> GenerationParams:
+        """The engine's defaults, with the summary model's own length penalty and n-gram block
+        where the engine leaves them to the model (what a request leaving them unset gets)."""
+        defaults = self.engine.defaults
+        if not self.engine.models:
+            return defaults
+        model = self.engine.models[0]
+        return dataclasses.replace(
+            defaults,
+            length_penalty=(model.length_penalty if defaults.length_penalty is None
+                            else defaults.length_penalty),
+            no_repeat_ngram_size=(model.no_repeat_ngram_size
+                                  if defaults.no_repeat_ngram_size is None
+                                  else defaults.no_repeat_ngram_size))
 
     async def summarize(self, articles: Sequence[ArticleIn], options: RequestedOptions,
-                        deadline: float | None = None
+                        deadline: float | None = None, priority: Priority | None = None
                         ) -> list[ArticleSummary | ArticleFailure]:
-        """All results in request order. Any invalid article fails the call before any work
+        """All results in request order, the call's work queued in class `priority` (None: the
+        server's default). Any invalid article fails the call before any work
         starts. An article that fails in the model (after its batch was split to isolate it)
         comes back as an ArticleFailure beside its neighbours' results; when every article
         failed, the call fails with the first failure."""
-        with span(self.tracer, "prepare", articles=len(articles)) as prepare:
+        priority = self.settings.default_class if priority is None else priority
+        with span(self.tracer, "prepare", articles=len(articles),
+                  priority=priority.name.lower()) as prepare:
             self.validator.check_count(articles)
             self.validator.check_ids(articles, required=False)
             params = self.resolve(options)
@@ -128,12 +170,14 @@ class SummarizerCore:
                 plans.append(plan)
             prepare.set(model_inputs=sum(plan.model_inputs for plan in plans))
         needed = sum(plan.model_inputs for plan in plans)
-        if needed > self.batcher.max_queue:
+        room = self.batcher.class_limits[priority]
+        if needed > room:
             raise InvalidArgument(
                 "articles", f"split into chunks, the request's long articles make {needed} "
-                f"model inputs, more than the server's queue holds ({self.batcher.max_queue}); "
-                "send fewer long articles per call, or use SummarizeStream")
-        call = CallWork(self.batcher, deadline)
+                f"model inputs, more than the server's queue holds ({room}"
+                f"{'' if room >= self.batcher.max_queue else ' of ' + priority.name}); send "
+                "fewer long articles per call, or use SummarizeStream")
+        call = CallWork(self.batcher, deadline, priority)
         traces: list[ArticleTrace] = []
         try:
             traces = [self.planner.trace(plan, index) for index, plan in enumerate(plans)]
@@ -159,10 +203,14 @@ class SummarizerCore:
         return [failure_for(a.id, o) if isinstance(o, BaseException) else o
                 for a, o in zip(articles, outcomes)]
 
-    def summarize_stream(self, requests: Requests, deadline: float | None = None
+    def summarize_stream(self, requests: Requests, deadline: float | None = None,
+                         priority: Priority | None = None
                          ) -> AsyncIterator[ArticleSummary | ArticleFailure]:
-        """Results as they finish. Article-level problems come back as ArticleFailure; a
-        malformed request raises InvalidArgument and ends the stream (see stream.py)."""
+        """Results as they finish, the stream's work queued in class `priority` (None: the
+        server's default). Article-level problems come back as ArticleFailure; a malformed
+        request raises InvalidArgument and ends the stream (see stream.py)."""
+        priority = self.settings.default_class if priority is None else priority
         return StreamCall(requests, validator=self.validator, planner=self.planner,
                           resolve=self.resolve, long_input=self.long_input,
-                          work=CallWork(self.batcher, deadline), tracer=self.tracer).results()
+                          work=CallWork(self.batcher, deadline, priority),
+                          tracer=self.tracer).results()

@@ -29,7 +29,7 @@ import logging
 import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from ..errors import GenerationFailed, SummarizerError, Unavailable
 from .jobs import P, BatcherStats, Drop, Entry, InvariantViolation, Job, JobState
@@ -38,7 +38,9 @@ from .runner import Runner
 log = logging.getLogger(__name__)
 
 R = TypeVar("R")
-RunBatch = Callable[[Hashable, list[P]], Sequence[R]]
+RunBatch = Callable[[Any, list[P]], Sequence[R]]
+"""`run_batch(key, payloads) -> results`. The key is the queue's (Hashable) grouping key, typed
+Any here so that a run_batch may name its concrete key type (generation.py: GenerationParams)."""
 
 
 class BatchSource(Protocol):
@@ -76,6 +78,8 @@ class BatchReport:
     input that made the engine fail (its jobs' queue wait ended at the first try)."""
     error_type: str = ""
     """The failed call's exception type (never its message: it could quote the input)."""
+    priorities: tuple[int, ...] = ()
+    """Each job's class (`domain.Priority`), in batch order."""
     decoding: bool = False
     """Continuous batching (continuous.py): not an engine call but one article, from its
     admission to the engine (`started_s`) until it finished (`duration_s`), beside others that
@@ -250,6 +254,7 @@ class Executor(Runner, Generic[P, R]):
                     waited_s=tuple(max(0.0, started - e.enqueued_at) for e in entries),
                     duration_s=elapsed, failed=error is not None, started_s=started,
                     traces=tuple(e.job.trace for e in entries), isolation_depth=depth,
+                    priorities=tuple(int(e.job.priority) for e in entries),
                     error_type="" if error is None else type(error).__name__))
             except Exception:  # noqa: BLE001 - metrics and tracing must never break serving
                 log.exception("on_batch hook failed")

@@ -3,16 +3,13 @@ on. The batch executor calls it in its worker thread."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from ..domain import Generated, GenerationParams, PreparedArticle
 from ..engines.protocol import Engine
 from ..errors import OutOfMemory, is_out_of_memory
+from .executor import RunBatch
 
-RunBatch = Callable[[GenerationParams, list[PreparedArticle]], list[Generated]]
 
-
-def generate_batch(engine: Engine) -> RunBatch:
+def generate_batch(engine: Engine) -> RunBatch[PreparedArticle, Generated]:
     def run(params: GenerationParams, batch: list[PreparedArticle]) -> list[Generated]:
         try:
             return engine.generate(params, batch)

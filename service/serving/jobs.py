@@ -17,6 +17,8 @@ from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from ..domain import Priority
+
 P = TypeVar("P")
 
 
@@ -33,6 +35,8 @@ class Job(Generic[P]):
     trace: object = None
     """The span the job's work belongs to (service/serving/tracing.py), or None. The batcher
     does not look inside: it hands it to the `on_batch` hook in `BatchReport.traces`."""
+    priority: Priority = Priority.DEFAULT
+    """Its class: the scheduling policy (policy.py) serves more urgent classes first."""
 
 
 class JobState(enum.Enum):
@@ -53,6 +57,9 @@ class DropReason(enum.Enum):
     DEADLINE_UNMEETABLE = "deadline_unmeetable"
     """Its deadline was closer than the fastest recent batch of its key took."""
     SHUTDOWN = "shutdown"
+    DISPLACED = "displaced"
+    """Queued less urgent work pushed out of a full queue by more urgent work (its caller gets
+    RESOURCE_EXHAUSTED at once)."""
 
 
 @dataclass(frozen=True)
@@ -108,6 +115,20 @@ class BatcherStats:
     dropped_by_reason: collections.Counter[DropReason] = field(
         default_factory=collections.Counter)
     """Jobs that never got a result from the model, each counted once, under one reason."""
+
+    admitted_by_priority: collections.Counter[Priority] = field(
+        default_factory=collections.Counter)
+    """Jobs queued, by class."""
+    refused_by_priority: collections.Counter[Priority] = field(
+        default_factory=collections.Counter)
+    """Jobs refused at admission (a full queue: RESOURCE_EXHAUSTED), by class."""
+    displaced_by_priority: collections.Counter[Priority] = field(
+        default_factory=collections.Counter)
+    """Queued jobs pushed out by more urgent work (also counted under DropReason.DISPLACED)."""
+    paused_steps_by_priority: collections.Counter[Priority] = field(
+        default_factory=collections.Counter)
+    """Continuous batching: article-steps sat out (StepIn.pause) so more urgent work decoded
+    alone, by the paused article's class."""
 
     @property
     def dropped(self) -> int:

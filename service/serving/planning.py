@@ -15,21 +15,41 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from ..domain import ArticleSummary, Generated, GenerationParams, LongInput, Outputs, PreparedArticle
+from ..domain import (ArticleSummary, Generated, GenerationParams, LongInput, Outputs,
+                      PreparedArticle)
 from ..engines.protocol import Engine
 from ..errors import InvalidArgument
 from ..text import model_text
 from .batcher import Job
 from .calls import CallWork, jobs_for
+from .fairprep import FairPrep, caller_scope
 from .mapreduce import ChunkedArticle, MapReduce, with_outputs
 from .tracing import NO_SPAN, NO_TRACER, Span, Tracer
 from .validation import ArticleIn, Validator
 
 T = TypeVar("T")
+
+PIECE_CHARS = 100_000
+"""Preparation is handed to the thread in pieces of consecutive articles of about this many
+characters (at least one article): small enough that another caller's turn comes soon, large
+enough that a request of many short articles is tokenised in a few batches."""
+
+
+def pieces(articles: Sequence[ArticleIn]) -> list[tuple[int, int]]:
+    """(start, end) of consecutive runs of articles of about PIECE_CHARS characters each."""
+    bounds: list[tuple[int, int]] = []
+    start = chars = 0
+    for index, article in enumerate(articles):
+        chars += len(article.text)
+        if chars >= PIECE_CHARS:
+            bounds.append((start, index + 1))
+            start, chars = index + 1, 0
+    if start < len(articles):
+        bounds.append((start, len(articles)))
+    return bounds
 
 
 @dataclass(frozen=True)
@@ -49,6 +69,7 @@ class Plan:
                    trace: ArticleTrace | None = None) -> list[Job]:
         trace = UNTRACED if trace is None else trace
         if self.chunked is None:
+            assert self.whole is not None  # a plan holds the article whole or its chunks
             return jobs_for([self.whole], params, deadline, trace.article)
         return jobs_for(self.chunked.prepared, with_outputs(params, Outputs.SUMMARY), deadline,
                         trace.map)
@@ -75,38 +96,46 @@ class Planner:
         self.engine = engine
         self.validator = validator
         self.tracer = tracer
-        # Tokenising (prepare, count_tokens) runs here, one call at a time; decoding output ids
-        # runs inside generate, in the model's thread. The tokenizers allow that (see
-        # service/engines/tokenizer.py).
-        self._prep = ThreadPoolExecutor(max_workers=1, thread_name_prefix="summarizer-prep")
+        # Tokenising (prepare, count_tokens) runs in one thread, one piece at a time, callers
+        # in turn; decoding output ids runs inside generate, in the model's thread. The
+        # tokenizers allow that (see service/engines/tokenizer.py).
+        self.prep = FairPrep()
         self.mapreduce = MapReduce(engine, self.in_prep, max_chunks=max_chunks,
                                    max_depth=max_depth, tracer=tracer)
 
     def shutdown(self) -> None:
-        self._prep.shutdown(wait=False, cancel_futures=True)
+        self.prep.shutdown()
 
     async def in_prep(self, function: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._prep, function, *args)
+        return await self.prep.run(function, *args)
 
     # ----- planning -----
     async def plan_all(self, articles: Sequence[ArticleIn], params: GenerationParams,
                        policy: LongInput) -> list[Plan | InvalidArgument]:
-        """Each article's plan, or what is wrong with it, in request order."""
-        def work() -> list[Plan | InvalidArgument]:
-            cleaned: list[str | InvalidArgument] = []
-            for index, article in enumerate(articles):
-                try:
-                    cleaned.append(self.validator.clean(index, article))
-                except InvalidArgument as error:
-                    cleaned.append(error)
-            texts = [t for t in cleaned if isinstance(t, str)]
-            prepared = iter(self.engine.prepare([model_text(t) for t in texts], params)
-                            if texts else [])
-            return [text if isinstance(text, InvalidArgument)
-                    else self._plan(index, article, text, next(prepared), params, policy)
-                    for index, (article, text) in enumerate(zip(articles, cleaned))]
+        """Each article's plan, or what is wrong with it, in request order. The work goes to
+        the preparation thread a few articles at a time (see PIECE_CHARS), in the caller's turn
+        (fairprep.py): other callers' work runs between the pieces."""
+        caller_scope()
+        plans: list[Plan | InvalidArgument] = []
+        for start, end in pieces(articles):
+            plans += await self.in_prep(self._plan_piece, articles, start, end, params, policy)
+        return plans
 
-        return await self.in_prep(work)
+    def _plan_piece(self, articles: Sequence[ArticleIn], start: int, end: int,
+                    params: GenerationParams, policy: LongInput) -> list[Plan | InvalidArgument]:
+        """Plans of articles[start:end] (in the preparation thread)."""
+        cleaned: list[str | InvalidArgument] = []
+        for index in range(start, end):
+            try:
+                cleaned.append(self.validator.clean(index, articles[index]))
+            except InvalidArgument as error:
+                cleaned.append(error)
+        texts = [t for t in cleaned if isinstance(t, str)]
+        prepared = iter(self.engine.prepare([model_text(t) for t in texts], params)
+                        if texts else [])
+        return [text if isinstance(text, InvalidArgument)
+                else self._plan(index, articles[index], text, next(prepared), params, policy)
+                for index, text in zip(range(start, end), cleaned)]
 
     def _plan(self, index: int, article: ArticleIn, text: str, whole: PreparedArticle,
               params: GenerationParams, policy: LongInput) -> Plan | InvalidArgument:
@@ -132,6 +161,7 @@ class Planner:
         if plan.article.id:
             attributes["article_id"] = plan.article.id
         if plan.chunked is None:
+            assert plan.whole is not None
             return ArticleTrace(self.tracer.start(
                 "article", input_tokens=plan.whole.input_tokens,
                 truncated=plan.whole.truncated, **attributes))
@@ -154,6 +184,7 @@ class Planner:
                 else:
                     out = await first[0]
                     whole = plan.whole
+                    assert whole is not None
                     result = ArticleSummary(
                         id=plan.article.id, summary=out.summary, headline=out.headline,
                         input_tokens=whole.input_tokens, truncated=whole.truncated,

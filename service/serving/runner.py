@@ -64,8 +64,9 @@ class Runner:
         if self._pool is not None:
             self._pool.shutdown(wait=False)
             self._pool = None
-        if task is not None and not task.cancelled() and task.exception() is not None:
-            raise task.exception()  # the loop died (an InvariantViolation): say so
+        died = None if task is None or task.cancelled() else task.exception()
+        if died is not None:
+            raise died  # the loop died (an InvariantViolation): say so
 
     @property
     def alive(self) -> bool:

@@ -74,7 +74,8 @@ class StreamCall:
 
     async def _read(self) -> None:
         async for articles, options in self._requests:
-            with span(self._tracer, "prepare", articles=len(articles)) as prepare:
+            with span(self._tracer, "prepare", articles=len(articles),
+                      priority=self._work.priority.name.lower()) as prepare:
                 self._validator.check_count(articles)
                 self._validator.check_ids(articles, required=True, taken=self._in_flight)
                 params = self._resolve(options)
@@ -123,7 +124,8 @@ class StreamCall:
             result: Result = await self._planner.assemble(plan, first, params, self._work,
                                                           trace)
         except asyncio.CancelledError:
-            if asyncio.current_task().cancelling():
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
                 raise  # the stream is ending
             # Its queued work was cancelled from elsewhere (shutdown): the caller still hears.
             result = failure_for(article_id, Unavailable("server is shutting down"))

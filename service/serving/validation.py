@@ -61,11 +61,18 @@ class Validator:
 
         limit = self.max_article_chars
         if len(article.text) > limit:
-            raise bad(f"{len(article.text)} characters, over the limit of {limit}")
+            raise bad(f"{len(article.text)} characters, over the server's limit of {limit} "
+                      "(its --max-article-chars); split the article into parts of at most "
+                      f"{limit} characters, or raise the limit; LONG_INPUT_POLICY_TRUNCATE "
+                      "does not help: the limit applies before any truncation")
         if has_nul(article.text):
             raise bad("contains NUL characters; send the article as UTF-8 text (UTF-16 or "
                       "binary data was sent?)")
         cleaned = clean_article(article.text)
         if not cleaned:
+            if article.text.strip() and not any(c.isalnum() for c in article.text):
+                raise bad(f"has no words to summarise: its {len(article.text)} characters are "
+                          "only emoji, symbols or punctuation; the model summarises text, so "
+                          "send the article's words")
             raise bad("is empty (nothing left after removing whitespace and page furniture)")
         return cleaned

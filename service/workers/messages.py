@@ -6,9 +6,10 @@ generation options and each article's token ids (`PreparedArticle`); a reply car
 article's summary and headline text with their token counts (`Generated`), or the failure's
 kind and type name (never its message, which could quote an input).
 
-With continuous batching the worker holds a decoding session: `Advance` carries one `StepIn`
-(articles to admit, tickets to remove) and `Advanced` the session's `StepOut`; an `advance` that
-raises is answered with `Failed` (batch -1).
+With continuous batching the worker holds a decoding session: `DecodeStep` carries one `StepIn`
+(articles to admit, tickets to remove) and `Advanced` the session's `StepOut`; a step that raises
+is answered with `Failed` (batch -1). (`DecodeStep`, not `Advance`: that name is the serving
+layer's, for the blocking `advance(StepIn) -> StepOut` callable a continuous executor drives.)
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ class Failed:
 
 
 @dataclass(frozen=True)
-class Advance:
+class DecodeStep:
     """Continuous batching: apply `step` to the worker's session and decode one step."""
 
     step: StepIn

@@ -44,11 +44,12 @@ from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
 
 from ..config import Settings, available_cpus, worker_devices
-from ..domain import Generated, GenerationParams, PreparedArticle
+from ..domain import RECENT_BATCHES, Generated, GenerationParams, PreparedArticle
 from ..engines.protocol import Admit, StepFailure, StepIn, StepOut
 from ..errors import GenerationFailed, ModelLoadError, OutOfMemory, Unavailable
 from . import child
-from .messages import Advance, Advanced, Failed, Generate, LoadFailed, Ready, Results, Stop
+from .messages import (Advanced, DecodeStep, Failed, Generate, LoadFailed, Ready, Results,
+                       Stop)
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,6 @@ FAILED_STARTS_IN_A_ROW = 3
 WATCHDOG_FACTOR = 10
 WATCHDOG_FLOOR_S = 120.0
 WATCHDOG_UNTIMED_S = 300.0
-RECENT_BATCHES = 16
 
 
 class WorkerCrashed(GenerationFailed):
@@ -199,9 +199,11 @@ class Slot:
                 try:
                     if self._admitted and self._session_of is not self.process:
                         lost += self._readmit()
-                        message = StepIn(admit=(*self._admitted.values(), *new))
+                        message = StepIn(admit=(*self._admitted.values(), *new),
+                                         pause=step.pause)
                     else:
-                        message = StepIn(admit=tuple(new), remove=step.remove)
+                        message = StepIn(admit=tuple(new), remove=step.remove,
+                                         pause=step.pause)
                     # From here the worker holds them: a death now is theirs too.
                     self._session_of = self.process
                     self._admitted.update((a.ticket, a) for a in new)
@@ -252,7 +254,8 @@ class Slot:
         return failures
 
     def _step(self, step: StepIn) -> StepOut:
-        reply = self._exchange(Advance(step), "a decoding step", "the engine's decoding step")
+        reply = self._exchange(DecodeStep(step), "a decoding step",
+                               "the engine's decoding step")
         assert isinstance(reply, Advanced), reply
         return reply.out
 
@@ -273,7 +276,7 @@ class Slot:
         assert isinstance(reply, Results) and reply.batch == batch, reply
         return reply.results
 
-    def _exchange(self, message: Generate | Advance, work: str, raiser: str
+    def _exchange(self, message: Generate | DecodeStep, work: str, raiser: str
                   ) -> Results | Advanced:
         """Send one request and wait for its reply under the watchdog (a worker past it is
         killed); a dead worker raises _Died, a reported failure OutOfMemory or EngineError.

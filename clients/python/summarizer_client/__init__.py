@@ -7,10 +7,14 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "AsyncSummarizerClient": "client", "RetryPolicy": "client", "SummarizerClient": "client",
-    "make_options": "client", "ClientError": "errors", "code_name": "errors",
-    "ArticleFailure": "results", "ArticleSummary": "results", "Result": "results",
+    "make_options": "client", "CallError": "errors", "ClientError": "errors",
+    "code_name": "errors", "ArticleFailure": "results", "ArticleSummary": "results",
+    "Result": "results", "StatusCode": "results",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = [  # what _EXPORTS maps, spelled out for static tools
+    "ArticleFailure", "ArticleSummary", "AsyncSummarizerClient", "ClientError", "Result",
+    "RetryPolicy", "SummarizerClient", "code_name", "make_options",
+]
 
 
 def __getattr__(name: str) -> object:

@@ -4,6 +4,12 @@ need only the client. When the server distribution is installed too, its command
 `summarizer.commands` entry point group that adds its subcommands to this parser (see
 `Extension`), so one `summarizer` works from either install.
 
+For extensions, besides `Extension` and `Command`: the flag types `positive_int`,
+`count_or_default` and `seconds`, the generation-length flags (`add_generation_flags`,
+`generation_lengths`), and the connection helpers (`server_of`, `security_of`, `require_server`,
+`Connection`, `ChannelSecurity`), `read_text` and `cli_wording`. These are this module's public
+API: the server distribution's commands use them.
+
 A user's mistake (a missing or binary file, no server running, a bad flag) ends in one line on
 stderr that says what went wrong and what to do, and a non-zero exit; never in a traceback.
 Messages written for the gRPC API are reworded here in terms of the command's flags.
@@ -16,12 +22,13 @@ import itertools
 import os
 import re
 import sys
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, NoReturn, TypedDict
 
 from . import __version__
+from .balancing import DEFAULT_STREAMS
 from .errors import ClientError
 
 if TYPE_CHECKING:
@@ -43,9 +50,11 @@ GENERATION_FLAGS = ("summary-max-tokens", "summary-min-tokens", "headline-max-to
 """Per-request generation options that client commands take as flags (0: the default)."""
 
 EXIT_FAILED = 1
-"""Some work failed (an article, a call, a check)."""
+"""Some work failed (an article, a call, a check); `health`: the server is not SERVING."""
 EXIT_USAGE = 2
-"""The command could not start: a bad flag, file or setting."""
+"""The command could not start: a bad flag, file or setting, or no server to send work to."""
+EXIT_INTERRUPTED = 130
+"""Ctrl-C (128 + SIGINT, as shells report it)."""
 _SOAK_MIN_CHARS = 40
 """soak's shortest generated article (SoakConfig.min_chars)."""
 DEFAULT_PORT = 50051
@@ -55,6 +64,10 @@ TOKEN_VARIABLE = "SUMMARIZER_AUTH_TOKEN"
 
 class InputError(ClientError):
     """An input file the command cannot use; the message names the file and the fix."""
+
+
+class NoServer(ClientError):
+    """Nothing answers at --server, so the command could not start its work (exit 2)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -75,16 +88,18 @@ def _whole_number(value: str, least: int) -> int:
     return number
 
 
-def _positive_int(value: str) -> int:
+def positive_int(value: str) -> int:
+    """A flag type: a whole number of 1 or more."""
     return _whole_number(value, 1)
 
 
-def _count(value: str) -> int:
-    """A whole number of 0 or more (0: the default)."""
+def count_or_default(value: str) -> int:
+    """A flag type: a whole number of 0 or more (0: the default)."""
     return _whole_number(value, 0)
 
 
-def _seconds(value: str) -> float:
+def seconds(value: str) -> float:
+    """A flag type: a positive, finite number of seconds."""
     try:
         number = float(value)
     except ValueError:
@@ -113,7 +128,7 @@ def server_target(value: str) -> str:
     return f"{host}:{port}"
 
 
-def default_target(environ: dict[str, str] | None = None) -> str:
+def default_target(environ: Mapping[str, str] | None = None) -> str:
     """Where client commands find a server when --server is not given: this machine, at the
     port the server's own setting gives (SUMMARIZER_PORT), so one variable serves both sides."""
     environ = os.environ if environ is None else environ
@@ -128,7 +143,7 @@ def default_target(environ: dict[str, str] | None = None) -> str:
     return f"localhost:{port}"
 
 
-def default_token(environ: dict[str, str] | None = None) -> str:
+def default_token(environ: Mapping[str, str] | None = None) -> str:
     """The bearer token sent when no token file is given: the variable the server reads, so one
     secret serves both sides of a deployment."""
     environ = os.environ if environ is None else environ
@@ -136,9 +151,11 @@ def default_token(environ: dict[str, str] | None = None) -> str:
 
 
 def _server_help() -> str:
-    return ("HOST:PORT of the server, or a bare PORT for this machine (default: "
-            f"localhost:{DEFAULT_PORT}, or the port in {PORT_VARIABLE} when it is set, "
-            "as for `serve`)")
+    return ("HOST:PORT of the server, a bare PORT for this machine, or a gRPC target URI "
+            "naming several replicas (dns:///summarizer-headless:50051, "
+            "ipv4:10.0.0.1:50051,10.0.0.2:50051), whose calls go round-robin over every address "
+            f"(default: localhost:{DEFAULT_PORT}, or the port in {PORT_VARIABLE} when it is "
+            "set, as for `serve`)")
 
 
 def build_parser(extensions: Sequence[Extension] = ()) -> tuple[argparse.ArgumentParser,
@@ -153,9 +170,9 @@ def build_parser(extensions: Sequence[Extension] = ()) -> tuple[argparse.Argumen
                         help="show the Python traceback of an unexpected error")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    connection = argparse.ArgumentParser(add_help=False)
-    connection.add_argument("--server", type=server_target, default=None, metavar="HOST:PORT",
-                            help=_server_help())
+    connection = _Parser(add_help=False)
+    connection.add_argument("--server", type=server_target, default=None,
+                            metavar="HOST:PORT|URI", help=_server_help())
     secure = connection.add_argument_group("connection security")
     secure.add_argument("--tls", action="store_true",
                         help="use TLS, verifying the server against the system's CA roots")
@@ -169,7 +186,8 @@ def build_parser(extensions: Sequence[Extension] = ()) -> tuple[argparse.Argumen
                              "SUMMARIZER_AUTH_TOKEN environment variable, if set)")
 
     send = commands.add_parser(
-        "summarize", parents=[connection], help="summarise articles with a running server; prints JSON Lines",
+        "summarize", parents=[connection],
+        help="summarise articles with a running server; prints JSON Lines",
         description="Send articles to a running server and print one JSON object per article. "
                     "Inputs: plain UTF-8 text files (one article each, id = file name), JSON "
                     "Lines files (*.jsonl, objects with 'id' and 'text'), or '-' for stdin (JSON "
@@ -179,9 +197,9 @@ def build_parser(extensions: Sequence[Extension] = ()) -> tuple[argparse.Argumen
                     "summarised; the exit status is then 1.")
     send.add_argument("inputs", nargs="*", default=["-"], metavar="FILE",
                       help="input files, or - for stdin (default)")
-    send.add_argument("--timeout", type=_seconds, default=300.0,
+    send.add_argument("--timeout", type=seconds, default=300.0,
                       help="seconds each call may take (default 300)")
-    send.add_argument("--batch", type=_positive_int, default=16,
+    send.add_argument("--batch", type=positive_int, default=16,
                       help="articles per call (default 16)")
     bulk = send.add_argument_group(
         "bulk runs", "--input streams a JSON Lines corpus through SummarizeStream; with "
@@ -190,12 +208,21 @@ def build_parser(extensions: Sequence[Extension] = ()) -> tuple[argparse.Argumen
                       help="corpus: one JSON object per line with 'text' (and 'id')")
     bulk.add_argument("--output", default="", metavar="JSONL",
                       help="results file, appended to and resumable (default: stdout)")
-    bulk.add_argument("--max-in-flight", type=_positive_int, default=64,
+    bulk.add_argument("--max-in-flight", type=positive_int, default=64,
                       help="articles sent and not yet answered (default 64)")
+    send.add_argument("--priority", choices=("interactive", "default", "bulk"), default=None,
+                      help="the calls' class: interactive (someone waits for the result now), "
+                           "default or bulk (back-fills: served when nothing more urgent "
+                           "waits, shed first under overload). Default: the server's (or the "
+                           "token's) default; bulk for --input runs")
+    bulk.add_argument("--streams", type=positive_int, default=DEFAULT_STREAMS,
+                      help="streams open at once, each to the next replica of a --server URI "
+                           f"that names several (default {DEFAULT_STREAMS}); a replica that "
+                           "fails has its unanswered articles sent again to the others")
     send.add_argument("--outputs", choices=("both", "summary", "headline"), default="both",
                       help="what to write for each article: both (default), or only the "
                            "summary or the headline (faster)")
-    _add_generation_flags(send, "the server's")
+    add_generation_flags(send, "the server's")
 
     health = commands.add_parser(
         "health", parents=[connection],
@@ -203,7 +230,7 @@ def build_parser(extensions: Sequence[Extension] = ()) -> tuple[argparse.Argumen
         description="Ask a server's grpc.health.v1 service whether it is ready: prints SERVING "
                     "and exits 0, or prints its status (NOT_SERVING while the model loads) or "
                     "why it could not be reached, and exits 1. Needs no token.")
-    health.add_argument("--timeout", type=_seconds, default=3.0,
+    health.add_argument("--timeout", type=seconds, default=3.0,
                         help="seconds to wait (default 3)")
 
     soak = commands.add_parser(
@@ -214,12 +241,12 @@ def build_parser(extensions: Sequence[Extension] = ()) -> tuple[argparse.Argumen
                     "Every response is checked against its request; exits 1 if anything was "
                     "lost or mismatched or an unprovoked error code came back. For loopback and "
                     "test deployments only.")
-    soak.add_argument("--duration", type=_seconds, default=30.0, help="seconds (default 30)")
-    soak.add_argument("--clients", type=_positive_int, default=16,
+    soak.add_argument("--duration", type=seconds, default=30.0, help="seconds (default 30)")
+    soak.add_argument("--clients", type=positive_int, default=16,
                       help="concurrent clients (default 16)")
-    soak.add_argument("--max-articles", type=_positive_int, default=16,
+    soak.add_argument("--max-articles", type=positive_int, default=16,
                       help="most articles per call (default 16)")
-    soak.add_argument("--max-chars", type=_positive_int, default=3000,
+    soak.add_argument("--max-chars", type=positive_int, default=3000,
                       help=f"longest article in characters (default 3000; at least "
                            f"{_SOAK_MIN_CHARS})")
     soak.add_argument("--seed", type=int, default=1)
@@ -246,17 +273,18 @@ def _subcommand(parser: argparse.ArgumentParser, name: str) -> argparse.Argument
     return commands.choices[name]
 
 
-def _add_generation_flags(parser: argparse.ArgumentParser, whose: str) -> None:
+def add_generation_flags(parser: argparse.ArgumentParser, whose: str) -> None:
+    """`--long-input` and the GENERATION_FLAGS (lengths; 0: `whose` setting) on `parser`."""
     parser.add_argument("--long-input", choices=("chunk", "truncate"), default="",
                         help="articles longer than the model's window: summarise them in "
                              f"chunks, or read their beginning only (default: {whose} setting)")
     for name in GENERATION_FLAGS:
-        parser.add_argument(f"--{name}", type=_count, default=0, metavar="N",
+        parser.add_argument(f"--{name}", type=count_or_default, default=0, metavar="N",
                             help=f"default 0: {whose} setting, which itself defaults to the "
                                  "model family's value")
 
 
-def _generation_lengths(args: argparse.Namespace) -> dict[str, int]:
+def generation_lengths(args: argparse.Namespace) -> dict[str, int]:
     """The GENERATION_FLAGS values, as keyword arguments."""
     return {name: getattr(args, name)
             for name in (flag.replace("-", "_") for flag in GENERATION_FLAGS)}
@@ -365,6 +393,9 @@ def _read_articles(paths: Sequence[str], reject: Callable[[str], None]
 
     for path in paths:
         try:
+            if path == "-" and sys.stdin.isatty():
+                print("summarizer: reading an article from stdin (type or paste it, then Ctrl-D; "
+                      "or give files: summarizer summarize FILE...)", file=sys.stderr, flush=True)
             text = read_text(path)
             if ((path == "-" and text.lstrip().startswith("{"))
                     or path.endswith((".jsonl", ".ndjson"))):
@@ -395,39 +426,63 @@ def server_of(args: argparse.Namespace) -> str:
     return args.server
 
 
-def security_of(args: argparse.Namespace) -> dict[str, object]:
+class ChannelSecurity(TypedDict):
+    """How a channel is secured: keyword arguments of `client.open_channel` and `soak.main`."""
+
+    tls: bool
+    ca_cert: str
+    client_cert: str
+    client_key: str
+
+
+class Connection(ChannelSecurity):
+    """`security_of`'s result: keyword arguments of `SummarizerClient` (the channel's security
+    and the bearer token)."""
+
+    token: str
+
+
+def channel_security(connection: Connection) -> ChannelSecurity:
+    """`connection` without its token."""
+    return ChannelSecurity(tls=connection["tls"], ca_cert=connection["ca_cert"],
+                           client_cert=connection["client_cert"],
+                           client_key=connection["client_key"])
+
+
+def security_of(args: argparse.Namespace) -> Connection:
     """The client's security options from the command line (and SUMMARIZER_AUTH_TOKEN)."""
     token = default_token()
     if args.auth_token_file:
         token = read_text(args.auth_token_file).strip()
-    return {"tls": args.tls, "ca_cert": args.tls_ca, "client_cert": args.tls_client_cert,
-            "client_key": args.tls_client_key, "token": token}
+    return Connection(tls=args.tls, ca_cert=args.tls_ca, client_cert=args.tls_client_cert,
+                      client_key=args.tls_client_key, token=token)
 
 
-def _health_check(target: str, connection: dict[str, object], timeout_s: float) -> int:
+def _health_check(target: str, connection: Connection, timeout_s: float) -> int:
     """The server's overall health status; a grpc.RpcError when it cannot be asked."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     from .client import open_channel
 
-    security = {k: v for k, v in connection.items() if k != "token"}  # health needs no token
-    with open_channel(target, **security) as channel:
-        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
-                                                           timeout=timeout_s)
-    return reply.status
+    with open_channel(target, **channel_security(connection)) as channel:  # health: no token
+        stub = health_pb2_grpc.HealthStub(channel)
+        reply = stub.Check(  # type: ignore[attr-defined]  # the stubs' HealthStub has no methods
+            health_pb2.HealthCheckRequest(), timeout=timeout_s)
+    return int(reply.status)
 
 
-def require_server(target: str, connection: dict[str, object]) -> None:
-    """Fail at once, with the usual one line, when nothing listens at `target`; otherwise the
-    client's retries (meant for a server that restarts) would take seconds to say so. Any
-    answer, even an error from a server without the health service, means a server is there."""
+def require_server(target: str, connection: Connection) -> None:
+    """Fail at once with NoServer (one line, exit 2: the work could not start) when nothing
+    answers at `target`; otherwise the client's retries (meant for a server that restarts) would
+    take seconds to say so. Any answer, even an error from a server without the health service,
+    means a server is there."""
     import grpc
 
     try:
         _health_check(target, connection, 10.0)
     except grpc.RpcError as error:
         if error.code() == grpc.StatusCode.UNAVAILABLE:
-            raise
+            raise NoServer(_rpc_error_line(target, error)) from None
 
 
 def _health(args: argparse.Namespace) -> int:
@@ -449,13 +504,13 @@ def _soak(args: argparse.Namespace) -> int:
     config = SoakConfig(duration_s=args.duration, clients=args.clients,
                         max_articles=args.max_articles, max_chars=args.max_chars, seed=args.seed,
                         timeout_s=args.timeout, max_call_s=args.max_call_s,
-                        token=str(connection.pop("token")))
-    return soak_main(target, config, **connection)
+                        token=connection["token"])
+    return soak_main(target, config, **channel_security(connection))
 
 
 def _send_batches(client: SummarizerClient, articles: Iterable[tuple[str, str, str]],
                   batch_size: int, options: pb.GenerationOptions,
-                  reject: Callable[[str], None]) -> Iterator[Result]:
+                  reject: Callable[[str], None], priority: str = "") -> Iterator[Result]:
     """Results of `articles`, `batch_size` per call. A call refused with INVALID_ARGUMENT because
     of one of its articles is sent again one article per call, so that the other articles still
     get results; each refused article goes to `reject`. Other errors end the run."""
@@ -474,13 +529,15 @@ def _send_batches(client: SummarizerClient, articles: Iterable[tuple[str, str, s
         if not batch:
             break
         try:
-            yield from client.summarize([(i, t) for i, t, _ in batch], options)
+            yield from client.summarize([(i, t) for i, t, _ in batch], options,
+                                        priority=priority)
         except grpc.RpcError as error:
             if not refused(error):
                 raise
             for article_id, text, where in batch:
                 try:
-                    yield from client.summarize([(article_id, text)], options)
+                    yield from client.summarize([(article_id, text)], options,
+                                                priority=priority)
                 except grpc.RpcError as single:
                     if not refused(single):
                         raise
@@ -494,7 +551,7 @@ def _summarize(args: argparse.Namespace) -> int:
     from .errors import code_name
 
     options = make_options(outputs=args.outputs, long_input=args.long_input,
-                           **_generation_lengths(args))
+                           **generation_lengths(args))
     if args.input and args.inputs != ["-"]:
         raise ClientError("give either --input or input files, not both")
     if args.output and not args.input:
@@ -528,7 +585,7 @@ def _summarize(args: argparse.Namespace) -> int:
         require_server(target, connection)
         with SummarizerClient(target, timeout_s=args.timeout, **connection) as client:
             results = _send_batches(client, itertools.chain([first], articles), args.batch,
-                                    options, reject)
+                                    options, reject, args.priority or "")
             write_results(reported(results), sys.stdout, Progress(0, enabled=False), outcome)
     return EXIT_FAILED if outcome.failed or rejected else 0
 
@@ -553,16 +610,37 @@ def _bulk(client: SummarizerClient, args: argparse.Namespace,
     outcome = BulkOutcome(total=total, skipped=skipped)
     progress = Progress(total, done=min(skipped, total))
     out = open(args.output, "a", encoding="utf-8") if args.output else sys.stdout
+    interrupted = False
     try:
+        # A bulk run is a back-fill: BULK unless --priority says otherwise.
         write_results(client.summarize_many(articles, options, max_in_flight=args.max_in_flight,
-                                            request_size=args.batch), out, progress, outcome)
+                                            request_size=args.batch, streams=args.streams,
+                                            priority=args.priority or "bulk"),
+                      out, progress, outcome)
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
     finally:
         progress.close()
         if out is not sys.stdout:
             out.close()
+        if interrupted:
+            print(f"summarizer: {_interrupted_line(args, outcome)}", file=sys.stderr,
+                  flush=True)
     print(f"summarizer: {outcome.succeeded} summarised, {outcome.failed} failed, "
           f"{outcome.skipped} skipped (done before)", file=sys.stderr)
     return outcome
+
+
+def _interrupted_line(args: argparse.Namespace, outcome: BulkOutcome) -> str:
+    """What an interrupted bulk run leaves behind, and how to go on."""
+    written = outcome.succeeded + outcome.failed
+    if not args.output:
+        return (f"interrupted: {written} results printed; with --output FILE a run can be "
+                "resumed")
+    have = outcome.skipped + outcome.succeeded
+    return (f"interrupted: {written} results written to {args.output} ({have} of "
+            f"{outcome.total} articles have one); run the same command again to resume")
 
 
 def _os_error_line(error: OSError) -> str:
@@ -601,7 +679,7 @@ def main(argv: Sequence[str] | None = None, *,
         print(f"summarizer: error: {_os_error_line(error)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
     except Exception as error:  # noqa: BLE001 - a bug: one line, the traceback on request
         if args.debug:
             raise

@@ -6,9 +6,14 @@
   server starting, draining or overloaded); never on INVALID_ARGUMENT, INTERNAL and the like.
   A call's `timeout_s` is its whole budget, retries included.
 - TLS, mutual TLS and bearer tokens.
-- `summarize_many`: any number of articles through one `SummarizeStream`, at most
-  `max_in_flight` at a time, results as they finish; if the stream breaks with a retryable code,
-  the unanswered articles are sent again on a new stream (nothing lost, nothing twice). It is
+- Many replicas behind one target: a gRPC target URI (`dns:///summarizer-headless:50051`,
+  `ipv4:10.0.0.1:50051,10.0.0.2:50051`) is balanced `round_robin` over its addresses by
+  default (`load_balancing="pick_first"` keeps to one), each call to the next ready replica.
+- `summarize_many`: any number of articles through `SummarizeStream`s (`streams` at once, each
+  closed and reopened after `articles_per_stream` articles, so the channel spreads them over the
+  replicas), at most `max_in_flight` articles at a time, results as they finish; if a stream
+  breaks with a retryable code (its replica died), its unanswered articles are sent again on a
+  new stream, to a replica that is up (nothing lost, nothing twice). It is
   written once, on asyncio; the blocking client runs it on a private event loop in a thread of
   its own for the length of the iteration.
 
@@ -26,20 +31,22 @@ import random
 import threading
 import time
 from collections.abc import (AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable,
-                             Iterable, Iterator, Sequence)
+                             Coroutine, Iterable, Iterator, Sequence)
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 
-from .errors import ClientError
+from .balancing import (DEFAULT_ARTICLES_PER_STREAM, DEFAULT_LOAD_BALANCING, DEFAULT_STREAMS,
+                        service_config)
+from .errors import CallError, ClientError
 from .gen.summarizer.v1 import summarizer_pb2 as pb
 from .gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
 from .results import ArticleFailure, ArticleSummary, Result
 
-__all__ = ["ArticleFailure", "ArticleSummary", "AsyncSummarizerClient", "Result", "RetryPolicy",
-           "SummarizerClient", "make_options"]
+__all__ = ["PRIORITIES", "ArticleFailure", "ArticleSummary", "AsyncSummarizerClient", "Result",
+           "RetryPolicy", "SummarizerClient", "make_options"]
 
 T = TypeVar("T")
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -62,6 +69,19 @@ _OUTPUTS = {"both": pb.OUTPUTS_BOTH, "summary": pb.OUTPUTS_SUMMARY,
             "headline": pb.OUTPUTS_HEADLINE}
 _LONG_INPUT = {"": pb.LONG_INPUT_POLICY_UNSPECIFIED, "truncate": pb.LONG_INPUT_POLICY_TRUNCATE,
                "chunk": pb.LONG_INPUT_POLICY_CHUNK}
+PRIORITIES = {"": pb.PRIORITY_UNSPECIFIED, "interactive": pb.PRIORITY_INTERACTIVE,
+              "default": pb.PRIORITY_DEFAULT, "bulk": pb.PRIORITY_BULK}
+"""A call's class by name: "interactive" (someone waits now), "default", "bulk" (back-fills);
+"" leaves it to the server (or the token's default)."""
+
+
+def priority_value(priority: str) -> pb.Priority:
+    """The request field's value for a class name (ValueError for an unknown one)."""
+    try:
+        return PRIORITIES[priority.lower()]
+    except KeyError:
+        raise ValueError(f"priority must be one of {', '.join(p for p in PRIORITIES if p)} "
+                         f"(or empty for the server's default), not {priority!r}") from None
 
 
 def make_options(*, summary_max_tokens: int = 0, summary_min_tokens: int = 0,
@@ -166,34 +186,42 @@ def auth_metadata(token: str) -> tuple[tuple[str, str], ...] | None:
     return ((AUTH_METADATA_KEY, f"Bearer {token}"),) if token else None
 
 
-def _request(articles: Sequence[tuple[str, str]],
-             options: pb.GenerationOptions | None) -> pb.SummarizeRequest:
+def _request(articles: Sequence[tuple[str, str]], options: pb.GenerationOptions | None,
+             priority: pb.Priority = pb.PRIORITY_UNSPECIFIED) -> pb.SummarizeRequest:
     return pb.SummarizeRequest(articles=[pb.Article(id=i, text=t) for i, t in articles],
-                               options=options)
+                               options=options, priority=priority)
 
 
 def _remaining(deadline: float | None) -> float | None:
     return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
-def _channel_options(max_message_bytes: int) -> list[tuple[str, object]]:
+def _channel_options(max_message_bytes: int, load_balancing: str = DEFAULT_LOAD_BALANCING
+                     ) -> list[tuple[str, object]]:
     return [("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes)]
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.service_config", service_config(load_balancing))]
 
 
 class _Pending:
-    """Articles sent on a stream and not answered yet; on a broken stream they are sent again."""
+    """Articles sent on one stream and not answered yet; on a broken stream they are sent again.
+    `in_flight` holds the ids unanswered on every stream of the run, to refuse a duplicate."""
 
-    def __init__(self) -> None:
+    def __init__(self, in_flight: set[str]) -> None:
         self._texts: dict[str, str] = {}
+        self._in_flight = in_flight
 
     def add(self, article_id: str, text: str) -> None:
-        if article_id in self._texts:
+        if article_id in self._in_flight:
             raise ValueError(f"duplicate article id {article_id!r} in flight")
+        self._in_flight.add(article_id)
         self._texts[article_id] = text
 
     def answered(self, article_id: str) -> bool:
-        return self._texts.pop(article_id, None) is not None
+        if self._texts.pop(article_id, None) is None:
+            return False
+        self._in_flight.discard(article_id)
+        return True
 
     def snapshot(self) -> list[tuple[str, str]]:
         return list(self._texts.items())
@@ -202,15 +230,34 @@ class _Pending:
         return len(self._texts)
 
 
-@dataclass
 class _Source:
-    """The caller's articles, read lazily by whichever stream is feeding; kept across streams."""
+    """The caller's articles, read lazily by whichever stream is feeding (one at a time); kept
+    across streams."""
 
-    articles: AsyncIterator[tuple[str, str]]
-    exhausted: bool = False
-    error: BaseException | None = None
-    """What reading the articles raised: the run ends with it once the articles already sent
-    are answered (re-raised as it is, never as a gRPC status)."""
+    def __init__(self, articles: AsyncIterator[tuple[str, str]]) -> None:
+        self._articles = articles
+        self._lock = asyncio.Lock()
+        self.exhausted = False
+        self.error: BaseException | None = None
+        """What reading the articles raised: the run ends with it once the articles already
+        sent are answered (re-raised as it is, never as a gRPC status)."""
+
+    async def take(self) -> tuple[str, str] | None:
+        """The next article, or None once there are no more (or reading them failed)."""
+        async with self._lock:
+            if self.exhausted:
+                return None
+            try:
+                article = await anext(self._articles, None)
+            except Exception as error:  # noqa: BLE001 - re-raised to the caller at the end
+                self.fail(error)
+                return None
+            if article is None:
+                self.exhausted = True
+            return article
+
+    def fail(self, error: BaseException) -> None:
+        self.error, self.exhausted = error, True
 
 
 def _check_id(article: tuple[str, str]) -> tuple[str, str]:
@@ -249,14 +296,16 @@ class SummarizerClient(_ClientBase):
     def __init__(self, target: str, *, timeout_s: float | None = 300.0,
                  retry: RetryPolicy = RetryPolicy(), tls: bool = False, ca_cert: str = "",
                  client_cert: str = "", client_key: str = "", token: str = "",
-                 max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
+                 max_message_bytes: int = MAX_MESSAGE_BYTES,
+                 load_balancing: str = DEFAULT_LOAD_BALANCING) -> None:
         super().__init__(timeout_s, retry, token)
-        self._settings = dict(target=target, timeout_s=timeout_s, retry=retry, tls=tls,
-                              ca_cert=ca_cert, client_cert=client_cert, client_key=client_key,
-                              token=token, max_message_bytes=max_message_bytes)
+        self._settings: dict[str, Any] = dict(
+            target=target, timeout_s=timeout_s, retry=retry, tls=tls, ca_cert=ca_cert,
+            client_cert=client_cert, client_key=client_key, token=token,
+            max_message_bytes=max_message_bytes, load_balancing=load_balancing)
         self._channel = open_channel(target, tls=tls, ca_cert=ca_cert, client_cert=client_cert,
                                      client_key=client_key,
-                                     options=_channel_options(max_message_bytes))
+                                     options=_channel_options(max_message_bytes, load_balancing))
         self._stub = pb_grpc.SummarizerStub(self._channel)
 
     def __enter__(self) -> SummarizerClient:
@@ -283,47 +332,56 @@ class SummarizerClient(_ClientBase):
 
     def summarize(self, articles: Sequence[tuple[str, str]],
                   options: pb.GenerationOptions | None = None, *,
-                  timeout_s: float | None = None) -> list[Result]:
+                  timeout_s: float | None = None, priority: str = "") -> list[Result]:
         """Summarise (id, text) pairs in one call; results in the same order. An article that
-        failed on its own (while others succeeded) comes back as an ArticleFailure."""
-        request = _request(articles, options)
+        failed on its own (while others succeeded) comes back as an ArticleFailure.
+        `priority`: "interactive", "default" or "bulk" ("": the server's default for the
+        token); see PRIORITIES."""
+        request = _request(articles, options, priority_value(priority))
         response = self._with_retries(
             lambda remaining: self._stub.Summarize(request, timeout=remaining,
                                                    metadata=self._metadata), timeout_s)
         return [result_from_pb(r) for r in response.results]
 
     def summarize_batches(self, articles: Iterable[tuple[str, str]], batch_size: int,
-                          options: pb.GenerationOptions | None = None) -> Iterator[Result]:
+                          options: pb.GenerationOptions | None = None, *,
+                          priority: str = "") -> Iterator[Result]:
         """Summarise any number of articles, `batch_size` per call, yielding results in order."""
         batch: list[tuple[str, str]] = []
         for article in articles:
             batch.append(article)
             if len(batch) >= batch_size:
-                yield from self.summarize(batch, options)
+                yield from self.summarize(batch, options, priority=priority)
                 batch = []
         if batch:
-            yield from self.summarize(batch, options)
+            yield from self.summarize(batch, options, priority=priority)
 
     def summarize_many(self, articles: Iterable[tuple[str, str]],
                        options: pb.GenerationOptions | None = None, *, max_in_flight: int = 64,
-                       request_size: int = 16) -> Iterator[Result]:
-        """Summarise an iterable of (id, text) of any size through SummarizeStream, with at most
-        `max_in_flight` articles sent and unanswered; results in completion order. Ids must be
+                       request_size: int = 16, streams: int = DEFAULT_STREAMS,
+                       articles_per_stream: int = DEFAULT_ARTICLES_PER_STREAM,
+                       priority: str = "") -> Iterator[Result]:
+        """Summarise an iterable of (id, text) of any size through SummarizeStream (`streams` of
+        them at once, each carrying up to `articles_per_stream` articles before another takes its
+        place), with at most `max_in_flight` articles sent and unanswered in all; results in
+        completion order. Ids must be
         unique among the articles in flight. The iterable is read lazily (on the client's own
         thread, see below); an exception it raises ends the run, after the articles already sent
         are answered, and reaches the caller as it is.
 
         `AsyncSummarizerClient.summarize_many` does the work, on a private event loop in a thread
         that lives as long as the iteration: closing the generator (or leaving a `for` loop
-        early, or Ctrl-C) cancels the stream and ends the thread."""
-        if max_in_flight < 1 or request_size < 1:
-            raise ValueError("max_in_flight and request_size must be at least 1")
+        early, or Ctrl-C) cancels the streams and ends the thread."""
+        _check_many(max_in_flight, request_size, streams, articles_per_stream)
+        priority_value(priority)  # an unknown class fails here, not on the loop thread
         with _LoopThread() as loop:
             client = loop.run(self._async_twin())
             results = client.summarize_many(articles, options, max_in_flight=max_in_flight,
-                                            request_size=request_size)
+                                            request_size=request_size, streams=streams,
+                                            articles_per_stream=articles_per_stream,
+                                            priority=priority)
             try:
-                while (result := loop.next(results)) is not _DONE:
+                while not isinstance(result := _blocking(loop.next, results), _Done):
                     yield result
             finally:
                 loop.finish(results, client)
@@ -345,11 +403,12 @@ class AsyncSummarizerClient(_ClientBase):
     def __init__(self, target: str, *, timeout_s: float | None = 300.0,
                  retry: RetryPolicy = RetryPolicy(), tls: bool = False, ca_cert: str = "",
                  client_cert: str = "", client_key: str = "", token: str = "",
-                 max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
+                 max_message_bytes: int = MAX_MESSAGE_BYTES,
+                 load_balancing: str = DEFAULT_LOAD_BALANCING) -> None:
         super().__init__(timeout_s, retry, token)
-        self._channel = open_aio_channel(target, tls=tls, ca_cert=ca_cert,
-                                         client_cert=client_cert, client_key=client_key,
-                                         options=_channel_options(max_message_bytes))
+        self._channel = open_aio_channel(
+            target, tls=tls, ca_cert=ca_cert, client_cert=client_cert, client_key=client_key,
+            options=_channel_options(max_message_bytes, load_balancing))
         self._stub = pb_grpc.SummarizerStub(self._channel)
 
     async def __aenter__(self) -> AsyncSummarizerClient:
@@ -376,8 +435,8 @@ class AsyncSummarizerClient(_ClientBase):
 
     async def summarize(self, articles: Sequence[tuple[str, str]],
                         options: pb.GenerationOptions | None = None, *,
-                        timeout_s: float | None = None) -> list[Result]:
-        request = _request(articles, options)
+                        timeout_s: float | None = None, priority: str = "") -> list[Result]:
+        request = _request(articles, options, priority_value(priority))
         response = await self._with_retries(
             lambda remaining: self._stub.Summarize(request, timeout=remaining,
                                                    metadata=self._metadata), timeout_s)
@@ -385,44 +444,80 @@ class AsyncSummarizerClient(_ClientBase):
 
     async def summarize_many(self, articles: Iterable[tuple[str, str]] | AsyncIterable[
             tuple[str, str]], options: pb.GenerationOptions | None = None, *,
-            max_in_flight: int = 64, request_size: int = 16) -> AsyncIterator[Result]:
+            max_in_flight: int = 64, request_size: int = 16, streams: int = DEFAULT_STREAMS,
+            articles_per_stream: int = DEFAULT_ARTICLES_PER_STREAM,
+            priority: str = "") -> AsyncGenerator[Result, None]:
         """See SummarizerClient.summarize_many; `articles` may also be an async iterable. A
-        plain iterable is read on the event loop, so it should not block."""
-        if max_in_flight < 1 or request_size < 1:
-            raise ValueError("max_in_flight and request_size must be at least 1")
+        plain iterable is read on the event loop, so it should not block. `priority`: the
+        streams' class (every request of them carries it)."""
+        _check_many(max_in_flight, request_size, streams, articles_per_stream)
+        value = priority_value(priority)
         source = _Source(_aiter(articles))
-        pending = _Pending()
         slots = asyncio.Semaphore(max_in_flight)
+        in_flight: set[str] = set()
+        results: asyncio.Queue[Result | _LaneEnd] = asyncio.Queue()
+        lanes = [asyncio.ensure_future(self._lane(source, slots, _Pending(in_flight), options,
+                                                  request_size, articles_per_stream, results,
+                                                  value))
+                 for _ in range(streams)]
+        running = len(lanes)
+        try:
+            while running:
+                item = await results.get()
+                if isinstance(item, _LaneEnd):
+                    running -= 1
+                    if item.error is not None:
+                        raise item.error
+                    continue
+                slots.release()  # when the caller takes it: results never pile up unread
+                yield item
+            if source.error is not None:
+                raise source.error
+        finally:
+            for lane in lanes:
+                lane.cancel()
+            await asyncio.gather(*lanes, return_exceptions=True)
+
+    async def _lane(self, source: _Source, slots: asyncio.Semaphore, pending: _Pending,
+                    options: pb.GenerationOptions | None, request_size: int,
+                    articles_per_stream: int, results: asyncio.Queue[Result | _LaneEnd],
+                    priority: pb.Priority = pb.PRIORITY_UNSPECIFIED) -> None:
+        """One of summarize_many's streams, opened again and again: after `articles_per_stream`
+        articles (so a balancing channel spreads the work over its backends, new ones included)
+        and after a retryable break (the unanswered articles go out again on the new stream,
+        which the channel sends to a backend that is up)."""
         retries = 0
-        while True:
-            call = self._stub.SummarizeStream(metadata=self._metadata)
-            feeder = asyncio.ensure_future(_feed(call, pending, source, slots, options,
-                                                 request_size))
-            try:
-                while (message := await call.read()) is not grpc.aio.EOF:
-                    if pending.answered(message.id):
-                        retries = 0  # progress: a later break gets the full retry budget
-                        slots.release()
-                        yield result_from_pb(message)
-                    if source.exhausted and not len(pending):
+        try:
+            while True:
+                call = self._stub.SummarizeStream(metadata=self._metadata)
+                feeder = asyncio.ensure_future(_feed(call, pending, source, slots, options,
+                                                     request_size, articles_per_stream,
+                                                     priority))
+                try:
+                    while (message := await call.read()) is not grpc.aio.EOF:
+                        if pending.answered(message.id):
+                            retries = 0  # progress: a later break gets the full retry budget
+                            results.put_nowait(result_from_pb(message))  # its slot: see below
+                    await feeder  # a bug in the feeding itself surfaces here
+                    if len(pending):
+                        raise RuntimeError("the stream ended with articles unanswered")
+                    if source.exhausted:
                         break
-                await feeder  # a bug in the feeding itself surfaces here
-                if source.error is not None:
-                    raise source.error
-                if source.exhausted and not len(pending):
-                    return
-                raise RuntimeError("the stream ended with articles unanswered")
-            except grpc.RpcError as error:
-                if source.error is not None:
-                    raise source.error from None
-                retries += 1
-                retryable = self.retry.retryable(error) or _lost_status(error)
-                if retries >= self.retry.attempts or not retryable:
-                    raise
-                await asyncio.sleep(self.retry.pause_s(retries))
-            finally:
-                feeder.cancel()
-                call.cancel()
+                except grpc.RpcError as error:
+                    if source.error is not None:
+                        break  # the caller's source failed; summarize_many raises its error
+                    retries += 1
+                    retryable = self.retry.retryable(error) or _lost_status(error)
+                    if retries >= self.retry.attempts or not retryable:
+                        raise
+                    await asyncio.sleep(self.retry.pause_s(retries))
+                finally:
+                    feeder.cancel()
+                    call.cancel()
+        except Exception as error:  # noqa: BLE001 - handed to summarize_many, which raises it
+            results.put_nowait(_LaneEnd(error))
+        else:
+            results.put_nowait(_LaneEnd(None))
 
     async def model_info(self, *, timeout_s: float | None = None) -> pb.ModelInfo:
         return await self._with_retries(
@@ -441,35 +536,62 @@ def _lost_status(error: grpc.RpcError) -> bool:
 
 async def _feed(call: grpc.aio.StreamStreamCall, pending: _Pending, source: _Source,
                 slots: asyncio.Semaphore, options: pb.GenerationOptions | None,
-                request_size: int) -> None:
+                request_size: int, articles_per_stream: int,
+                priority: pb.Priority = pb.PRIORITY_UNSPECIFIED) -> None:
     """Write the unanswered articles again (after a broken stream), then new ones from the
-    source while a slot is free. A write to a stream that has failed ends the feeding: the
-    reader sees the stream's real status."""
+    source while a slot is free, up to `articles_per_stream` on this stream. A write to a stream
+    that has failed ends the feeding: the reader sees the stream's real status."""
     with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
         resend = pending.snapshot()
         for start in range(0, len(resend), request_size):
-            await call.write(_request(resend[start:start + request_size], options))
-        while not source.exhausted:
+            await call.write(_request(resend[start:start + request_size], options, priority))
+        sent = len(resend)
+        while not source.exhausted and sent < articles_per_stream:
             batch: list[tuple[str, str]] = []
-            while len(batch) < request_size:
+            while len(batch) < min(request_size, articles_per_stream - sent):
                 if batch and slots.locked():
                     break  # send what we have rather than wait for a slot
                 await slots.acquire()
-                try:
-                    article = await anext(source.articles, None)
-                    if article is not None:
-                        article_id, text = _check_id(article)
-                        pending.add(article_id, text)
-                except Exception as error:  # noqa: BLE001 - re-raised to the caller at the end
-                    article, source.error = None, error
+                article = await source.take()
                 if article is None:
                     slots.release()
-                    source.exhausted = True
+                    break
+                try:
+                    article_id, text = _check_id(article)
+                    pending.add(article_id, text)
+                except ValueError as error:
+                    slots.release()
+                    source.fail(error)
                     break
                 batch.append((article_id, text))
             if batch:
-                await call.write(_request(batch, options))
+                await call.write(_request(batch, options, priority))
+                sent += len(batch)
         await call.done_writing()
+
+
+class _LaneEnd:
+    """A lane of summarize_many has ended: normally (error None) or with an exception."""
+
+    def __init__(self, error: BaseException | None) -> None:
+        self.error = error
+
+
+def _check_many(max_in_flight: int, request_size: int, streams: int,
+                articles_per_stream: int) -> None:
+    if min(max_in_flight, request_size, streams, articles_per_stream) < 1:
+        raise ValueError("max_in_flight, request_size, streams and articles_per_stream must "
+                         "be at least 1")
+
+
+def _blocking(step: Callable[[AsyncIterator[T]], T | _Done], results: AsyncIterator[T]
+              ) -> T | _Done:
+    """One step of an asyncio iteration for the blocking client: a failed call is raised as a
+    CallError, a plain grpc.RpcError, not as grpc's asyncio type."""
+    try:
+        return step(results)
+    except grpc.aio.AioRpcError as error:
+        raise CallError.of(error) from error
 
 
 class _Done:
@@ -498,7 +620,7 @@ class _LoopThread:
         self._thread.join()
         self._loop.close()
 
-    def run(self, coroutine: Awaitable[T]) -> T:
+    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
 
     def next(self, iterator: AsyncIterator[T]) -> T | _Done:
@@ -510,7 +632,7 @@ class _LoopThread:
 
         return self.run(step())
 
-    def finish(self, iterator: AsyncGenerator, client: AsyncSummarizerClient) -> None:
+    def finish(self, iterator: AsyncGenerator[Any, None], client: AsyncSummarizerClient) -> None:
         """Cancel a step still running (the caller was interrupted), close the iterator (which
         cancels its stream) and the client's channel."""
 

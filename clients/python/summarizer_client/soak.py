@@ -307,8 +307,10 @@ async def run_soak(target: str, config: SoakConfig, *, tls: bool = False, ca_cer
     return report
 
 
-def main(target: str, config: SoakConfig, **security: object) -> int:
-    report = asyncio.run(run_soak(target, config, **security))
+def main(target: str, config: SoakConfig, *, tls: bool = False, ca_cert: str = "",
+         client_cert: str = "", client_key: str = "") -> int:
+    report = asyncio.run(run_soak(target, config, tls=tls, ca_cert=ca_cert,
+                                  client_cert=client_cert, client_key=client_key))
     print(json.dumps({"target": target, "config": dataclasses.asdict(config) | {"token": ""},
                       **report.summary()}, indent=2))
     return 0 if report.ok else 1

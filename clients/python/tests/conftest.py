@@ -22,7 +22,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from summarizer_client.cli import _health_check
+from summarizer_client.cli import Connection, _health_check
 from summarizer_client.gen.summarizer.v1 import summarizer_pb2 as pb
 from summarizer_client.gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
 
@@ -35,7 +35,8 @@ def wait_serving(target: str, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            if _health_check(target, {}, 2.0) == 1:  # SERVING
+            insecure = Connection(tls=False, ca_cert="", client_cert="", client_key="", token="")
+            if _health_check(target, insecure, 2.0) == 1:  # SERVING
                 return
         except grpc.RpcError:
             pass
@@ -101,7 +102,13 @@ class Scripted(pb_grpc.SummarizerServicer):
         self.details = LOST_STATUS
         self.stall = False
         self.streams = 0
+        self.articles = 0
+        self.unary_calls = 0
         self.cancelled = threading.Event()
+
+    async def Summarize(self, request, context):  # noqa: N802 - gRPC's name
+        self.unary_calls += 1
+        return pb.SummarizeResponse(results=[self._answer(a) for a in request.articles])
 
     async def SummarizeStream(self, request_iterator, context):  # noqa: N802 - gRPC's name
         self.streams += 1
@@ -124,36 +131,51 @@ class Scripted(pb_grpc.SummarizerServicer):
             self.cancelled.set()
             raise
 
-    @staticmethod
-    def _answer(article: pb.Article) -> pb.ArticleResult:
+    def _answer(self, article: pb.Article) -> pb.ArticleResult:
+        self.articles += 1
         return pb.ArticleResult(id=article.id, summary=f"S:{article.id}",
                                 input_tokens=len(article.text.split()))
 
 
-@pytest.fixture
-def scripted() -> Iterator[tuple[str, Scripted]]:
-    """A scripted server on its own event loop in a thread: (target, script)."""
-    script = Scripted()
+@contextlib.contextmanager
+def scripted_servers(count: int) -> Iterator[list[tuple[int, Scripted]]]:
+    """`count` scripted servers on one event loop in a thread: [(port, script)]."""
     loop = asyncio.new_event_loop()
-    started: list[tuple[grpc.aio.Server, int]] = []
+    started: list[tuple[grpc.aio.Server, int, Scripted]] = []
 
     async def start() -> None:
+        script = Scripted()
         server = grpc.aio.server()
         pb_grpc.add_SummarizerServicer_to_server(script, server)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
-        started.append((server, port))
+        started.append((server, port, script))
 
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
-    asyncio.run_coroutine_threadsafe(start(), loop).result(30)
-    server, port = started[0]
     try:
-        yield f"127.0.0.1:{port}", script
+        for _ in range(count):
+            asyncio.run_coroutine_threadsafe(start(), loop).result(30)
+        yield [(port, script) for _, port, script in started]
     finally:
-        asyncio.run_coroutine_threadsafe(server.stop(0), loop).result(30)
+        for server, _, _ in started:
+            asyncio.run_coroutine_threadsafe(server.stop(0), loop).result(30)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
         with contextlib.suppress(Exception):
             loop.close()
 
+
+@pytest.fixture
+def scripted() -> Iterator[tuple[str, Scripted]]:
+    """A scripted server on its own event loop in a thread: (target, script)."""
+    with scripted_servers(1) as [(port, script)]:
+        yield f"127.0.0.1:{port}", script
+
+
+@pytest.fixture
+def scripted_trio() -> Iterator[tuple[str, list[Scripted]]]:
+    """Three scripted servers behind one target URI that lists their addresses."""
+    with scripted_servers(3) as servers:
+        target = "ipv4:" + ",".join(f"127.0.0.1:{port}" for port, _ in servers)
+        yield target, [script for _, script in servers]

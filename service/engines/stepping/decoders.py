@@ -213,7 +213,8 @@ class T5Like(Adapter):
         out = []
         for block in self.decoder.block:
             attn = block.layer[1].EncDecAttention
-            out.append((_heads(attn.k(hidden), self.head_dim), _heads(attn.v(hidden), self.head_dim)))
+            out.append((_heads(attn.k(hidden), self.head_dim),
+                        _heads(attn.v(hidden), self.head_dim)))
         return out
 
     def _attention(self, attn: Any, h: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -51,8 +51,9 @@ def hf_setup(model: Any, config: Any, encoder_ids: torch.Tensor) -> Setup:
     batch of one, without running it."""
     from transformers import LogitsProcessorList, StoppingCriteriaList
 
-    has_default_max_length = config.max_length is None and model.generation_config.max_length is None
-    has_default_min_length = config.min_length is None and model.generation_config.min_length is None
+    defaults = model.generation_config
+    has_default_max_length = config.max_length is None and defaults.max_length is None
+    has_default_min_length = config.min_length is None and defaults.min_length is None
     config, _ = model._prepare_generation_config(copy.deepcopy(config))
     mode = config.get_generation_mode()
     if str(getattr(mode, "value", mode)) not in ("greedy_search", "beam_search"):
@@ -75,7 +76,8 @@ def hf_setup(model: Any, config: Any, encoder_ids: torch.Tensor) -> Setup:
     eos = config._eos_token_tensor
     pad = config._pad_token_tensor
     start = config._decoder_start_token_tensor
-    start_token = int(start.reshape(-1)[0]) if start is not None else int(config.decoder_start_token_id)
+    start_token = (int(start.reshape(-1)[0]) if start is not None
+                   else int(config.decoder_start_token_id))
     fill = int(pad) if pad is not None else (int(eos.reshape(-1)[0]) if eos is not None else -1)
     return Setup(config=config, processors=processors, stopping=stopping,
                  max_length=int(config.max_length), start_token=start_token, eos=eos, pad=fill)

@@ -5,13 +5,16 @@ back to back; see service/serving/continuous.py):
 
 1. drop removed tickets (waiting or decoding; their rows and cache are freed at once);
 2. queue new articles; refuse at once one whose cache could never fit the budget (`too_large`);
-3. admit waiting articles, first come first served, while the budget has room: one batched encoder
+3. admit waiting articles, most urgent class first (`Admit.priority`), then in arrival order,
+   while the budget has room and the encoder slice (`max_encode_tokens_per_step`) is not used up
+   (at least one article per call): one batched encoder
    pass for all of them; an article's encoder output and each decoder layer's cross-attention keys
    and values (a "source") are computed once and serve every beam of its summary and of its
    headline (when both read the same input); each (article, output) becomes a group of `beams`
    rows, and the rows of one source are kept next to each other;
 4. decode one step for every row of every group in one forward pass (rows at different lengths,
-   with different options: see decoders.py);
+   with different options: see decoders.py), except the rows of paused tickets (`StepIn.pause`):
+   they sit the step out, their caches and search state untouched (see "Pausing" below);
 5. each group picks its rows' next tokens and parents (search.py), then one gather per layer
    applies every group's beam reordering and drops the rows of groups that finished;
 6. an article whose outputs are all done is returned.
@@ -22,15 +25,30 @@ counts the padded worst case of the set, for what is decoding plus the article b
 (rows x longest max length + sources x longest source) x bytes per token; the article waits until
 that fits.
 
+Pausing: the forward pass runs over the other groups only (their caches cut to the columns they
+need); the stepping rows' new caches are then written into the set's cache in place (beam
+reordering applied), right-aligned as before, so the paused rows' caches are not touched at all.
+Only when a group left in the step, or the stepping rows outgrew the set's cache width, is the
+set's cache rebuilt once with the paused rows copied as they were. A paused article therefore
+produces exactly the
+tokens it would produce unpaused: its rows see the same inputs whenever they do step. A paused
+article that is still waiting is not admitted (its encoding sits the step out too).
+
+Encoder slicing: a burst of long articles is encoded a slice at a time, one slice per call, so
+the rows already decoding step between slices instead of stalling behind the whole burst, and the
+most urgent articles are encoded first. A slice holds articles while their padded encoder tokens
+(distinct inputs x longest input) stay within `max_encode_tokens_per_step`; 0: no cap.
+
 Failure isolation: a group whose search raises fails its article only; if the batched encoder or
 decoder pass raises, each article is run alone to find which one fails, the others go on.
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import logging
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,7 +75,9 @@ class _Article:
     """Encoder input ids per output ("summary", "headline")."""
     reserve: tuple[int, int, int, int]
     """(rows, longest max length, sources, longest source) its groups need."""
-    groups: list["_Group"] = field(default_factory=list)
+    order: tuple[int, int] = (1, 0)
+    """Its place in the waiting line: (priority class, arrival number); smallest first."""
+    groups: list[_Group] = field(default_factory=list)
     texts: dict[str, tuple[str, int]] = field(default_factory=dict)
 
 
@@ -86,16 +106,29 @@ class _Group:
 class TorchSession:
     def __init__(self, *, adapter: Adapter, model: Any, device: Any, budget_bytes: int,
                  generation_config: Callable[[str, GenerationParams], Any],
-                 decode: Callable[[list[int], str], tuple[str, int]]) -> None:
+                 decode: Callable[[list[int], str], tuple[str, int]],
+                 max_encode_tokens_per_step: int = 0) -> None:
         """`generation_config(output, params)`: the config the static engine would pass to
-        generate for that output; `decode(ids, output)`: text and token count."""
+        generate for that output; `decode(ids, output)`: text and token count;
+        `max_encode_tokens_per_step`: the encoder slice (padded tokens; 0: no cap)."""
+        if max_encode_tokens_per_step < 0:
+            raise ValueError("max_encode_tokens_per_step must not be negative (0: no cap)")
         self.adapter = adapter
         self.model = model
         self.device = device
         self.budget_bytes = budget_bytes
         self._config = generation_config
         self._decode = decode
-        self._waiting: deque[_Article] = deque()
+        self.max_encode_tokens_per_step = max_encode_tokens_per_step
+        self._waiting: list[_Article] = []
+        """Articles not yet admitted, in admission order (`_Article.order`)."""
+        self._arrivals = itertools.count()
+        self._deferred = 0
+        """Waiting articles the last admission held back for the encoder slice, not for room."""
+        self._paused_cross: tuple[tuple[_Group, ...], tuple[list[KV], torch.Tensor,
+                                                            CrossLayout]] | None = None
+        """The sources of the groups that stepped while others were paused, kept while the same
+        groups step (pauses tend to last): rebuilt when they change, dropped at a full step."""
         self._articles: dict[int, _Article] = {}
         self.groups: list[_Group] = []
         self._self_kv: list[KV] | None = None  # [rows, heads, T, dim] per layer
@@ -118,6 +151,7 @@ class TorchSession:
     def advance(self, step: StepIn) -> StepOut:
         failed: list[StepFailure] = []
         done: list[tuple[int, Generated]] = []
+        paused = frozenset(step.pause)
         with torch.inference_mode():
             for ticket in step.remove:
                 self._remove(ticket)
@@ -126,15 +160,21 @@ class TorchSession:
                 if failure is not None:
                     failed.append(failure)
             started = time.perf_counter()
-            failed += self._admit()
-            rows = self.rows
+            waiting_before = len(self._waiting)
+            failed += self._admit(paused)
+            paused_rows = sum(g.width for g in self.groups if g.article.ticket in paused)
+            rows = self.rows - paused_rows
             if rows:
-                failed += self._step(done)
-            elapsed = time.perf_counter() - started if rows else 0.0
+                failed += self._step(done, paused)
+            worked = rows or len(self._waiting) != waiting_before
+            if not self.groups:
+                self._paused_cross = None
+            elapsed = time.perf_counter() - started if worked else 0.0
         return StepOut(done=tuple(done), failed=tuple(failed), waiting=len(self._waiting),
                        active=len({id(g.article) for g in self.groups}), rows=rows,
                        step_s=elapsed, used_bytes=self.used_bytes(),
-                       budget_bytes=self.budget_bytes)
+                       budget_bytes=self.budget_bytes, paused_rows=paused_rows,
+                       encode_deferred=self._deferred)
 
     # ----- joining -----
     def _queue(self, admit: Admit) -> StepFailure | None:
@@ -150,7 +190,8 @@ class TorchSession:
         sources = len(set(inputs.values()))
         source = max((len(ids) for ids in inputs.values()), default=0)
         state = _Article(ticket=admit.ticket, params=params, article=article, inputs=inputs,
-                         reserve=(rows, longest, sources, source))
+                         reserve=(rows, longest, sources, source),
+                         order=(admit.priority, next(self._arrivals)))
         need = self._bytes(rows, longest, sources, source)
         if need > self.budget_bytes:
             return StepFailure(
@@ -160,19 +201,27 @@ class TorchSession:
                 f"{_mib(self.budget_bytes)}; ask for fewer beams or tokens, send a shorter "
                 "article, or raise --kv-cache-mb")
         self._articles[admit.ticket] = state
-        self._waiting.append(state)
+        bisect.insort(self._waiting, state, key=lambda a: a.order)
         return None
 
-    def _admit(self) -> list[StepFailure]:
+    def _admit(self, paused: frozenset[int] = frozenset()) -> list[StepFailure]:
+        """Encode and join waiting articles in line order (most urgent class first), skipping
+        paused ones, while the budget has room and the encoder slice lasts."""
         joining: list[_Article] = []
-        while self._waiting:
-            candidate = self._waiting[0]
+        self._deferred = 0
+        line = [a for a in self._waiting if a.ticket not in paused]
+        for position, candidate in enumerate(line):
             fits = self._reserved_with(joining + [candidate]) <= self.budget_bytes
             if not fits and (self.groups or joining):
-                break  # first come first served: wait for room
-            joining.append(self._waiting.popleft())
+                break  # in line order: a more urgent or earlier article waits for room first
+            if joining and not self._within_encode_slice(joining + [candidate]):
+                self._deferred = self._count_with_room(joining, line[position:])
+                break
+            joining.append(candidate)
         if not joining:
             return []
+        for article in joining:
+            self._waiting.remove(article)
         encoded, failed = self._encode(joining)
         for article in joining:
             if article.ticket not in encoded:
@@ -185,6 +234,25 @@ class TorchSession:
                     self._drop_article(article)
                 self._forget(article)
         return failed
+
+    def _within_encode_slice(self, articles: list[_Article]) -> bool:
+        """Whether one encoder pass over `articles` stays within the slice: padded tokens
+        (distinct inputs x longest input), as `_encode_batch` pads them."""
+        if not self.max_encode_tokens_per_step:
+            return True
+        inputs = {ids for article in articles for ids in article.inputs.values()}
+        longest = max((len(ids) for ids in inputs), default=0)
+        return len(inputs) * longest <= self.max_encode_tokens_per_step
+
+    def _count_with_room(self, joining: list[_Article], rest: list[_Article]) -> int:
+        """How many of `rest`, in line order, the budget would also have admitted: the
+        articles the encoder slice alone holds back."""
+        held: list[_Article] = []
+        for article in rest:
+            if self._reserved_with(joining + held + [article]) > self.budget_bytes:
+                break
+            held.append(article)
+        return len(held)
 
     def _reserved_with(self, extra: list[_Article]) -> int:
         rows, self_len, sources, source_len = 0, 0, 0, 0
@@ -219,9 +287,9 @@ class TorchSession:
     def _encode_batch(self, articles: list[_Article]) -> dict[int, dict[tuple, _Source]]:
         inputs = []
         for article in articles:
-            for ids in article.inputs.values():
-                if ids not in inputs:
-                    inputs.append(ids)
+            for source_ids in article.inputs.values():
+                if source_ids not in inputs:
+                    inputs.append(source_ids)
         width = max(len(ids) for ids in inputs)
         pad = self.model.config.pad_token_id or 0
         ids = torch.full((len(inputs), width), pad, dtype=torch.long)
@@ -266,20 +334,36 @@ class TorchSession:
         self._cross = None
 
     # ----- one step -----
-    def _step(self, done: list[tuple[int, Generated]]) -> list[StepFailure]:
+    def _step(self, done: list[tuple[int, Generated]],
+              paused: frozenset[int] = frozenset()) -> list[StepFailure]:
         failed: list[StepFailure] = []
+        stepping = self._stepping(paused)
         try:
-            logits, merged = self._forward(list(range(len(self.groups))))
+            if len(stepping) == len(self.groups):
+                self._paused_cross = None
+                logits, merged = self._forward(stepping)
+            else:
+                logits, merged = self._forward(stepping, trim=True)
         except Exception as error:  # noqa: BLE001 - isolated below
-            logits, merged, failed = self._forward_isolating(error)
-            if not self.groups:
+            logits, merged, failed = self._forward_isolating(error, stepping)
+            stepping = self._stepping(paused)  # without the articles that failed
+            if not stepping:
                 return failed
         keep: list[torch.Tensor] = []  # rows of the next step, in order
+        stepped: list[torch.Tensor] = []  # the same for the stepping rows, among themselves
         keep_groups: list[_Group] = []
         broken: set[int] = set()
         offset = 0
+        logit_offset = 0  # the paused groups have no logits
         for group in self.groups:
-            rows = slice(offset, offset + group.width)
+            if group.article.ticket in paused:  # sits this step out: rows kept as they are
+                keep.append(torch.arange(offset, offset + group.width, device=self.device))
+                keep_groups.append(group)
+                offset += group.width
+                continue
+            rows = slice(logit_offset, logit_offset + group.width)
+            local = logit_offset
+            logit_offset += group.width
             try:
                 tokens, parents = group.search.advance(logits[rows])
                 if group.search.finished:
@@ -295,13 +379,14 @@ class TorchSession:
             else:
                 group.tokens = tokens
                 keep.append(parents + offset)
+                stepped.append(parents + local)
                 keep_groups.append(group)
             offset += group.width
         # Groups of an article that failed leave with it.
         surviving = []
-        for group, rows in zip(keep_groups, keep):
+        for group, kept in zip(keep_groups, keep):
             if id(group.article) not in broken:
-                surviving.append((group, rows))
+                surviving.append((group, kept))
         for group in self.groups:
             article = group.article
             if id(article) in broken:
@@ -310,7 +395,11 @@ class TorchSession:
                 del self._articles[article.ticket]
                 done.append((article.ticket, _generated(article)))
         try:
-            self._reorder(merged, surviving)
+            if len(stepping) == len(self.groups):
+                self._reorder(merged, surviving)
+            elif not (len(surviving) == len(self.groups)
+                      and self._write_stepped_rows(merged, stepping, stepped)):
+                self._reorder(self._with_paused_rows(merged, stepping), surviving)
         except Exception as error:  # noqa: BLE001 - e.g. out of memory copying the cache
             # The set's cache could not be rebuilt: the articles still decoding fail (the ones
             # done in this step are delivered above) and the set starts over empty, so no
@@ -321,19 +410,33 @@ class TorchSession:
             self.groups, self._self_kv, self._cross = [], None, None
         return failed
 
-    def _forward(self, group_indices: list[int]) -> tuple[torch.Tensor, list[KV]]:
-        """Logits and self-attention caches with this step's column for the rows of these groups (all of them, in order,
-        for the normal step; one article's when isolating a failure)."""
+    def _stepping(self, paused: frozenset[int]) -> list[int]:
+        """Indices of the groups that decode this step: those of articles not paused."""
+        return [i for i, group in enumerate(self.groups) if group.article.ticket not in paused]
+
+    def _forward(self, group_indices: list[int], trim: bool = False
+                 ) -> tuple[torch.Tensor, list[KV]]:
+        """Logits and self-attention caches with this step's column for the rows of these
+        groups (all of them, in order, for the normal step; the groups not paused; one
+        article's when isolating a failure). `trim`: cut the caches to the columns these rows
+        hold (the paused rows may hold more) and keep their sources for the next such step."""
         groups = [self.groups[i] for i in group_indices]
         everything = len(groups) == len(self.groups)
         self_kv = self._self_kv
         if not everything and self_kv is not None:
             rows = self._row_index(group_indices)
-            self_kv = [(k[rows], v[rows]) for k, v in self_kv]
+            start = self_kv[0][0].shape[2] - max(g.length for g in groups) if trim else 0
+            self_kv = [(k[:, :, start:].index_select(0, rows),
+                        v[:, :, start:].index_select(0, rows)) for k, v in self_kv]
         if everything:
             if self._cross is None:
                 self._cross = self._cross_inputs(groups)
             cross, cross_valid, layout = self._cross
+        elif trim:
+            key = tuple(groups)
+            if self._paused_cross is None or self._paused_cross[0] != key:
+                self._paused_cross = (key, self._cross_inputs(groups))
+            cross, cross_valid, layout = self._paused_cross[1]
         else:
             cross, cross_valid, layout = self._cross_inputs(groups)
         history = 0 if self_kv is None else self_kv[0][0].shape[2]
@@ -380,15 +483,16 @@ class TorchSession:
         return torch.cat([torch.arange(starts[i], starts[i] + self.groups[i].width)
                           for i in group_indices]).to(self.device)
 
-    def _forward_isolating(self, error: BaseException
+    def _forward_isolating(self, error: BaseException, stepping: list[int]
                            ) -> tuple[torch.Tensor, list[KV], list[StepFailure]]:
-        """The batched pass raised: run each article's rows alone; fail the ones that raise
-        alone and drop their rows; return the others' results as if run together."""
+        """The batched pass over the `stepping` groups raised: run each of their articles' rows
+        alone; fail the ones that raise alone and drop their rows; return the others' results as
+        if run together."""
         by_article: dict[int, list[int]] = {}
-        for i, group in enumerate(self.groups):
-            by_article.setdefault(id(group.article), []).append(i)
+        for i in stepping:
+            by_article.setdefault(id(self.groups[i].article), []).append(i)
         if len(by_article) == 1:
-            article = self.groups[0].article
+            article = self.groups[stepping[0]].article
             self._drop_article(article)
             return torch.empty(0), [], [_failure(article.ticket, error, "decoding")]
         log.warning("decoding step of %d articles failed (%s); stepping each alone",
@@ -413,6 +517,51 @@ class TorchSession:
                   for i in range(len(results[0][1]))]
         return logits, merged, failed
 
+    def _write_stepped_rows(self, merged: list[KV], stepping: list[int],
+                            order: list[torch.Tensor]) -> bool:
+        """After a step that left some groups out and where no group left: write the stepping
+        rows' new caches (`merged`, reordered by `order`, their beams' parents) into the set's
+        cache in place, right-aligned, so the paused rows' caches are not even copied. False
+        (nothing written) when the stepping rows need more columns than the set's cache has.
+        Columns left of a row's history may keep stale values: they are masked."""
+        if self._self_kv is None or not order:
+            return False
+        width, total = merged[0][0].shape[2], self._self_kv[0][0].shape[2]
+        if width > total:
+            return False
+        rows = self._row_index(stepping)
+        parents = torch.cat(order)
+        for (k, v), (k_new, v_new) in zip(self._self_kv, merged):
+            k[rows, :, total - width:] = k_new.index_select(0, parents)
+            v[rows, :, total - width:] = v_new.index_select(0, parents)
+        return True
+
+    def _with_paused_rows(self, merged: list[KV], stepping: list[int]) -> list[KV]:
+        """The whole set's caches after a step that left some groups out: the stepping rows'
+        caches with this step's column (`merged`, in order) and the paused rows' caches as they
+        were, both right-aligned in one width, rows in set order. Nothing is recomputed."""
+        chosen = set(stepping)
+        paused = [i for i in range(len(self.groups)) if i not in chosen]
+        history = max(self.groups[i].length for i in paused)  # columns the paused rows hold
+        step_rows = self._row_index(stepping)
+        paused_rows = self._row_index(paused)
+        total = self.rows
+        out: list[KV] = []
+        for layer, new_kv in enumerate(merged):
+            width = max(new_kv[0].shape[2], history)
+            pair = []
+            for part, new in enumerate(new_kv):
+                full = new.new_zeros((total, new.shape[1], width, new.shape[3]))
+                full[step_rows, :, width - new.shape[2]:] = new
+                if history:
+                    assert self._self_kv is not None  # rows with a history have a cache
+                    old = self._self_kv[layer][part]
+                    full[paused_rows, :, width - history:] = \
+                        old[:, :, old.shape[2] - history:].index_select(0, paused_rows)
+                pair.append(full)
+            out.append((pair[0], pair[1]))
+        return out
+
     # ----- leaving -----
     def _reorder(self, merged: list[KV], surviving: list[tuple[_Group, torch.Tensor]]) -> None:
         """From the caches with this step's column (`merged`), keep the surviving rows in their
@@ -436,6 +585,7 @@ class TorchSession:
                               v.index_select(0, order)[:, :, start:]) for k, v in merged]
         if len(surviving) != len(self.groups):
             self._cross = None  # sources are per source, not per row: rebuilt for who is left
+            self._paused_cross = None
         self.groups = [g for g, _ in surviving]
 
     def _drop_article(self, article: _Article) -> None:

@@ -24,37 +24,43 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1esummarizer/v1/summarizer.proto\x12\rsummarizer.v1\"#\n\x07\x41rticle\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"\xfb\x02\n\x11GenerationOptions\x12\x1a\n\x12summary_max_tokens\x18\x01 \x01(\r\x12\x1a\n\x12summary_min_tokens\x18\x02 \x01(\r\x12\x1b\n\x13headline_max_tokens\x18\x03 \x01(\r\x12\x11\n\tnum_beams\x18\x04 \x01(\r\x12\'\n\x07outputs\x18\x05 \x01(\x0e\x32\x16.summarizer.v1.Outputs\x12\x1b\n\x13headline_min_tokens\x18\x06 \x01(\r\x12\x18\n\x10max_input_tokens\x18\x07 \x01(\r\x12\x1b\n\x0elength_penalty\x18\x08 \x01(\x02H\x00\x88\x01\x01\x12!\n\x14no_repeat_ngram_size\x18\t \x01(\rH\x01\x88\x01\x01\x12\x32\n\nlong_input\x18\n \x01(\x0e\x32\x1e.summarizer.v1.LongInputPolicyB\x11\n\x0f_length_penaltyB\x17\n\x15_no_repeat_ngram_size\"o\n\x10SummarizeRequest\x12(\n\x08\x61rticles\x18\x01 \x03(\x0b\x32\x16.summarizer.v1.Article\x12\x31\n\x07options\x18\x02 \x01(\x0b\x32 .summarizer.v1.GenerationOptions\"-\n\x0c\x41rticleError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xd4\x01\n\rArticleResult\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07summary\x18\x02 \x01(\t\x12\x10\n\x08headline\x18\x03 \x01(\t\x12\x14\n\x0cinput_tokens\x18\x04 \x01(\r\x12\x11\n\ttruncated\x18\x05 \x01(\x08\x12\x16\n\x0esummary_tokens\x18\x06 \x01(\r\x12\x17\n\x0fheadline_tokens\x18\x07 \x01(\r\x12*\n\x05\x65rror\x18\x08 \x01(\x0b\x32\x1b.summarizer.v1.ArticleError\x12\x0e\n\x06\x63hunks\x18\t \x01(\r\"B\n\x11SummarizeResponse\x12-\n\x07results\x18\x01 \x03(\x0b\x32\x1c.summarizer.v1.ArticleResult\"\x15\n\x13GetModelInfoRequest\"\xc0\x01\n\x10ModelDescription\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x03 \x01(\t\x12\x12\n\nmodel_type\x18\x04 \x01(\t\x12\x18\n\x10max_input_tokens\x18\x05 \x01(\r\x12\x16\n\x0esummary_prefix\x18\x06 \x01(\t\x12\x17\n\x0fheadline_prefix\x18\x07 \x01(\t\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\"\xde\x01\n\x0cServerLimits\x12 \n\x18max_articles_per_request\x18\x01 \x01(\r\x12\x19\n\x11max_article_chars\x18\x02 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x03 \x01(\r\x12\x11\n\tmax_queue\x18\x04 \x01(\r\x12\x15\n\rmax_num_beams\x18\x05 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x06 \x01(\r\x12\x1e\n\x16max_chunks_per_article\x18\x07 \x01(\r\x12\x17\n\x0fmax_chunk_depth\x18\x08 \x01(\r\"\xcc\x01\n\tModelInfo\x12/\n\x06models\x18\x01 \x03(\x0b\x32\x1f.summarizer.v1.ModelDescription\x12\x0e\n\x06\x65ngine\x18\x02 \x01(\t\x12\x39\n\x0f\x64\x65\x66\x61ult_options\x18\x03 \x01(\x0b\x32 .summarizer.v1.GenerationOptions\x12+\n\x06limits\x18\x04 \x01(\x0b\x32\x1b.summarizer.v1.ServerLimits\x12\x16\n\x0eserver_version\x18\x05 \x01(\t*_\n\x07Outputs\x12\x17\n\x13OUTPUTS_UNSPECIFIED\x10\x00\x12\x10\n\x0cOUTPUTS_BOTH\x10\x01\x12\x13\n\x0fOUTPUTS_SUMMARY\x10\x02\x12\x14\n\x10OUTPUTS_HEADLINE\x10\x03*q\n\x0fLongInputPolicy\x12!\n\x1dLONG_INPUT_POLICY_UNSPECIFIED\x10\x00\x12\x1e\n\x1aLONG_INPUT_POLICY_TRUNCATE\x10\x01\x12\x1b\n\x17LONG_INPUT_POLICY_CHUNK\x10\x02\x32\x80\x02\n\nSummarizer\x12N\n\tSummarize\x12\x1f.summarizer.v1.SummarizeRequest\x1a .summarizer.v1.SummarizeResponse\x12T\n\x0fSummarizeStream\x12\x1f.summarizer.v1.SummarizeRequest\x1a\x1c.summarizer.v1.ArticleResult(\x01\x30\x01\x12L\n\x0cGetModelInfo\x12\".summarizer.v1.GetModelInfoRequest\x1a\x18.summarizer.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1esummarizer/v1/summarizer.proto\x12\rsummarizer.v1\"#\n\x07\x41rticle\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"\xfb\x02\n\x11GenerationOptions\x12\x1a\n\x12summary_max_tokens\x18\x01 \x01(\r\x12\x1a\n\x12summary_min_tokens\x18\x02 \x01(\r\x12\x1b\n\x13headline_max_tokens\x18\x03 \x01(\r\x12\x11\n\tnum_beams\x18\x04 \x01(\r\x12\'\n\x07outputs\x18\x05 \x01(\x0e\x32\x16.summarizer.v1.Outputs\x12\x1b\n\x13headline_min_tokens\x18\x06 \x01(\r\x12\x18\n\x10max_input_tokens\x18\x07 \x01(\r\x12\x1b\n\x0elength_penalty\x18\x08 \x01(\x02H\x00\x88\x01\x01\x12!\n\x14no_repeat_ngram_size\x18\t \x01(\rH\x01\x88\x01\x01\x12\x32\n\nlong_input\x18\n \x01(\x0e\x32\x1e.summarizer.v1.LongInputPolicyB\x11\n\x0f_length_penaltyB\x17\n\x15_no_repeat_ngram_size\"\x9a\x01\n\x10SummarizeRequest\x12(\n\x08\x61rticles\x18\x01 \x03(\x0b\x32\x16.summarizer.v1.Article\x12\x31\n\x07options\x18\x02 \x01(\x0b\x32 .summarizer.v1.GenerationOptions\x12)\n\x08priority\x18\x03 \x01(\x0e\x32\x17.summarizer.v1.Priority\"-\n\x0c\x41rticleError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xd4\x01\n\rArticleResult\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07summary\x18\x02 \x01(\t\x12\x10\n\x08headline\x18\x03 \x01(\t\x12\x14\n\x0cinput_tokens\x18\x04 \x01(\r\x12\x11\n\ttruncated\x18\x05 \x01(\x08\x12\x16\n\x0esummary_tokens\x18\x06 \x01(\r\x12\x17\n\x0fheadline_tokens\x18\x07 \x01(\r\x12*\n\x05\x65rror\x18\x08 \x01(\x0b\x32\x1b.summarizer.v1.ArticleError\x12\x0e\n\x06\x63hunks\x18\t \x01(\r\"B\n\x11SummarizeResponse\x12-\n\x07results\x18\x01 \x03(\x0b\x32\x1c.summarizer.v1.ArticleResult\"\x15\n\x13GetModelInfoRequest\"\xc0\x01\n\x10ModelDescription\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x03 \x01(\t\x12\x12\n\nmodel_type\x18\x04 \x01(\t\x12\x18\n\x10max_input_tokens\x18\x05 \x01(\r\x12\x16\n\x0esummary_prefix\x18\x06 \x01(\t\x12\x17\n\x0fheadline_prefix\x18\x07 \x01(\t\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\"\xde\x01\n\x0cServerLimits\x12 \n\x18max_articles_per_request\x18\x01 \x01(\r\x12\x19\n\x11max_article_chars\x18\x02 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x03 \x01(\r\x12\x11\n\tmax_queue\x18\x04 \x01(\r\x12\x15\n\rmax_num_beams\x18\x05 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x06 \x01(\r\x12\x1e\n\x16max_chunks_per_article\x18\x07 \x01(\r\x12\x17\n\x0fmax_chunk_depth\x18\x08 \x01(\r\"M\n\rPriorityClass\x12)\n\x08priority\x18\x01 \x01(\x0e\x32\x17.summarizer.v1.Priority\x12\x11\n\tmax_queue\x18\x02 \x01(\r\"\xef\x01\n\nScheduling\x12\x31\n\x10\x64\x65\x66\x61ult_priority\x18\x01 \x01(\x0e\x32\x17.summarizer.v1.Priority\x12-\n\x0cmax_priority\x18\x02 \x01(\x0e\x32\x17.summarizer.v1.Priority\x12-\n\x07\x63lasses\x18\x03 \x03(\x0b\x32\x1c.summarizer.v1.PriorityClass\x12\x18\n\x10starvation_bound\x18\x04 \x01(\r\x12\x1c\n\x14interactive_headroom\x18\x05 \x01(\r\x12\x18\n\x10small_bulk_batch\x18\x06 \x01(\r\"\xfb\x01\n\tModelInfo\x12/\n\x06models\x18\x01 \x03(\x0b\x32\x1f.summarizer.v1.ModelDescription\x12\x0e\n\x06\x65ngine\x18\x02 \x01(\t\x12\x39\n\x0f\x64\x65\x66\x61ult_options\x18\x03 \x01(\x0b\x32 .summarizer.v1.GenerationOptions\x12+\n\x06limits\x18\x04 \x01(\x0b\x32\x1b.summarizer.v1.ServerLimits\x12\x16\n\x0eserver_version\x18\x05 \x01(\t\x12-\n\nscheduling\x18\x06 \x01(\x0b\x32\x19.summarizer.v1.Scheduling*_\n\x07Outputs\x12\x17\n\x13OUTPUTS_UNSPECIFIED\x10\x00\x12\x10\n\x0cOUTPUTS_BOTH\x10\x01\x12\x13\n\x0fOUTPUTS_SUMMARY\x10\x02\x12\x14\n\x10OUTPUTS_HEADLINE\x10\x03*q\n\x0fLongInputPolicy\x12!\n\x1dLONG_INPUT_POLICY_UNSPECIFIED\x10\x00\x12\x1e\n\x1aLONG_INPUT_POLICY_TRUNCATE\x10\x01\x12\x1b\n\x17LONG_INPUT_POLICY_CHUNK\x10\x02*g\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x18\n\x14PRIORITY_INTERACTIVE\x10\x01\x12\x14\n\x10PRIORITY_DEFAULT\x10\x02\x12\x11\n\rPRIORITY_BULK\x10\x03\x32\x80\x02\n\nSummarizer\x12N\n\tSummarize\x12\x1f.summarizer.v1.SummarizeRequest\x1a .summarizer.v1.SummarizeResponse\x12T\n\x0fSummarizeStream\x12\x1f.summarizer.v1.SummarizeRequest\x1a\x1c.summarizer.v1.ArticleResult(\x01\x30\x01\x12L\n\x0cGetModelInfo\x12\".summarizer.v1.GetModelInfoRequest\x1a\x18.summarizer.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'summarizer.v1.summarizer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_OUTPUTS']._serialized_start=1561
-  _globals['_OUTPUTS']._serialized_end=1656
-  _globals['_LONGINPUTPOLICY']._serialized_start=1658
-  _globals['_LONGINPUTPOLICY']._serialized_end=1771
+  _globals['_OUTPUTS']._serialized_start=1973
+  _globals['_OUTPUTS']._serialized_end=2068
+  _globals['_LONGINPUTPOLICY']._serialized_start=2070
+  _globals['_LONGINPUTPOLICY']._serialized_end=2183
+  _globals['_PRIORITY']._serialized_start=2185
+  _globals['_PRIORITY']._serialized_end=2288
   _globals['_ARTICLE']._serialized_start=49
   _globals['_ARTICLE']._serialized_end=84
   _globals['_GENERATIONOPTIONS']._serialized_start=87
   _globals['_GENERATIONOPTIONS']._serialized_end=466
-  _globals['_SUMMARIZEREQUEST']._serialized_start=468
-  _globals['_SUMMARIZEREQUEST']._serialized_end=579
-  _globals['_ARTICLEERROR']._serialized_start=581
-  _globals['_ARTICLEERROR']._serialized_end=626
-  _globals['_ARTICLERESULT']._serialized_start=629
-  _globals['_ARTICLERESULT']._serialized_end=841
-  _globals['_SUMMARIZERESPONSE']._serialized_start=843
-  _globals['_SUMMARIZERESPONSE']._serialized_end=909
-  _globals['_GETMODELINFOREQUEST']._serialized_start=911
-  _globals['_GETMODELINFOREQUEST']._serialized_end=932
-  _globals['_MODELDESCRIPTION']._serialized_start=935
-  _globals['_MODELDESCRIPTION']._serialized_end=1127
-  _globals['_SERVERLIMITS']._serialized_start=1130
-  _globals['_SERVERLIMITS']._serialized_end=1352
-  _globals['_MODELINFO']._serialized_start=1355
-  _globals['_MODELINFO']._serialized_end=1559
-  _globals['_SUMMARIZER']._serialized_start=1774
-  _globals['_SUMMARIZER']._serialized_end=2030
+  _globals['_SUMMARIZEREQUEST']._serialized_start=469
+  _globals['_SUMMARIZEREQUEST']._serialized_end=623
+  _globals['_ARTICLEERROR']._serialized_start=625
+  _globals['_ARTICLEERROR']._serialized_end=670
+  _globals['_ARTICLERESULT']._serialized_start=673
+  _globals['_ARTICLERESULT']._serialized_end=885
+  _globals['_SUMMARIZERESPONSE']._serialized_start=887
+  _globals['_SUMMARIZERESPONSE']._serialized_end=953
+  _globals['_GETMODELINFOREQUEST']._serialized_start=955
+  _globals['_GETMODELINFOREQUEST']._serialized_end=976
+  _globals['_MODELDESCRIPTION']._serialized_start=979
+  _globals['_MODELDESCRIPTION']._serialized_end=1171
+  _globals['_SERVERLIMITS']._serialized_start=1174
+  _globals['_SERVERLIMITS']._serialized_end=1396
+  _globals['_PRIORITYCLASS']._serialized_start=1398
+  _globals['_PRIORITYCLASS']._serialized_end=1475
+  _globals['_SCHEDULING']._serialized_start=1478
+  _globals['_SCHEDULING']._serialized_end=1717
+  _globals['_MODELINFO']._serialized_start=1720
+  _globals['_MODELINFO']._serialized_end=1971
+  _globals['_SUMMARIZER']._serialized_start=2291
+  _globals['_SUMMARIZER']._serialized_end=2547
 # @@protoc_insertion_point(module_scope)

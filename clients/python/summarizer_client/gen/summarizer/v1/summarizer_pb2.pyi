@@ -19,6 +19,13 @@ class LongInputPolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     LONG_INPUT_POLICY_UNSPECIFIED: _ClassVar[LongInputPolicy]
     LONG_INPUT_POLICY_TRUNCATE: _ClassVar[LongInputPolicy]
     LONG_INPUT_POLICY_CHUNK: _ClassVar[LongInputPolicy]
+
+class Priority(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PRIORITY_UNSPECIFIED: _ClassVar[Priority]
+    PRIORITY_INTERACTIVE: _ClassVar[Priority]
+    PRIORITY_DEFAULT: _ClassVar[Priority]
+    PRIORITY_BULK: _ClassVar[Priority]
 OUTPUTS_UNSPECIFIED: Outputs
 OUTPUTS_BOTH: Outputs
 OUTPUTS_SUMMARY: Outputs
@@ -26,6 +33,10 @@ OUTPUTS_HEADLINE: Outputs
 LONG_INPUT_POLICY_UNSPECIFIED: LongInputPolicy
 LONG_INPUT_POLICY_TRUNCATE: LongInputPolicy
 LONG_INPUT_POLICY_CHUNK: LongInputPolicy
+PRIORITY_UNSPECIFIED: Priority
+PRIORITY_INTERACTIVE: Priority
+PRIORITY_DEFAULT: Priority
+PRIORITY_BULK: Priority
 
 class Article(_message.Message):
     __slots__ = ("id", "text")
@@ -60,12 +71,14 @@ class GenerationOptions(_message.Message):
     def __init__(self, summary_max_tokens: _Optional[int] = ..., summary_min_tokens: _Optional[int] = ..., headline_max_tokens: _Optional[int] = ..., num_beams: _Optional[int] = ..., outputs: _Optional[_Union[Outputs, str]] = ..., headline_min_tokens: _Optional[int] = ..., max_input_tokens: _Optional[int] = ..., length_penalty: _Optional[float] = ..., no_repeat_ngram_size: _Optional[int] = ..., long_input: _Optional[_Union[LongInputPolicy, str]] = ...) -> None: ...
 
 class SummarizeRequest(_message.Message):
-    __slots__ = ("articles", "options")
+    __slots__ = ("articles", "options", "priority")
     ARTICLES_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     articles: _containers.RepeatedCompositeFieldContainer[Article]
     options: GenerationOptions
-    def __init__(self, articles: _Optional[_Iterable[_Union[Article, _Mapping]]] = ..., options: _Optional[_Union[GenerationOptions, _Mapping]] = ...) -> None: ...
+    priority: Priority
+    def __init__(self, articles: _Optional[_Iterable[_Union[Article, _Mapping]]] = ..., options: _Optional[_Union[GenerationOptions, _Mapping]] = ..., priority: _Optional[_Union[Priority, str]] = ...) -> None: ...
 
 class ArticleError(_message.Message):
     __slots__ = ("code", "message")
@@ -149,16 +162,42 @@ class ServerLimits(_message.Message):
     max_chunk_depth: int
     def __init__(self, max_articles_per_request: _Optional[int] = ..., max_article_chars: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_queue: _Optional[int] = ..., max_num_beams: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_chunks_per_article: _Optional[int] = ..., max_chunk_depth: _Optional[int] = ...) -> None: ...
 
+class PriorityClass(_message.Message):
+    __slots__ = ("priority", "max_queue")
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUEUE_FIELD_NUMBER: _ClassVar[int]
+    priority: Priority
+    max_queue: int
+    def __init__(self, priority: _Optional[_Union[Priority, str]] = ..., max_queue: _Optional[int] = ...) -> None: ...
+
+class Scheduling(_message.Message):
+    __slots__ = ("default_priority", "max_priority", "classes", "starvation_bound", "interactive_headroom", "small_bulk_batch")
+    DEFAULT_PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    MAX_PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    CLASSES_FIELD_NUMBER: _ClassVar[int]
+    STARVATION_BOUND_FIELD_NUMBER: _ClassVar[int]
+    INTERACTIVE_HEADROOM_FIELD_NUMBER: _ClassVar[int]
+    SMALL_BULK_BATCH_FIELD_NUMBER: _ClassVar[int]
+    default_priority: Priority
+    max_priority: Priority
+    classes: _containers.RepeatedCompositeFieldContainer[PriorityClass]
+    starvation_bound: int
+    interactive_headroom: int
+    small_bulk_batch: int
+    def __init__(self, default_priority: _Optional[_Union[Priority, str]] = ..., max_priority: _Optional[_Union[Priority, str]] = ..., classes: _Optional[_Iterable[_Union[PriorityClass, _Mapping]]] = ..., starvation_bound: _Optional[int] = ..., interactive_headroom: _Optional[int] = ..., small_bulk_batch: _Optional[int] = ...) -> None: ...
+
 class ModelInfo(_message.Message):
-    __slots__ = ("models", "engine", "default_options", "limits", "server_version")
+    __slots__ = ("models", "engine", "default_options", "limits", "server_version", "scheduling")
     MODELS_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_OPTIONS_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULING_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[ModelDescription]
     engine: str
     default_options: GenerationOptions
     limits: ServerLimits
     server_version: str
-    def __init__(self, models: _Optional[_Iterable[_Union[ModelDescription, _Mapping]]] = ..., engine: _Optional[str] = ..., default_options: _Optional[_Union[GenerationOptions, _Mapping]] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., server_version: _Optional[str] = ...) -> None: ...
+    scheduling: Scheduling
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelDescription, _Mapping]]] = ..., engine: _Optional[str] = ..., default_options: _Optional[_Union[GenerationOptions, _Mapping]] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., server_version: _Optional[str] = ..., scheduling: _Optional[_Union[Scheduling, _Mapping]] = ...) -> None: ...

@@ -1,0 +1,303 @@
+"""The scheduling policy: what runs next. It owns the ORDER of queued work, never its admission.
+
+`queue.BatchQueue` admits work (a bounded queue, waiters, deadlines, job states) and asks this
+object every time it must choose; the executors (`executor.Executor`, static batches, and
+`continuous.ContinuousExecutor`, step by step) ask it, through the queue or directly, what to
+admit, what to pause and how much room to keep. A new scheduling rule goes here, and only here.
+
+The rules, in order:
+1. Class first (`domain.Priority`): a more urgent class is served before a less urgent one.
+2. Fairness within a class: each caller (a queue group) is one round-robin turn, so a caller
+   with one article is served next even behind a caller with hundreds.
+3. Shortest first within a caller; when not all callers fit a batch, the others are chosen by how
+   close their next job's length is to the first one's (less padding); `max_batch_tokens` caps a
+   static batch's padded size.
+4. No starvation: a class that had work waiting and got none is passed over; once passed over
+   `starvation_bound - 1` times in a row it goes first in the next cut (a batch, or an admission
+   between decoding steps). So a class with work waiting is served at least once in every
+   `starvation_bound` cuts (`starvation_bound + 1` when two starving classes are due at once).
+5. Static batches (keys must match): a batch is cut from its first class and fills its room from
+   less urgent ones, except that bulk work never rides in a batch with interactive work (it would
+   set the batch's pace). While interactive work arrived or started in the last
+   `RECENT_INTERACTIVE_S` seconds, or on an urgent lane (the first worker of two or more), a
+   batch holds at most `small_bulk_batch` bulk jobs: an interactive call arriving then waits for
+   a small batch at most.
+6. Continuous batching: interactive articles may join the running set `interactive_headroom`
+   beyond its size (and while the session has articles waiting for cache room, when nothing
+   else may); while interactive work arrived or started in the last `RECENT_INTERACTIVE_S`
+   seconds, at most
+   `small_bulk_batch` bulk articles join per step (their encoding is part of the step: a burst
+   of long bulk encodings is sliced by articles); while interactive articles decode, less urgent
+   ones sit steps out (`pauses`), their caches kept, except every `starvation_bound`-th step,
+   when everyone decodes.
+7. Overload: more urgent work finding the queue full displaces queued (never running) work of
+   less urgent classes, the least urgent class first and, within it, the work queued last
+   (`victims`).
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable, Collection, Hashable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from ..domain import Priority
+from .jobs import Entry
+
+CLASSES: tuple[Priority, ...] = tuple(sorted(Priority))
+"""Every class, most urgent first."""
+RECENT_INTERACTIVE_S = 30.0
+"""How long after interactive work last arrived or started bulk batches stay small: longer than
+an interactive caller's usual pause between calls (a caller that waits for one reply before
+sending the next must still find bulk batches small)."""
+
+
+@dataclass(eq=False)
+class Group:
+    """The queued jobs of one caller in one class, shortest first."""
+
+    owner: Hashable | None
+    priority: Priority
+    entries: collections.deque[Entry] = field(default_factory=collections.deque)
+
+
+@dataclass(frozen=True)
+class Room:
+    """How many articles a continuous executor may admit now."""
+
+    any: int
+    """Of any class."""
+    interactive: int
+    """Of INTERACTIVE work, in all (at least `any`)."""
+
+
+class SchedulingPolicy:
+    """Holds the queued entries in the order the rules give (one round-robin line of caller
+    groups per class) and makes every choice of what runs next. It changes no job's state: the
+    queue takes what the policy hands out (`cut`) or gives up (`victims`)."""
+
+    def __init__(self, *, max_batch_size: int, max_batch_tokens: int = 0,
+                 share_keys: bool = False, starvation_bound: int = 8,
+                 small_bulk_batch: int = 0, interactive_headroom: int = 0) -> None:
+        if starvation_bound < 1:
+            raise ValueError("starvation_bound must be at least 1")
+        if small_bulk_batch < 0 or interactive_headroom < 0:
+            raise ValueError("small_bulk_batch and interactive_headroom must not be negative")
+        self.max_batch_size = max_batch_size
+        self.max_batch_tokens = max_batch_tokens
+        self.share_keys = share_keys
+        self.starvation_bound = starvation_bound
+        self.small_bulk_batch = small_bulk_batch
+        self.interactive_headroom = interactive_headroom
+        self._lines: dict[Priority, collections.deque[Group]] = {
+            p: collections.deque() for p in CLASSES}
+        self._group_of: dict[Entry, Group] = {}
+        self._passed_over: collections.Counter[Priority] = collections.Counter()
+        self._last_interactive: float | None = None
+
+    # ----- the queued work -----
+    def add(self, entries: Sequence[Entry], owner: Hashable | None, now: float) -> None:
+        """Queue entries of one caller: each joins its caller's group of its class (made at the
+        back of the class's line if the caller has none there)."""
+        for priority in CLASSES:
+            mine = [e for e in entries if e.job.priority is priority]
+            if not mine:
+                continue
+            if priority is Priority.INTERACTIVE:
+                self._last_interactive = now
+            line = self._lines[priority]
+            group = next((g for g in line if owner is not None and g.owner == owner), None)
+            if group is None:
+                group = Group(owner, priority)
+                line.append(group)
+            for entry in mine:
+                self._group_of[entry] = group
+            group.entries = collections.deque(
+                sorted([*group.entries, *mine], key=lambda e: e.job.cost))
+
+    def discard(self, entry: Entry) -> None:
+        """Forget a queued entry (taken, dropped or displaced); empty groups leave their line."""
+        group = self._group_of.pop(entry, None)
+        if group is None:
+            return
+        group.entries.remove(entry)
+        if not group.entries:
+            self._lines[group.priority].remove(group)
+
+    def queued(self) -> Iterator[Entry]:
+        """Every queued entry, in line order (most urgent class first)."""
+        for priority in CLASSES:
+            for group in self._lines[priority]:
+                yield from group.entries
+
+    def waiting_classes(self) -> list[Priority]:
+        return [p for p in CLASSES if self._lines[p]]
+
+    def problems(self, queued: Collection[Entry]) -> list[str]:
+        """Bookkeeping mismatches against what the queue counts as queued (check_invariants)."""
+        problems = []
+        mine = list(self.queued())
+        if len(mine) != len(queued) or set(map(id, mine)) != set(map(id, queued)):
+            problems.append("the policy's lines and the queue disagree on what is queued")
+        if any(not g.entries for line in self._lines.values() for g in line):
+            problems.append("an empty group is left in a line")
+        if any(e.job.priority is not g.priority
+               for line in self._lines.values() for g in line for e in g.entries):
+            problems.append("a job is queued in another class's line")
+        if len(self._group_of) != len(mine) or any(
+                e not in self._group_of or e not in self._group_of[e].entries for e in mine):
+            problems.append("a queued job does not know its group")
+        return problems
+
+    # ----- whose turn -----
+    def _order(self) -> list[Priority]:
+        """Classes in the order the next cut serves them: most urgent first, except that a class
+        passed over `starvation_bound - 1` times in a row goes first."""
+        due = [p for p in CLASSES
+               if self._lines[p] and self._passed_over[p] >= self.starvation_bound - 1]
+        return due + [p for p in CLASSES if p not in due]
+
+    def batch_key(self, entry: Entry) -> Hashable:
+        """What must be equal for two jobs to share a batch: their key, or nothing when
+        `share_keys` (continuous batching)."""
+        return None if self.share_keys else entry.job.key
+
+    def turn(self) -> Entry | None:
+        """The job whose turn it is: the next cut starts with it (its key decides the batch's)."""
+        for priority in self._order():
+            line = self._lines[priority]
+            if line:
+                return line[0].entries[0]
+        return None
+
+    def full_key(self, turn: Entry) -> Hashable | None:
+        """A key with a full batch queued in the turn's class (the turn's own key first), or
+        None: such a batch need not wait for `max_wait_ms`."""
+        counts: dict[Hashable, int] = collections.Counter(
+            self.batch_key(e) for g in self._lines[turn.job.priority] for e in g.entries)
+        preferred = self.batch_key(turn)
+        if counts.get(preferred, 0) >= self.max_batch_size:
+            return preferred
+        return next((k for k, n in counts.items() if n >= self.max_batch_size), None)
+
+    def small_bulk(self, now: float, urgent_lane: bool) -> bool:
+        """Whether a cut takes at most `small_bulk_batch` bulk jobs now (rules 5 and 6)."""
+        if not self.small_bulk_batch:
+            return False
+        recent = (self._last_interactive is not None
+                  and now - self._last_interactive < RECENT_INTERACTIVE_S)
+        return urgent_lane or recent
+
+    # ----- cutting -----
+    def cut(self, key: Hashable, limit: int | None = None, *,
+            classes: Collection[Priority] = CLASSES, small_bulk: bool = False,
+            take: Callable[[Entry], None], now: float | None = None) -> list[Entry]:
+        """Choose up to a batch (or `limit`) of `key` jobs by the rules above, handing each to
+        `take` (the queue marks it running) and forgetting it here."""
+        size = self.max_batch_size if limit is None else min(limit, self.max_batch_size)
+        order = [p for p in self._order() if p in classes]
+        first = next((p for p in order
+                      if any(self.batch_key(e) == key for g in self._lines[p] for e in g.entries)),
+                     None)
+        if first is None or size < 1:
+            return []
+        batch: list[Entry] = []
+        longest = 0
+        anchor: int | None = None
+        waiting = set(self.waiting_classes())
+        for priority in order:
+            if len(batch) >= size:
+                break
+            if (not self.share_keys and priority is Priority.BULK
+                    and any(e.job.priority is Priority.INTERACTIVE for e in batch)):
+                continue  # bulk work would set an interactive batch's pace
+            if order.index(priority) < order.index(first):
+                continue  # nothing of the key there
+            room = size
+            if small_bulk and priority is Priority.BULK:
+                room = min(size, len(batch) + self.small_bulk_batch)
+            served, longest, anchor = self._cut_line(priority, key, room, batch, longest, anchor,
+                                                     take)
+            line = self._lines[priority]
+            # Groups served go to the back of their line: round-robin carries over.
+            self._lines[priority] = collections.deque(
+                [g for g in line if id(g) not in served] + [g for g in line if id(g) in served])
+        got = {e.job.priority for e in batch}
+        if Priority.INTERACTIVE in got and now is not None:
+            self._last_interactive = now
+        for priority in waiting if set(classes) >= set(CLASSES) else ():
+            self._passed_over[priority] = 0 if priority in got else self._passed_over[priority] + 1
+        return batch
+
+    def _cut_line(self, priority: Priority, key: Hashable, size: int, batch: list[Entry],
+                  longest: int, anchor: int | None, take: Callable[[Entry], None]
+                  ) -> tuple[set[int], int, int | None]:
+        """Fill `batch` from one class's line, round-robin across its groups."""
+        line = self._lines[priority]
+        full_groups: set[int] = set()
+        served: set[int] = set()
+        progress = True
+        while progress and len(batch) < size:
+            progress = False
+            offers = []  # each group's next job of `key`, in round-robin order
+            for group in line:
+                entry = next((e for e in group.entries if self.batch_key(e) == key), None)
+                if entry is not None and id(group) not in full_groups:
+                    offers.append((group, entry))
+            if anchor is None and offers:
+                anchor = offers[0][1].job.cost  # the first group in line is always served
+            # The rest by closeness of length to it: less padding when not all fit.
+            offers.sort(key=lambda offer: abs(offer[1].job.cost - (anchor or 0)))
+            for group, entry in offers:
+                if len(batch) >= size:
+                    break
+                new_longest = max(longest, entry.job.cost)
+                if (batch and self.max_batch_tokens and not self.share_keys
+                        and new_longest * (len(batch) + 1) > self.max_batch_tokens):
+                    full_groups.add(id(group))
+                    continue
+                served.add(id(group))
+                self._group_of.pop(entry)
+                group.entries.remove(entry)
+                take(entry)
+                batch.append(entry)
+                longest = new_longest
+                progress = True
+        # Emptied groups leave the line (the queue prunes nothing of ours).
+        for group in [g for g in line if not g.entries]:
+            line.remove(group)
+        return served, longest, anchor
+
+    # ----- overload -----
+    def victims(self, priority: Priority, needed: int) -> list[Entry]:
+        """Queued jobs of classes less urgent than `priority` that may be displaced to make
+        room for `needed` jobs of it: the least urgent class first, the latest queued first.
+        Empty when they would not free enough room (then nothing is displaced)."""
+        candidates: list[Entry] = []
+        for victim_class in reversed(CLASSES):
+            if victim_class <= priority:
+                break
+            queued = [e for g in self._lines[victim_class] for e in g.entries]
+            candidates += sorted(queued, key=lambda e: e.enqueued_at, reverse=True)
+            if len(candidates) >= needed:
+                return candidates[:needed]
+        return []
+
+    # ----- continuous batching -----
+    def room(self, held: Sequence[Priority], max_active: int, session_waiting: int) -> Room:
+        """How many articles a continuous executor holding `held` may admit now: up to
+        `max_active` of any class (none while the session has some waiting for cache room: they
+        go first), and interactive ones up to `interactive_headroom` beyond."""
+        free = 0 if session_waiting > 0 else max(0, max_active - len(held))
+        interactive = max(free, max_active + self.interactive_headroom - len(held))
+        return Room(any=free, interactive=interactive)
+
+    def pauses(self, held: Mapping[int, Priority], paused_in_a_row: int) -> tuple[int, ...]:
+        """Tickets that sit the next decoding step out: while interactive articles are held,
+        every less urgent one, except on each `starvation_bound`-th step in a row (then nobody),
+        so a paused article decodes at least once in every `starvation_bound` steps."""
+        if self.starvation_bound <= 1 or paused_in_a_row >= self.starvation_bound - 1:
+            return ()
+        if not any(p is Priority.INTERACTIVE for p in held.values()):
+            return ()
+        return tuple(t for t, p in held.items() if p is not Priority.INTERACTIVE)
