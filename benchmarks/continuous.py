@@ -11,6 +11,10 @@ it with real gRPC calls over a socket. The modes:
 - `reference`: the default engine (`--engine auto`: ctranslate2 int8 on a CPU), static batching,
   as a reference row where it is cheap (`--reference`).
 
+`--torch-compute-type int8` (or bfloat16, float16) runs both torch modes in that type (the token
+check then compares int8 continuous with int8 static alone); `--reference-flags` names the
+reference's engine explicitly, e.g. `--reference-flags='--engine ctranslate2 --compute-type int8'`.
+
 On a server without the `--batching` setting, `static` runs without the flag (static batching is
 then all it has) and `continuous` is skipped with a note.
 
@@ -145,17 +149,26 @@ def has_batching_setting() -> bool:
     return any(item.name == "batching" for item in fields())
 
 
+TORCH_COMPUTE_TYPE = ["float32"]
+"""The torch modes' compute type (`--torch-compute-type`), set once by main()."""
+REFERENCE_FLAGS = [["--engine", "auto"]]
+"""The reference mode's engine flags (`--reference-flags`), set once by main()."""
+
+
 def mode_flags(mode: str, batching: bool) -> list[str] | None:
     """Server flags for a mode; None when this server cannot run it."""
     if mode == "reference":
-        return ["--engine", "auto"]  # and --compute-type auto: what the Quick start runs
+        return list(REFERENCE_FLAGS[0])  # by default --compute-type auto: the Quick start's
+    torch = ["--engine", "torch", "--compute-type", TORCH_COMPUTE_TYPE[0]]
     if not batching:
-        return None if mode == "continuous" else ["--engine", "torch", "--compute-type", "float32"]
-    return ["--engine", "torch", "--compute-type", "float32", "--batching", mode]
+        return None if mode == "continuous" else torch
+    return [*torch, "--batching", mode]
 
 
 def mode_label(mode: str) -> str:
-    return {"reference": "reference (ct2 auto, static)"}.get(mode, f"torch fp32 {mode}")
+    short = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+    return {"reference": f"reference ({' '.join(REFERENCE_FLAGS[0][1:]) or 'auto'}, static)"}.get(
+        mode, f"torch {short.get(TORCH_COMPUTE_TYPE[0], TORCH_COMPUTE_TYPE[0])} {mode}")
 
 
 class ServerRefused(Exception):
@@ -742,8 +755,18 @@ def main() -> int:
     parser.add_argument("--server-flags", type=shlex.split, default=[],
                         help="more flags for every server, as one string, e.g. "
                              "--server-flags='--kv-cache-mb 512'")
+    parser.add_argument("--torch-compute-type", default="float32",
+                        choices=("float32", "int8", "bfloat16", "float16"),
+                        help="the static and continuous torch modes' compute type")
+    parser.add_argument("--reference-flags", type=shlex.split, default=["--engine", "auto"],
+                        help="the reference server's engine flags, e.g. "
+                             "--reference-flags='--engine ctranslate2 --compute-type int8'")
+    parser.add_argument("--json-out", type=Path, default=None,
+                        help="also write the final JSON line to this file")
     parser.add_argument("--cache", type=Path, default=Path(".bench-cache"))
     args = parser.parse_args()
+    TORCH_COMPUTE_TYPE[0] = args.torch_compute_type
+    REFERENCE_FLAGS[0] = args.reference_flags
 
     batching = has_batching_setting()
     base = cached_preset_checkpoint(args.cache, args.preset)
@@ -761,11 +784,16 @@ def main() -> int:
     for report in reports:
         for line in report.lines:
             print(line)
-    print(json.dumps({"benchmark": "continuous", "preset": args.preset,
-                      "threads": args.threads, "outputs": args.outputs,
-                      "batching_setting": batching, "minutes": round(elapsed / 60, 1),
-                      "refused": REFUSED,
-                      **{r.name: r.figures for r in reports}}, separators=(",", ":")))
+    line = json.dumps({"benchmark": "continuous", "preset": args.preset,
+                       "threads": args.threads, "outputs": args.outputs,
+                       "torch_compute_type": args.torch_compute_type,
+                       "reference_flags": args.reference_flags,
+                       "batching_setting": batching, "minutes": round(elapsed / 60, 1),
+                       "refused": REFUSED,
+                       **{r.name: r.figures for r in reports}}, separators=(",", ":"))
+    print(line)
+    if args.json_out is not None:
+        args.json_out.write_text(line + "\n", encoding="utf-8")
     return 0
 
 

@@ -222,6 +222,7 @@ def run_server(work: Work, engine: str, compute_type: str, cache: str, clients: 
     CPU time and peak RSS count the server and its worker processes; both are also printed
     apart."""
     startup_log: list[str] = []
+    launched = time.perf_counter()
     process, target = start_server(Path(work.model), [
         "--metrics-port", "-1",  # any free port; the log says which
         # "default" passes no engine flags at all: what a user gets from the Quick start.
@@ -232,6 +233,7 @@ def run_server(work: Work, engine: str, compute_type: str, cache: str, clients: 
         "--max-batch-tokens", str(work.max_batch_tokens), "--threads", str(work.threads),
         *extra],  # last: they win over the flags above
         startup_log)
+    startup_s = time.perf_counter() - launched
     [metrics_port] = [int(m.group(1)) for line in startup_log
                       if (m := re.search(r"metrics on http://[^:]+:(\d+)/metrics", line))]
     options = pb.GenerationOptions(
@@ -278,7 +280,8 @@ def run_server(work: Work, engine: str, compute_type: str, cache: str, clients: 
         rss = sum(rss_each)
         print(f"{name}: peak RSS {rss_each[0]:.0f} MB in the server process"
               + (f", {', '.join(f'{r:.0f}' for r in rss_each[1:])} MB in its worker(s)"
-                 if len(rss_each) > 1 else " (no worker processes)"), flush=True)
+                 if len(rss_each) > 1 else " (no worker processes)")
+              + f"; start-up to SERVING {startup_s:.1f} s", flush=True)
         mean_batch, padding = batch_metrics(metrics_port)
     finally:
         process.send_signal(signal.SIGTERM)
@@ -345,6 +348,9 @@ def main() -> int:
                         help="intra-op threads in every phase; 0: the engines' defaults. On a "
                              "machine shared with other jobs, 1 keeps CPU time a fair measure "
                              "(idle threads of a multi-threaded run spin and burn CPU)")
+    parser.add_argument("--skip-baseline", action="store_true",
+                        help="skip the naive loop; the 'vs base' columns are then against the "
+                             "first engine given (e.g. --engines ctranslate2:int8 torch:int8)")
     parser.add_argument("--skip-raw", action="store_true",
                         help="skip the in-process runs (no server overhead figure)")
     parser.add_argument("--cache", type=Path, default=Path(".bench-cache"))
@@ -375,8 +381,9 @@ def main() -> int:
     print(f"machine     {os.cpu_count()} CPUs, load average "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} at the start", flush=True)
 
-    baseline = in_child(run_baseline, work)
-    results: list[tuple[Result, Result | None]] = [(baseline, None)]
+    results: list[tuple[Result, Result | None]] = []
+    if not args.skip_baseline:
+        results.append((in_child(run_baseline, work), None))
     for spec in args.engines:
         # ENGINE:COMPUTE_TYPE, or default; then @flag=value,... for the server, e.g.
         # default@workers=2 or default@workers=0 (the model in the server process).
@@ -394,6 +401,9 @@ def main() -> int:
         if server.tokens_out != expected:
             print(f"warning: {spec} wrote {server.tokens_out} tokens, not {expected}")
     print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}\n")
+    baseline = results[0][0]
+    if args.skip_baseline:
+        print(f"(no naive loop: 'vs base' is against {baseline.name})")
     print(f"{'run':<44} {'art/s':>7} {'p50 s':>6} {'p95 s':>6} {'p99 s':>6} {'batch':>5} "
           f"{'pad':>6} {'RSS MB':>7} {'vs base':>7} {'vs raw':>6} {'CPU s':>6} "
           f"{'per CPU-s vs base, vs raw':>14}")

@@ -1,6 +1,8 @@
 """Continuous batching (service/engines/stepping/) is token-exact: every request's tokens equal
 transformers `generate` run on that request alone with the same options, while it shares
-decoding steps with requests that joined earlier and later with other options.
+decoding steps with requests that joined earlier and later with other options. In int8
+(service/engines/int8.py: per-row activation scales) the same holds against int8 `generate` alone:
+batch invariance.
 
 Random-weight checkpoints write gibberish, so these tests compare token ids, never prose.
 """
@@ -34,6 +36,23 @@ def engines(tiny_bart: Path, tiny_t5: Path, tiny_pegasus: Path) -> dict[str, Tor
     return {family: TorchEngine(Settings(model=str(path), threads=1, engine="torch",
                                          compute_type="float32")).load()
             for family, path in paths.items()}
+
+
+@pytest.fixture(scope="module")
+def int8_engines(tiny_bart: Path, tiny_t5: Path, tiny_pegasus: Path,
+                 tmp_path_factory: pytest.TempPathFactory) -> dict[str, TorchEngine]:
+    paths = {"bart": tiny_bart, "t5": tiny_t5, "pegasus": tiny_pegasus}
+    cache = tmp_path_factory.mktemp("int8-cache")
+    return {family: TorchEngine(Settings(model=str(path), threads=1, engine="torch",
+                                         compute_type="int8", convert_cache_dir=str(cache))
+                                ).load()
+            for family, path in paths.items()}
+
+
+@pytest.fixture(params=["float32", "int8"])
+def any_engines(request: pytest.FixtureRequest) -> dict[str, TorchEngine]:
+    """The float32 engines, then the int8 ones (int8 continuous against int8 generate alone)."""
+    return request.getfixturevalue("engines" if request.param == "float32" else "int8_engines")
 
 
 def session(engine: TorchEngine, budget_bytes: int = 2**30) -> TorchSession:
@@ -112,8 +131,9 @@ def check_exact(engine, requests, results) -> None:
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("beams", [1, 2, 4])
-def test_each_option_set_is_exact_while_sharing_steps_with_other_options(engines, family, beams):
-    engine = engines[family]
+def test_each_option_set_is_exact_while_sharing_steps_with_other_options(any_engines, family,
+                                                                         beams):
+    engine = any_engines[family]
     rng = random.Random(beams)
     option_sets = [dict(length_penalty=None, no_repeat_ngram_size=None),
                    dict(length_penalty=2.0, no_repeat_ngram_size=None),
@@ -138,9 +158,9 @@ def test_each_option_set_is_exact_while_sharing_steps_with_other_options(engines
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("seed", [0, 1])
-def test_random_arrivals_and_options_are_token_exact(engines, family, seed):
+def test_random_arrivals_and_options_are_token_exact(any_engines, family, seed):
     """Property-style: random options, random arrival steps, random outputs."""
-    engine = engines[family]
+    engine = any_engines[family]
     rng = random.Random(100 + seed)
     requests, arrivals = {}, {}
     for ticket in range(14):
@@ -270,9 +290,12 @@ def test_a_decoding_pass_that_raises_is_isolated_to_the_failing_article(engines,
     check_exact(engine, requests, results)
 
 
-async def test_over_grpc_concurrent_callers_with_mixed_options_get_generates_tokens(tiny_t5):
+@pytest.mark.parametrize("compute_type", ["float32", "int8"])
+async def test_over_grpc_concurrent_callers_with_mixed_options_get_generates_tokens(
+        tiny_t5, compute_type, tmp_path):
     """The real server with the real torch engine in continuous mode: concurrent callers with
-    three option sets get exactly what the static engine writes for each article alone."""
+    three option sets get exactly what the static engine writes for each article alone (in
+    int8 too: the int8 engine is batch-invariant)."""
     import asyncio
 
     from summarizer_client.gen.summarizer.v1 import summarizer_pb2 as pb
@@ -280,8 +303,8 @@ async def test_over_grpc_concurrent_callers_with_mixed_options_get_generates_tok
 
     from .conftest import serving
 
-    settings = Settings(model=str(tiny_t5), threads=1, engine="torch", compute_type="float32",
-                        batching="continuous", workers=0)
+    settings = Settings(model=str(tiny_t5), threads=1, engine="torch", compute_type=compute_type,
+                        batching="continuous", workers=0, convert_cache_dir=str(tmp_path))
     reference = TorchEngine(settings.replace(batching="static")).load()
     # Every option explicit (0 would mean "the server's default").
     option_sets = [dict(summary_max_tokens=6, summary_min_tokens=6, headline_max_tokens=3,

@@ -6,15 +6,17 @@ asked. When one checkpoint writes both outputs from the same input, the article 
 both outputs are decoded from that encoding.
 
 Compute types: float32; bfloat16 (native on CPUs with AVX512-BF16 or AMX, emulated and slow
-elsewhere, so a warning says so); float16 (GPUs); int8: the linear layers are quantised
-dynamically (int8 weights, activations quantised per batch), CPU only.
+elsewhere, so a warning says so); float16 (GPUs); int8 (CPU only): every linear layer, the output
+head included, runs int8 x int8 with weights scaled per output channel and activations per row
+(service/engines/int8.py), so a row's result does not depend on its batch-mates and int8 batches
+continuously like float32. The checkpoint is converted to int8 once, in a child process, and
+cached (`--convert-cache-dir`); the server then loads the int8 weights without a float32 copy.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -56,11 +58,11 @@ def _resolve_compute_type(compute_type: str, device: str, torch: Any) -> str:
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
     if compute_type == "int8":
         if on_gpu:
-            raise ModelLoadError("compute type int8 (dynamic quantisation) runs on the CPU only "
-                                 "with the torch engine; use bfloat16 or float16 on a GPU")
-        if not {"x86", "fbgemm", "onednn", "qnnpack"} & set(
-                torch.backends.quantized.supported_engines):
-            raise ModelLoadError("compute type int8: this torch build has no quantised kernels")
+            raise ModelLoadError("compute type int8 runs on the CPU only with the torch engine; "
+                                 "use bfloat16 or float16 on a GPU")
+        if not hasattr(torch, "_int_mm"):
+            raise ModelLoadError("compute type int8: this torch build has no torch._int_mm "
+                                 "(int8 matrix multiply); install torch >= 2.2")
     if compute_type == "bfloat16" and not on_gpu and not {"avx512_bf16", "amx_bf16"} & _cpu_flags():
         log.warning("compute type bfloat16: this CPU has no native bfloat16 instructions; "
                     "expect it to be slower than float32")
@@ -102,12 +104,19 @@ class TorchEngine(CheckpointEngine):
         ckpt = load_checkpoint(source, settings)
         if not weights:
             return ckpt
-        dtype = torch.float32 if self.compute_type == "int8" else getattr(torch,
-                                                                          self.compute_type)
         try:
-            model = AutoModelForSeq2SeqLM.from_pretrained(
-                source.location, config=ckpt.config, dtype=dtype, use_safetensors=True,
-                **source.options)
+            if self.compute_type == "int8":
+                from . import int8
+
+                directory = int8.converted_for(source, settings.convert_cache_dir,
+                                               settings.revision)
+                model = int8.load(directory, ckpt.config)
+            else:
+                model = AutoModelForSeq2SeqLM.from_pretrained(
+                    source.location, config=ckpt.config, dtype=getattr(torch, self.compute_type),
+                    use_safetensors=True, **source.options)
+        except ModelLoadError:
+            raise
         except Exception as error:  # noqa: BLE001 - any failure here means "this model won't load"
             raise load_failure(source, settings, error) from error
         model.to(self.device)
@@ -116,11 +125,6 @@ class TorchEngine(CheckpointEngine):
         # itself; the limit counts text tokens, as in the ctranslate2 engine (which has no such
         # option). Cleared here: transformers reads None in a per-call config as "unset".
         model.generation_config.forced_eos_token_id = None
-        if self.compute_type == "int8":
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notices
-                model = torch.ao.quantization.quantize_dynamic(
-                    model, {torch.nn.Linear}, dtype=torch.qint8)
         ckpt.model = model
         return ckpt
 
@@ -153,7 +157,7 @@ class TorchEngine(CheckpointEngine):
         from .stepping.decoders import SUPPORTED_TYPES
 
         return (self.headline is self.summary and self.summary.model_type in SUPPORTED_TYPES
-                and self.compute_type != "int8" and _transformers_major() >= 5)
+                and _transformers_major() >= 5)
 
     def open_session(self) -> Any:
         """A running set for continuous batching (service/engines/stepping/session.py)."""
@@ -163,7 +167,7 @@ class TorchEngine(CheckpointEngine):
         if not self.can_step:
             raise ConfigError(
                 f"continuous batching needs one checkpoint of type "
-                f"{', '.join(sorted(_stepping_types()))} in float32, bfloat16 or float16; this "
+                f"{', '.join(sorted(_stepping_types()))}; this "
                 f"engine runs {self.summary.model_type}"
                 + (" with a separate headline model" if self.headline is not self.summary else "")
                 + f" in {self.compute_type}: use --batching static")

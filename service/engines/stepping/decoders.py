@@ -85,12 +85,14 @@ class Adapter:
              self_valid: torch.Tensor, cross: list[KV], cross_valid: torch.Tensor,
              layout: CrossLayout) -> tuple[torch.Tensor, list[KV]]:
         """Decode one token per row. `tokens`, `positions`: [rows]; `self_kv`: the cache before
-        this step (length T, possibly 0); `self_valid`: [rows, T + 1] bool, True where a row
-        attends, this step's column included; `cross`: per source; `cross_valid`: [sources, S]
-        bool; `layout`: which source each row reads.
+        this step: either length T (possibly 0), or length T + 1 whose last column is a free
+        slot for this step's keys/values (a preallocated cache: the step writes the slot in
+        place instead of concatenating the whole cache); `self_valid`: [rows, T + 1] bool, True
+        where a row attends, this step's column included; `cross`: per source; `cross_valid`:
+        [sources, S] bool; `layout`: which source each row reads.
         Returns float logits [rows, vocab] and each layer's self-attention keys/values with this
-        step's column appended ([rows, heads, T + 1, head_dim]: the attention needed them, so
-        the caller keeps them instead of appending again); nothing passed in is mutated."""
+        step's column ([rows, heads, T + 1, head_dim]: the slotted tensors themselves, or new
+        ones); nothing else passed in is mutated."""
         raise NotImplementedError
 
     def bytes_per_token(self) -> int:
@@ -113,9 +115,15 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
-def _with_column(past: KV | None, new: KV) -> KV:
+def _with_column(past: KV | None, new: KV, length: int) -> KV:
+    """The cache with this step's column: written into the free last column of a slotted
+    cache (`length` columns already, the slot included), else appended (a new tensor)."""
     if past is None or past[0].shape[2] == 0:
         return new
+    if past[0].shape[2] == length:
+        past[0][:, :, -1:] = new[0]
+        past[1][:, :, -1:] = new[1]
+        return past
     return torch.cat((past[0], new[0]), dim=2), torch.cat((past[1], new[1]), dim=2)
 
 
@@ -169,7 +177,7 @@ class BartLike(Adapter):
             residual = h
             x = layer.self_attn_layer_norm(h) if self.pre_norm else h
             column = (_heads(sa.k_proj(x), self.head_dim), _heads(sa.v_proj(x), self.head_dim))
-            k, v = _with_column(self_kv[i] if self_kv else None, column)
+            k, v = _with_column(self_kv[i] if self_kv else None, column, self_valid.shape[1])
             new_kv.append((k, v))
             h = residual + self._attention(sa, x, k, v, self_mask)
             if not self.pre_norm:
@@ -243,7 +251,7 @@ class T5Like(Adapter):
             sa = sa_layer.SelfAttention
             x = sa_layer.layer_norm(h)
             column = (_heads(sa.k(x), self.head_dim), _heads(sa.v(x), self.head_dim))
-            k, v = _with_column(self_kv[i] if self_kv else None, column)
+            k, v = _with_column(self_kv[i] if self_kv else None, column, self_valid.shape[1])
             new_kv.append((k, v))
             h = _clamp(h + self._attention(sa, x, k, v, self_mask))
             x = ca_layer.layer_norm(h)

@@ -132,6 +132,10 @@ class TorchSession:
         self._articles: dict[int, _Article] = {}
         self.groups: list[_Group] = []
         self._self_kv: list[KV] | None = None  # [rows, heads, T, dim] per layer
+        self._slotted = False
+        """Whether `_self_kv`'s last column is a free slot for the next step's keys/values
+        (written in place by the step: the cache is copied once per step, by the reorder,
+        instead of also being concatenated)."""
         self._cross: tuple[list[KV], torch.Tensor, CrossLayout] | None = None
         """The running set's sources as the step reads them (`_cross_inputs`); None: rebuild."""
 
@@ -338,6 +342,8 @@ class TorchSession:
               paused: frozenset[int] = frozenset()) -> list[StepFailure]:
         failed: list[StepFailure] = []
         stepping = self._stepping(paused)
+        if len(stepping) != len(self.groups):
+            self._unslot()  # the pausing paths work on the cache's own columns
         try:
             if len(stepping) == len(self.groups):
                 self._paused_cross = None
@@ -423,11 +429,14 @@ class TorchSession:
         groups = [self.groups[i] for i in group_indices]
         everything = len(groups) == len(self.groups)
         self_kv = self._self_kv
+        slot = 1 if self._slotted and self_kv is not None else 0
         if not everything and self_kv is not None:
             rows = self._row_index(group_indices)
-            start = self_kv[0][0].shape[2] - max(g.length for g in groups) if trim else 0
-            self_kv = [(k[:, :, start:].index_select(0, rows),
-                        v[:, :, start:].index_select(0, rows)) for k, v in self_kv]
+            end = self_kv[0][0].shape[2] - slot
+            start = end - max(g.length for g in groups) if trim else 0
+            self_kv = [(k[:, :, start:end].index_select(0, rows),
+                        v[:, :, start:end].index_select(0, rows)) for k, v in self_kv]
+            slot = 0
         if everything:
             if self._cross is None:
                 self._cross = self._cross_inputs(groups)
@@ -439,7 +448,7 @@ class TorchSession:
             cross, cross_valid, layout = self._paused_cross[1]
         else:
             cross, cross_valid, layout = self._cross_inputs(groups)
-        history = 0 if self_kv is None else self_kv[0][0].shape[2]
+        history = 0 if self_kv is None else self_kv[0][0].shape[2] - slot
         lengths = torch.tensor([g.length for g in groups for _ in range(g.width)],
                                device=self.device)
         columns = torch.arange(history + 1, device=self.device)
@@ -580,9 +589,13 @@ class TorchSession:
         if identity:
             self._self_kv = [(k[:, :, start:], v[:, :, start:]) if start else (k, v)
                              for k, v in merged]
+            self._slotted = False
         else:
-            self._self_kv = [(k.index_select(0, order)[:, :, start:],
-                              v.index_select(0, order)[:, :, start:]) for k, v in merged]
+            # One copy per layer: the kept rows, in their new order, into a cache with a free
+            # last column that the next step writes in place.
+            self._self_kv = [(_gather_slotted(k, order, start), _gather_slotted(v, order, start))
+                             for k, v in merged]
+            self._slotted = True
         if len(surviving) != len(self.groups):
             self._cross = None  # sources are per source, not per row: rebuilt for who is left
             self._paused_cross = None
@@ -596,6 +609,7 @@ class TorchSession:
             self._articles.pop(article.ticket, None)
             return
         keep = self._row_index(kept)
+        self._unslot()
         if self._self_kv is not None:
             history = max(g.length for g in groups)
             self._self_kv = [(k.index_select(0, keep)[:, :, k.shape[2] - history:],
@@ -620,6 +634,21 @@ class TorchSession:
 
     def _forget(self, article: _Article) -> None:
         self._articles.pop(article.ticket, None)
+
+    def _unslot(self) -> None:
+        """The cache without its free slot column (views, nothing copied)."""
+        if self._slotted and self._self_kv is not None:
+            self._self_kv = [(k[:, :, :-1], v[:, :, :-1]) for k, v in self._self_kv]
+        self._slotted = False
+
+
+def _gather_slotted(x: torch.Tensor, order: torch.Tensor, start: int) -> torch.Tensor:
+    """Rows `order` of `x`'s columns from `start`, in a new tensor one column wider: the last
+    column is left free (not initialised) for the next step to write."""
+    width = x.shape[2] - start
+    out = x.new_empty((order.shape[0], x.shape[1], width + 1, x.shape[3]))
+    torch.index_select(x[:, :, start:], 0, order, out=out[:, :, :width])
+    return out
 
 
 def _pad_to(x: torch.Tensor, length: int) -> torch.Tensor:
