@@ -122,7 +122,8 @@ def run(model_dir: Path, compute_type: str, args: argparse.Namespace) -> dict[st
                         "summary_min_tokens": args.summary_tokens, "num_beams": args.num_beams,
                         "length_penalty": 2.0},
                    {"summary_max_tokens": args.summary_tokens // 2,
-                        "summary_min_tokens": args.summary_tokens // 2, "num_beams": args.num_beams}]
+                        "summary_min_tokens": args.summary_tokens // 2,
+                        "num_beams": args.num_beams}]
     admits = []
     for i, text in enumerate(texts):
         params = dataclasses.replace(engine.defaults, outputs=outputs,
