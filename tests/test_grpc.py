@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 
@@ -485,15 +486,26 @@ async def test_a_call_past_its_deadline_is_logged_as_the_caller_saw_it(timeout_s
             stub = pb_grpc.SummarizerStub(channel)
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await stub.Summarize(request("An article about buses."), timeout=timeout_s)
-            await asyncio.wait_for(watch.logged.wait(), 10)
+            if timeout_s >= 0.3:  # long enough to reach the handler: it must log the call
+                await asyncio.wait_for(watch.logged.wait(), 10)
+            else:
+                # 1 ms may pass before the call reaches the handler: gRPC's core then answers
+                # DEADLINE_EXCEEDED itself and the service never sees the call (grpcio 1.85
+                # does so every time here). Wait for a line the handler would write meanwhile.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(watch.logged.wait(), 2)
             engine.hold.set()
     finally:
         engine.hold.set()
         servicer_log.removeHandler(watch)
         servicer_log.setLevel(level)
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert [c["status"] for c in watch.calls if c["method"] == "Summarize"] == [
-        "DEADLINE_EXCEEDED"]
+    logged = [c["status"] for c in watch.calls if c["method"] == "Summarize"]
+    if timeout_s < 0.3 and not logged:
+        # Tolerated only when the handler never ran: nothing of the call reached the engine.
+        assert engine.batches == [], engine.batches
+    else:
+        assert logged == ["DEADLINE_EXCEEDED"]
 
 
 async def test_reflection_v1_lists_the_services() -> None:
