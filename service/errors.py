@@ -7,32 +7,15 @@ goes to the log, never to the caller).
 
 from __future__ import annotations
 
-import enum
+from summarizer_client.results import StatusCode
 
 __all__ = ["code_name"]  # re-exported: the client owns it
 
 
-class Code(enum.IntEnum):
-    """gRPC's status codes, by their standard numbers, without importing grpc: the serving layer
-    names its errors' codes with these, and the API layer hands them to grpc by name."""
-
-    OK = 0
-    CANCELLED = 1
-    UNKNOWN = 2
-    INVALID_ARGUMENT = 3
-    DEADLINE_EXCEEDED = 4
-    NOT_FOUND = 5
-    ALREADY_EXISTS = 6
-    PERMISSION_DENIED = 7
-    RESOURCE_EXHAUSTED = 8
-    FAILED_PRECONDITION = 9
-    ABORTED = 10
-    OUT_OF_RANGE = 11
-    UNIMPLEMENTED = 12
-    INTERNAL = 13
-    UNAVAILABLE = 14
-    DATA_LOSS = 15
-    UNAUTHENTICATED = 16
+Code = StatusCode
+"""gRPC's status codes, by their standard numbers, without importing grpc (the client's enum: one
+definition for both): the serving layer names its errors' codes with these, and the API layer
+hands them to grpc by name."""
 
 
 def code_name(number: int) -> str:
