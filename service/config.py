@@ -185,7 +185,7 @@ class Settings:
            "--max-batch-size by this many, so a full set of bulk work never makes them wait "
            "for a slot.")
     small_bulk_batch: int = _setting(
-        1, "While interactive work arrived or started in the last 30 s: static batching cuts "
+        4, "While interactive work arrived or started in the last 30 s: static batching cuts "
            "batches of at most this many BULK articles (always, on the first worker when there "
            "are two or more), so an interactive call waits at most one small batch; continuous "
            "batching admits at most this many BULK articles per decoding step (their encoding "
