@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from service.errors import ModelLoadError
 import torch
 from torch import nn
 
@@ -131,6 +133,24 @@ def test_a_converted_entry_is_reused_and_a_changed_checkpoint_converts_again(tin
     TorchEngine(settings).load()
     assert list(tmp_path.iterdir()) == entries
     assert (entries[0] / int8.WEIGHTS_FILE).stat().st_mtime_ns == stamp
+
+
+def test_an_unwritable_home_converts_under_tmp_and_no_writable_directory_says_what_to_do(
+        tiny_t5, tmp_path, monkeypatch):
+    """The int8 conversion shares the ctranslate2 one's cache choice (issue 22's crash: a
+    read-only home on a read-only root filesystem)."""
+    from service.engines.checkpoint import Source
+
+    source = Source(ref=str(tiny_t5), location=str(tiny_t5), local=True,
+                    options={"local_files_only": True})
+    monkeypatch.setenv("HOME", "/dev/null/home")
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    converted = int8.converted_for(source, "")
+    assert converted.parent == tmp_path / "summarizer-ctranslate2"
+    assert converted.name.endswith("-torch-int8") and int8.is_converted(converted)
+    with pytest.raises(ModelLoadError, match=r"to int8: no writable cache directory \(tried "
+                       r"/dev/null/cache\).*--convert-cache-dir.*--compute-type float32"):
+        int8.converted_for(source, "/dev/null/cache")
 
 
 _PEAK_SCRIPT = """

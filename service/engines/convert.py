@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -233,37 +234,51 @@ def cache_candidates(cache_dir: str) -> list[str]:
     return [DEFAULT_CACHE_DIR, str(Path(tempfile.gettempdir()) / "summarizer-ctranslate2")]
 
 
-def converted_for(source: Source, compute_type: str, cache_dir: str, revision: str = "") -> Path:
-    """A converted directory for `source`: itself if pre-converted, else the cache entry,
-    converting into it first if needed. Converting runs in a child process, so that torch and
-    the float32 weights it loads do not stay in the server's memory."""
-    if source.local and is_converted(source.location):
-        return Path(source.location)
-    targets = [cache_path(base, source, revision, compute_type)
-               for base in cache_candidates(cache_dir)]
+def convert_into_cache(source: Source, cache_dir: str, entry: str, what: str,
+                       command: Callable[[Path], list[str]],
+                       converted: Callable[[Path], bool], remedies: str) -> Path:
+    """The cache entry `entry` of a one-time conversion of `source` (`what`: "for ctranslate2",
+    "to int8"): one already converted under any of `cache_candidates`, else one under the first
+    that can be written, made by running `command(target)` in a child process (so that the
+    float32 weights it loads never stay in the server's memory). Where nothing can be written,
+    the error names --convert-cache-dir and `remedies`."""
+    targets = [Path(base).expanduser() / entry for base in cache_candidates(cache_dir)]
     for target in targets:
-        if is_converted(target):
+        if converted(target):
             return target
     writable = [target for target in targets if _writable(target.parent)]
     if not writable:
         tried = ", ".join(str(target.parent) for target in targets)
         raise ModelLoadError(
-            f"cannot convert {source.ref!r} for ctranslate2: no writable cache directory "
+            f"cannot convert {source.ref!r} {what}: no writable cache directory "
             f"(tried {tried}). Give a writable one with --convert-cache-dir "
-            "(SUMMARIZER_CONVERT_CACHE_DIR), convert ahead of time with `summarizer convert "
-            "MODEL --in-place` (or --out DIR, then serve that directory), or serve without "
-            "conversion with --engine torch")
+            f"(SUMMARIZER_CONVERT_CACHE_DIR), {remedies}")
     target = writable[0]
-    log.info("converting %s for ctranslate2 (%s) into %s, once", source.ref, compute_type,
-             target)
-    command = [sys.executable, "-m", "service", "convert", source.location, "--out", str(target),
-               "--compute-type", compute_type]
-    if revision:
-        command += ["--revision", revision]
-    if source.options.get("local_files_only"):
-        command.append("--offline")
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
-    if done.returncode != 0 or not is_converted(target):
+    log.info("converting %s %s into %s, once", source.ref, what, target)
+    done = subprocess.run(command(target), capture_output=True, text=True, check=False)
+    if done.returncode != 0 or not converted(target):
         detail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise ModelLoadError(f"cannot convert {source.ref!r} for ctranslate2: {detail}")
+        raise ModelLoadError(f"cannot convert {source.ref!r} {what}: {detail}")
     return target
+
+
+def converted_for(source: Source, compute_type: str, cache_dir: str, revision: str = "") -> Path:
+    """A converted directory for `source`: itself if pre-converted, else the cache entry,
+    converting into it first if needed (`convert_into_cache`)."""
+    if source.local and is_converted(source.location):
+        return Path(source.location)
+
+    def command(target: Path) -> list[str]:
+        args = [sys.executable, "-m", "service", "convert", source.location, "--out",
+                str(target), "--compute-type", compute_type]
+        if revision:
+            args += ["--revision", revision]
+        if source.options.get("local_files_only"):
+            args.append("--offline")
+        return args
+
+    return convert_into_cache(
+        source, cache_dir, cache_path("", source, revision, compute_type).name,
+        "for ctranslate2", command, is_converted,
+        "convert ahead of time with `summarizer convert MODEL --in-place` (or --out DIR, then "
+        "serve that directory), or serve without conversion with --engine torch")

@@ -28,8 +28,6 @@ memory (meta device), swaps its linear layers for empty int8 ones and assigns th
 from __future__ import annotations
 
 import json
-import logging
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -39,9 +37,8 @@ from torch import nn
 
 from ..errors import ModelLoadError, first_line
 from .checkpoint import Source
-from .convert import DEFAULT_CACHE_DIR, _fingerprint
+from .convert import DEFAULT_CACHE_DIR, _fingerprint, convert_into_cache
 
-log = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "int8.safetensors"
 MARKER_FILE = "summarizer-int8.json"
@@ -199,19 +196,15 @@ def _unique_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str
 
 
 def converted_for(source: Source, cache_dir: str, revision: str = "") -> Path:
-    """The int8 directory for `source`: the cache entry, converting into it first (in a child
-    process, so the float32 weights never sit in this process's memory) when it is not there."""
-    target = cache_path(cache_dir, source, revision)
-    if is_converted(target):
-        return target
-    log.info("converting %s to int8 for the torch engine into %s, once", source.ref, target)
-    command = [sys.executable, "-m", "service.engines.int8", source.location, str(target),
-               json.dumps(source.options | ({"revision": revision} if revision else {}))]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
-    if done.returncode != 0 or not is_converted(target):
-        detail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise ModelLoadError(f"cannot convert {source.ref!r} to int8: {detail}")
-    return target
+    """The int8 directory for `source`: the cache entry, converting into it first when it is not
+    there (`convert.convert_into_cache`: a child process, so the float32 weights never sit in this
+    process's memory; the temporary directory where the cache directory cannot be written)."""
+    options = json.dumps(source.options | ({"revision": revision} if revision else {}))
+    return convert_into_cache(
+        source, cache_dir, cache_path("", source, revision).name, "to int8",
+        lambda target: [sys.executable, "-m", "service.engines.int8", source.location,
+                        str(target), options],
+        is_converted, "or serve without conversion with --compute-type float32")
 
 
 # ----- loading -----
