@@ -115,7 +115,7 @@ def run(sess: TorchSession, arrivals: dict[int, list[Admit]], removals: dict[int
                                   remove=tuple(removals.get(step, ()))))
         results.update(dict(out.done))
         failures.update({f.ticket: f for f in out.failed})
-        steps.append(sorted({g.article.ticket for g in sess.groups}))
+        steps.append(sorted({g.article.ticket for g in sess.running.groups}))
         if step >= last and out.active == 0 and out.waiting == 0:
             return results, failures, steps
     raise AssertionError("the session never finished")
@@ -185,7 +185,7 @@ def test_summary_and_headline_share_one_encoding(engines, monkeypatch):
     sess.advance(StepIn(admit=tuple(Admit(t, p, a) for t, (p, a) in requests.items())))
     assert [shape[0] for shape in calls] == [3]  # one pass, one row per article
     # Every beam of both outputs reads its article's one copy of the cross-attention cache.
-    cross_keys = sess._cross[0][0][0]
+    cross_keys = sess.running.step_inputs(range(len(sess.running))).cross[0][0]
     assert cross_keys.shape[0] == 3 and sess.rows == sum(2 * p.num_beams
                                                          for p, _ in requests.values())
     results, _, _ = run(sess, {})
@@ -223,7 +223,7 @@ def test_removed_request_frees_its_cache_and_the_others_stay_exact(engines):
     rows_before = sess.rows
     out = sess.advance(StepIn(remove=(2,)))
     assert out.used_bytes < before and sess.rows < rows_before
-    assert 2 not in {g.article.ticket for g in sess.groups}
+    assert 2 not in {g.article.ticket for g in sess.running.groups}
     results, failures, _ = run(sess, {})
     del requests[2]
     assert 2 not in results and not failures
@@ -252,7 +252,7 @@ def test_a_group_that_raises_fails_only_its_article(engines, monkeypatch):
     requests = {t: request(engine, rng) for t in range(4)}
     sess = session(engine)
     sess.advance(StepIn(admit=tuple(Admit(t, p, a) for t, (p, a) in requests.items())))
-    victim = next(g for g in sess.groups if g.article.ticket == 1)
+    victim = next(g for g in sess.running.groups if g.article.ticket == 1)
 
     def boom(logits):
         raise RuntimeError("injected")
@@ -344,7 +344,8 @@ def test_two_prefixes_two_sources_per_article_still_exact(tiny_t5):
     requests = {t: request(engine, rng, outputs=Outputs.BOTH) for t in range(5)}
     sess = session(engine)
     sess.advance(StepIn(admit=tuple(Admit(t, p, a) for t, (p, a) in list(requests.items())[:3])))
-    assert sess._cross[0][0][0].shape[0] == 6  # 3 articles x 2 inputs
+    everyone = range(len(sess.running))
+    assert sess.running.step_inputs(everyone).cross[0][0].shape[0] == 6  # 3 articles x 2 inputs
     arrivals = {2: [Admit(t, p, a) for t, (p, a) in list(requests.items())[3:]]}
     results, failures, _ = run(sess, arrivals)
     assert not failures and sorted(results) == sorted(requests)
@@ -367,7 +368,7 @@ def test_a_decoding_pass_that_fails_for_every_article_alone_fails_each_and_goes_
     out = sess.advance(StepIn(admit=tuple(Admit(t, p, a) for t, (p, a) in requests.items())))
     assert {f.ticket for f in out.failed} == set(requests)
     assert all(f.kind == "error" for f in out.failed)
-    assert out.active == 0 and not out.done and not sess.groups
+    assert out.active == 0 and not out.done and not sess.running.groups
     monkeypatch.undo()
     later = {7: request(engine, rng, num_beams=2)}
     results, failures, _ = run(sess, {0: [Admit(7, *later[7])]})
@@ -387,19 +388,19 @@ def test_a_cache_reorder_that_raises_fails_the_decoding_articles_and_delivers_th
     long = request(engine, rng, summary_min_tokens=20, summary_max_tokens=20, num_beams=2,
                    outputs=Outputs.SUMMARY)
     sess = session(engine)
-    reorder, calls = sess._reorder, []
+    after_step, calls = sess.running.after_step, []
 
-    def failing_reorder(columns, surviving):
+    def failing_after_step(new_kv, stepped, kept):
         calls.append(1)
         if len(calls) == 2:
             raise RuntimeError("injected")
-        return reorder(columns, surviving)
+        return after_step(new_kv, stepped, kept)
 
-    monkeypatch.setattr(sess, "_reorder", failing_reorder)
+    monkeypatch.setattr(sess.running, "after_step", failing_after_step)
     sess.advance(StepIn(admit=(Admit(1, *short), Admit(2, *long))))
     out = sess.advance(StepIn())
     assert [t for t, _ in out.done] == [1] and [f.ticket for f in out.failed] == [2]
-    assert out.active == 0 and not sess.groups
+    assert out.active == 0 and not sess.running.groups
     check_exact(engine, {1: short}, dict(out.done))
     monkeypatch.undo()
     results, failures, _ = run(sess, {0: [Admit(3, *long)]})
@@ -451,13 +452,13 @@ def run_with_pauses(sess: TorchSession, arrivals: dict[int, list[Admit]],
     results, failures, steps = {}, {}, []
     last = max([*arrivals, 0])
     for step in range(max_steps):
-        active = sorted({g.article.ticket for g in sess.groups})
+        active = sorted({g.article.ticket for g in sess.running.groups})
         pause = pause_of(step, active)
-        before = {g.article.ticket: g.length for g in sess.groups}
+        before = {g.article.ticket: g.length for g in sess.running.groups}
         out = sess.advance(StepIn(admit=tuple(arrivals.get(step, ())), pause=pause))
         results.update(dict(out.done))
         failures.update({f.ticket: f for f in out.failed})
-        lengths = {g.article.ticket: g.length for g in sess.groups}
+        lengths = {g.article.ticket: g.length for g in sess.running.groups}
         # A paused article's groups hold exactly the tokens they held before the step.
         for ticket in pause:
             if ticket in before and ticket in lengths:
@@ -545,7 +546,7 @@ def test_a_paused_waiting_article_is_not_admitted_and_others_go_ahead(engines):
     sess = session(engine)
     out = sess.advance(StepIn(admit=tuple(Admit(t, *requests[t]) for t in range(2)), pause=(0,)))
     assert out.waiting == 1 and out.active == 1 and out.encode_deferred == 0
-    assert {g.article.ticket for g in sess.groups} == {1}
+    assert {g.article.ticket for g in sess.running.groups} == {1}
     results, failures, _ = run(sess, {})
     assert not failures
     check_exact(engine, requests, results)
@@ -572,7 +573,7 @@ def test_a_burst_of_long_encodings_is_sliced_between_decoding_steps(engines, mon
     encoded.clear()
     admits = tuple(Admit(t, *burst[t], priority=2 if t < 7 else 0) for t in burst)
     out = sess.advance(StepIn(admit=admits))
-    assert 7 in {g.article.ticket for g in sess.groups}  # the interactive one: first slice
+    assert 7 in {g.article.ticket for g in sess.running.groups}  # the interactive one: first slice
     assert out.encode_deferred == out.waiting > 0
     rows_per_call = [out.rows]
     while out.waiting:

@@ -1,4 +1,4 @@
-"""The running set: sequence groups that join and leave between decoding steps.
+"""One worker's decoding session: sequence groups that join and leave between decoding steps.
 
 `TorchSession.advance(StepIn)` is one iteration of the loop (the serving side calls it
 back to back; see service/serving/continuous.py):
@@ -11,13 +11,22 @@ back to back; see service/serving/continuous.py):
    pass for all of them; an article's encoder output and each decoder layer's cross-attention keys
    and values (a "source") are computed once and serve every beam of its summary and of its
    headline (when both read the same input); each (article, output) becomes a group of `beams`
-   rows, and the rows of one source are kept next to each other;
+   rows that joins the running set, and the rows of one source are kept next to each other;
 4. decode one step for every row of every group in one forward pass (rows at different lengths,
    with different options: see decoders.py), except the rows of paused tickets (`StepIn.pause`):
-   they sit the step out, their caches and search state untouched (see "Pausing" below);
-5. each group picks its rows' next tokens and parents (search.py), then one gather per layer
-   applies every group's beam reordering and drops the rows of groups that finished;
+   they sit the step out, their caches and search state untouched (see running.py);
+5. each group picks its rows' next tokens and parents (search.py), then the running set applies
+   every group's beam reordering and drops the rows of groups that finished (one gather per
+   layer);
 6. an article whose outputs are all done is returned.
+
+Who owns what: this class keeps admission (the waiting line, the budget, encoder slices),
+search and failure isolation, and orchestrates; the rows, their self-attention caches, the
+sources and their slot layout belong to the running set (`running.RunningSet`), which knows
+nothing of search or isolation. `_articles` (by ticket) is the engine's side of the articles in
+flight, waiting or decoding; it lives in the worker process and mirrors what the serving side's
+`ContinuousExecutor` holds (the one owner of the articles in flight, see continuous.py):
+`StepOut.active + waiting` must equal what the executor holds (`--check-invariants`).
 
 Memory: each row holds its self-attention keys/values, padded to the longest row (right-aligned);
 each source holds its cross-attention keys/values once, padded to the longest source. The budget
@@ -25,14 +34,9 @@ counts the padded worst case of the set, for what is decoding plus the article b
 (rows x longest max length + sources x longest source) x bytes per token; the article waits until
 that fits.
 
-Pausing: the forward pass runs over the other groups only (their caches cut to the columns they
-need); the stepping rows' new caches are then written into the set's cache in place (beam
-reordering applied), right-aligned as before, so the paused rows' caches are not touched at all.
-Only when a group left in the step, or the stepping rows outgrew the set's cache width, is the
-set's cache rebuilt once with the paused rows copied as they were. A paused article therefore
-produces exactly the
-tokens it would produce unpaused: its rows see the same inputs whenever they do step. A paused
-article that is still waiting is not admitted (its encoding sits the step out too).
+Pausing: a paused article produces exactly the tokens it would produce unpaused (running.py says
+how its caches are kept). A paused article that is still waiting is not admitted (its encoding
+sits the step out too).
 
 Encoder slicing: a burst of long articles is encoded a slice at a time, one slice per call, so
 the rows already decoding step between slices instead of stalling behind the whole burst, and the
@@ -58,7 +62,8 @@ import torch
 from ...domain import Generated, GenerationParams, PreparedArticle
 from ...errors import is_out_of_memory
 from ..protocol import Admit, StepFailure, StepIn, StepOut
-from .decoders import KV, Adapter, CrossLayout
+from .decoders import KV, Adapter
+from .running import RunningSet, Source
 from .search import Search, hf_setup, new_search
 
 log = logging.getLogger(__name__)
@@ -82,21 +87,14 @@ class _Article:
 
 
 @dataclass(eq=False)
-class _Source:
-    """One encoded input: each decoder layer's cross-attention keys and values,
-    [1, heads, length, dim], shared by every row that reads it."""
-
-    kv: list[KV]
-    length: int
-
-
-@dataclass(eq=False)
 class _Group:
+    """One (article, output): `width` rows (its beams) in the running set, and their search."""
+
     article: _Article
     output: str
     search: Search
     width: int
-    source: _Source
+    source: Source
     tokens: torch.Tensor
     """The tokens its rows feed to the next step: [width]."""
     length: int = 0
@@ -104,6 +102,9 @@ class _Group:
 
 
 class TorchSession:
+    """Admission, search and failure isolation around one `RunningSet` (the module docstring
+    says who owns what). Used by one thread."""
+
     def __init__(self, *, adapter: Adapter, model: Any, device: Any, budget_bytes: int,
                  generation_config: Callable[[str, GenerationParams], Any],
                  decode: Callable[[list[int], str], tuple[str, int]],
@@ -125,24 +126,14 @@ class TorchSession:
         self._arrivals = itertools.count()
         self._deferred = 0
         """Waiting articles the last admission held back for the encoder slice, not for room."""
-        self._paused_cross: tuple[tuple[_Group, ...], tuple[list[KV], torch.Tensor,
-                                                            CrossLayout]] | None = None
-        """The sources of the groups that stepped while others were paused, kept while the same
-        groups step (pauses tend to last): rebuilt when they change, dropped at a full step."""
         self._articles: dict[int, _Article] = {}
-        self.groups: list[_Group] = []
-        self._self_kv: list[KV] | None = None  # [rows, heads, T, dim] per layer
-        self._slotted = False
-        """Whether `_self_kv`'s last column is a free slot for the next step's keys/values
-        (written in place by the step: the cache is copied once per step, by the reorder,
-        instead of also being concatenated)."""
-        self._cross: tuple[list[KV], torch.Tensor, CrossLayout] | None = None
-        """The running set's sources as the step reads them (`_cross_inputs`); None: rebuild."""
+        """The articles in flight here, waiting or decoding, by ticket."""
+        self.running: RunningSet[_Group] = RunningSet(device)
 
     # ----- sizes -----
     @property
     def rows(self) -> int:
-        return sum(g.width for g in self.groups)
+        return self.running.rows
 
     def _bytes(self, rows: int, self_len: int, sources: int, source_len: int) -> int:
         return (rows * self_len + sources * source_len) * self.adapter.bytes_per_token()
@@ -166,16 +157,15 @@ class TorchSession:
             started = time.perf_counter()
             waiting_before = len(self._waiting)
             failed += self._admit(paused)
-            paused_rows = sum(g.width for g in self.groups if g.article.ticket in paused)
+            paused_rows = sum(g.width for g in self.running.groups if g.article.ticket in paused)
             rows = self.rows - paused_rows
             if rows:
-                failed += self._step(done, paused)
+                done, failed_in_step = self._step(paused)
+                failed += failed_in_step
             worked = rows or len(self._waiting) != waiting_before
-            if not self.groups:
-                self._paused_cross = None
             elapsed = time.perf_counter() - started if worked else 0.0
         return StepOut(done=tuple(done), failed=tuple(failed), waiting=len(self._waiting),
-                       active=len({id(g.article) for g in self.groups}), rows=rows,
+                       active=len(_articles_of(self.running.groups)), rows=rows,
                        step_s=elapsed, used_bytes=self.used_bytes(),
                        budget_bytes=self.budget_bytes, paused_rows=paused_rows,
                        encode_deferred=self._deferred)
@@ -216,7 +206,7 @@ class TorchSession:
         line = [a for a in self._waiting if a.ticket not in paused]
         for position, candidate in enumerate(line):
             fits = self._reserved_with(joining + [candidate]) <= self.budget_bytes
-            if not fits and (self.groups or joining):
+            if not fits and (self.running.groups or joining):
                 break  # in line order: a more urgent or earlier article waits for room first
             if joining and not self._within_encode_slice(joining + [candidate]):
                 self._deferred = self._count_with_room(joining, line[position:])
@@ -234,9 +224,7 @@ class TorchSession:
                 self._join(article, encoded[article.ticket])
             except Exception as error:  # noqa: BLE001 - this article fails alone
                 failed.append(_failure(article.ticket, error, "setting up"))
-                if article.groups and any(g.article is article for g in self.groups):
-                    self._drop_article(article)
-                self._forget(article)
+                self._drop(article)
         return failed
 
     def _within_encode_slice(self, articles: list[_Article]) -> bool:
@@ -260,7 +248,7 @@ class TorchSession:
 
     def _reserved_with(self, extra: list[_Article]) -> int:
         rows, self_len, sources, source_len = 0, 0, 0, 0
-        articles = {id(g.article): g.article for g in self.groups}
+        articles = {id(g.article): g.article for g in self.running.groups}
         for a in extra:
             articles[id(a)] = a
         for a in articles.values():
@@ -270,7 +258,7 @@ class TorchSession:
         return self._bytes(rows, self_len, sources, source_len)
 
     def _encode(self, articles: list[_Article]
-                ) -> tuple[dict[int, dict[tuple[int, ...], _Source]], list[StepFailure]]:
+                ) -> tuple[dict[int, dict[tuple[int, ...], Source]], list[StepFailure]]:
         """Cross-attention keys/values per article and distinct input; an article whose encoding
         fails on its own is failed, the others go on."""
         try:
@@ -288,7 +276,7 @@ class TorchSession:
             failed += fails
         return encoded, failed
 
-    def _encode_batch(self, articles: list[_Article]) -> dict[int, dict[tuple, _Source]]:
+    def _encode_batch(self, articles: list[_Article]) -> dict[int, dict[tuple, Source]]:
         inputs = []
         for article in articles:
             for source_ids in article.inputs.values():
@@ -303,7 +291,7 @@ class TorchSession:
             mask[i, :len(row)] = 1
         hidden = self.adapter.encode(ids.to(self.device), mask.to(self.device))
         kv = self.adapter.cross_kv(hidden)
-        sources = [_Source(kv=[(k[i:i + 1, :, :len(row)].contiguous(),
+        sources = [Source(kv=[(k[i:i + 1, :, :len(row)].contiguous(),
                                 v[i:i + 1, :, :len(row)].contiguous()) for k, v in kv],
                            length=len(row))
                    for i, row in enumerate(inputs)]
@@ -311,7 +299,7 @@ class TorchSession:
                                  for row in article.inputs.values()}
                 for article in articles}
 
-    def _join(self, article: _Article, sources: dict[tuple, _Source]) -> None:
+    def _join(self, article: _Article, sources: dict[tuple, Source]) -> None:
         params = article.params
         # Groups that read the same source go next to each other (their rows are one
         # cross-attention call).
@@ -325,184 +313,53 @@ class TorchSession:
                            tokens=torch.full((search.width,), setup.start_token,
                                              dtype=torch.long, device=self.device))
             article.groups.append(group)
-            self._add_rows(group)
-
-    def _add_rows(self, group: _Group) -> None:
-        """Append a group's rows with an empty self-attention history (masked columns)."""
-        width = group.width
-        if self._self_kv is not None:
-            self._self_kv = [(torch.cat((k, k.new_zeros((width, *k.shape[1:]))), 0),
-                              torch.cat((v, v.new_zeros((width, *v.shape[1:]))), 0))
-                             for k, v in self._self_kv]
-        self.groups.append(group)
-        self._cross = None
+            self.running.join(group)
 
     # ----- one step -----
-    def _step(self, done: list[tuple[int, Generated]],
-              paused: frozenset[int] = frozenset()) -> list[StepFailure]:
-        failed: list[StepFailure] = []
-        stepping = self._stepping(paused)
-        if len(stepping) != len(self.groups):
-            self._unslot()  # the pausing paths work on the cache's own columns
-        try:
-            if len(stepping) == len(self.groups):
-                self._paused_cross = None
-                logits, merged = self._forward(stepping)
-            else:
-                logits, merged = self._forward(stepping, trim=True)
-        except Exception as error:  # noqa: BLE001 - isolated below
-            logits, merged, failed = self._forward_isolating(error, stepping)
-            stepping = self._stepping(paused)  # without the articles that failed
-            if not stepping:
-                return failed
-        keep: list[torch.Tensor] = []  # rows of the next step, in order
-        stepped: list[torch.Tensor] = []  # the same for the stepping rows, among themselves
-        keep_groups: list[_Group] = []
-        broken: set[int] = set()
-        offset = 0
-        logit_offset = 0  # the paused groups have no logits
-        for group in self.groups:
-            if group.article.ticket in paused:  # sits this step out: rows kept as they are
-                keep.append(torch.arange(offset, offset + group.width, device=self.device))
-                keep_groups.append(group)
-                offset += group.width
-                continue
-            rows = slice(logit_offset, logit_offset + group.width)
-            local = logit_offset
-            logit_offset += group.width
-            try:
-                tokens, parents = group.search.advance(logits[rows])
-                if group.search.finished:
-                    text = self._decode(group.search.result(), group.output)
-            except Exception as error:  # noqa: BLE001 - this group's article fails alone
-                failed.append(_failure(group.article.ticket, error, "search"))
-                broken.add(id(group.article))
-                offset += group.width
-                continue
-            group.length += 1
-            if group.search.finished:
-                group.article.texts[group.output] = text
-            else:
-                group.tokens = tokens
-                keep.append(parents + offset)
-                stepped.append(parents + local)
-                keep_groups.append(group)
-            offset += group.width
-        # Groups of an article that failed leave with it.
-        surviving = []
-        for group, kept in zip(keep_groups, keep):
-            if id(group.article) not in broken:
-                surviving.append((group, kept))
-        for group in self.groups:
-            article = group.article
-            if id(article) in broken:
-                self._articles.pop(article.ticket, None)
-            elif len(article.texts) == len(article.inputs) and article.ticket in self._articles:
-                del self._articles[article.ticket]
-                done.append((article.ticket, _generated(article)))
-        try:
-            if len(stepping) == len(self.groups):
-                self._reorder(merged, surviving)
-            elif not (len(surviving) == len(self.groups)
-                      and self._write_stepped_rows(merged, stepping, stepped)):
-                self._reorder(self._with_paused_rows(merged, stepping), surviving)
-        except Exception as error:  # noqa: BLE001 - e.g. out of memory copying the cache
-            # The set's cache could not be rebuilt: the articles still decoding fail (the ones
-            # done in this step are delivered above) and the set starts over empty, so no
-            # group of a delivered or failed article stays behind.
-            for article in {id(g.article): g.article for g, _ in surviving}.values():
-                self._articles.pop(article.ticket, None)
-                failed.append(_failure(article.ticket, error, "decoding"))
-            self.groups, self._self_kv, self._cross = [], None, None
-        return failed
+    def _step(self, paused: frozenset[int]
+              ) -> tuple[list[tuple[int, Generated]], list[StepFailure]]:
+        """Decode one step for the groups not paused. Returns the articles done and failed."""
+        logits, new_kv, stepping, failed = self._forward(paused)
+        if not stepping:
+            return [], failed
+        kept, broken, failed_in_search = self._search(logits, stepping)
+        done = self._finished(broken)
+        return done, failed + failed_in_search + self._keep(new_kv, stepping, kept)
 
     def _stepping(self, paused: frozenset[int]) -> list[int]:
         """Indices of the groups that decode this step: those of articles not paused."""
-        return [i for i, group in enumerate(self.groups) if group.article.ticket not in paused]
+        return [i for i, group in enumerate(self.running.groups)
+                if group.article.ticket not in paused]
 
-    def _forward(self, group_indices: list[int], trim: bool = False
-                 ) -> tuple[torch.Tensor, list[KV]]:
-        """Logits and self-attention caches with this step's column for the rows of these
-        groups (all of them, in order, for the normal step; the groups not paused; one
-        article's when isolating a failure). `trim`: cut the caches to the columns these rows
-        hold (the paused rows may hold more) and keep their sources for the next such step."""
-        groups = [self.groups[i] for i in group_indices]
-        everything = len(groups) == len(self.groups)
-        self_kv = self._self_kv
-        slot = 1 if self._slotted and self_kv is not None else 0
-        if not everything and self_kv is not None:
-            rows = self._row_index(group_indices)
-            end = self_kv[0][0].shape[2] - slot
-            start = end - max(g.length for g in groups) if trim else 0
-            self_kv = [(k[:, :, start:end].index_select(0, rows),
-                        v[:, :, start:end].index_select(0, rows)) for k, v in self_kv]
-            slot = 0
-        if everything:
-            if self._cross is None:
-                self._cross = self._cross_inputs(groups)
-            cross, cross_valid, layout = self._cross
-        elif trim:
-            key = tuple(groups)
-            if self._paused_cross is None or self._paused_cross[0] != key:
-                self._paused_cross = (key, self._cross_inputs(groups))
-            cross, cross_valid, layout = self._paused_cross[1]
-        else:
-            cross, cross_valid, layout = self._cross_inputs(groups)
-        history = 0 if self_kv is None else self_kv[0][0].shape[2] - slot
-        lengths = torch.tensor([g.length for g in groups for _ in range(g.width)],
-                               device=self.device)
-        columns = torch.arange(history + 1, device=self.device)
-        self_valid = columns[None, :] >= (history - lengths)[:, None]
-        tokens = torch.cat([g.tokens for g in groups])
-        return self.adapter.step(tokens, lengths, self_kv or [], self_valid, cross, cross_valid,
-                                 layout)
+    def _forward(self, paused: frozenset[int]
+                 ) -> tuple[torch.Tensor, list[KV], list[int], list[StepFailure]]:
+        """Logits and self-attention caches with this step's column for the rows of the groups
+        not paused, and those groups' indices; if the batched pass raises, the articles that
+        fail alone are failed and leave (see `_isolate`)."""
+        stepping = self._stepping(paused)
+        try:
+            logits, new_kv = self._pass(stepping, trim=len(stepping) != len(self.running))
+            return logits, new_kv, stepping, []
+        except Exception as error:  # noqa: BLE001 - isolated below
+            logits, new_kv, failed = self._isolate(error, stepping)
+            return logits, new_kv, self._stepping(paused), failed
 
-    def _cross_inputs(self, groups: list[_Group]
-                      ) -> tuple[list[KV], torch.Tensor, CrossLayout]:
-        """The sources these groups read, padded into one tensor per layer, their masks, and
-        where each row's query goes. Rebuilt only when groups join or leave."""
-        sources: list[_Source] = []
-        slots: list[tuple[int, int]] = []  # (source index, query index) per row
-        used: dict[int, int] = {}
-        taken: list[int] = []  # queries per source so far
-        for group in groups:
-            index = used.get(id(group.source))
-            if index is None:
-                index = used[id(group.source)] = len(sources)
-                sources.append(group.source)
-                taken.append(0)
-            slots += [(index, taken[index] + j) for j in range(group.width)]
-            taken[index] += group.width
-        width = max(j for _, j in slots) + 1
-        longest = max(s.length for s in sources)
-        layers = len(sources[0].kv)
-        cross = [(torch.cat([_pad_to(s.kv[i][0], longest) for s in sources]),
-                  torch.cat([_pad_to(s.kv[i][1], longest) for s in sources]))
-                 for i in range(layers)]
-        lengths = torch.tensor([s.length for s in sources], device=self.device)
-        valid = torch.arange(longest, device=self.device)[None, :] < lengths[:, None]
-        slot = torch.tensor([s * width + j for s, j in slots], device=self.device)
-        return cross, valid, CrossLayout(slot, len(sources), width)
+    def _pass(self, indices: list[int], trim: bool = False) -> tuple[torch.Tensor, list[KV]]:
+        """One forward pass over the rows of the groups `indices` (running.py: `step_inputs`)."""
+        return self.adapter.step(*self.running.step_inputs(indices, trim=trim).args())
 
-    def _row_index(self, group_indices: list[int]) -> torch.Tensor:
-        starts, offset = [], 0
-        for group in self.groups:
-            starts.append(offset)
-            offset += group.width
-        return torch.cat([torch.arange(starts[i], starts[i] + self.groups[i].width)
-                          for i in group_indices]).to(self.device)
-
-    def _forward_isolating(self, error: BaseException, stepping: list[int]
-                           ) -> tuple[torch.Tensor, list[KV], list[StepFailure]]:
+    def _isolate(self, error: BaseException, stepping: list[int]
+                 ) -> tuple[torch.Tensor, list[KV], list[StepFailure]]:
         """The batched pass over the `stepping` groups raised: run each of their articles' rows
         alone; fail the ones that raise alone and drop their rows; return the others' results as
         if run together."""
+        groups = self.running.groups
         by_article: dict[int, list[int]] = {}
         for i in stepping:
-            by_article.setdefault(id(self.groups[i].article), []).append(i)
+            by_article.setdefault(id(groups[i].article), []).append(i)
         if len(by_article) == 1:
-            article = self.groups[stepping[0]].article
-            self._drop_article(article)
+            article = groups[stepping[0]].article
+            self._drop(article)
             return torch.empty(0), [], [_failure(article.ticket, error, "decoding")]
         log.warning("decoding step of %d articles failed (%s); stepping each alone",
                     len(by_article), type(error).__name__)
@@ -510,117 +367,90 @@ class TorchSession:
         # order), so the survivors' results in article order are the rows in set order.
         failed, broken, results = [], [], []
         for indices in by_article.values():
-            article = self.groups[indices[0]].article
+            article = groups[indices[0]].article
             try:
-                results.append(self._forward(indices))
+                results.append(self._pass(indices))
             except Exception as alone:  # noqa: BLE001
                 failed.append(_failure(article.ticket, alone, "decoding"))
                 broken.append(article)
         for article in broken:
-            self._drop_article(article)
+            self._drop(article)
         if not results:  # every article failed alone
             return torch.empty(0), [], failed
         logits = torch.cat([logits for logits, _ in results])
-        merged = [(torch.cat([kv[i][0] for _, kv in results]),
+        new_kv = [(torch.cat([kv[i][0] for _, kv in results]),
                    torch.cat([kv[i][1] for _, kv in results]))
                   for i in range(len(results[0][1]))]
-        return logits, merged, failed
+        return logits, new_kv, failed
 
-    def _write_stepped_rows(self, merged: list[KV], stepping: list[int],
-                            order: list[torch.Tensor]) -> bool:
-        """After a step that left some groups out and where no group left: write the stepping
-        rows' new caches (`merged`, reordered by `order`, their beams' parents) into the set's
-        cache in place, right-aligned, so the paused rows' caches are not even copied. False
-        (nothing written) when the stepping rows need more columns than the set's cache has.
-        Columns left of a row's history may keep stale values: they are masked."""
-        if self._self_kv is None or not order:
-            return False
-        width, total = merged[0][0].shape[2], self._self_kv[0][0].shape[2]
-        if width > total:
-            return False
-        rows = self._row_index(stepping)
-        parents = torch.cat(order)
-        for (k, v), (k_new, v_new) in zip(self._self_kv, merged):
-            k[rows, :, total - width:] = k_new.index_select(0, parents)
-            v[rows, :, total - width:] = v_new.index_select(0, parents)
-        return True
-
-    def _with_paused_rows(self, merged: list[KV], stepping: list[int]) -> list[KV]:
-        """The whole set's caches after a step that left some groups out: the stepping rows'
-        caches with this step's column (`merged`, in order) and the paused rows' caches as they
-        were, both right-aligned in one width, rows in set order. Nothing is recomputed."""
+    def _search(self, logits: torch.Tensor, stepping: list[int]
+                ) -> tuple[dict[int, torch.Tensor | None], set[int], list[StepFailure]]:
+        """Each stepping group picks its rows' next tokens and parents from its rows' logits.
+        Returns the groups that go on (by index: their rows' parents; None: paused), the
+        articles (ids) whose search raised, and their failures."""
+        kept: dict[int, torch.Tensor | None] = {}
+        broken: set[int] = set()
+        failed: list[StepFailure] = []
         chosen = set(stepping)
-        paused = [i for i in range(len(self.groups)) if i not in chosen]
-        history = max(self.groups[i].length for i in paused)  # columns the paused rows hold
-        step_rows = self._row_index(stepping)
-        paused_rows = self._row_index(paused)
-        total = self.rows
-        out: list[KV] = []
-        for layer, new_kv in enumerate(merged):
-            width = max(new_kv[0].shape[2], history)
-            pair = []
-            for part, new in enumerate(new_kv):
-                full = new.new_zeros((total, new.shape[1], width, new.shape[3]))
-                full[step_rows, :, width - new.shape[2]:] = new
-                if history:
-                    assert self._self_kv is not None  # rows with a history have a cache
-                    old = self._self_kv[layer][part]
-                    full[paused_rows, :, width - history:] = \
-                        old[:, :, old.shape[2] - history:].index_select(0, paused_rows)
-                pair.append(full)
-            out.append((pair[0], pair[1]))
-        return out
+        offset = 0  # the paused groups have no logits
+        for i, group in enumerate(self.running.groups):
+            if i not in chosen:  # sits this step out: rows kept as they are
+                kept[i] = None
+                continue
+            rows = slice(offset, offset + group.width)
+            offset += group.width
+            try:
+                tokens, parents = group.search.advance(logits[rows])
+                if group.search.finished:
+                    text = self._decode(group.search.result(), group.output)
+            except Exception as error:  # noqa: BLE001 - this group's article fails alone
+                failed.append(_failure(group.article.ticket, error, "search"))
+                broken.add(id(group.article))
+                continue
+            if group.search.finished:
+                group.article.texts[group.output] = text
+            else:
+                group.tokens = tokens
+                kept[i] = parents
+        # Groups of an article that failed leave with it.
+        groups = self.running.groups
+        return ({i: p for i, p in kept.items() if id(groups[i].article) not in broken},
+                broken, failed)
+
+    def _finished(self, broken: set[int]) -> list[tuple[int, Generated]]:
+        """Forget the articles whose search failed, and return (and forget) the ones whose
+        outputs are all done."""
+        done = []
+        for article in _articles_of(self.running.groups):
+            if id(article) in broken:
+                self._forget(article)
+            elif len(article.texts) == len(article.inputs) and article.ticket in self._articles:
+                self._forget(article)
+                done.append((article.ticket, _generated(article)))
+        return done
+
+    def _keep(self, new_kv: list[KV], stepping: list[int],
+              kept: dict[int, torch.Tensor | None]) -> list[StepFailure]:
+        """The running set keeps the groups that go on (running.py: `after_step`)."""
+        going_on = _articles_of([self.running.groups[i] for i in kept])
+        try:
+            self.running.after_step(new_kv, stepping, kept)
+        except Exception as error:  # noqa: BLE001 - e.g. out of memory copying the cache
+            # The set's cache could not be rebuilt: the articles still decoding fail (the ones
+            # done in this step are delivered) and the set starts over empty, so no group of a
+            # delivered or failed article stays behind.
+            self.running.clear()
+            for article in going_on:
+                self._forget(article)
+            return [_failure(article.ticket, error, "decoding") for article in going_on]
+        return []
 
     # ----- leaving -----
-    def _reorder(self, merged: list[KV], surviving: list[tuple[_Group, torch.Tensor]]) -> None:
-        """From the caches with this step's column (`merged`), keep the surviving rows in their
-        new order (each group's beam reordering and every finished group's exit in one gather
-        per layer), and trim columns no row needs."""
-        if not surviving:
-            self.groups, self._self_kv, self._cross = [], None, None
-            return
-        order = torch.cat([rows for _, rows in surviving])
-        total = sum(g.width for g in self.groups)
-        identity = len(order) == total and bool(
-            (order == torch.arange(total, device=order.device)).all())
-        history = max(g.length for g, _ in surviving)
-        width = merged[0][0].shape[2]
-        start = width - history
-        if identity:
-            self._self_kv = [(k[:, :, start:], v[:, :, start:]) if start else (k, v)
-                             for k, v in merged]
-            self._slotted = False
-        else:
-            # One copy per layer: the kept rows, in their new order, into a cache with a free
-            # last column that the next step writes in place.
-            self._self_kv = [(_gather_slotted(k, order, start), _gather_slotted(v, order, start))
-                             for k, v in merged]
-            self._slotted = True
-        if len(surviving) != len(self.groups):
-            self._cross = None  # sources are per source, not per row: rebuilt for who is left
-            self._paused_cross = None
-        self.groups = [g for g, _ in surviving]
-
-    def _drop_article(self, article: _Article) -> None:
-        kept = [i for i, group in enumerate(self.groups) if group.article is not article]
-        groups = [self.groups[i] for i in kept]
-        if not groups:
-            self.groups, self._self_kv, self._cross = [], None, None
-            self._articles.pop(article.ticket, None)
-            return
-        keep = self._row_index(kept)
-        self._unslot()
-        if self._self_kv is not None:
-            history = max(g.length for g in groups)
-            self._self_kv = [(k.index_select(0, keep)[:, :, k.shape[2] - history:],
-                              v.index_select(0, keep)[:, :, v.shape[2] - history:])
-                             for k, v in self._self_kv]
-            if history == 0:
-                self._self_kv = None
-        self._cross = None
-        self.groups = groups
-        # Forgotten last: if a copy above raised, the article is still removable.
-        self._articles.pop(article.ticket, None)
+    def _drop(self, article: _Article) -> None:
+        """The article leaves: its groups' rows leave the running set, then it is forgotten
+        (last: if a copy raised, the article is still removable)."""
+        self.running.filter(lambda group: group.article is not article)
+        self._forget(article)
 
     def _remove(self, ticket: int) -> None:
         article = self._articles.get(ticket)
@@ -630,32 +460,15 @@ class TorchSession:
             self._waiting.remove(article)
             self._forget(article)
         else:
-            self._drop_article(article)
+            self._drop(article)
 
     def _forget(self, article: _Article) -> None:
         self._articles.pop(article.ticket, None)
 
-    def _unslot(self) -> None:
-        """The cache without its free slot column (views, nothing copied)."""
-        if self._slotted and self._self_kv is not None:
-            self._self_kv = [(k[:, :, :-1], v[:, :, :-1]) for k, v in self._self_kv]
-        self._slotted = False
 
-
-def _gather_slotted(x: torch.Tensor, order: torch.Tensor, start: int) -> torch.Tensor:
-    """Rows `order` of `x`'s columns from `start`, in a new tensor one column wider: the last
-    column is left free (not initialised) for the next step to write."""
-    width = x.shape[2] - start
-    out = x.new_empty((order.shape[0], x.shape[1], width + 1, x.shape[3]))
-    torch.index_select(x[:, :, start:], 0, order, out=out[:, :, :width])
-    return out
-
-
-def _pad_to(x: torch.Tensor, length: int) -> torch.Tensor:
-    if x.shape[2] == length:
-        return x
-    pad = x.new_zeros((x.shape[0], x.shape[1], length - x.shape[2], x.shape[3]))
-    return torch.cat((x, pad), 2)
+def _articles_of(groups: list[_Group]) -> list[_Article]:
+    """The articles of these groups, once each, in the groups' order."""
+    return list({id(g.article): g.article for g in groups}.values())
 
 
 def _generated(article: _Article) -> Generated:
