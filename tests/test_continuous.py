@@ -430,3 +430,12 @@ async def test_stress_every_future_resolved_once_with_its_own_outcome(rig, seed:
         answered = {t for t, _ in out.done} | {f.ticket for f in out.failed}
         assert not answered & removed
     assert not engine.sessions[0].active and not engine.sessions[0].waiting
+    # Each step says what the session holds once it applies: what the previous one said, less
+    # what that step answered and what this one removes, plus what this one admits.
+    flight: list[int] = []
+    answered = set()
+    for step, out in r.recorder.calls:
+        gone = answered | set(step.remove)
+        flight = [t for t in flight if t not in gone] + [a.ticket for a in step.admit]
+        assert [a.ticket for a in step.in_flight] == flight
+        answered = {t for t, _ in out.done} | {f.ticket for f in out.failed}

@@ -112,6 +112,12 @@ class StepIn:
     they are, nothing is recomputed, and they resume at the first step that does not name them.
     A paused article still counts against the cache budget. A paused article that is still
     waiting is not admitted (not encoded) in that step. An unknown ticket is ignored."""
+    in_flight: tuple[Admit, ...] = ()
+    """Every article the caller holds in the session once this step's `remove` and `admit`
+    apply, in admission order: the caller (serving/continuous.py's executor) is the one owner of
+    the articles in flight. A session keeps its own state and ignores this; a supervisor that
+    can lose the session (workers.pool: a worker process that dies) admits these again on a new
+    one instead of keeping its own copy. Empty: the caller does not say (no replay)."""
 
 
 @dataclass(frozen=True)

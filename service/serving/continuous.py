@@ -31,7 +31,11 @@ one place, and it resolves each entry it is handed exactly once. Its loop:
    bug in the engine: every held article fails with `GenerationFailed` and is removed from the
    session at the next step. The loop survives both. (A worker process that dies is handled
    below `advance`, in `workers.pool.WorkerPool.advancers`: its articles are admitted again
-   once on the new worker.)
+   once on the new worker, from the step's `StepIn.in_flight`.)
+
+The executor is the one owner of the articles in flight (`_held`): every `StepIn` carries them
+all (`in_flight`, each with the `Admit` it was sent), so nothing below keeps a list of its own
+to reconcile (docs/development.md, "who owns what").
 
 The queue's "deadline cannot be met" check hears, per key (generation options), how long an
 article took from its admission to the engine until it was done (`record_duration`): its
@@ -111,6 +115,8 @@ class StepReport:
 class _Held:
     entry: Entry
     admitted_at: float
+    admit: Admit
+    """What the session was sent for it (sent again in `StepIn.in_flight`)."""
 
 
 def failure_error(failure: StepFailure) -> Exception:
@@ -122,7 +128,10 @@ def failure_error(failure: StepFailure) -> Exception:
 
 class ContinuousExecutor(Runner, Generic[P, R]):
     """Runs a decoding session one step at a time in one worker thread. Owns the entries it was
-    handed (`_held`, by ticket) until each is resolved, in `_finish` only."""
+    handed (`_held`, by ticket) until each is resolved, in `_finish` only: the one owner of the
+    articles in flight. The session below keeps its own engine state for them (checked against
+    `_held` with check_invariants) and a worker's crash replay reads them from each step's
+    `StepIn.in_flight`; neither keeps a list of its own to reconcile."""
 
     _source: ContinuousSource | None
 
@@ -217,7 +226,8 @@ class ContinuousExecutor(Runner, Generic[P, R]):
         if not (admits or remove or self._held):
             return True
         pause = self._pauses()
-        step = StepIn(admit=admits, remove=remove, pause=pause)
+        step = StepIn(admit=admits, remove=remove, pause=pause,
+                      in_flight=tuple(held.admit for held in self._held.values()))
         started = self._clock()
         try:
             out = await self._in_worker(self._advance, step)
@@ -279,10 +289,11 @@ class ContinuousExecutor(Runner, Generic[P, R]):
         admits = []
         for entry in entries:
             ticket = next(self._tickets)
-            self._held[ticket] = _Held(entry, now)
             # The queue's key is the article's generation options (core.py keys jobs by them).
-            admits.append(Admit(ticket, cast(GenerationParams, entry.job.key), entry.job.payload,
-                                priority=int(entry.job.priority)))
+            admit = Admit(ticket, cast(GenerationParams, entry.job.key), entry.job.payload,
+                          priority=int(entry.job.priority))
+            self._held[ticket] = _Held(entry, now, admit)
+            admits.append(admit)
         self._check()
         return tuple(admits)
 

@@ -16,10 +16,11 @@ it pulls a batch when its worker is free, and calls this in its own thread):
 
 Continuous batching: each slot gives a continuous executor a blocking `advance(StepIn) ->
 StepOut` instead, with the same watchdog (per step), crash detection and restarts. The worker's
-decoding session holds the articles between steps, so the slot remembers what it admitted there
-(each ticket's `Admit`, until it is done, failed or removed). When the worker dies (during a step,
-or between steps), its session is lost: the articles it held are admitted again, from scratch and
-under the same tickets, on the new worker; an article that was in the worker during two crashes
+decoding session holds the articles between steps; what it should hold is the executor's (its
+`_held`, the one owner of the articles in flight), and each step carries it (`StepIn.in_flight`),
+so the slot keeps no copy of its own. When the worker dies (during a step, or between steps), its
+session is lost: the articles in flight are admitted again, from scratch and under the same
+tickets, on the new worker; an article that was in the worker during two crashes
 fails alone with `WorkerCrashed` (INTERNAL), whatever it shared its steps with (there is no
 bisecting: the articles beside it get their one retry each). The executor above never sees the
 crash, only the failures, so nothing is lost and no result reaches the wrong caller.
@@ -55,7 +56,7 @@ from multiprocessing.context import SpawnContext
 
 from ..config import Settings, available_cpus, worker_devices
 from ..domain import RECENT_BATCHES, Generated, GenerationParams, PreparedArticle
-from ..engines.protocol import Admit, StepFailure, StepIn, StepOut
+from ..engines.protocol import StepFailure, StepIn, StepOut
 from ..errors import GenerationFailed, ModelLoadError, OutOfMemory, Unavailable
 from ..serving.executor import RunBatch
 from . import child
@@ -257,71 +258,70 @@ class Slot:
 
 
 class SessionReplay:
-    """Continuous batching: what one worker's decoding session holds, so that the articles can
-    be admitted again when the worker dies (see the module docstring). Used by one runner's
-    thread only."""
+    """Continuous batching: what it takes to rebuild one worker's decoding session when the
+    worker dies (see the module docstring). What the session holds is not copied here: each step
+    says it (`StepIn.in_flight`, from the executor, the one owner of the articles in flight).
+    This keeps which process holds the session and, per article, how many workers died holding
+    it. Used by one runner's thread only."""
 
     def __init__(self, index: int) -> None:
         self.index = index
         """The slot's, for the log."""
-        self.admitted: dict[int, Admit] = {}
-        """The tickets the worker's session holds, in admission order."""
         self.session_of: multiprocessing.process.BaseProcess | None = None
-        """The process whose session holds `admitted` (another one: they were lost with it)."""
+        """The process whose session holds what was sent (another one: it was lost with it)."""
         self.crashes: collections.Counter[int] = collections.Counter()
-        """Per held ticket, the workers that died while holding it."""
+        """Per article in flight, the workers that died while holding it."""
 
-    def forget(self, tickets: tuple[int, ...] | list[int]) -> None:
-        for ticket in tickets:
-            self.admitted.pop(ticket, None)
-            self.crashes.pop(ticket, None)
-
-    def next_step(self, step: StepIn, new: list[Admit],
+    def next_step(self, step: StepIn, sent: bool, gone: set[int],
                   process: multiprocessing.process.BaseProcess | None
                   ) -> tuple[StepIn, list[StepFailure], bool]:
-        """The message for `process`'s session, which from then on holds `new` too: `step` as
-        asked (with `new` to admit) when it holds what was admitted, else everything admitted
-        again (a new worker), with `step`'s pauses. Returns it, the articles failed for a
-        second death, and whether any were admitted again."""
+        """The message for `process`'s session: `step` as asked when it holds what was sent,
+        else (a new worker) everything in flight admitted again, with `step`'s pauses. `sent`:
+        whether `step`'s own admits were sent already (to a worker that died since); `gone`:
+        tickets failed earlier in this step, never sent again (grows here). Returns the message,
+        the articles failed for a second death, and whether any were admitted again."""
+        new = {a.ticket for a in step.admit} if not sent else set()
+        held = [a for a in step.in_flight if a.ticket not in gone]
         failures: list[StepFailure] = []
         replayed = False
-        if self.admitted and self.session_of is not process:
-            failures = self._second_deaths()
-            replayed = bool(self.admitted)
-            message = StepIn(admit=(*self.admitted.values(), *new), pause=step.pause)
-        else:
-            message = StepIn(admit=tuple(new), remove=step.remove, pause=step.pause)
+        if self.session_of is not process and any(a.ticket not in new for a in held):
+            failures = self._second_deaths([a.ticket for a in held if a.ticket not in new])
+            gone.update(f.ticket for f in failures)
+            held = [a for a in held if a.ticket not in gone]
+            replayed = any(a.ticket not in new for a in held)
+            message = StepIn(admit=tuple(held), pause=step.pause)
+        else:  # (`step`'s own admits are sent once: a retry with nothing to replay has none)
+            fresh = () if sent else tuple(a for a in step.admit if a.ticket not in step.remove)
+            message = StepIn(admit=fresh, remove=step.remove, pause=step.pause)
         # From here the worker holds them: a death now is theirs too.
         self.session_of = process
-        self.admitted.update((a.ticket, a) for a in new)
         return message, failures, replayed
 
-    def _second_deaths(self) -> list[StepFailure]:
-        """The worker holding `admitted` died: fail the articles it was the second death of,
-        keep the others to admit again."""
+    def _second_deaths(self, lost: list[int]) -> list[StepFailure]:
+        """The worker holding `lost` died: fail the articles it was the second death of; the
+        others are admitted again."""
         failures = []
-        for ticket in list(self.admitted):
+        for ticket in lost:
             self.crashes[ticket] += 1
             if self.crashes[ticket] >= 2:
-                del self.admitted[ticket]
                 del self.crashes[ticket]
                 failures.append(StepFailure(
                     ticket, "error", "the article took its worker down twice", "WorkerCrashed"))
         if failures:
             log.error("worker %d: %d articles were decoding in two workers that died; failing "
                       "them", self.index, len(failures))
-        if self.admitted:
+        if len(lost) > len(failures):
             log.warning("worker %d: admitting %d articles again after their worker died",
-                        self.index, len(self.admitted))
+                        self.index, len(lost) - len(failures))
         return failures
 
-    def settle(self, out: StepOut) -> None:
-        """Forget what the step finished or failed."""
-        self.forget([t for t, _ in out.done] + [f.ticket for f in out.failed])
-
-    def clear(self) -> None:
-        self.admitted.clear()
-        self.crashes.clear()
+    def settle(self, step: StepIn) -> None:
+        """Forget the crash counts of articles no longer in flight (the executor drops what a
+        step finished or failed from the next step's `in_flight`)."""
+        if self.crashes:
+            flight = {a.ticket for a in step.in_flight}
+            for ticket in [t for t in self.crashes if t not in flight]:
+                del self.crashes[ticket]
 
 
 class _BatchRunner:
@@ -359,7 +359,7 @@ class _BatchRunner:
 class _SessionRunner:
     """Continuous batching on one slot: `advance` is the continuous executor's (its worker
     thread). Articles lost with a worker that died are admitted again on its replacement (once
-    each): `replay` holds what that takes."""
+    each), from the step's `in_flight`; `replay` holds the rest of what that takes."""
 
     def __init__(self, pool: WorkerPool, slot: Slot) -> None:
         self.pool = pool
@@ -367,36 +367,28 @@ class _SessionRunner:
         self.replay = SessionReplay(slot.index)
 
     def advance(self, step: StepIn) -> StepOut:
-        replay = self.replay
-        replay.forget(step.remove)
-        new = [a for a in step.admit if a.ticket not in step.remove]
-        try:
-            out, lost = self._step_on_a_live_worker(step, new)
-        except BaseException:
-            # Unavailable (stopping, crash loop) or a failed step: the executor fails every
-            # article it holds, so nothing here is held any more.
-            replay.clear()
-            raise
-        replay.settle(out)
+        self.replay.settle(step)
+        out, lost = self._step_on_a_live_worker(step)
         if lost:
             out = replace(out, failed=(*lost, *out.failed))
         return out
 
-    def _step_on_a_live_worker(self, step: StepIn, new: list[Admit]
-                               ) -> tuple[StepOut, list[StepFailure]]:
+    def _step_on_a_live_worker(self, step: StepIn) -> tuple[StepOut, list[StepFailure]]:
         """One step; a worker that dies under it is replaced and the step sent again, with
         what the lost session held. Returns the step's result and the articles failed for
         dying with a second worker."""
         slot, replay = self.slot, self.replay
         lost: list[StepFailure] = []
+        gone: set[int] = set()
+        sent = False
         while True:
             self.pool.claim(slot)
             try:
-                message, failures, replayed = replay.next_step(step, new, slot.process)
+                message, failures, replayed = replay.next_step(step, sent, gone, slot.process)
                 lost += failures
                 if replayed:
                     self.pool.count_retry()
-                new = []
+                sent = True
                 reply = slot.exchange(DecodeStep(message), "a decoding step",
                                       "the engine's decoding step")
                 assert isinstance(reply, Advanced), reply
@@ -404,7 +396,8 @@ class _SessionRunner:
             except _Died as death:
                 slot.lost()
                 log.warning("worker %d died during a decoding step holding %d articles (%s); "
-                            "replacing it", slot.index, len(replay.admitted), death.cause)
+                            "replacing it", slot.index, len(step.in_flight) - len(gone),
+                            death.cause)
                 self.pool.replaced(slot, death.cause)
             finally:
                 self.pool.released(slot)
