@@ -236,7 +236,9 @@ def test_budget_makes_articles_wait_and_refuses_one_that_can_never_fit(engines):
     requests = {t: request(engine, rng, num_beams=2, outputs=Outputs.SUMMARY,
                            summary_max_tokens=10) for t in range(4)}
     probe = session(engine)
-    one = max(probe._bytes(2, 11, 1, len(a.summary_ids)) for _, a in requests.values())
+    # 2 rows of up to 11 tokens and one source, per token of cache:
+    one = max((2 * 11 + len(a.summary_ids)) * probe.adapter.bytes_per_token()
+              for _, a in requests.values())
     sess = session(engine, budget_bytes=one * 2)  # room for about two at a time
     huge = request(engine, rng, num_beams=4, summary_max_tokens=200, summary_min_tokens=0)
     arrivals = {0: [Admit(t, p, a) for t, (p, a) in requests.items()] + [Admit(99, *huge)]}
@@ -527,7 +529,8 @@ def test_waiting_articles_are_admitted_most_urgent_class_first(engines):
     same = dict(summary_min_tokens=4, summary_max_tokens=4, num_beams=2, outputs=Outputs.SUMMARY)
     requests = {t: request(engine, rng, **same) for t in range(5)}
     probe = session(engine)
-    one = max(probe._bytes(2, 5, 1, len(a.summary_ids)) for _, a in requests.values())
+    one = max((2 * 5 + len(a.summary_ids)) * probe.adapter.bytes_per_token()
+              for _, a in requests.values())
     sess = session(engine, budget_bytes=one)
     classes = {0: 2, 1: 2, 2: 2, 3: 0, 4: 1}  # ticket -> class; 0 starts alone at once
     arrivals = {0: [Admit(0, *requests[0], priority=2)],

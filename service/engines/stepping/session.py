@@ -55,7 +55,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -71,6 +71,16 @@ log = logging.getLogger(__name__)
 OUTPUTS = ("summary", "headline")
 
 
+class _Reserve(NamedTuple):
+    """What a set of groups needs of the cache, padded: `rows` of `self_len` tokens of
+    self-attention, `sources` of `source_len` tokens of cross-attention."""
+
+    rows: int
+    self_len: int
+    sources: int
+    source_len: int
+
+
 @dataclass(eq=False)
 class _Article:
     ticket: int
@@ -78,8 +88,8 @@ class _Article:
     article: PreparedArticle
     inputs: dict[str, tuple[int, ...]]
     """Encoder input ids per output ("summary", "headline")."""
-    reserve: tuple[int, int, int, int]
-    """(rows, longest max length, sources, longest source) its groups need."""
+    reserve: _Reserve
+    """What its groups need of the cache."""
     order: tuple[int, int] = (1, 0)
     """Its place in the waiting line: (priority class, arrival number); smallest first."""
     groups: list[_Group] = field(default_factory=list)
@@ -135,8 +145,9 @@ class TorchSession:
     def rows(self) -> int:
         return self.running.rows
 
-    def _bytes(self, rows: int, self_len: int, sources: int, source_len: int) -> int:
-        return (rows * self_len + sources * source_len) * self.adapter.bytes_per_token()
+    def _bytes(self, need: _Reserve) -> int:
+        return ((need.rows * need.self_len + need.sources * need.source_len)
+                * self.adapter.bytes_per_token())
 
     def used_bytes(self) -> int:
         """What the running set may hold at most (its padded worst case)."""
@@ -156,7 +167,7 @@ class TorchSession:
                     failed.append(failure)
             started = time.perf_counter()
             waiting_before = len(self._waiting)
-            failed += self._admit(paused)
+            failed += self._encode_and_join(paused)
             paused_rows = sum(g.width for g in self.running.groups if g.article.ticket in paused)
             rows = self.rows - paused_rows
             if rows:
@@ -170,7 +181,7 @@ class TorchSession:
                        budget_bytes=self.budget_bytes, paused_rows=paused_rows,
                        encode_deferred=self._deferred)
 
-    # ----- joining -----
+    # ----- admission: queue (`StepIn.admit`), then encode and join when there is room -----
     def _queue(self, admit: Admit) -> StepFailure | None:
         params, article = admit.params, admit.article
         inputs = {}
@@ -184,9 +195,9 @@ class TorchSession:
         sources = len(set(inputs.values()))
         source = max((len(ids) for ids in inputs.values()), default=0)
         state = _Article(ticket=admit.ticket, params=params, article=article, inputs=inputs,
-                         reserve=(rows, longest, sources, source),
+                         reserve=_Reserve(rows, longest, sources, source),
                          order=(admit.priority, next(self._arrivals)))
-        need = self._bytes(rows, longest, sources, source)
+        need = self._bytes(state.reserve)
         if need > self.budget_bytes:
             return StepFailure(
                 admit.ticket, "too_large",
@@ -198,7 +209,7 @@ class TorchSession:
         bisect.insort(self._waiting, state, key=lambda a: a.order)
         return None
 
-    def _admit(self, paused: frozenset[int] = frozenset()) -> list[StepFailure]:
+    def _encode_and_join(self, paused: frozenset[int] = frozenset()) -> list[StepFailure]:
         """Encode and join waiting articles in line order (most urgent class first), skipping
         paused ones, while the budget has room and the encoder slice lasts."""
         joining: list[_Article] = []
@@ -221,7 +232,7 @@ class TorchSession:
             if article.ticket not in encoded:
                 continue
             try:
-                self._join(article, encoded[article.ticket])
+                self._join_groups(article, encoded[article.ticket])
             except Exception as error:  # noqa: BLE001 - this article fails alone
                 failed.append(_failure(article.ticket, error, "setting up"))
                 self._drop(article)
@@ -247,15 +258,15 @@ class TorchSession:
         return len(held)
 
     def _reserved_with(self, extra: list[_Article]) -> int:
-        rows, self_len, sources, source_len = 0, 0, 0, 0
+        """The cache the running set's articles and `extra` need together, padded."""
         articles = {id(g.article): g.article for g in self.running.groups}
         for a in extra:
             articles[id(a)] = a
-        for a in articles.values():
-            r, s, n, c = a.reserve
-            rows, self_len = rows + r, max(self_len, s)
-            sources, source_len = sources + n, max(source_len, c)
-        return self._bytes(rows, self_len, sources, source_len)
+        needs = [a.reserve for a in articles.values()]
+        return self._bytes(_Reserve(rows=sum(n.rows for n in needs),
+                                    self_len=max((n.self_len for n in needs), default=0),
+                                    sources=sum(n.sources for n in needs),
+                                    source_len=max((n.source_len for n in needs), default=0)))
 
     def _encode(self, articles: list[_Article]
                 ) -> tuple[dict[int, dict[tuple[int, ...], Source]], list[StepFailure]]:
@@ -299,7 +310,8 @@ class TorchSession:
                                  for row in article.inputs.values()}
                 for article in articles}
 
-    def _join(self, article: _Article, sources: dict[tuple, Source]) -> None:
+    def _join_groups(self, article: _Article, sources: dict[tuple, Source]) -> None:
+        """The article's groups join the running set, one per output, reading `sources`."""
         params = article.params
         # Groups that read the same source go next to each other (their rows are one
         # cross-attention call).
