@@ -8,7 +8,7 @@ set is empty. The time is split by wrapping the pieces (wall-clock, nested calls
 - linear: every linear layer (int8: quantising the activations, `torch._int_mm`, rescaling);
 - attention: `scaled_dot_product_attention` (self and cross) and the cross-attention gather;
 - search: the groups' beam/greedy bookkeeping (`Search.advance`, logits processors included);
-- cache: the session's self-attention cache work between steps (`_reorder`: beam reordering,
+- cache: the running set's self-attention cache work between steps (`after_step`: beam reordering,
   finished rows leaving, trimming) and `torch.cat` inside the step (appending the new column);
 - encode: admitting articles (encoder pass, cross-attention keys and values);
 - other: the rest of the step (embeddings, norms, residuals, masks, Python).
@@ -96,8 +96,8 @@ def instrument(clock: Clock, session: Any) -> Callable[[], None]:
                                   (search.Greedy, "advance", "search")):
         undo.append((owner, name, getattr(owner, name)))
         clock.wrap(owner, name, category)
-    clock.wrap(session, "_reorder", "cache")
-    clock.wrap(session, "_admit", "encode")
+    clock.wrap(session.running, "after_step", "cache")
+    clock.wrap(session, "_encode_and_join", "encode")
 
     def restore() -> None:
         for owner, name, original in undo:
