@@ -97,8 +97,23 @@ def test_stalled_half_sent_messages_are_bounded_by_default_and_given_back(serve:
         wait_until(lambda: server.rss_mib() - baseline > 250, timeout_s=10,
                    what="the stalled messages to be held")
         held = server.rss_mib() - baseline
-        assert (stall.opened, stall.held_back, stall.refused) == (20, 20, 0)
     peak = server.server_peak_mib() - baseline  # VmHWM: never read between two readings
+    assert held < 400 and peak < 400, (baseline, held, peak, stall)
+    assert (stall.opened, stall.held_back, stall.refused) == (20, 20, 0)
+    wait_until(lambda: server.rss_mib() - baseline < 150, timeout_s=10,
+               what="the memory of the dropped messages to be given back",
+               details=lambda: f"baseline {baseline:.0f} MiB, now {server.rss_mib():.0f} MiB")
+
+
+def test_over_several_connections_max_open_calls_bounds_them(serve: Serve) -> None:
+    """Over two connections the per-connection limit allows 40 stalled calls (+600 MiB): what
+    bounds them is --max-open-calls, which refuses calls past it before reading their message."""
+    server = serve("--workers", "0", "--max-open-calls", "20")
+    baseline = settled_rss(server)
+    with stalled(server, 20) as first, stalled(server, 20):
+        held = server.rss_mib() - baseline
+        assert first.opened == 20
+    peak = server.server_peak_mib() - baseline
     assert held < 400 and peak < 400, (baseline, held, peak)
     wait_until(lambda: server.rss_mib() - baseline < 150, timeout_s=10,
                what="the memory of the dropped messages to be given back",
