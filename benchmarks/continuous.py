@@ -202,6 +202,12 @@ class Server:
         self.channel = grpc.insecure_channel(target, options=[
             ("grpc.max_receive_message_length", 64 * 1024 * 1024)])
         self.stub = pb_grpc.SummarizerStub(self.channel)
+        # A connection of its own for interactive calls (mix.py), as the Python client keeps:
+        # calls past the server's --max-streams-per-connection wait inside the client.
+        self.interactive_channel = grpc.insecure_channel(target, options=[
+            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+            ("grpc.use_local_subchannel_pool", 1)])
+        self.interactive_stub = pb_grpc.SummarizerStub(self.interactive_channel)
         return self
 
     def __enter__(self) -> Server:
@@ -219,6 +225,7 @@ class Server:
         if kind is not None:  # the server's last words help more than the client's
             print("server log, last lines:\n" + "".join(self.log), file=sys.stderr, flush=True)
         self.channel.close()
+        self.interactive_channel.close()
         self.process.send_signal(signal.SIGTERM)
         try:
             self.process.wait(timeout=120)

@@ -8,8 +8,10 @@ Starts `summarizer serve` on a tiny random-weight BART (one worker process) and 
   and 20 s after.
 - `where` (alone): where that request's memory goes, step by step, in this process.
 - `stall`: 40 raw HTTP/2 streams (one connection) that each announce a 16 MB message, send
-  15 MB and stall; the resident set while they stall and 10 s after they disconnect. With
-  `--auth`, the server wants a bearer token and the streams send none.
+  15 MB and stall; the resident set while they stall and 10 s after they disconnect. Streams
+  past the server's per-connection limit are held back, or with `--connections N` go over up
+  to N connections, as a hostile client would. With `--auth`, the server wants a bearer token
+  and the streams send none.
 
     python benchmarks/hostile.py big stall
     python benchmarks/hostile.py stall --auth
@@ -147,19 +149,24 @@ def big(target: str, pid: int, articles: int, chars: int, window_chars: int) -> 
 
 
 def stall(host: str, port: int, pid: int, streams: int, announced_mib: int, sent_mib: int,
-          auth: bool) -> dict[str, object]:
+          auth: bool, max_connections: int = 1) -> dict[str, object]:
     """`streams` half-sent messages. When a connection's stream limit is reached, the rest go
-    over new connections, as a hostile client would."""
+    over new connections, up to `max_connections`; past that they are held back."""
     baseline = tree_rss_mib(pid)
     sampler = PeakSampler(pid)
     connections = [RawConnection(host, port, timeout_s=30)]
     frame = grpc_frame(b"\x0a" * (sent_mib * MIB), announced=announced_mib * MIB)
-    sent = cut_short = 0
+    connections[-1].receive(timeout_s=5)  # the server's SETTINGS (its stream limit)
+    sent = cut_short = held_back = 0
     for _ in range(streams):
         try:
             stream_id = connections[-1].open("/summarizer.v1.Summarizer/Summarize")
         except h2.exceptions.TooManyStreamsError:
+            if len(connections) == max_connections:
+                held_back += 1
+                continue
             connections.append(RawConnection(host, port, timeout_s=30))
+            connections[-1].receive(timeout_s=5)
             stream_id = connections[-1].open("/summarizer.v1.Summarizer/Summarize")
         done = connections[-1].send(stream_id, frame)
         sent += done
@@ -174,7 +181,7 @@ def stall(host: str, port: int, pid: int, streams: int, announced_mib: int, sent
     return {"scenario": "stall", "auth": auth, "streams": streams,
             "connections": len(connections), "announced_mib": announced_mib,
             "sent_mib_each": sent_mib, "mib_accepted_by_server": round(sent / MIB),
-            "streams_cut_short": cut_short,
+            "streams_cut_short": cut_short, "streams_held_back": held_back,
             "rss_baseline_mib": round(baseline), "rss_while_stalled_mib": round(stalled),
             "rss_peak_mib": round(peak), "rss_10s_after_disconnect_mib": round(after)}
 
@@ -237,9 +244,9 @@ def main() -> int:
                         help="what 'cut to the window beforehand' keeps of each article")
     parser.add_argument("--streams", type=int, default=40)
     parser.add_argument("--auth", action="store_true")
-    parser.add_argument("--streams-per-connection", type=int, default=16,
-                        help="the server's --max-streams-per-connection (0: gRPC's default); "
-                             "give 0 against a server without the flag")
+    parser.add_argument("--connections", type=int, default=1,
+                        help="stall: connections the streams may use (a new one when the "
+                             "server's stream limit is reached)")
     parser.add_argument("--server-arg", action="append", default=[],
                         help="more `summarizer serve` arguments (repeatable)")
     args = parser.parse_args()
@@ -251,8 +258,6 @@ def main() -> int:
         extra = ["--workers", "1", *args.server_arg]
         env_token = {"SUMMARIZER_AUTH_TOKEN": TOKEN} if args.auth else {}
         os.environ.update(env_token)
-        if args.streams_per_connection:
-            extra += ["--max-streams-per-connection", str(args.streams_per_connection)]
         process, target = start_server(model, extra)
         threading.Thread(target=lambda: [None for _ in process.stderr], daemon=True).start()
         host, _, port = target.rpartition(":")
@@ -263,7 +268,7 @@ def main() -> int:
                                  args.window_chars)
                 else:
                     report = stall(host, int(port), process.pid, args.streams, 16, 15,
-                                   args.auth)
+                                   args.auth, args.connections)
                 report["load_average"] = [round(x, 2) for x in os.getloadavg()]
                 print(json.dumps(report), flush=True)
         finally:

@@ -208,7 +208,7 @@ def run_config(name: str, model: Path, texts: Texts, args: argparse.Namespace,
     with server:
         warm_up(server, texts.interactive[0])
         # Unloaded latencies, each call alone.
-        alone = [Pending(server.stub, text, interactive_options, f"interactive{i}",
+        alone = [Pending(server.interactive_stub, text, interactive_options, f"interactive{i}",
                          **interactive_fields).wait()
                  for i, text in enumerate(texts.interactive)]
         check(alone, f"{name}: interactive calls alone")
@@ -248,7 +248,7 @@ def run_config(name: str, model: Path, texts: Texts, args: argparse.Namespace,
             if delay > 0:
                 time.sleep(delay)
             index = n % len(texts.interactive)
-            pendings.append((index, Pending(server.stub, texts.interactive[index],
+            pendings.append((index, Pending(server.interactive_stub, texts.interactive[index],
                                             interactive_options, f"interactive{n}",
                                             **interactive_fields)))
         delay = window_start + args.window_s - time.perf_counter()

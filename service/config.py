@@ -210,10 +210,13 @@ class Settings:
              "RESOURCE_EXHAUSTED at once (a call alone is always let in). The process holds "
              "about twice this at most (the text and the message it came in). 0: no limit.")
     max_streams_per_connection: int = _setting(
-        100, "Most calls open at once on one client connection (HTTP/2 "
-             "SETTINGS_MAX_CONCURRENT_STREAMS); gRPC clients queue the rest. Bounds what one "
-             "connection can make the server buffer: this many messages of up to "
-             "--max-message-bytes (see docs/input-limits.md). 0: gRPC's default (no limit).")
+        20, "Most calls open at once on one client connection (HTTP/2 "
+            "SETTINGS_MAX_CONCURRENT_STREAMS); gRPC clients queue the rest inside their "
+            "connection, in order, where priorities cannot reach them (the Python client sends "
+            "INTERACTIVE calls over a connection of their own). Bounds what one connection can "
+            "make the server buffer: this many half-sent messages of up to --max-message-bytes "
+            "(20 x 16 MiB = 320 MiB by default; see docs/input-limits.md). 0: gRPC's default "
+            "(no limit).")
     max_open_calls: int = _setting(
         0, "Most calls of any kind open at once (health checks included); past it gRPC "
            "refuses new calls with RESOURCE_EXHAUSTED before reading their message. Bounds what "

@@ -3,7 +3,10 @@ refused before its message is read. Real server processes, raw HTTP/2 (tests/raw
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import grpc
 import h2.exceptions
@@ -11,7 +14,8 @@ import pytest
 from summarizer_client.gen.summarizer.v1 import summarizer_pb2 as pb
 from summarizer_client.gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
 
-from .processes import MIB, SUMMARIZE, Serve
+from .conftest import wait_until
+from .processes import MIB, SUMMARIZE, Serve, ServerProcess
 from .rawh2 import RawConnection, grpc_frame
 
 TOKEN = "hostile-test-token"
@@ -33,32 +37,96 @@ def test_an_unauthenticated_call_is_refused_before_its_body_arrives(serve: Serve
         state.headers
 
 
-def test_stalled_half_sent_messages_are_bounded_and_given_back(serve: Serve) -> None:
-    """40 streams that each announce 16 MB, send 15 and stall, on one connection: a stream
-    limit of 16 holds the rest back, and the memory comes back after."""
-    server = serve("--workers", "0", "--max-streams-per-connection", "16")
-    time.sleep(1)
-    baseline = server.rss_mib()
+def settled_rss(server: ServerProcess) -> float:
+    """The resident set of the server once it stops moving (1 MiB or less between readings)."""
+    readings = [server.rss_mib()]
+
+    def steady() -> bool:
+        readings.append(server.rss_mib())
+        return abs(readings[-1] - readings[-2]) <= 1
+
+    wait_until(steady, timeout_s=30, interval_s=0.5, what="the server's memory to settle")
+    return readings[-1]
+
+
+@dataclass
+class Stall:
+    opened: int = 0
+    """calls opened (the server's stream limit let them)"""
+    held_back: int = 0
+    """calls that could not open: h2 keeps to the stream limit in the server's SETTINGS"""
+    cut_short: int = 0
+    """calls the server ended before their message was sent"""
+
+
+@contextlib.contextmanager
+def stalled(server: ServerProcess, calls: int) -> Iterator[Stall]:
+    """`calls` calls on one connection that each announce a 16 MB message, send 15 MB and
+    stall; the connection is dropped on leaving."""
     connection = RawConnection("127.0.0.1", server.port, timeout_s=30)
-    accepted = held_back = 0
+    stall = Stall()
     try:
+        connection.receive(timeout_s=5)  # the server's SETTINGS, its stream limit among them
         frame = grpc_frame(b"\x0a" * (15 * MIB), announced=16 * MIB)
-        for _ in range(40):
+        for _ in range(calls):
             try:
                 stream = connection.open(SUMMARIZE)
-            except h2.exceptions.TooManyStreamsError:  # the server's SETTINGS say so
-                held_back += 1
+            except h2.exceptions.TooManyStreamsError:
+                stall.held_back += 1
                 continue
-            accepted += connection.send(stream, frame) == len(frame)
-        stalled = server.rss_mib()
+            stall.opened += 1
+            stall.cut_short += connection.send(stream, frame) < len(frame)
+        yield stall
     finally:
         connection.close()
-    assert (accepted, held_back) == (16, 24)
-    assert stalled - baseline < 400, (baseline, stalled)
-    deadline = time.monotonic() + 15
-    while server.rss_mib() - baseline >= 150 and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert server.rss_mib() - baseline < 150, (baseline, stalled, server.rss_mib())
+
+
+def test_stalled_half_sent_messages_are_bounded_by_default_and_given_back(serve: Serve) -> None:
+    """Issue 24's target with the defaults: 40 calls that each announce 16 MB, send 15 MB and
+    stall, on one connection: the server's stream limit (20) holds half of them back, so it
+    holds under 400 MiB more while they stall, and under 150 MiB more 10 s after they go."""
+    server = serve("--workers", "0")
+    baseline = settled_rss(server)
+    with stalled(server, 40) as stall:
+        # The 20 messages are in the server's buffers (it takes them as fast as they come).
+        wait_until(lambda: server.rss_mib() - baseline > 250, timeout_s=10,
+                   what="the stalled messages to be held")
+        held = server.rss_mib() - baseline
+    peak = server.server_peak_mib() - baseline  # VmHWM: never read between two readings
+    assert held < 400 and peak < 400, (baseline, held, peak, stall)
+    assert (stall.opened, stall.held_back, stall.cut_short) == (20, 20, 0)
+    wait_until(lambda: server.rss_mib() - baseline < 150, timeout_s=10,
+               what="the memory of the dropped messages to be given back",
+               details=lambda: f"baseline {baseline:.0f} MiB, now {server.rss_mib():.0f} MiB")
+
+
+def test_over_several_connections_max_open_calls_bounds_them(serve: Serve) -> None:
+    """Over two connections the per-connection limit allows 40 stalled calls (+600 MiB): what
+    bounds them is --max-open-calls, which refuses calls past it before reading their message."""
+    server = serve("--workers", "0", "--max-open-calls", "20")
+    baseline = settled_rss(server)
+    with stalled(server, 20) as first, stalled(server, 20):
+        held = server.rss_mib() - baseline
+        assert first.opened == 20
+    peak = server.server_peak_mib() - baseline
+    assert held < 400 and peak < 400, (baseline, held, peak)
+    wait_until(lambda: server.rss_mib() - baseline < 150, timeout_s=10,
+               what="the memory of the dropped messages to be given back",
+               details=lambda: f"baseline {baseline:.0f} MiB, now {server.rss_mib():.0f} MiB")
+
+
+def test_stalled_messages_without_a_token_cost_next_to_nothing(serve: Serve) -> None:
+    """The same 40 stalled calls with bearer tokens on and no token sent: every call is refused
+    on its headers and the rest of its message dropped as it comes, so nothing is held."""
+    server = serve("--workers", "0", env={"SUMMARIZER_AUTH_TOKEN": TOKEN})
+    baseline = settled_rss(server)
+    with stalled(server, 40):
+        held = server.rss_mib() - baseline
+    peak = server.server_peak_mib() - baseline
+    assert held < 150 and peak < 400, (baseline, held, peak)
+    wait_until(lambda: server.rss_mib() - baseline < 150, timeout_s=10,
+               what="the memory to be given back",
+               details=lambda: f"baseline {baseline:.0f} MiB, now {server.rss_mib():.0f} MiB")
 
 
 def test_past_the_request_memory_budget_a_call_gets_resource_exhausted(serve: Serve) -> None:

@@ -228,16 +228,26 @@ def test_the_clients_and_the_cli_send_the_class(tmp_path: Path) -> None:
 
 async def test_overload_sheds_bulk_first_and_every_interactive_call_succeeds() -> None:
     """--max-queue 24: 64 concurrent BULK calls and 12 INTERACTIVE ones. Every interactive call
-    succeeds; a bulk call gets OK or RESOURCE_EXHAUSTED, nothing else."""
+    succeeds; a bulk call gets OK or RESOURCE_EXHAUSTED, nothing else.
+
+    The bulk calls come over 4 connections of 16 calls and the interactive ones over a fifth,
+    as from several clients (or the Python client, which keeps INTERACTIVE calls on a
+    connection of their own): the server allows --max-streams-per-connection (20) calls open
+    on one connection, and a client queues the rest inside its transport, where no priority
+    reaches them (tests/test_client.py checks the client)."""
     engine = FakeEngine()
     engine.hold = threading.Event()
     settings = BASE.replace(max_queue=24, max_articles_per_request=8, max_batch_size=4)
     async with serving(settings, lambda s: engine) as (server, channel):
-        stub = pb_grpc.SummarizerStub(channel)
+        target = f"127.0.0.1:{server.port}"
+        channels = [grpc.aio.insecure_channel(target, options=[
+            ("grpc.use_local_subchannel_pool", 1)]) for _ in range(5)]  # 5 connections
+        stubs = [pb_grpc.SummarizerStub(c) for c in channels]
 
         async def call(text: str, priority: int) -> grpc.StatusCode:
             message = request(text)
             message.priority = priority
+            stub = stubs[4] if priority == pb.PRIORITY_INTERACTIVE else stubs[int(text[-2:]) % 4]
             try:
                 await stub.Summarize(message, timeout=20)
             except grpc.aio.AioRpcError as error:
@@ -270,11 +280,39 @@ async def test_overload_sheds_bulk_first_and_every_interactive_call_succeeds() -
                       priority="bulk") == 12
         assert sample(server, "summarizer_priority_requests_total", method="Summarize",
                       priority="bulk", code="RESOURCE_EXHAUSTED") == 64 - held - 12
+        for each in channels:
+            await each.close()
     # The interactive articles ran before the bulk work still queued.
     texts = [t for batch in engine.batches[1:] for t in batch]
     last_urgent = max(i for i, t in enumerate(texts) if t.startswith("urgent"))
     first_bulk = min(i for i, t in enumerate(texts) if t.startswith("bulk"))
     assert last_urgent < first_bulk
+
+
+async def test_the_client_sends_interactive_calls_past_bulk_calls_waiting_for_a_stream() -> None:
+    """--max-streams-per-connection 2: four bulk calls fill the client's connection (two open,
+    held by the engine, two waiting inside the client's transport for a stream); an interactive
+    call from the same client still reaches the server's queue at once, over its own
+    connection."""
+    engine = FakeEngine()
+    engine.hold = threading.Event()
+    settings = BASE.replace(max_streams_per_connection=2, max_batch_size=1)
+    async with serving(settings, lambda s: engine) as (server, _):
+        batcher = server.core.batcher
+        async with AsyncSummarizerClient(f"127.0.0.1:{server.port}", timeout_s=20) as client:
+            bulk = [asyncio.ensure_future(client.summarize([(f"b{n}", f"bulk {n}")],
+                                                           priority="bulk"))
+                    for n in range(4)]
+            await until(lambda: batcher.running + batcher.queue_depth == 2,
+                        what="two bulk calls at the server")
+            urgent = asyncio.ensure_future(client.summarize([("u", "urgent")],
+                                                            priority="interactive"))
+            await until(lambda: batcher.queue_depth_of(INT) == 1, timeout_s=10,
+                        what="the interactive call at the server, the bulk ones still waiting")
+            assert batcher.running + batcher.queue_depth == 3  # 2 bulk still in the client
+            engine.hold.set()
+            assert [r.id for r in await asyncio.wait_for(urgent, 20)] == ["u"]
+            assert len(await asyncio.wait_for(asyncio.gather(*bulk), 20)) == 4
 
 
 # ----- seen from outside -----

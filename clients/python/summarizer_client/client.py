@@ -6,6 +6,10 @@
   server starting, draining or overloaded); never on INVALID_ARGUMENT, INTERNAL and the like.
   A call's `timeout_s` is its whole budget, retries included.
 - TLS, mutual TLS and bearer tokens.
+- INTERACTIVE calls go over connections of their own: a server allows a bounded number of calls
+  open at once on one connection (`--max-streams-per-connection`) and the client's transport
+  queues the rest, in order, where the server's priorities cannot reach them; so bulk calls
+  filling a connection never hold an interactive call back.
 - Many replicas behind one target: a gRPC target URI (`dns:///summarizer-headless:50051`,
   `ipv4:10.0.0.1:50051,10.0.0.2:50051`) is balanced `round_robin` over its addresses by
   default (`load_balancing="pick_first"` keeps to one), each call to the next ready replica.
@@ -196,11 +200,14 @@ def _remaining(deadline: float | None) -> float | None:
     return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
-def _channel_options(max_message_bytes: int, load_balancing: str = DEFAULT_LOAD_BALANCING
-                     ) -> list[tuple[str, object]]:
+def _channel_options(max_message_bytes: int, load_balancing: str = DEFAULT_LOAD_BALANCING,
+                     own_connections: bool = False) -> list[tuple[str, object]]:
+    """`own_connections`: the channel's connections are its own (gRPC otherwise shares one
+    connection among channels to the same address with the same options)."""
     return [("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.service_config", service_config(load_balancing))]
+            ("grpc.service_config", service_config(load_balancing)),
+            *([("grpc.use_local_subchannel_pool", 1)] if own_connections else [])]
 
 
 class _Pending:
@@ -303,10 +310,13 @@ class SummarizerClient(_ClientBase):
             target=target, timeout_s=timeout_s, retry=retry, tls=tls, ca_cert=ca_cert,
             client_cert=client_cert, client_key=client_key, token=token,
             max_message_bytes=max_message_bytes, load_balancing=load_balancing)
-        self._channel = open_channel(target, tls=tls, ca_cert=ca_cert, client_cert=client_cert,
-                                     client_key=client_key,
-                                     options=_channel_options(max_message_bytes, load_balancing))
+        self._channel, self._interactive_channel = (
+            open_channel(target, tls=tls, ca_cert=ca_cert, client_cert=client_cert,
+                         client_key=client_key,
+                         options=_channel_options(max_message_bytes, load_balancing, own))
+            for own in (False, True))  # a channel connects on its first call, not before
         self._stub = pb_grpc.SummarizerStub(self._channel)
+        self._interactive_stub = pb_grpc.SummarizerStub(self._interactive_channel)
 
     def __enter__(self) -> SummarizerClient:
         return self
@@ -316,6 +326,7 @@ class SummarizerClient(_ClientBase):
 
     def close(self) -> None:
         self._channel.close()
+        self._interactive_channel.close()
 
     def _with_retries(self, call: Callable[[float | None], T],
                       timeout_s: float | None) -> T:
@@ -338,9 +349,10 @@ class SummarizerClient(_ClientBase):
         `priority`: "interactive", "default" or "bulk" ("": the server's default for the
         token); see PRIORITIES."""
         request = _request(articles, options, priority_value(priority))
+        stub = self._interactive_stub if request.priority == pb.PRIORITY_INTERACTIVE else self._stub
         response = self._with_retries(
-            lambda remaining: self._stub.Summarize(request, timeout=remaining,
-                                                   metadata=self._metadata), timeout_s)
+            lambda remaining: stub.Summarize(request, timeout=remaining,
+                                             metadata=self._metadata), timeout_s)
         return [result_from_pb(r) for r in response.results]
 
     def summarize_batches(self, articles: Iterable[tuple[str, str]], batch_size: int,
@@ -406,10 +418,13 @@ class AsyncSummarizerClient(_ClientBase):
                  max_message_bytes: int = MAX_MESSAGE_BYTES,
                  load_balancing: str = DEFAULT_LOAD_BALANCING) -> None:
         super().__init__(timeout_s, retry, token)
-        self._channel = open_aio_channel(
-            target, tls=tls, ca_cert=ca_cert, client_cert=client_cert, client_key=client_key,
-            options=_channel_options(max_message_bytes, load_balancing))
+        self._channel, self._interactive_channel = (
+            open_aio_channel(target, tls=tls, ca_cert=ca_cert, client_cert=client_cert,
+                             client_key=client_key,
+                             options=_channel_options(max_message_bytes, load_balancing, own))
+            for own in (False, True))  # see SummarizerClient
         self._stub = pb_grpc.SummarizerStub(self._channel)
+        self._interactive_stub = pb_grpc.SummarizerStub(self._interactive_channel)
 
     async def __aenter__(self) -> AsyncSummarizerClient:
         return self
@@ -419,6 +434,7 @@ class AsyncSummarizerClient(_ClientBase):
 
     async def close(self) -> None:
         await self._channel.close()
+        await self._interactive_channel.close()
 
     async def _with_retries(self, call: Callable[[float | None], Awaitable[T]],
                             timeout_s: float | None) -> T:
@@ -437,9 +453,10 @@ class AsyncSummarizerClient(_ClientBase):
                         options: pb.GenerationOptions | None = None, *,
                         timeout_s: float | None = None, priority: str = "") -> list[Result]:
         request = _request(articles, options, priority_value(priority))
+        stub = self._interactive_stub if request.priority == pb.PRIORITY_INTERACTIVE else self._stub
         response = await self._with_retries(
-            lambda remaining: self._stub.Summarize(request, timeout=remaining,
-                                                   metadata=self._metadata), timeout_s)
+            lambda remaining: stub.Summarize(request, timeout=remaining,
+                                             metadata=self._metadata), timeout_s)
         return [result_from_pb(r) for r in response.results]
 
     async def summarize_many(self, articles: Iterable[tuple[str, str]] | AsyncIterable[
@@ -489,7 +506,9 @@ class AsyncSummarizerClient(_ClientBase):
         retries = 0
         try:
             while True:
-                call = self._stub.SummarizeStream(metadata=self._metadata)
+                stub = (self._interactive_stub if priority == pb.PRIORITY_INTERACTIVE
+                        else self._stub)
+                call = stub.SummarizeStream(metadata=self._metadata)
                 feeder = asyncio.ensure_future(_feed(call, pending, source, slots, options,
                                                      request_size, articles_per_stream,
                                                      priority))
