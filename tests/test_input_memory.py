@@ -4,7 +4,8 @@ refused before its message is read. Real server processes, raw HTTP/2 (tests/raw
 from __future__ import annotations
 
 import contextlib
-import time
+import re
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -133,7 +134,8 @@ def test_past_the_request_memory_budget_a_call_gets_resource_exhausted(serve: Se
     """--request-memory-mb 1: a 0.8 MB call in progress leaves no room for a 0.54 MB one; a
     small call and a call alone larger than the budget still go through."""
     server = serve("--worker-engine", "tests.worker_engines:slow", "--workers", "1",
-                   "--max-batch-size", "2", "--request-memory-mb", "1")
+                   "--max-batch-size", "2", "--request-memory-mb", "1", "--metrics-port", "-1")
+    metrics = server.wait_log(r"metrics on http://").split("metrics on ")[1].strip()
     options = pb.GenerationOptions(long_input=pb.LONG_INPUT_POLICY_TRUNCATE)
 
     def request(articles: int, chars: int) -> pb.SummarizeRequest:
@@ -143,7 +145,10 @@ def test_past_the_request_memory_budget_a_call_gets_resource_exhausted(serve: Se
     with grpc.insecure_channel(server.target) as channel:
         stub = pb_grpc.SummarizerStub(channel)
         big = stub.Summarize.future(request(20, 40_000), timeout=60)  # 10 batches of 0.3 s
-        time.sleep(0.5)  # the big call is in progress (it takes 3 s)
+        # The big call holds its text from the start; once its first batch is done it is in
+        # progress for 9 more (about 2.7 s).
+        wait_until(lambda: batches_done(metrics) >= 1, what="the big call's first batch")
+        assert not big.done()
         with pytest.raises(grpc.RpcError) as refused:
             stub.Summarize(request(6, 90_000), timeout=60)
         small = stub.Summarize(request(1, 1000), timeout=60)
@@ -152,3 +157,11 @@ def test_past_the_request_memory_budget_a_call_gets_resource_exhausted(serve: Se
     assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "--request-memory-mb" in refused.value.details()
     assert len(small.results) == 1 and len(alone.results) == 30
+
+
+def batches_done(metrics_url: str) -> float:
+    """How many batches the server has run (summarizer_batch_size_count from its /metrics)."""
+    with urllib.request.urlopen(metrics_url, timeout=10) as reply:
+        text = reply.read().decode()
+    match = re.search(r"^summarizer_batch_size_count ([0-9.e+]+)$", text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
