@@ -59,7 +59,7 @@ from ...domain import Generated, GenerationParams, PreparedArticle
 from ...errors import is_out_of_memory
 from ..protocol import Admit, StepFailure, StepIn, StepOut
 from .decoders import KV, Adapter, CrossLayout
-from .search import Search, hf_setup, new_search
+from .search import Search, advance_all, hf_setup, new_search
 
 log = logging.getLogger(__name__)
 
@@ -355,6 +355,9 @@ class TorchSession:
             stepping = self._stepping(paused)  # without the articles that failed
             if not stepping:
                 return failed
+        # Every stepping group's search at once (search.advance_all batches alike beam groups);
+        # a group whose own search raised gets its exception back.
+        outcomes = iter(advance_all([self.groups[i].search for i in stepping], logits))
         keep: list[torch.Tensor] = []  # rows of the next step, in order
         stepped: list[torch.Tensor] = []  # the same for the stepping rows, among themselves
         keep_groups: list[_Group] = []
@@ -367,11 +370,13 @@ class TorchSession:
                 keep_groups.append(group)
                 offset += group.width
                 continue
-            rows = slice(logit_offset, logit_offset + group.width)
             local = logit_offset
             logit_offset += group.width
+            outcome = next(outcomes)
             try:
-                tokens, parents = group.search.advance(logits[rows])
+                if isinstance(outcome, Exception):
+                    raise outcome
+                tokens, parents = outcome
                 if group.search.finished:
                     text = self._decode(group.search.result(), group.output)
             except Exception as error:  # noqa: BLE001 - this group's article fails alone
