@@ -17,7 +17,7 @@ from service.engines.stepping.search import advance_all, hf_setup, new_search
 from tests import test_continuous_exact as exact
 from tests.test_continuous_exact import check_exact, request, run, session
 
-engines, int8_engines, any_engines = exact.engines, exact.int8_engines, exact.any_engines
+engines = exact.engines
 
 
 def _searches(engine, options: list[dict]) -> list:
@@ -91,10 +91,12 @@ def test_alike_beam_groups_share_one_top_k_per_step(engines, monkeypatch):
     check_exact(engine, requests, results)
 
 
-def test_mixed_options_in_batches_are_token_exact(any_engines):
+def test_mixed_options_in_batches_are_token_exact(engines):
     """Option sets repeated over many articles (so batches form), joining at different steps
-    (so equal options at different lengths do not batch), float32 and int8."""
-    engine = any_engines["bart"]
+    (so equal options at different lengths do not batch). float32: the search-level test above
+    holds for any logits, int8 included; int8 sessions against int8 generate differ on their
+    own in rare near-ties (docs/int8-engine.md), batched or not."""
+    engine = engines["bart"]
     rng = random.Random(11)
     option_sets = [dict(num_beams=4, length_penalty=2.0), dict(num_beams=2),
                    dict(num_beams=4, no_repeat_ngram_size=2, summary_min_tokens=0)]
