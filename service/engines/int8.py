@@ -52,7 +52,9 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """int8 values and float32 scales [rows, 1] of a 2-D float tensor, one scale per row."""
     # Few passes over x (each op is a parallel region: they add up at decoding's small row
     # counts). max |x| / scale is 127 at most, so no clamp is needed before the cast.
-    scale = torch.linalg.vector_norm(x, float("inf"), dim=1, keepdim=True)
+    # abs().amax() rather than vector_norm(x, inf): the same (exact) maximum, 4-13x faster on
+    # this CPU (vector_norm's inf-norm kernel was 12% of an int8 decoding step).
+    scale = x.abs().amax(dim=1, keepdim=True)
     scale = scale.clamp_(min=_SMALLEST_SCALE).div_(127.0)
     return torch.div(x, scale).round_().to(torch.int8), scale
 
