@@ -93,7 +93,10 @@ def hf_setup(model: Any, config: Any, encoder_ids: torch.Tensor) -> Setup:
 class _MinLength:
     """transformers' MinLength/MinNewTokensLength processors with the same output, without their
     per-call `arange` + `isin` over the vocabulary and the copy once the minimum is reached:
-    per group and per step these small costs add up (generate pays them once per batch)."""
+    per group and per step these small costs add up (generate pays them once per batch).
+    It writes into `scores` instead of a copy ([rows, vocabulary] each step while the minimum is
+    not reached): the searches own the scores they pass (a log-softmax they computed, or the
+    group's own rows of the step's logits, read by nothing else)."""
 
     def __init__(self, min_length: int, skip: int, eos: torch.Tensor) -> None:
         self.min_length = min_length
@@ -102,7 +105,6 @@ class _MinLength:
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if input_ids.shape[-1] - self.skip < self.min_length:
-            scores = scores.clone()
             scores[:, self.eos] = -math.inf
         return scores
 
