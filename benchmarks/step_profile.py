@@ -84,6 +84,7 @@ def instrument(clock: Clock, session: Any) -> Callable[[], None]:
 
     from service.engines.int8 import Int8Linear
     from service.engines.stepping import decoders, search
+    from service.engines.stepping import session as session_module
 
     undo: list[tuple[Any, str, Any]] = []
     for owner, name, category in ((Int8Linear, "forward", "linear"),
@@ -93,7 +94,8 @@ def instrument(clock: Clock, session: Any) -> Callable[[], None]:
                                   (decoders.CrossLayout, "scatter", "attention"),
                                   (decoders, "_with_column", "cache"),
                                   (search.Beams, "advance", "search"),
-                                  (search.Greedy, "advance", "search")):
+                                  (search.Greedy, "advance", "search"),
+                                  (session_module, "advance_all", "search")):
         undo.append((owner, name, getattr(owner, name)))
         clock.wrap(owner, name, category)
     clock.wrap(session.running, "after_step", "cache")
@@ -106,8 +108,23 @@ def instrument(clock: Clock, session: Any) -> Callable[[], None]:
     return restore
 
 
-def run(model_dir: Path, compute_type: str, args: argparse.Namespace) -> dict[str, Any]:
+def _per_group(searches: list[Any], logits: torch.Tensor) -> list[Any]:
+    """search.advance_all without the batching: each group's search on its own rows."""
+    out, offset = [], 0
+    for search in searches:
+        try:
+            out.append(search.advance(logits[offset:offset + search.width]))
+        except Exception as error:  # noqa: BLE001 - as advance_all reports it
+            out.append(error)
+        offset += search.width
+    return out
+
+
+def run(model_dir: Path, compute_type: str, args: argparse.Namespace,
+        per_group: bool = False) -> dict[str, Any]:
     from throughput import make_articles
+
+    from service.engines.stepping import session as session_module
 
     from service.engines.torch_engine import TorchEngine
 
@@ -134,11 +151,14 @@ def run(model_dir: Path, compute_type: str, args: argparse.Namespace) -> dict[st
     engine.warmup()
     session = engine.open_session()
     clock = Clock()
+    batched = session_module.advance_all
+    if per_group:
+        session_module.advance_all = _per_group  # type: ignore[assignment]
     restore = instrument(clock, session)
     steps, rows = 0, 0
     profiler = (torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
                 if args.torch_profile else contextlib.nullcontext())
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     try:
         with profiler:
             out = session.advance(StepIn(admit=tuple(admits)))
@@ -148,11 +168,15 @@ def run(model_dir: Path, compute_type: str, args: argparse.Namespace) -> dict[st
                 out = session.advance(StepIn())
     finally:
         restore()
+        session_module.advance_all = batched  # type: ignore[assignment]
     wall = time.perf_counter() - started
+    cpu = time.process_time() - cpu_started
     measured = sum(clock.total.values())
     shares = dict(clock.total)
     shares["other"] = wall - measured
-    result = {"compute_type": compute_type, "wall_s": round(wall, 2), "steps": steps,
+    result = {"compute_type": compute_type,
+              "search": "per group" if per_group else "batched", "wall_s": round(wall, 2),
+              "cpu_s": round(cpu, 2), "steps": steps,
               "mean_rows": round(rows / max(steps, 1), 1),
               "ms_per_step": round(1000 * (wall - shares.get("encode", 0.0)) / max(steps, 1), 1),
               "seconds": {c: round(shares.get(c, 0.0), 2) for c in CATEGORIES},
@@ -177,6 +201,9 @@ def main() -> int:
     parser.add_argument("--num-beams", type=int, default=4)
     parser.add_argument("--outputs", choices=("summary", "both"), default="both")
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--per-group-search", action="store_true",
+                        help="also run each compute type with every group's search advanced "
+                             "on its own (the step before search.advance_all batched them)")
     parser.add_argument("--torch-profile", action="store_true",
                         help="also print torch.profiler's top operators (slows the run)")
     parser.add_argument("--cache", type=Path, default=Path(".bench-cache"))
@@ -189,10 +216,12 @@ def main() -> int:
           f"(or {args.summary_tokens // 2}) + {args.headline_tokens} tokens; load average "
           f"{os.getloadavg()}", flush=True)
     results = []
-    for compute_type in args.compute_types:
-        result = run(model_dir, compute_type, args)
+    variants = [False, True] if args.per_group_search else [False]
+    for compute_type, per_group in [(c, v) for c in args.compute_types for v in variants]:
+        result = run(model_dir, compute_type, args, per_group)
         results.append(result)
-        print(f"\n{compute_type}: {result['wall_s']} s, {result['steps']} steps of "
+        print(f"\n{compute_type}, search {result['search']}: {result['wall_s']} s "
+              f"({result['cpu_s']} CPU-s), {result['steps']} steps of "
               f"{result['mean_rows']} rows on average, {result['ms_per_step']} ms per step "
               "(encoding apart)")
         for category in CATEGORIES:

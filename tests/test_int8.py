@@ -19,7 +19,7 @@ from torch import nn
 
 from service.config import Settings
 from service.engines import int8
-from service.engines.int8 import Int8Linear, quantize_linears
+from service.engines.int8 import Int8Embedding, Int8Linear, quantize_model
 from service.engines.tiny import build_checkpoint
 from service.engines.torch_engine import TorchEngine
 
@@ -97,9 +97,15 @@ def test_every_linear_layer_is_int8_the_head_included(converted, tiny_bart):
     assert "lm_head" in linear_names
     assert int8_names == linear_names
     assert not any(type(m) is nn.Linear for m in model.modules())
-    # The embedding stays float32 and stays shared between encoder and decoder.
-    assert model.model.shared.weight.dtype == torch.float32
-    assert model.get_encoder().embed_tokens.weight is model.get_decoder().embed_tokens.weight
+    # The embeddings tied to the head read the head's int8 matrix and scales: the vocabulary
+    # matrix is held once, in int8, shared by encoder, decoder and head.
+    for embedding in (model.model.shared, model.get_encoder().embed_tokens,
+                      model.get_decoder().embed_tokens):
+        assert isinstance(embedding, Int8Embedding)
+        assert embedding.weight is model.lm_head.weight
+        assert embedding.weight_scale is model.lm_head.weight_scale
+    assert not any(p.dtype == torch.float32 and p.shape[0] == model.config.vocab_size
+                   for p in model.parameters())
     assert converted.can_step
 
 
@@ -109,8 +115,9 @@ def test_the_converted_checkpoint_round_trips_exactly(converted, tiny_bart):
     from transformers import AutoModelForSeq2SeqLM
 
     reference = AutoModelForSeq2SeqLM.from_pretrained(tiny_bart).eval()
-    assert quantize_linears(reference) == sum(isinstance(m, Int8Linear)
-                                              for m in converted.summary.model.modules())
+    linears, embeddings = quantize_model(reference)
+    assert linears == sum(isinstance(m, Int8Linear) for m in converted.summary.model.modules())
+    assert embeddings >= 1
     ids = torch.tensor([[0, 45, 91, 12, 7, 2], [0, 33, 5, 2, 1, 1]])
     mask = (ids != 1).long()
     decoder = torch.tensor([[2, 0, 55], [2, 0, 9]])

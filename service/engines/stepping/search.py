@@ -13,6 +13,13 @@ transformers' own, so a group's tokens equal `generate` run on that request alon
   exactly the pinned version's (transformers #20901 describes how they differ between versions);
 - greedy follows `generate`'s greedy path: processors on the raw logits, then argmax.
 
+A step advances all groups at once (`advance_all`): beam groups with the same beam count, length,
+max length and scoring options (`Beams.key`) go through those helpers as one batch, as `generate`
+steps a batch of articles (one log-softmax, one top-k, one pass of the bookkeeping instead of one
+per group); every operation is row-wise, so each group gets exactly what it gets alone
+(tests/test_search_batched.py). Each group's own logits processors and stopping criteria still
+run on its own rows.
+
 These are private helpers of transformers; the exactness tests (tests/test_continuous_exact.py)
 catch a version that changes them.
 """
@@ -86,7 +93,10 @@ def hf_setup(model: Any, config: Any, encoder_ids: torch.Tensor) -> Setup:
 class _MinLength:
     """transformers' MinLength/MinNewTokensLength processors with the same output, without their
     per-call `arange` + `isin` over the vocabulary and the copy once the minimum is reached:
-    per group and per step these small costs add up (generate pays them once per batch)."""
+    per group and per step these small costs add up (generate pays them once per batch).
+    It writes into `scores` instead of a copy ([rows, vocabulary] each step while the minimum is
+    not reached): the searches own the scores they pass (a log-softmax they computed, or the
+    group's own rows of the step's logits, read by nothing else)."""
 
     def __init__(self, min_length: int, skip: int, eos: torch.Tensor) -> None:
         self.min_length = min_length
@@ -95,7 +105,6 @@ class _MinLength:
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if input_ids.shape[-1] - self.skip < self.min_length:
-            scores = scores.clone()
             scores[:, self.eos] = -math.inf
         return scores
 
@@ -182,54 +191,148 @@ class Beams(Search):
         self.indices = self.running_indices.clone()
         self.length = 1
 
+    def key(self) -> tuple[Any, ...]:
+        """Groups with equal keys advance as one batch (`advance_all`): the same beam count,
+        length, max length and scoring options, so transformers' helpers take them as a batch."""
+        return (self.width, self.beams_to_keep, self.length, self.setup.max_length,
+                self.length_penalty, self.early_stopping, str(self.running.device))
+
     def advance(self, logits):
-        m = self.model
-        beams = self.width
-        cur_len = self.length
-        flat = self.running[0, :, :cur_len]
-        log_probs = nn.functional.log_softmax(logits, dim=-1)
-        log_probs = self.setup.processors(flat, log_probs)
-        log_probs = log_probs.reshape(1, beams, -1) + self.running_scores[:, :, None]
-        log_probs = log_probs.reshape(1, -1)
-        topk_log_probs, topk_running, topk_indices = m._get_top_k_continuations(
-            accumulated_log_probs=log_probs, running_sequences=self.running,
-            running_beam_indices=self.running_indices, cur_len=cur_len, decoder_prompt_len=1,
-            do_sample=False, beams_to_keep=self.beams_to_keep, num_beams=beams, batch_size=1)
-        hits = self.setup.stopping(topk_running[0, :, :cur_len + 1], None)
-        self.hits = hits.reshape(1, self.beams_to_keep)
-        self.running, self.running_scores, self.running_indices = (
-            m._get_running_beams_for_next_iteration(
-                topk_log_probs=topk_log_probs, topk_running_sequences=topk_running,
-                topk_running_beam_indices=topk_indices,
-                next_token_hits_stopping_criteria=self.hits, num_beams=beams))
-        self.sequences, self.scores, self.indices, self.is_finished = m._update_finished_beams(
-            sequences=self.sequences, topk_running_sequences=topk_running,
-            beam_scores=self.scores, topk_log_probs=topk_log_probs, beam_indices=self.indices,
-            topk_running_beam_indices=topk_indices,
-            is_early_stop_heuristic_unsatisfied=self.improvable,
-            is_sent_finished=self.is_finished, next_token_hits_stopping_criteria=self.hits,
-            top_num_beam_mask=self.top_mask, num_beams=beams, cur_len=cur_len,
-            decoder_prompt_len=1, length_penalty=self.length_penalty,
-            early_stopping=self.early_stopping)
-        parents = self.running_indices[0, :, cur_len - 1].long()
-        tokens = self.running[0, :, cur_len]
-        self.length = cur_len = cur_len + 1
-        self.improvable = m._check_early_stop_heuristic(
-            is_early_stop_heuristic_unsatisfied=self.improvable,
-            running_beam_scores=self.running_scores, beam_scores=self.scores,
-            is_sent_finished=self.is_finished, cur_len=cur_len,
-            max_length=self.setup.max_length, decoder_prompt_len=1,
-            early_stopping=self.early_stopping, length_penalty=self.length_penalty)
-        going = m._beam_search_has_unfinished_sequences(
-            self.improvable, self.is_finished, self.hits, self.early_stopping)
-        # generate's loop also ends at max_length (its `_has_unfinished_sequences` with the
-        # stopping criteria); the hits above carry it.
-        self.finished = not bool(going) or cur_len >= self.setup.max_length
-        return tokens, parents
+        return _advance_beams([self], nn.functional.log_softmax(logits, dim=-1))[0]
 
     def result(self):
         generated = int(((self.indices[0, 0] + 1).bool()).sum())
         return self.sequences[0, 0, :1 + generated].tolist()
+
+
+def _advance_beams(batch: list[Beams], log_probs: torch.Tensor
+                   ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One step of several beam groups with equal `Beams.key()`, as transformers' vectorised
+    beam search steps a batch: `log_probs` [groups x beams, vocab] (the log-softmax of their
+    logits, which this overwrites), the groups' rows one after the other. Every operation is
+    row-wise (top-k per group, gathers), so each group gets what it gets as a batch of one.
+    The groups' state is replaced only once everything has been computed: if this raises, no
+    group has moved."""
+    first = batch[0]
+    m = first.model
+    beams, keep, cur_len = first.width, first.beams_to_keep, first.length
+    size = len(batch)
+    for g, search in enumerate(batch):
+        part = log_probs[g * beams:(g + 1) * beams]
+        scored = search.setup.processors(search.running[0, :, :cur_len], part)
+        if scored is not part:
+            part.copy_(scored)
+
+    def cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(tensors) if size > 1 else tensors[0]
+
+    running = cat([s.running for s in batch])
+    running_scores = cat([s.running_scores for s in batch])
+    running_indices = cat([s.running_indices for s in batch])
+    log_probs = log_probs.view(size, beams, -1).add_(running_scores[:, :, None])
+    topk_log_probs, topk_running, topk_indices = m._get_top_k_continuations(
+        accumulated_log_probs=log_probs.view(size, -1), running_sequences=running,
+        running_beam_indices=running_indices, cur_len=cur_len, decoder_prompt_len=1,
+        do_sample=False, beams_to_keep=keep, num_beams=beams, batch_size=size)
+    if size > 1:
+        # transformers numbers beams across the batch (group g's beam b is g * beams + b);
+        # a group's own numbering is the batch-of-one one.
+        offsets = torch.arange(size, device=log_probs.device)[:, None] * beams
+        topk_indices[:, :, cur_len - 1] -= offsets.to(topk_indices.dtype)
+    hits = torch.cat([s.setup.stopping(topk_running[g, :, :cur_len + 1], None)
+                      .reshape(1, keep) for g, s in enumerate(batch)])
+    new_running, new_running_scores, new_running_indices = (
+        m._get_running_beams_for_next_iteration(
+            topk_log_probs=topk_log_probs, topk_running_sequences=topk_running,
+            topk_running_beam_indices=topk_indices,
+            next_token_hits_stopping_criteria=hits, num_beams=beams))
+    improvable = cat([s.improvable for s in batch])
+    sequences, scores, indices, is_finished = m._update_finished_beams(
+        sequences=cat([s.sequences for s in batch]), topk_running_sequences=topk_running,
+        beam_scores=cat([s.scores for s in batch]), topk_log_probs=topk_log_probs,
+        beam_indices=cat([s.indices for s in batch]),
+        topk_running_beam_indices=topk_indices,
+        is_early_stop_heuristic_unsatisfied=improvable,
+        is_sent_finished=cat([s.is_finished for s in batch]),
+        next_token_hits_stopping_criteria=hits, top_num_beam_mask=first.top_mask,
+        num_beams=beams, cur_len=cur_len, decoder_prompt_len=1,
+        length_penalty=first.length_penalty, early_stopping=first.early_stopping)
+    parents = new_running_indices[:, :, cur_len - 1].long()
+    tokens = new_running[:, :, cur_len]
+    improvable = m._check_early_stop_heuristic(
+        is_early_stop_heuristic_unsatisfied=improvable,
+        running_beam_scores=new_running_scores, beam_scores=scores,
+        is_sent_finished=is_finished, cur_len=cur_len + 1,
+        max_length=first.setup.max_length, decoder_prompt_len=1,
+        early_stopping=first.early_stopping, length_penalty=first.length_penalty)
+    # transformers' `_beam_search_has_unfinished_sequences`, per group instead of for the
+    # whole batch: (a) improvement possible, (b) an open beam (with early_stopping=True),
+    # (c) a continuation that does not hit the stopping criteria.
+    going = (improvable.any(dim=-1)
+             & ~(is_finished.all(dim=-1) & (first.early_stopping is True))
+             & ~hits.all(dim=-1)).tolist()
+    # generate's loop also ends at max_length (its `_has_unfinished_sequences` with the
+    # stopping criteria); the hits above carry it.
+    at_end = cur_len + 1 >= first.setup.max_length
+    out = []
+    for g, search in enumerate(batch):
+        here = slice(g, g + 1)
+        search.running, search.running_scores = new_running[here], new_running_scores[here]
+        search.running_indices = new_running_indices[here]
+        search.sequences, search.scores = sequences[here], scores[here]
+        search.indices, search.is_finished = indices[here], is_finished[here]
+        search.improvable, search.hits = improvable[here], hits[here]
+        search.length = cur_len + 1
+        search.finished = not going[g] or at_end
+        out.append((tokens[g], parents[g]))
+    return out
+
+
+Outcome = tuple[torch.Tensor, torch.Tensor] | Exception
+
+
+def advance_all(searches: list[Search], logits: torch.Tensor) -> list[Outcome]:
+    """Advance every group of a step: `logits` holds their rows one group after the other, in
+    the order of `searches`. Beam groups with equal keys advance as one batch (one log-softmax,
+    one top-k, one pass of transformers' beam helpers instead of one per group), each with the
+    result it gets alone; greedy groups one at a time. Returns, per group, its (next tokens,
+    parents) or the exception its own search raised: when a batch raises, its groups advance
+    one at a time again so that only the group that fails alone fails."""
+    outcomes: list[Outcome | None] = [None] * len(searches)
+    rows: list[slice] = []
+    offset = 0
+    batches: dict[tuple[Any, ...], list[int]] = {}
+    for i, search in enumerate(searches):
+        rows.append(slice(offset, offset + search.width))
+        offset += search.width
+        if isinstance(search, Beams):
+            batches.setdefault(search.key(), []).append(i)
+        else:
+            batches[("alone", i)] = [i]
+    for members in batches.values():
+        if len(members) > 1:
+            try:
+                start, stop = rows[members[0]].start, rows[members[-1]].stop
+                if stop - start == sum(searches[i].width for i in members):  # contiguous
+                    chosen = logits[start:stop]
+                else:
+                    index = torch.cat([torch.arange(rows[i].start, rows[i].stop)
+                                       for i in members]).to(logits.device)
+                    chosen = logits.index_select(0, index)
+                batched = _advance_beams([searches[i] for i in members],  # type: ignore[misc]
+                                         nn.functional.log_softmax(chosen, dim=-1))
+            except Exception:  # noqa: BLE001 - found below, one group at a time
+                log.debug("batched beam step failed; advancing its groups one at a time")
+            else:
+                for i, outcome in zip(members, batched):
+                    outcomes[i] = outcome
+                continue
+        for i in members:
+            try:
+                outcomes[i] = searches[i].advance(logits[rows[i]])
+            except Exception as error:  # noqa: BLE001 - this group's article fails alone
+                outcomes[i] = error
+    return outcomes  # type: ignore[return-value]
 
 
 def new_search(setup: Setup, model: Any, device: Any) -> Search:

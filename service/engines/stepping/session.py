@@ -64,7 +64,7 @@ from ...errors import is_out_of_memory
 from ..protocol import Admit, StepFailure, StepIn, StepOut
 from .decoders import KV, Adapter
 from .running import RunningSet, Source
-from .search import Search, hf_setup, new_search
+from .search import Search, advance_all, hf_setup, new_search
 
 log = logging.getLogger(__name__)
 
@@ -403,16 +403,21 @@ class TorchSession:
         kept: dict[int, torch.Tensor | None] = {}
         broken: set[int] = set()
         failed: list[StepFailure] = []
-        chosen = set(stepping)
-        offset = 0  # the paused groups have no logits
-        for i, group in enumerate(self.running.groups):
-            if i not in chosen:  # sits this step out: rows kept as they are
+        groups = self.running.groups
+        # Every stepping group's search at once (search.advance_all batches alike beam groups;
+        # the logits are the stepping groups' rows in order); a group whose own search raised
+        # gets its exception back.
+        outcomes = dict(zip(stepping, advance_all([groups[i].search for i in stepping], logits),
+                            strict=True))
+        for i, group in enumerate(groups):
+            if i not in outcomes:  # sits this step out: rows kept as they are
                 kept[i] = None
                 continue
-            rows = slice(offset, offset + group.width)
-            offset += group.width
+            outcome = outcomes[i]
             try:
-                tokens, parents = group.search.advance(logits[rows])
+                if isinstance(outcome, Exception):
+                    raise outcome
+                tokens, parents = outcome
                 if group.search.finished:
                     text = self._decode(group.search.result(), group.output)
             except Exception as error:  # noqa: BLE001 - this group's article fails alone
@@ -425,7 +430,6 @@ class TorchSession:
                 group.tokens = tokens
                 kept[i] = parents
         # Groups of an article that failed leave with it.
-        groups = self.running.groups
         return ({i: p for i, p in kept.items() if id(groups[i].article) not in broken},
                 broken, failed)
 
