@@ -121,7 +121,7 @@ def test_a_batch_that_raises_fails_only_the_group_that_raises_alone(engines, mon
                 for t in range(4)}
     sess = session(engine)
     sess.advance(StepIn(admit=tuple(Admit(t, p, a) for t, (p, a) in requests.items())))
-    victim = next(g for g in sess.groups if g.article.ticket == 1)
+    victim = next(g for g in sess.running.groups if g.article.ticket == 1)
     processors = victim.search.setup.processors
 
     def boom(input_ids, scores):
