@@ -18,7 +18,7 @@ from service.domain import Generated, Priority
 from service.engines.protocol import Admit, StepIn, StepOut
 from service.errors import QueueFull
 from service.serving.batcher import Batcher, DropReason, Job
-from service.serving.policy import SchedulingPolicy
+from service.serving.policy import Room, SchedulingPolicy
 
 from .test_batcher import FakeRunBatch, until
 
@@ -238,11 +238,15 @@ class ClassedSession:
     """A decoding session that obeys the whole StepIn contract: it admits waiting articles most
     urgent class first (then in the order given) while fewer than `room` are active; each
     decodes `steps` steps; paused tickets sit a step out (kept as they are). Records each step's
-    stepped and paused tickets. `hold` blocks every step until set."""
+    stepped and paused tickets. `hold` blocks every step until set. With `costs` (seconds per
+    stepping ticket, by class), each step moves the fake clock `now` on by its rows' cost."""
 
-    def __init__(self, room: int = 100, steps: int = 3) -> None:
+    def __init__(self, room: int = 100, steps: int = 3,
+                 costs: dict[Priority, float] | None = None) -> None:
         self.room = room
         self.steps = steps
+        self.costs = costs
+        self.now = [0.0]
         self.waiting: list[Admit] = []
         self.active: dict[int, tuple[Admit, int]] = {}
         self.stepped: list[tuple[int, ...]] = []
@@ -275,6 +279,8 @@ class ClassedSession:
         stepping = [t for t in self.active if t not in step.pause]
         self.stepped.append(tuple(stepping))
         self.paused.append(tuple(t for t in self.active if t in step.pause))
+        if self.costs is not None:
+            self.now[0] += sum(self.costs[Priority(self.priority_of[t])] for t in stepping)
         done = []
         for ticket in stepping:
             admit, left = self.active[ticket]
@@ -357,11 +363,15 @@ async def test_take_ready_keeps_interactive_headroom_within_its_total():
     queue.close()
 
 
-@pytest.mark.parametrize("bound", [2, 4])
-async def test_bulk_articles_pause_while_interactive_ones_decode_but_never_starve(bound):
-    session = ClassedSession(steps=12)
+@pytest.mark.parametrize("share", [0.25, 0.5])
+async def test_bulk_sits_out_beside_interactive_work_until_its_share_of_the_time_is_due(share):
+    """Less urgent work's turn comes by time, not by a count of steps: a step of the whole set
+    costs many interactive ones, so bulk sits out until the steps it sat out took
+    (1 - share) / share times its last step, then decodes one step (no starvation: it gets
+    `share` of the decoding time). Old code: a bulk step every `starvation_bound`-th step."""
+    session = ClassedSession(steps=40, costs={INT: 1.0, BLK: 3.0})
     session.hold = threading.Event()
-    batcher = await continuous(session, starvation_bound=bound)
+    batcher = await continuous(session, paused_share=share, clock=lambda: session.now[0])
     try:
         bulk = batcher.submit(texts("b1", priority=BLK))
         await asyncio.wait_for(asyncio.to_thread(session.started.wait, WAIT_S), WAIT_S)
@@ -373,15 +383,54 @@ async def test_bulk_articles_pause_while_interactive_ones_decode_but_never_starv
     [b1] = [t for t, p in session.priority_of.items() if p == BLK]
     [i1] = [t for t, p in session.priority_of.items() if p == INT]
     together = [n for n, s in enumerate(session.stepped) if i1 in s or i1 in session.paused[n]]
-    assert together, "the interactive article decoded"
     assert all(i1 in session.stepped[n] for n in together), "interactive never paused"
-    pattern = [b1 in session.stepped[n] for n in together]
-    # The bulk article sat out steps beside interactive work, but stepped at least once in
-    # every `bound` steps in a row.
-    assert not all(pattern)
-    runs = "".join("x" if stepped else "." for stepped in pattern).split("x")
-    assert max(len(run) for run in runs) == bound - 1
-    assert batcher.stats.paused_steps_by_priority[BLK] == pattern.count(False)
+    runs = "".join("x" if b1 in session.stepped[n] else "." for n in together).split("x")
+    # Before i1 came, b1's steps cost 3 s: it sits out 3 x (1 - share) / share s of 1-s steps;
+    # after each turn beside i1 (3 + 1 s) it sits out 4 x (1 - share) / share s.
+    ratio = (1 - share) / share
+    assert [len(run) for run in runs[:3]] == [3 * ratio, 4 * ratio, 4 * ratio]
+    time_bulk = sum(3.0 + 1.0 for n in together if b1 in session.stepped[n])
+    time_all = sum(4.0 if b1 in session.stepped[n] else 1.0 for n in together)
+    assert time_bulk / time_all >= share * 0.9
+    assert batcher.stats.paused_steps_by_priority[BLK] == sum(len(run) for run in runs)
+
+
+async def test_bulk_joins_only_on_its_turn_while_it_sits_out_beside_interactive_work():
+    """While bulk sits steps out, bulk articles arriving are not admitted to the session (they
+    would wait there, paused, and be encoded in the step that ends the pause, making it longer);
+    they join on bulk's turn. Old code: admitted at once, paused while waiting."""
+    session = ClassedSession(steps=30, costs={INT: 1.0, BLK: 3.0})
+    session.hold = threading.Event()
+    batcher = await continuous(session, paused_share=0.25, clock=lambda: session.now[0])
+    try:
+        first = batcher.submit(texts("b1", priority=BLK))
+        await asyncio.wait_for(asyncio.to_thread(session.started.wait, WAIT_S), WAIT_S)
+        urgent = batcher.submit(texts("i1", priority=INT))
+        session.hold.set()
+        await until(lambda: any(session.paused), WAIT_S)
+        late = batcher.submit(texts("b2", priority=BLK))
+        await asyncio.wait_for(asyncio.gather(*first, *urgent, *late), WAIT_S)
+    finally:
+        await batcher.stop(timeout_s=WAIT_S)
+    [b2] = [t for t, p in session.priority_of.items() if p == BLK and t != 0]
+    joined = next(n for n, admits in enumerate(session.admits) if BLK in admits and n > 0)
+    assert session.paused[joined - 1], "b2 arrived while bulk sat out"
+    assert not session.paused[joined], "b2 joined on bulk's turn, not paused"
+    assert b2 in session.stepped[joined]
+
+
+def test_the_pause_rule_by_time():
+    policy = SchedulingPolicy(max_batch_size=8, share_keys=True, paused_share=0.2)
+    held = {1: INT, 2: BLK, 3: DEF}
+    assert policy.pauses(held, sat_out_s=0.0, turn_s=1.0) == (2, 3)
+    assert policy.pauses(held, sat_out_s=3.9, turn_s=1.0) == (2, 3)
+    assert policy.pauses(held, sat_out_s=4.0, turn_s=1.0) == ()  # (1 - 0.2) / 0.2 x 1 s
+    assert policy.pauses({2: BLK}, sat_out_s=0.0, turn_s=1.0) == ()
+    assert SchedulingPolicy(max_batch_size=8, paused_share=1.0).pauses(held, 0.0, 1.0) == ()
+    assert SchedulingPolicy(max_batch_size=8, starvation_bound=1).pauses(held, 0.0, 1.0) == ()
+    # While less urgent work sits out, only interactive work is admitted.
+    assert policy.room([INT, BLK], 4, 0, pausing=True) == Room(any=0, interactive=2)
+    assert policy.room([INT, BLK], 4, 0) == Room(any=2, interactive=2)
 
 
 @pytest.mark.parametrize("with_interactive", [True, False])
@@ -389,7 +438,7 @@ async def test_bulk_articles_join_a_few_per_step_while_interactive_work_is_about
         with_interactive):
     session = ClassedSession(steps=2)
     session.hold = threading.Event()
-    batcher = await continuous(session, small_bulk_batch=2)
+    batcher = await continuous(session, small_bulk_batch=4, bulk_joins_per_step=2)
     try:
         first = batcher.submit(texts("i1" if with_interactive else "d1",
                                      priority=INT if with_interactive else DEF))
@@ -400,7 +449,8 @@ async def test_bulk_articles_join_a_few_per_step_while_interactive_work_is_about
     finally:
         await batcher.stop(timeout_s=WAIT_S)
     per_step = [admits.count(BLK) for admits in session.admits if BLK in admits]
-    # An interactive article arrived lately: the bulk encodings are sliced, two per step.
+    # An interactive article arrived lately: the bulk encodings are sliced, two per step
+    # (`bulk_joins_per_step`; `small_bulk_batch` is static batching's).
     assert per_step == ([2, 2, 2] if with_interactive else [6])
 
 
@@ -420,6 +470,10 @@ def test_the_policy_validates_its_settings():
         SchedulingPolicy(max_batch_size=1, starvation_bound=0)
     with pytest.raises(ValueError, match="negative"):
         SchedulingPolicy(max_batch_size=1, small_bulk_batch=-1)
+    with pytest.raises(ValueError, match="negative"):
+        SchedulingPolicy(max_batch_size=1, bulk_joins_per_step=-1)
+    with pytest.raises(ValueError, match="paused_share"):
+        SchedulingPolicy(max_batch_size=1, paused_share=0)
 
 
 # ----- everything at once: mixed classes under check_invariants -----
