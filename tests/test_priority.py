@@ -306,6 +306,26 @@ def texts(*names: str, priority: Priority) -> list[Job]:
     return [Job(name, key="p", cost=len(name), priority=priority) for name in names]
 
 
+async def test_bulk_articles_never_join_in_the_step_interactive_ones_join():
+    """A bulk article's encoding would lengthen the step in which an interactive article is
+    encoded and joins: queued side by side, the interactive one joins alone (old code: together,
+    up to the per-step bulk limit)."""
+    session = ClassedSession(steps=3, costs={INT: 1.0, DEF: 3.0, BLK: 3.0})
+    session.hold = threading.Event()
+    batcher = await continuous(session, clock=lambda: session.now[0])
+    try:
+        first = batcher.submit(texts("d0", priority=DEF))
+        await asyncio.wait_for(asyncio.to_thread(session.started.wait, WAIT_S), WAIT_S)
+        rest = batcher.submit(texts("b1", priority=BLK)) + batcher.submit(
+            texts("i1", priority=INT))
+        session.hold.set()
+        await asyncio.wait_for(asyncio.gather(*first, *rest), WAIT_S)
+    finally:
+        await batcher.stop(timeout_s=WAIT_S)
+    joined = [admits for admits in session.admits if admits]
+    assert joined[:2] == [(DEF,), (INT,)] and (BLK,) in joined[2:]
+
+
 async def test_interactive_articles_are_admitted_and_joined_ahead_of_waiting_bulk_ones():
     session = ClassedSession(room=1, steps=1)
     session.hold = threading.Event()

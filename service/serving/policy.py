@@ -26,7 +26,8 @@ The rules, in order:
    beyond its size (and while the session has articles waiting for cache room, when nothing
    else may); while interactive work arrived or started in the last `RECENT_INTERACTIVE_S`
    seconds, at most `bulk_joins_per_step` bulk articles join per step (their encoding is part
-   of the step: a burst of long bulk encodings is sliced by articles). While interactive
+   of the step: a burst of long bulk encodings is sliced by articles), and none in a step that
+   interactive articles join. While interactive
    articles decode, less urgent ones sit steps out (`pauses`), their caches kept, and are not
    admitted; they get their turn by time, not by a count of steps: once the steps they sat
    out took `(1 - paused_share) / paused_share` times their last step (a step costs what its
@@ -223,9 +224,11 @@ class SchedulingPolicy:
         for priority in order:
             if len(batch) >= size:
                 break
-            if (not self.share_keys and priority is Priority.BULK
+            if (priority is Priority.BULK
                     and any(e.job.priority is Priority.INTERACTIVE for e in batch)):
-                continue  # bulk work would set an interactive batch's pace
+                # Static: bulk work would set an interactive batch's pace. Continuous: its
+                # encoding would lengthen the interactive articles' first step.
+                continue
             if order.index(priority) < order.index(first):
                 continue  # nothing of the key there
             room = size
