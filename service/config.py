@@ -176,10 +176,9 @@ class Settings:
            "bulk first; those callers get RESOURCE_EXHAUSTED at once.")
     starvation_bound: int = _setting(
         8, "No starvation: a class with work waiting is served (static batching: in a batch; "
-           "continuous: admitted, and a paused article decodes) at least once in every this "
-           "many batches or decoding steps, however much more urgent work arrives. Larger: "
-           "interactive articles decode more steps alone (faster), less urgent ones wait longer "
-           "beside them. 1: classes only order the queue (no pausing).")
+           "continuous: admitted) at least once in every this many batches or admissions, "
+           "however much more urgent work arrives (how long a paused article sits out: "
+           "--paused-share). 1: classes only order the queue (no pausing either).")
     interactive_headroom: int = _setting(
         4, "Continuous batching: INTERACTIVE articles may join the running set beyond "
            "--max-batch-size by this many, so a full set of bulk work never makes them wait "
