@@ -255,6 +255,8 @@ class ClassedSession:
         self.priority_of: dict[int, int] = {}
         self.admits: list[tuple[int, ...]] = []
         """Each call's admitted classes."""
+        self.asked_pause: list[tuple[int, ...]] = []
+        """Each call's StepIn.pause (aligned with `admits`)."""
         self.hold: threading.Event | None = None
         self.started = threading.Event()
 
@@ -264,6 +266,7 @@ class ClassedSession:
             self.waiting = [a for a in self.waiting if a.ticket != ticket]
         self.waiting += step.admit
         self.admits.append(tuple(a.priority for a in step.admit))
+        self.asked_pause.append(step.pause)
         for admit in step.admit:
             self.priority_of[admit.ticket] = admit.priority
         self.waiting.sort(key=lambda a: a.priority)  # stable: the order given within a class
@@ -434,9 +437,43 @@ async def test_bulk_joins_only_on_its_turn_while_it_sits_out_beside_interactive_
         await batcher.stop(timeout_s=WAIT_S)
     [b2] = [t for t, p in session.priority_of.items() if p == BLK and t != 0]
     joined = next(n for n, admits in enumerate(session.admits) if BLK in admits and n > 0)
-    assert session.paused[joined - 1], "b2 arrived while bulk sat out"
-    assert not session.paused[joined], "b2 joined on bulk's turn, not paused"
+    assert session.asked_pause[joined - 1], "b2 arrived while bulk sat out"
+    assert not session.asked_pause[joined], "b2 joined on bulk's turn, not paused"
     assert b2 in session.stepped[joined]
+
+
+async def test_bulk_is_admitted_and_completes_under_a_steady_stream_of_interactive_work():
+    """No starvation in continuous batching: with an interactive article always decoding (a new
+    one queued as each finishes), bulk articles still join (on bulk's turns) and complete,
+    including those that found the running set full."""
+    session = ClassedSession(steps=4, costs={INT: 1.0, BLK: 3.0})
+    batcher = await continuous(session, max_batch_size=2, interactive_headroom=2,
+                               paused_share=0.25, clock=lambda: session.now[0])
+    stop = asyncio.Event()
+
+    async def interactive_stream() -> int:
+        sent = 0
+        while not stop.is_set():
+            sent += 1
+            [done] = batcher.submit(texts(f"i{sent}", priority=INT))
+            await done
+        return sent
+
+    try:
+        stream = asyncio.ensure_future(interactive_stream())
+        await until(lambda: any(INT in admits for admits in session.admits), WAIT_S)
+        bulk = batcher.submit(texts("b1", "b2", "b3", "b4", priority=BLK))
+        await asyncio.wait_for(asyncio.gather(*bulk), WAIT_S)
+        stop.set()
+        sent = await asyncio.wait_for(stream, WAIT_S)
+    finally:
+        await batcher.stop(timeout_s=WAIT_S)
+    bulk_tickets = {t for t, p in session.priority_of.items() if p == BLK}
+    assert len(bulk_tickets) == 4 and sent > 4
+    # Every bulk article joined in a step in which nobody sat out (a bulk turn, or no
+    # interactive article held).
+    assert all(not session.asked_pause[n]
+               for n, admits in enumerate(session.admits) if BLK in admits)
 
 
 def test_the_pause_rule_by_time():
@@ -446,6 +483,9 @@ def test_the_pause_rule_by_time():
     assert policy.pauses(held, sat_out_s=3.9, turn_s=1.0) == (2, 3)
     assert policy.pauses(held, sat_out_s=4.0, turn_s=1.0) == ()  # (1 - 0.2) / 0.2 x 1 s
     assert policy.pauses({2: BLK}, sat_out_s=0.0, turn_s=1.0) == ()
+    # With only interactive work held, queued less urgent work still sits out (is not admitted).
+    assert policy.sits_out({1: INT}, sat_out_s=0.0, turn_s=1.0)
+    assert not policy.sits_out({1: INT}, sat_out_s=4.0, turn_s=1.0)
     assert SchedulingPolicy(max_batch_size=8, paused_share=1.0).pauses(held, 0.0, 1.0) == ()
     assert SchedulingPolicy(max_batch_size=8, starvation_bound=1).pauses(held, 0.0, 1.0) == ()
     # While less urgent work sits out, only interactive work is admitted.

@@ -216,14 +216,15 @@ class ContinuousExecutor(Runner, Generic[P, R]):
         elif not self._stopping:
             classes = self._classes()
             room = self.policy.room(list(classes.values()), self.max_active, self._last.waiting,
-                                    pausing=bool(self.policy.pauses(classes, self._sat_out_s,
-                                                                    self._turn_s)))
+                                    pausing=self.policy.sits_out(classes, self._sat_out_s,
+                                                                 self._turn_s))
             if room.any > 0 or room.interactive > 0:
                 admit = self._source.take_ready(room.any, room.interactive)
         admits = self._hold(admit)
         if not (admits or remove or self._held):
             return True
         pause = self._pauses()
+        sitting = self.policy.sits_out(self._classes(), self._sat_out_s, self._turn_s)
         step = StepIn(admit=admits, remove=remove, pause=pause)
         started = self._clock()
         try:
@@ -248,7 +249,7 @@ class ContinuousExecutor(Runner, Generic[P, R]):
             if not isinstance(error, Exception):
                 raise
         else:
-            self._stepped(self._clock() - started, bool(pause))
+            self._stepped(self._clock() - started, sitting)
             self._deliver(out, started, len(admits), len(remove), len(pause))
         return True
 
@@ -263,10 +264,10 @@ class ContinuousExecutor(Runner, Generic[P, R]):
             self.stats.paused_steps_by_priority[classes[ticket]] += 1
         return pause
 
-    def _stepped(self, duration_s: float, paused: bool) -> None:
-        """What the pause rule needs to know of a step: how long it took, and whether some sat
-        it out."""
-        if paused:
+    def _stepped(self, duration_s: float, sat_out: bool) -> None:
+        """What the pause rule needs to know of a step: how long it took, and whether less
+        urgent work sat it out (paused, or not admitted)."""
+        if sat_out:
             self._sat_out_s += duration_s
         else:
             self._sat_out_s, self._turn_s = 0.0, duration_s

@@ -321,10 +321,16 @@ class SchedulingPolicy:
         (`turn_s`); then nobody sits out (their turn). So, beside interactive work, less urgent
         articles decode at least once in every such stretch, and get about `paused_share` of
         the decoding time. `starvation_bound` 1 or `paused_share` 1: no pausing."""
-        if self.starvation_bound <= 1 or self.paused_share >= 1:
-            return ()
-        if not any(p is Priority.INTERACTIVE for p in held.values()):
-            return ()
-        if sat_out_s >= turn_s * (1 - self.paused_share) / self.paused_share:
+        if not self.sits_out(held, sat_out_s, turn_s):
             return ()
         return tuple(t for t, p in held.items() if p is not Priority.INTERACTIVE)
+
+    def sits_out(self, held: Mapping[int, Priority], sat_out_s: float, turn_s: float) -> bool:
+        """Whether less urgent work sits the next step out (`pauses`): held, it is paused;
+        queued, it is not admitted (`room`). The steps in which it did count towards its turn
+        even when none was held, so queued bulk work is admitted on its turn too."""
+        if self.starvation_bound <= 1 or self.paused_share >= 1:
+            return False
+        if not any(p is Priority.INTERACTIVE for p in held.values()):
+            return False
+        return sat_out_s < turn_s * (1 - self.paused_share) / self.paused_share
