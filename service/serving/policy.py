@@ -28,10 +28,11 @@ The rules, in order:
    seconds, at most `bulk_joins_per_step` bulk articles join per step (their encoding is part
    of the step: a burst of long bulk encodings is sliced by articles), and none in a step that
    interactive articles join. While interactive articles decode, less urgent ones sit steps out
-   (`pauses`), their caches kept, and are not admitted (`sits_out`); they get their turn by time, not by a count of steps: once the steps they sat
-   out took `(1 - paused_share) / paused_share` times their last step (a step costs what its
-   rows cost, and a step of the whole set costs many interactive ones), one step decodes
-   everyone and admits them too. So they get about `paused_share` of the decoding time beside
+   (`pauses`), their caches kept, and are not admitted (`sits_out`); they get their turn by
+   time, not by a count of steps: once the steps they sat out took
+   `(1 - paused_share) / paused_share` times their last step (a step costs what its rows cost,
+   and a step of the whole set costs many interactive ones), one step decodes everyone and
+   admits them too. So they get about `paused_share` of the decoding time beside
    interactive work, and an interactive call shorter than that turn meets no bulk step.
 7. Overload: more urgent work finding the queue full displaces queued (never running) work of
    less urgent classes, the least urgent class first and, within it, the work queued last
