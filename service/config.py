@@ -176,20 +176,29 @@ class Settings:
            "bulk first; those callers get RESOURCE_EXHAUSTED at once.")
     starvation_bound: int = _setting(
         8, "No starvation: a class with work waiting is served (static batching: in a batch; "
-           "continuous: admitted, and a paused article decodes) at least once in every this "
-           "many batches or decoding steps, however much more urgent work arrives. Larger: "
-           "interactive articles decode more steps alone (faster), less urgent ones wait longer "
-           "beside them. 1: classes only order the queue (no pausing).")
+           "continuous: admitted) at least once in every this many batches or admissions, "
+           "however much more urgent work arrives (how long a paused article sits out: "
+           "--paused-share). 1: classes only order the queue (no pausing either).")
     interactive_headroom: int = _setting(
         4, "Continuous batching: INTERACTIVE articles may join the running set beyond "
            "--max-batch-size by this many, so a full set of bulk work never makes them wait "
            "for a slot.")
     small_bulk_batch: int = _setting(
-        4, "While interactive work arrived or started in the last 30 s: static batching cuts "
-           "batches of at most this many BULK articles (always, on the first worker when there "
-           "are two or more), so an interactive call waits at most one small batch; continuous "
-           "batching admits at most this many BULK articles per decoding step (their encoding "
-           "is part of that step). 0: no cap.")
+        4, "Static batching: while interactive work arrived or started in the last 30 s, "
+           "batches hold at most this many BULK articles (always, on the first worker when "
+           "there are two or more), so an interactive call waits at most one small batch. "
+           "0: no cap.")
+    bulk_joins_per_step: int = _setting(
+        1, "Continuous batching: while interactive work arrived or started in the last 30 s, "
+           "at most this many BULK articles join the running set per decoding step (their "
+           "encoding is part of that step, which an arriving interactive article waits for). "
+           "0: no cap.")
+    paused_share: float = _setting(
+        0.1, "Continuous batching: while interactive articles decode, less urgent ones sit "
+             "steps out, until the steps they sat out took (1 - this) / this times their last "
+             "step; then one step decodes everyone. So they keep about this share of the "
+             "decoding time beside interactive work, and a short interactive call meets no "
+             "step of the whole set. 1: no pausing.")
     check_invariants: bool = _setting(
         False, "Check the batch queue's bookkeeping after every change (queued count, no article "
                "both queued and running) and fail loudly on a mismatch. For tests and debugging: "
@@ -274,7 +283,8 @@ class Settings:
                      "max_batch_tokens", "max_concurrent_rpcs", "port", "max_chunk_depth",
                      "workers", "max_worker_restarts", "kv_cache_mb",
                      "max_encode_tokens_per_step", "max_queue_default", "max_queue_bulk",
-                     "interactive_headroom", "small_bulk_batch", "request_memory_mb",
+                     "interactive_headroom", "small_bulk_batch", "bulk_joins_per_step",
+                     "request_memory_mb",
                      "max_streams_per_connection", "max_open_calls"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative")
@@ -286,6 +296,8 @@ class Settings:
                 and 0 <= self.batch_timeout_s < math.inf):
             problems.append("max_wait_ms, grace_period_s, max_connection_age_s and "
                             "batch_timeout_s must be finite and not negative")
+        if not 0 < self.paused_share <= 1:
+            problems.append("paused_share must be more than 0 and at most 1")
         if self.max_articles_per_request > self.max_queue:
             problems.append(f"max_articles_per_request ({self.max_articles_per_request}) must not "
                             f"exceed max_queue ({self.max_queue}): such a request could never "

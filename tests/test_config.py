@@ -22,6 +22,10 @@ def test_defaults() -> None:
     settings = parse()
     assert settings.port == 50051 and settings.max_batch_size == 16 and settings.reflection
     assert settings.max_batch_tokens == 2400
+    # Near interactive work: static batches hold 4 bulk articles, continuous batching lets 1
+    # join per step (two settings since issue 20's measurements: each mode wants its own).
+    assert (settings.small_bulk_batch, settings.bulk_joins_per_step) == (4, 1)
+    assert settings.paused_share == 0.1
 
 
 def test_environment_then_flags() -> None:
@@ -66,6 +70,8 @@ def test_hf_hub_offline_turns_offline_on() -> None:
     ({"SUMMARIZER_MAX_INPUT_TOKENS": "4"}, "max_input_tokens must be 0 or at least 16"),
     ({"SUMMARIZER_METRICS_PORT": "-2"}, r"metrics_port must be a port, 0 \(off\) or -1"),
     ({"SUMMARIZER_PORT": "-1"}, "port must not be negative"),
+    ({"SUMMARIZER_PAUSED_SHARE": "0"}, "paused_share must be more than 0 and at most 1"),
+    ({"SUMMARIZER_BULK_JOINS_PER_STEP": "-1"}, "bulk_joins_per_step must not be negative"),
 ])
 def test_bad_values_are_reported_by_name(env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):

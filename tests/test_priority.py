@@ -18,7 +18,7 @@ from service.domain import Generated, Priority
 from service.engines.protocol import Admit, StepIn, StepOut
 from service.errors import QueueFull
 from service.serving.batcher import Batcher, DropReason, Job
-from service.serving.policy import SchedulingPolicy
+from service.serving.policy import Room, SchedulingPolicy
 
 from .test_batcher import FakeRunBatch, until
 
@@ -238,11 +238,15 @@ class ClassedSession:
     """A decoding session that obeys the whole StepIn contract: it admits waiting articles most
     urgent class first (then in the order given) while fewer than `room` are active; each
     decodes `steps` steps; paused tickets sit a step out (kept as they are). Records each step's
-    stepped and paused tickets. `hold` blocks every step until set."""
+    stepped and paused tickets. `hold` blocks every step until set. With `costs` (seconds per
+    stepping ticket, by class), each step moves the fake clock `now` on by its rows' cost."""
 
-    def __init__(self, room: int = 100, steps: int = 3) -> None:
+    def __init__(self, room: int = 100, steps: int = 3,
+                 costs: dict[Priority, float] | None = None) -> None:
         self.room = room
         self.steps = steps
+        self.costs = costs
+        self.now = [0.0]
         self.waiting: list[Admit] = []
         self.active: dict[int, tuple[Admit, int]] = {}
         self.stepped: list[tuple[int, ...]] = []
@@ -251,6 +255,8 @@ class ClassedSession:
         self.priority_of: dict[int, int] = {}
         self.admits: list[tuple[int, ...]] = []
         """Each call's admitted classes."""
+        self.asked_pause: list[tuple[int, ...]] = []
+        """Each call's StepIn.pause (aligned with `admits`)."""
         self.hold: threading.Event | None = None
         self.started = threading.Event()
 
@@ -260,6 +266,7 @@ class ClassedSession:
             self.waiting = [a for a in self.waiting if a.ticket != ticket]
         self.waiting += step.admit
         self.admits.append(tuple(a.priority for a in step.admit))
+        self.asked_pause.append(step.pause)
         for admit in step.admit:
             self.priority_of[admit.ticket] = admit.priority
         self.waiting.sort(key=lambda a: a.priority)  # stable: the order given within a class
@@ -275,6 +282,8 @@ class ClassedSession:
         stepping = [t for t in self.active if t not in step.pause]
         self.stepped.append(tuple(stepping))
         self.paused.append(tuple(t for t in self.active if t in step.pause))
+        if self.costs is not None:
+            self.now[0] += sum(self.costs[Priority(self.priority_of[t])] for t in stepping)
         done = []
         for ticket in stepping:
             admit, left = self.active[ticket]
@@ -298,6 +307,26 @@ async def continuous(session: ClassedSession, **options: Any) -> Batcher:
 
 def texts(*names: str, priority: Priority) -> list[Job]:
     return [Job(name, key="p", cost=len(name), priority=priority) for name in names]
+
+
+async def test_bulk_articles_never_join_in_the_step_interactive_ones_join():
+    """A bulk article's encoding would lengthen the step in which an interactive article is
+    encoded and joins: queued side by side, the interactive one joins alone (old code: together,
+    up to the per-step bulk limit)."""
+    session = ClassedSession(steps=3, costs={INT: 1.0, DEF: 3.0, BLK: 3.0})
+    session.hold = threading.Event()
+    batcher = await continuous(session, clock=lambda: session.now[0])
+    try:
+        first = batcher.submit(texts("d0", priority=DEF))
+        await asyncio.wait_for(asyncio.to_thread(session.started.wait, WAIT_S), WAIT_S)
+        rest = batcher.submit(texts("b1", priority=BLK)) + batcher.submit(
+            texts("i1", priority=INT))
+        session.hold.set()
+        await asyncio.wait_for(asyncio.gather(*first, *rest), WAIT_S)
+    finally:
+        await batcher.stop(timeout_s=WAIT_S)
+    joined = [admits for admits in session.admits if admits]
+    assert joined[:2] == [(DEF,), (INT,)] and (BLK,) in joined[2:]
 
 
 async def test_interactive_articles_are_admitted_and_joined_ahead_of_waiting_bulk_ones():
@@ -357,11 +386,15 @@ async def test_take_ready_keeps_interactive_headroom_within_its_total():
     queue.close()
 
 
-@pytest.mark.parametrize("bound", [2, 4])
-async def test_bulk_articles_pause_while_interactive_ones_decode_but_never_starve(bound):
-    session = ClassedSession(steps=12)
+@pytest.mark.parametrize("share", [0.25, 0.5])
+async def test_bulk_sits_out_beside_interactive_work_until_its_share_of_the_time_is_due(share):
+    """Less urgent work's turn comes by time, not by a count of steps: a step of the whole set
+    costs many interactive ones, so bulk sits out until the steps it sat out took
+    (1 - share) / share times its last step, then decodes one step (no starvation: it gets
+    `share` of the decoding time). Old code: a bulk step every `starvation_bound`-th step."""
+    session = ClassedSession(steps=40, costs={INT: 1.0, BLK: 3.0})
     session.hold = threading.Event()
-    batcher = await continuous(session, starvation_bound=bound)
+    batcher = await continuous(session, paused_share=share, clock=lambda: session.now[0])
     try:
         bulk = batcher.submit(texts("b1", priority=BLK))
         await asyncio.wait_for(asyncio.to_thread(session.started.wait, WAIT_S), WAIT_S)
@@ -373,15 +406,91 @@ async def test_bulk_articles_pause_while_interactive_ones_decode_but_never_starv
     [b1] = [t for t, p in session.priority_of.items() if p == BLK]
     [i1] = [t for t, p in session.priority_of.items() if p == INT]
     together = [n for n, s in enumerate(session.stepped) if i1 in s or i1 in session.paused[n]]
-    assert together, "the interactive article decoded"
     assert all(i1 in session.stepped[n] for n in together), "interactive never paused"
-    pattern = [b1 in session.stepped[n] for n in together]
-    # The bulk article sat out steps beside interactive work, but stepped at least once in
-    # every `bound` steps in a row.
-    assert not all(pattern)
-    runs = "".join("x" if stepped else "." for stepped in pattern).split("x")
-    assert max(len(run) for run in runs) == bound - 1
-    assert batcher.stats.paused_steps_by_priority[BLK] == pattern.count(False)
+    runs = "".join("x" if b1 in session.stepped[n] else "." for n in together).split("x")
+    # Before i1 came, b1's steps cost 3 s: it sits out 3 x (1 - share) / share s of 1-s steps;
+    # after each turn beside i1 (3 + 1 s) it sits out 4 x (1 - share) / share s.
+    ratio = (1 - share) / share
+    assert [len(run) for run in runs[:3]] == [3 * ratio, 4 * ratio, 4 * ratio]
+    time_bulk = sum(3.0 + 1.0 for n in together if b1 in session.stepped[n])
+    time_all = sum(4.0 if b1 in session.stepped[n] else 1.0 for n in together)
+    assert time_bulk / time_all >= share * 0.9
+    assert batcher.stats.paused_steps_by_priority[BLK] == sum(len(run) for run in runs)
+
+
+async def test_bulk_joins_only_on_its_turn_while_it_sits_out_beside_interactive_work():
+    """While bulk sits steps out, bulk articles arriving are not admitted to the session (they
+    would wait there, paused, and be encoded in the step that ends the pause, making it longer);
+    they join on bulk's turn. Old code: admitted at once, paused while waiting."""
+    session = ClassedSession(steps=30, costs={INT: 1.0, BLK: 3.0})
+    session.hold = threading.Event()
+    batcher = await continuous(session, paused_share=0.25, clock=lambda: session.now[0])
+    try:
+        first = batcher.submit(texts("b1", priority=BLK))
+        await asyncio.wait_for(asyncio.to_thread(session.started.wait, WAIT_S), WAIT_S)
+        urgent = batcher.submit(texts("i1", priority=INT))
+        session.hold.set()
+        await until(lambda: any(session.paused), WAIT_S)
+        late = batcher.submit(texts("b2", priority=BLK))
+        await asyncio.wait_for(asyncio.gather(*first, *urgent, *late), WAIT_S)
+    finally:
+        await batcher.stop(timeout_s=WAIT_S)
+    [b2] = [t for t, p in session.priority_of.items() if p == BLK and t != 0]
+    joined = next(n for n, admits in enumerate(session.admits) if BLK in admits and n > 0)
+    assert session.asked_pause[joined - 1], "b2 arrived while bulk sat out"
+    assert not session.asked_pause[joined], "b2 joined on bulk's turn, not paused"
+    assert b2 in session.stepped[joined]
+
+
+async def test_bulk_is_admitted_and_completes_under_a_steady_stream_of_interactive_work():
+    """No starvation in continuous batching: with an interactive article always decoding (a new
+    one queued as each finishes), bulk articles still join (on bulk's turns) and complete,
+    including those that found the running set full."""
+    session = ClassedSession(steps=4, costs={INT: 1.0, BLK: 3.0})
+    batcher = await continuous(session, max_batch_size=2, interactive_headroom=2,
+                               paused_share=0.25, clock=lambda: session.now[0])
+    stop = asyncio.Event()
+
+    async def interactive_stream() -> int:
+        sent = 0
+        while not stop.is_set():
+            sent += 1
+            [done] = batcher.submit(texts(f"i{sent}", priority=INT))
+            await done
+        return sent
+
+    try:
+        stream = asyncio.ensure_future(interactive_stream())
+        await until(lambda: any(INT in admits for admits in session.admits), WAIT_S)
+        bulk = batcher.submit(texts("b1", "b2", "b3", "b4", priority=BLK))
+        await asyncio.wait_for(asyncio.gather(*bulk), WAIT_S)
+        stop.set()
+        sent = await asyncio.wait_for(stream, WAIT_S)
+    finally:
+        await batcher.stop(timeout_s=WAIT_S)
+    bulk_tickets = {t for t, p in session.priority_of.items() if p == BLK}
+    assert len(bulk_tickets) == 4 and sent > 4
+    # Every bulk article joined in a step in which nobody sat out (a bulk turn, or no
+    # interactive article held).
+    assert all(not session.asked_pause[n]
+               for n, admits in enumerate(session.admits) if BLK in admits)
+
+
+def test_the_pause_rule_by_time():
+    policy = SchedulingPolicy(max_batch_size=8, share_keys=True, paused_share=0.2)
+    held = {1: INT, 2: BLK, 3: DEF}
+    assert policy.pauses(held, sat_out_s=0.0, turn_s=1.0) == (2, 3)
+    assert policy.pauses(held, sat_out_s=3.9, turn_s=1.0) == (2, 3)
+    assert policy.pauses(held, sat_out_s=4.0, turn_s=1.0) == ()  # (1 - 0.2) / 0.2 x 1 s
+    assert policy.pauses({2: BLK}, sat_out_s=0.0, turn_s=1.0) == ()
+    # With only interactive work held, queued less urgent work still sits out (is not admitted).
+    assert policy.sits_out({1: INT}, sat_out_s=0.0, turn_s=1.0)
+    assert not policy.sits_out({1: INT}, sat_out_s=4.0, turn_s=1.0)
+    assert SchedulingPolicy(max_batch_size=8, paused_share=1.0).pauses(held, 0.0, 1.0) == ()
+    assert SchedulingPolicy(max_batch_size=8, starvation_bound=1).pauses(held, 0.0, 1.0) == ()
+    # While less urgent work sits out, only interactive work is admitted.
+    assert policy.room([INT, BLK], 4, 0, pausing=True) == Room(any=0, interactive=2)
+    assert policy.room([INT, BLK], 4, 0) == Room(any=2, interactive=2)
 
 
 @pytest.mark.parametrize("with_interactive", [True, False])
@@ -389,7 +498,7 @@ async def test_bulk_articles_join_a_few_per_step_while_interactive_work_is_about
         with_interactive):
     session = ClassedSession(steps=2)
     session.hold = threading.Event()
-    batcher = await continuous(session, small_bulk_batch=2)
+    batcher = await continuous(session, small_bulk_batch=4, bulk_joins_per_step=2)
     try:
         first = batcher.submit(texts("i1" if with_interactive else "d1",
                                      priority=INT if with_interactive else DEF))
@@ -400,7 +509,8 @@ async def test_bulk_articles_join_a_few_per_step_while_interactive_work_is_about
     finally:
         await batcher.stop(timeout_s=WAIT_S)
     per_step = [admits.count(BLK) for admits in session.admits if BLK in admits]
-    # An interactive article arrived lately: the bulk encodings are sliced, two per step.
+    # An interactive article arrived lately: the bulk encodings are sliced, two per step
+    # (`bulk_joins_per_step`; `small_bulk_batch` is static batching's).
     assert per_step == ([2, 2, 2] if with_interactive else [6])
 
 
@@ -420,6 +530,10 @@ def test_the_policy_validates_its_settings():
         SchedulingPolicy(max_batch_size=1, starvation_bound=0)
     with pytest.raises(ValueError, match="negative"):
         SchedulingPolicy(max_batch_size=1, small_bulk_batch=-1)
+    with pytest.raises(ValueError, match="negative"):
+        SchedulingPolicy(max_batch_size=1, bulk_joins_per_step=-1)
+    with pytest.raises(ValueError, match="paused_share"):
+        SchedulingPolicy(max_batch_size=1, paused_share=0)
 
 
 # ----- everything at once: mixed classes under check_invariants -----

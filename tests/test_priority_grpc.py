@@ -362,7 +362,7 @@ async def test_bulk_articles_sit_steps_out_in_the_worker_while_interactive_ones_
         paused_steps = sample(server, "summarizer_priority_paused_steps_total", priority="bulk")
     assert urgent_reply.results[0].summary.endswith("|paused=0")
     bulk_paused = int(bulk_reply.results[0].summary.rsplit("|paused=", 1)[1])
-    # The interactive article decoded 8 steps; the bulk one sat out 2 in every 3 of them.
+    # The interactive article decoded 8 steps; the bulk one sat out (most of) them.
     assert bulk_paused >= 4 and paused_steps == bulk_paused
 
 

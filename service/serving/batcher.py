@@ -54,12 +54,14 @@ class Batcher(Generic[P, R]):
                  on_step: Callable[[StepReport], None] | None = None,
                  class_limits: Mapping[Priority, int] | None = None,
                  starvation_bound: int = 8, small_bulk_batch: int = 0,
-                 interactive_headroom: int = 0) -> None:
+                 interactive_headroom: int = 0, bulk_joins_per_step: int = 0,
+                 paused_share: float = 0.1) -> None:
         """Either `run_batch` (static batching: one callable, or one per engine instance) or
         `advancers` (continuous batching: one per engine instance; `max_batch_size` is then the
         most articles each holds at once, and `max_wait_ms` and `max_batch_tokens` do not
-        apply). `class_limits`, `starvation_bound`, `small_bulk_batch` and
-        `interactive_headroom`: the priority classes' rules (queue.py, policy.py)."""
+        apply). `class_limits`, `starvation_bound`, `small_bulk_batch`,
+        `interactive_headroom`, `bulk_joins_per_step` and `paused_share`: the priority classes'
+        rules (queue.py, policy.py)."""
         if (run_batch is None) == (not advancers):
             raise ValueError("give either run_batch or advancers")
         self.stats = BatcherStats()
@@ -68,7 +70,8 @@ class Batcher(Generic[P, R]):
             max_batch_size=max_batch_size,
             max_batch_tokens=0 if self.continuous else max_batch_tokens,
             share_keys=self.continuous, starvation_bound=starvation_bound,
-            small_bulk_batch=small_bulk_batch, interactive_headroom=interactive_headroom)
+            small_bulk_batch=small_bulk_batch, interactive_headroom=interactive_headroom,
+            bulk_joins_per_step=bulk_joins_per_step, paused_share=paused_share)
         self._queue: BatchQueue[P] = BatchQueue(
             max_batch_size=max_batch_size, max_wait_ms=0 if self.continuous else max_wait_ms,
             max_queue=max_queue, max_batch_tokens=0 if self.continuous else max_batch_tokens,

@@ -15,7 +15,9 @@ one place, and it resolves each entry it is handed exactly once. Its loop:
    into the next step's `StepIn.admit` with its own options (the job's key) and its class
    (`Admit.priority`: the session admits its waiting articles most urgent first).
    The policy also names the held articles that sit the next step out (`StepIn.pause`: less
-   urgent ones while interactive ones decode, never `starvation_bound` steps in a row).
+   urgent ones while interactive ones decode, until the steps they sat out took long enough
+   beside their last step, `SchedulingPolicy.paused_share`), and while they sit out, only
+   interactive articles are admitted.
 3. Also between steps: held articles whose caller went (future done) or whose deadline passed
    (`source.should_drop` says DEADLINE_PASSED) are resolved now and go into `StepIn.remove`, so
    the session frees their cache memory at the next step. A job already decoding is not dropped
@@ -58,7 +60,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar, cast
 
-from ..domain import GenerationParams
+from ..domain import GenerationParams, Priority
 from ..engines.protocol import Admit, StepFailure, StepIn, StepOut
 from ..errors import GenerationFailed, OutOfMemory, Unavailable
 from .executor import BatchReport
@@ -149,7 +151,10 @@ class ContinuousExecutor(Runner, Generic[P, R]):
         self._task_name = "continuous-executor"
         self.policy = policy if policy is not None else SchedulingPolicy(
             max_batch_size=max_active, share_keys=True)
-        self._paused_in_a_row = 0
+        self._sat_out_s = 0.0
+        """Time of the steps less urgent articles sat out since they last decoded."""
+        self._turn_s = 0.0
+        """Time of the last step in which nobody sat out."""
         self._advance = advance
         self.max_active = max_active
         self._clock = clock
@@ -218,14 +223,17 @@ class ContinuousExecutor(Runner, Generic[P, R]):
             for extra in batch[1][self.max_active:]:  # never: the queue cuts at most that many
                 self._finish(extra, error=GenerationFailed("too many articles handed over"))
         elif not self._stopping:
-            room = self.policy.room([h.entry.job.priority for h in self._held.values()],
-                                    self.max_active, self._last.waiting)
+            classes = self._classes()
+            room = self.policy.room(list(classes.values()), self.max_active, self._last.waiting,
+                                    pausing=self.policy.sits_out(classes, self._sat_out_s,
+                                                                 self._turn_s))
             if room.any > 0 or room.interactive > 0:
                 admit = self._source.take_ready(room.any, room.interactive)
         admits = self._hold(admit)
         if not (admits or remove or self._held):
             return True
         pause = self._pauses()
+        sitting = self.policy.sits_out(self._classes(), self._sat_out_s, self._turn_s)
         step = StepIn(admit=admits, remove=remove, pause=pause,
                       in_flight=tuple(held.admit for held in self._held.values()))
         started = self._clock()
@@ -251,17 +259,28 @@ class ContinuousExecutor(Runner, Generic[P, R]):
             if not isinstance(error, Exception):
                 raise
         else:
+            self._stepped(self._clock() - started, sitting)
             self._deliver(out, started, len(admits), len(remove), len(pause))
         return True
 
+    def _classes(self) -> dict[int, Priority]:
+        return {ticket: held.entry.job.priority for ticket, held in self._held.items()}
+
     def _pauses(self) -> tuple[int, ...]:
         """The held articles the policy has sit the next step out (counted per class)."""
-        classes = {ticket: held.entry.job.priority for ticket, held in self._held.items()}
-        pause = self.policy.pauses(classes, self._paused_in_a_row)
-        self._paused_in_a_row = self._paused_in_a_row + 1 if pause else 0
+        classes = self._classes()
+        pause = self.policy.pauses(classes, self._sat_out_s, self._turn_s)
         for ticket in pause:
             self.stats.paused_steps_by_priority[classes[ticket]] += 1
         return pause
+
+    def _stepped(self, duration_s: float, sat_out: bool) -> None:
+        """What the pause rule needs to know of a step: how long it took, and whether less
+        urgent work sat it out (paused, or not admitted)."""
+        if sat_out:
+            self._sat_out_s += duration_s
+        else:
+            self._sat_out_s, self._turn_s = 0.0, duration_s
 
     def _leavers(self) -> tuple[int, ...]:
         """Resolve held articles whose caller went or whose deadline passed; their tickets (and

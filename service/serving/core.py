@@ -97,7 +97,9 @@ class SummarizerCore:
             check_invariants=settings.check_invariants, class_limits=settings.queue_limits(),
             starvation_bound=settings.starvation_bound,
             small_bulk_batch=settings.small_bulk_batch,
-            interactive_headroom=settings.interactive_headroom)
+            interactive_headroom=settings.interactive_headroom,
+            bulk_joins_per_step=settings.bulk_joins_per_step,
+            paused_share=settings.paused_share)
         self.validator = Validator(max_articles_per_request=settings.max_articles_per_request,
                                    max_article_chars=settings.max_article_chars)
         # An article's chunks are queued all at once, so the queue must hold them.
@@ -130,7 +132,7 @@ class SummarizerCore:
                 default_priority=s.default_class, queue_limits=self.batcher.class_limits,
                 starvation_bound=s.starvation_bound,
                 interactive_headroom=s.interactive_headroom if self.batcher.continuous else 0,
-                small_bulk_batch=s.small_bulk_batch))
+                small_bulk_batch=self.batcher.policy.bulk_cap))
 
     def model_defaults(self) -> GenerationParams:
         """The engine's defaults, with the summary model's own length penalty and n-gram block

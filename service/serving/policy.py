@@ -25,11 +25,15 @@ The rules, in order:
 6. Continuous batching: interactive articles may join the running set `interactive_headroom`
    beyond its size (and while the session has articles waiting for cache room, when nothing
    else may); while interactive work arrived or started in the last `RECENT_INTERACTIVE_S`
-   seconds, at most
-   `small_bulk_batch` bulk articles join per step (their encoding is part of the step: a burst
-   of long bulk encodings is sliced by articles); while interactive articles decode, less urgent
-   ones sit steps out (`pauses`), their caches kept, except every `starvation_bound`-th step,
-   when everyone decodes.
+   seconds, at most `bulk_joins_per_step` bulk articles join per step (their encoding is part
+   of the step: a burst of long bulk encodings is sliced by articles), and none in a step that
+   interactive articles join. While interactive articles decode, less urgent ones sit steps out
+   (`pauses`), their caches kept, and are not admitted (`sits_out`); they get their turn by
+   time, not by a count of steps: once the steps they sat out took
+   `(1 - paused_share) / paused_share` times their last step (a step costs what its rows cost,
+   and a step of the whole set costs many interactive ones), one step decodes everyone and
+   admits them too. So they get about `paused_share` of the decoding time beside
+   interactive work, and an interactive call shorter than that turn meets no bulk step.
 7. Overload: more urgent work finding the queue full displaces queued (never running) work of
    less urgent classes, the least urgent class first and, within it, the work queued last
    (`victims`).
@@ -78,17 +82,23 @@ class SchedulingPolicy:
 
     def __init__(self, *, max_batch_size: int, max_batch_tokens: int = 0,
                  share_keys: bool = False, starvation_bound: int = 8,
-                 small_bulk_batch: int = 0, interactive_headroom: int = 0) -> None:
+                 small_bulk_batch: int = 0, interactive_headroom: int = 0,
+                 bulk_joins_per_step: int = 0, paused_share: float = 0.1) -> None:
         if starvation_bound < 1:
             raise ValueError("starvation_bound must be at least 1")
-        if small_bulk_batch < 0 or interactive_headroom < 0:
-            raise ValueError("small_bulk_batch and interactive_headroom must not be negative")
+        if small_bulk_batch < 0 or interactive_headroom < 0 or bulk_joins_per_step < 0:
+            raise ValueError("small_bulk_batch, bulk_joins_per_step and interactive_headroom "
+                             "must not be negative")
+        if not 0 < paused_share <= 1:
+            raise ValueError("paused_share must be in (0, 1]")
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
         self.share_keys = share_keys
         self.starvation_bound = starvation_bound
         self.small_bulk_batch = small_bulk_batch
         self.interactive_headroom = interactive_headroom
+        self.bulk_joins_per_step = bulk_joins_per_step
+        self.paused_share = paused_share
         self._lines: dict[Priority, collections.deque[Group]] = {
             p: collections.deque() for p in CLASSES}
         self._group_of: dict[Entry, Group] = {}
@@ -181,12 +191,18 @@ class SchedulingPolicy:
         return next((k for k, n in counts.items() if n >= self.max_batch_size), None)
 
     def small_bulk(self, now: float, urgent_lane: bool) -> bool:
-        """Whether a cut takes at most `small_bulk_batch` bulk jobs now (rules 5 and 6)."""
-        if not self.small_bulk_batch:
+        """Whether a cut takes at most `bulk_cap` bulk jobs now (rules 5 and 6)."""
+        if not self.bulk_cap:
             return False
         recent = (self._last_interactive is not None
                   and now - self._last_interactive < RECENT_INTERACTIVE_S)
         return urgent_lane or recent
+
+    @property
+    def bulk_cap(self) -> int:
+        """Near interactive work: the most bulk jobs in a static batch (`small_bulk_batch`), or
+        joining the running set per decoding step (`bulk_joins_per_step`); 0: no cap."""
+        return self.bulk_joins_per_step if self.share_keys else self.small_bulk_batch
 
     # ----- cutting -----
     def cut(self, key: Hashable, limit: int | None = None, *,
@@ -208,14 +224,16 @@ class SchedulingPolicy:
         for priority in order:
             if len(batch) >= size:
                 break
-            if (not self.share_keys and priority is Priority.BULK
+            if (priority is Priority.BULK
                     and any(e.job.priority is Priority.INTERACTIVE for e in batch)):
-                continue  # bulk work would set an interactive batch's pace
+                # Static: bulk work would set an interactive batch's pace. Continuous: its
+                # encoding would lengthen the interactive articles' first step.
+                continue
             if order.index(priority) < order.index(first):
                 continue  # nothing of the key there
             room = size
             if small_bulk and priority is Priority.BULK:
-                room = min(size, len(batch) + self.small_bulk_batch)
+                room = min(size, len(batch) + self.bulk_cap)
             served, longest, anchor = self._cut_line(priority, key, room, batch, longest, anchor,
                                                      take)
             line = self._lines[priority]
@@ -284,20 +302,35 @@ class SchedulingPolicy:
         return []
 
     # ----- continuous batching -----
-    def room(self, held: Sequence[Priority], max_active: int, session_waiting: int) -> Room:
+    def room(self, held: Sequence[Priority], max_active: int, session_waiting: int,
+             pausing: bool = False) -> Room:
         """How many articles a continuous executor holding `held` may admit now: up to
         `max_active` of any class (none while the session has some waiting for cache room: they
-        go first), and interactive ones up to `interactive_headroom` beyond."""
-        free = 0 if session_waiting > 0 else max(0, max_active - len(held))
+        go first; none either while less urgent work sits the next step out, `pausing`: it
+        would only wait, paused, and its encoding would lengthen the step that ends the pause),
+        and interactive ones up to `interactive_headroom` beyond."""
+        free = 0 if session_waiting > 0 or pausing else max(0, max_active - len(held))
         interactive = max(free, max_active + self.interactive_headroom - len(held))
         return Room(any=free, interactive=interactive)
 
-    def pauses(self, held: Mapping[int, Priority], paused_in_a_row: int) -> tuple[int, ...]:
+    def pauses(self, held: Mapping[int, Priority], sat_out_s: float,
+               turn_s: float) -> tuple[int, ...]:
         """Tickets that sit the next decoding step out: while interactive articles are held,
-        every less urgent one, except on each `starvation_bound`-th step in a row (then nobody),
-        so a paused article decodes at least once in every `starvation_bound` steps."""
-        if self.starvation_bound <= 1 or paused_in_a_row >= self.starvation_bound - 1:
-            return ()
-        if not any(p is Priority.INTERACTIVE for p in held.values()):
+        every less urgent one, until the steps they sat out since they last decoded
+        (`sat_out_s`) took `(1 - paused_share) / paused_share` times that last step
+        (`turn_s`); then nobody sits out (their turn). So, beside interactive work, less urgent
+        articles decode at least once in every such stretch, and get about `paused_share` of
+        the decoding time. `starvation_bound` 1 or `paused_share` 1: no pausing."""
+        if not self.sits_out(held, sat_out_s, turn_s):
             return ()
         return tuple(t for t, p in held.items() if p is not Priority.INTERACTIVE)
+
+    def sits_out(self, held: Mapping[int, Priority], sat_out_s: float, turn_s: float) -> bool:
+        """Whether less urgent work sits the next step out (`pauses`): held, it is paused;
+        queued, it is not admitted (`room`). The steps in which it did count towards its turn
+        even when none was held, so queued bulk work is admitted on its turn too."""
+        if self.starvation_bound <= 1 or self.paused_share >= 1:
+            return False
+        if not any(p is Priority.INTERACTIVE for p in held.values()):
+            return False
+        return sat_out_s < turn_s * (1 - self.paused_share) / self.paused_share
