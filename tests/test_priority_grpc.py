@@ -21,7 +21,8 @@ from service.config import Settings
 from service.domain import Priority
 from service.errors import ConfigError
 from service.api.priority import PriorityRules, TokenClasses, parse_token_line
-from summarizer_client.client import AsyncSummarizerClient, SummarizerClient
+from summarizer_client.client import (ArticleFailure, ArticleSummary, AsyncSummarizerClient,
+                                      RetryPolicy, SummarizerClient)
 from summarizer_client.gen.summarizer.v1 import summarizer_pb2 as pb
 from summarizer_client.gen.summarizer.v1 import summarizer_pb2_grpc as pb_grpc
 
@@ -313,6 +314,52 @@ async def test_the_client_sends_interactive_calls_past_bulk_calls_waiting_for_a_
             engine.hold.set()
             assert [r.id for r in await asyncio.wait_for(urgent, 20)] == ["u"]
             assert len(await asyncio.wait_for(asyncio.gather(*bulk), 20)) == 4
+
+
+
+@pytest.mark.parametrize("attempts", [3, 1])
+async def test_summarize_many_sends_displaced_articles_again(attempts: int) -> None:
+    """--max-queue 8: a BULK summarize_many of 12 articles (two streams) fills the queue behind
+    the batch the engine holds, 2 more waiting for room; an INTERACTIVE call of 4 displaces 4 of
+    them, which the stream answers RESOURCE_EXHAUSTED. The client sends those again after its
+    backoff and every article comes back summarised; with retries off (attempts 1) the 4
+    failures reach the caller."""
+    engine = FakeEngine()
+    engine.hold = threading.Event()
+    settings = BASE.replace(max_queue=8, max_articles_per_request=8, max_batch_size=2)
+    async with serving(settings, lambda s: engine) as (server, _):
+        batcher = server.core.batcher
+        retry = RetryPolicy(attempts=attempts, initial_backoff_s=0.05)
+        async with AsyncSummarizerClient(f"127.0.0.1:{server.port}", timeout_s=20,
+                                         retry=retry) as client:
+            ids = [f"b{n:02d}" for n in range(12)]
+            run = client.summarize_many([(i, f"bulk {i}") for i in ids], priority="bulk",
+                                        streams=2, max_in_flight=12, request_size=4)
+            results: list[ArticleSummary | ArticleFailure] = []
+
+            async def collect() -> None:
+                async for result in run:
+                    results.append(result)
+
+            collecting = asyncio.ensure_future(collect())
+            await until(lambda: batcher.running == 2 and batcher.queue_depth == 8,
+                        what="the held batch running and the queue full of bulk work")
+            urgent = asyncio.ensure_future(client.summarize(
+                [(f"u{n}", f"urgent {n}") for n in range(4)], priority="interactive"))
+            await until(lambda: batcher.queue_depth_of(INT) == 4,
+                        what="the interactive articles queued, displacing bulk ones")
+            engine.hold.set()
+            assert len(await asyncio.wait_for(urgent, 20)) == 4
+            await asyncio.wait_for(collecting, 20)
+    assert batcher.stats.displaced_by_priority[BLK] == 4
+    assert sorted(r.id for r in results) == ids  # each once
+    failed = [r for r in results if isinstance(r, ArticleFailure)]
+    if attempts > 1:
+        assert failed == []
+        assert sum(t.startswith("bulk") for b in engine.batches for t in b) == 12
+    else:
+        assert len(failed) == 4
+        assert {r.code for r in failed} == {8}  # RESOURCE_EXHAUSTED
 
 
 # ----- seen from outside -----

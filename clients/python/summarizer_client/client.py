@@ -17,7 +17,10 @@
   closed and reopened after `articles_per_stream` articles, so the channel spreads them over the
   replicas), at most `max_in_flight` articles at a time, results as they finish; if a stream
   breaks with a retryable code (its replica died), its unanswered articles are sent again on a
-  new stream, to a replica that is up (nothing lost, nothing twice). It is
+  new stream, to a replica that is up (nothing lost, nothing twice). An article answered
+  RESOURCE_EXHAUSTED on its own (the server's queue was full and more urgent work took its
+  place) goes out again after the retry policy's backoff, up to its `attempts` in all, keeping its
+  place among the articles in flight; only then does its failure reach the caller. It is
   written once, on asyncio; the blocking client runs it on a private event loop in a thread of
   its own for the length of the iteration.
 
@@ -29,6 +32,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import random
@@ -224,11 +228,17 @@ class _Pending:
         self._in_flight.add(article_id)
         self._texts[article_id] = text
 
-    def answered(self, article_id: str) -> bool:
-        if self._texts.pop(article_id, None) is None:
-            return False
+    def answered(self, article_id: str) -> str | None:
+        """The article's text, once it is answered (None: not in flight here). Its id stays
+        taken until `release`: an article sent again keeps it."""
+        return self._texts.pop(article_id, None)
+
+    def release(self, article_id: str) -> None:
         self._in_flight.discard(article_id)
-        return True
+
+    def add_again(self, article_id: str, text: str) -> None:
+        """An article answered RESOURCE_EXHAUSTED on its own, sent again (its id still taken)."""
+        self._texts[article_id] = text
 
     def snapshot(self) -> list[tuple[str, str]]:
         return list(self._texts.items())
@@ -245,6 +255,12 @@ class _Source:
         self._articles = articles
         self._lock = asyncio.Lock()
         self.exhausted = False
+        """The caller's articles are all read (or reading them failed)."""
+        self._again: collections.deque[tuple[str, str]] = collections.deque()
+        self._backing_off: set[asyncio.Future[None]] = set()
+        self._changed = asyncio.Event()
+        self.sent_again: collections.Counter[str] = collections.Counter()
+        """Per article answered RESOURCE_EXHAUSTED on its own, how often it went out again."""
         self.error: BaseException | None = None
         """What reading the articles raised: the run ends with it once the articles already
         sent are answered (re-raised as it is, never as a gRPC status)."""
@@ -265,6 +281,43 @@ class _Source:
 
     def fail(self, error: BaseException) -> None:
         self.error, self.exhausted = error, True
+
+    def more(self) -> bool:
+        """Whether any article may still go out: the caller's, or one to send again (waiting out
+        its backoff, or due now)."""
+        return not self.exhausted or bool(self._again) or bool(self._backing_off)
+
+    def send_again(self, article: tuple[str, str], pause_s: float) -> None:
+        """Send `article` again after `pause_s`, before new articles (it takes a slot among those
+        in flight again then)."""
+        self.sent_again[article[0]] += 1
+
+        async def due() -> None:
+            await asyncio.sleep(pause_s)
+            self._again.append(article)
+
+        task = asyncio.ensure_future(due())
+        self._backing_off.add(task)
+        task.add_done_callback(self._due)
+
+    def _due(self, task: asyncio.Future[None]) -> None:
+        self._backing_off.discard(task)
+        self._changed.set()
+
+    def due(self) -> bool:
+        return bool(self._again)
+
+    def take_again(self) -> tuple[str, str] | None:
+        return self._again.popleft() if self._again else None
+
+    async def changed(self) -> None:
+        """Until an article's backoff ends."""
+        await self._changed.wait()
+        self._changed.clear()
+
+    def cancel(self) -> None:
+        for task in list(self._backing_off):
+            task.cancel()
 
 
 def _check_id(article: tuple[str, str]) -> tuple[str, str]:
@@ -491,6 +544,7 @@ class AsyncSummarizerClient(_ClientBase):
             if source.error is not None:
                 raise source.error
         finally:
+            source.cancel()
             for lane in lanes:
                 lane.cancel()
             await asyncio.gather(*lanes, return_exceptions=True)
@@ -514,13 +568,24 @@ class AsyncSummarizerClient(_ClientBase):
                                                      priority))
                 try:
                     while (message := await call.read()) is not grpc.aio.EOF:
-                        if pending.answered(message.id):
-                            retries = 0  # progress: a later break gets the full retry budget
-                            results.put_nowait(result_from_pb(message))  # its slot: see below
+                        text = pending.answered(message.id)
+                        if text is None:
+                            continue
+                        retries = 0  # progress: a later break gets the full retry budget
+                        if (message.error.code == _RESOURCE_EXHAUSTED
+                                and source.sent_again[message.id] + 1 < self.retry.attempts):
+                            # Its place in the queue went to more urgent work: again, later.
+                            source.send_again((message.id, text), self.retry.pause_s(
+                                source.sent_again[message.id] + 1))
+                            slots.release()
+                            continue
+                        pending.release(message.id)
+                        source.sent_again.pop(message.id, None)
+                        results.put_nowait(result_from_pb(message))  # its slot: see below
                     await feeder  # a bug in the feeding itself surfaces here
                     if len(pending):
                         raise RuntimeError("the stream ended with articles unanswered")
-                    if source.exhausted:
+                    if not source.more():
                         break
                 except grpc.RpcError as error:
                     if source.error is not None:
@@ -545,6 +610,9 @@ class AsyncSummarizerClient(_ClientBase):
                                                       metadata=self._metadata), timeout_s)
 
 
+_RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+
+
 def _lost_status(error: grpc.RpcError) -> bool:
     """grpcio's asyncio client reports a write that races the server ending the stream as this
     local INTERNAL, hiding the server's status (grpc/grpc#36066). The stream is broken either way;
@@ -565,12 +633,22 @@ async def _feed(call: grpc.aio.StreamStreamCall, pending: _Pending, source: _Sou
         for start in range(0, len(resend), request_size):
             await call.write(_request(resend[start:start + request_size], options, priority))
         sent = len(resend)
-        while not source.exhausted and sent < articles_per_stream:
+        while source.more() and sent < articles_per_stream:
             batch: list[tuple[str, str]] = []
             while len(batch) < min(request_size, articles_per_stream - sent):
                 if batch and slots.locked():
                     break  # send what we have rather than wait for a slot
+                if source.exhausted and not source.due():
+                    if batch or not source.more():
+                        break
+                    await source.changed()  # an article to send again, after its backoff
+                    continue
                 await slots.acquire()
+                again = source.take_again()  # before new ones
+                if again is not None:
+                    pending.add_again(*again)
+                    batch.append(again)
+                    continue
                 article = await source.take()
                 if article is None:
                     slots.release()
