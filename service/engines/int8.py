@@ -59,6 +59,14 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.div(x, scale).round_().to(torch.int8), scale
 
 
+def _int8_rows(module: nn.Module, rows: int, columns: int, device: Any) -> None:
+    """Register `module`'s int8 `weight` [rows, columns] and its float32 per-row `weight_scale`
+    (empty: filled by loading or by quantising)."""
+    module.register_buffer("weight", torch.empty((rows, columns), dtype=torch.int8,
+                                                 device=device))
+    module.register_buffer("weight_scale", torch.empty(rows, dtype=torch.float32, device=device))
+
+
 class Int8Linear(nn.Module):
     """y = x W^T + b with W int8 per output channel and x quantised per row (see the module
     docstring): batch-invariant, float32 in and out."""
@@ -72,10 +80,7 @@ class Int8Linear(nn.Module):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
-        self.register_buffer("weight", torch.empty((out_features, in_features),
-                                                        dtype=torch.int8, device=device))
-        self.register_buffer("weight_scale", torch.empty(out_features, dtype=torch.float32,
-                                                         device=device))
+        _int8_rows(self, out_features, in_features, device)
         if bias:
             self.register_buffer("bias", torch.empty(out_features, dtype=torch.float32,
                                                      device=device))
@@ -127,10 +132,7 @@ class Int8Embedding(nn.Module):
         self.embedding_dim = embedding_dim
         self.padding_idx = padding_idx
         self.embed_scale = embed_scale
-        self.register_buffer("weight", torch.empty((num_embeddings, embedding_dim),
-                                                   dtype=torch.int8, device=device))
-        self.register_buffer("weight_scale", torch.empty(num_embeddings, dtype=torch.float32,
-                                                         device=device))
+        _int8_rows(self, num_embeddings, embedding_dim, device)
 
     @classmethod
     def like(cls, embedding: nn.Embedding, device: Any = None) -> Int8Embedding:
