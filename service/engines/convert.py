@@ -16,6 +16,7 @@ for speed) is padded with placeholder tokens.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -24,7 +25,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -136,9 +137,7 @@ def convert(source: Source, out: str | Path, compute_type: str, revision: str = 
                              "pip install ctranslate2") from error
     _check_conversion_tools(source)
     out = Path(out).expanduser()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged(out) as staging:
         import transformers
 
         transformers.utils.logging.disable_progress_bar()
@@ -155,12 +154,23 @@ def convert(source: Source, out: str | Path, compute_type: str, revision: str = 
         (staging / CT2_MARKER).write_text(json.dumps({
             "source": source.ref, "compute_type": compute_type,
             "ctranslate2": ctranslate2.__version__}) + "\n", encoding="utf-8")
+    return out
+
+
+@contextlib.contextmanager
+def staged(out: Path) -> Iterator[Path]:
+    """A staging directory beside `out` for a conversion to write; when the block completes it
+    becomes `out` (replacing an older one), and when the block raises it is removed: `out`
+    appears complete or not at all. The ctranslate2 and torch int8 conversions both use it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield staging
         if out.exists():
             shutil.rmtree(out)
         staging.rename(out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return out
 
 
 def _check_conversion_tools(source: Source) -> None:

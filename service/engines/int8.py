@@ -37,7 +37,7 @@ from torch import nn
 
 from ..errors import ModelLoadError, first_line
 from .checkpoint import Source
-from .convert import DEFAULT_CACHE_DIR, _fingerprint, convert_into_cache
+from .convert import DEFAULT_CACHE_DIR, _fingerprint, convert_into_cache, staged
 
 
 WEIGHTS_FILE = "int8.safetensors"
@@ -211,15 +211,10 @@ def is_converted(directory: Path) -> bool:
 def convert(location: str, out: Path, options: dict[str, Any]) -> Path:
     """Load `location` in float32, quantise its linear layers and write `out` (atomically: the
     directory appears complete or not at all). Runs in a child process (see `converted_for`)."""
-    import shutil
-    import tempfile
-
     from safetensors.torch import save_file
     from transformers import AutoModelForSeq2SeqLM
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged(out) as staging:
         model = AutoModelForSeq2SeqLM.from_pretrained(location, dtype=torch.float32,
                                                       use_safetensors=True, **options)
         model.eval()
@@ -232,11 +227,6 @@ def convert(location: str, out: Path, options: dict[str, Any]) -> Path:
             "source": location, "format": FORMAT, "torch": torch.__version__,
             "linear_layers": replaced, "int8_embeddings": embeddings}) + "\n",
             encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out
 
 
