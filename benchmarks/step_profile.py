@@ -6,7 +6,8 @@ sets (4 beams; summary and headline by default, fixed lengths), then every step 
 set is empty. The time is split by wrapping the pieces (wall-clock, nested calls counted once):
 
 - linear: every linear layer (int8: quantising the activations, `torch._int_mm`, rescaling);
-- attention: `scaled_dot_product_attention` (self and cross) and the cross-attention gather;
+- attention: self-attention (per run of rows with the same history) and cross-attention (per
+  source);
 - search: the groups' beam/greedy bookkeeping (`Search.advance`, logits processors included);
 - cache: the running set's self-attention cache work between steps (`after_step`: beam reordering,
   finished rows leaving, trimming) and `torch.cat` inside the step (appending the new column);
@@ -89,9 +90,8 @@ def instrument(clock: Clock, session: Any) -> Callable[[], None]:
     undo: list[tuple[Any, str, Any]] = []
     for owner, name, category in ((Int8Linear, "forward", "linear"),
                                   (nn.Linear, "forward", "linear"),
-                                  (decoders, "_attend", "attention"),
-                                  (decoders.CrossLayout, "gather", "attention"),
-                                  (decoders.CrossLayout, "scatter", "attention"),
+                                  (decoders, "_self_attend", "attention"),
+                                  (decoders, "_cross_attend", "attention"),
                                   (decoders, "_with_column", "cache"),
                                   (search.Beams, "advance", "search"),
                                   (search.Greedy, "advance", "search"),

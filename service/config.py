@@ -151,10 +151,10 @@ class Settings:
         0, "Memory for the decoder caches of continuous batching (self- and cross-attention, "
            "beams included), in MiB; a request that could never fit is refused with "
            "RESOURCE_EXHAUSTED. Counted between steps; a step briefly holds up to about 3x the "
-           "self-attention and 2x the cross-attention part. 0: auto (an eighth of system RAM on "
+           "self-attention part. 0: auto (an eighth of system RAM on "
            "CPU, 30% of free GPU memory after loading)")
     max_encode_tokens_per_step: int = _setting(
-        1024, "Continuous batching: most padded input tokens (articles x longest input) encoded "
+        1024, "Continuous batching: most input tokens (the articles' inputs added up) encoded "
               "between two decoding steps; a burst of long articles is encoded a slice per step, "
               "most urgent first, so articles already decoding keep stepping. At least one "
               "article per step whatever its length. 0: no cap (a burst is encoded at once).")

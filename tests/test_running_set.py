@@ -77,10 +77,10 @@ def _check(running: RunningSet) -> None:
                     if want:
                         assert torch.equal(held, torch.stack(want, 1))
             layout = inputs.layout
-            source, query = divmod(int(layout.slot[row]), layout.width)
-            keys = inputs.cross[0][0][source, :, :group.source.length]
-            assert torch.equal(keys, group.source.kv[0][0][0])
-            assert not bool(inputs.cross_valid[source, group.source.length:].any())
+            [source] = [s for start, end, s in layout.cross_runs if start <= row < end]
+            assert inputs.cross[source] is group.source.kv  # the source itself, not a copy
+            [length] = [n for start, end, n in layout.self_runs if start <= row < end]
+            assert length == group.length
             row += 1
 
 

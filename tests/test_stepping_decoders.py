@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from service.engines.stepping.decoders import CrossLayout, adapter_for
+from service.engines.stepping.decoders import Layout, adapter_for
 
 
 def _t5(config_class, model_class, **extra):
@@ -49,14 +49,13 @@ def _model(kind: str):
 
 def _stepped(model, ids: torch.Tensor, tokens: list[int]) -> torch.Tensor:
     adapter = adapter_for(model)
-    cross = adapter.cross_kv(adapter.encode(ids, torch.ones_like(ids)))
-    cross_valid = torch.ones((1, ids.shape[1]), dtype=torch.bool)
-    layout = CrossLayout(torch.tensor([0]), 1, 1)
+    cross = [adapter.cross_kv(adapter.encode(ids, torch.ones_like(ids)))]
     self_kv, out = None, []
     for n, token in enumerate(tokens):
         valid = torch.ones((1, n + 1), dtype=torch.bool)
+        layout = Layout(self_runs=[(0, 1, n)], cross_runs=[(0, 1, 0)])
         logits, self_kv = adapter.step(torch.tensor([token]), torch.tensor([n]), self_kv or [],
-                                       valid, cross, cross_valid, layout)
+                                       valid, cross, layout)
         out.append(logits[0])
     return torch.stack(out)
 

@@ -7,13 +7,24 @@ self-attention length and its own source length. These adapters run the model's 
 the model's forward runs them, with per-row positions and masks:
 
 - the self-attention cache is right-aligned: every row's newest token is in the last column, and a
-  row that has decoded `n` tokens holds its keys in the last `n` columns (the rest is masked);
+  row that has decoded `n` tokens holds its keys in the last `n` columns (the columns left of
+  them belong to longer rows);
 - the cross-attention keys and values are computed once per source (an article's encoded input,
-  `cross_kv`) and never copied per row: all rows that read one source (its summary's and its
-  headline's beams) are that source's queries in one attention call, `[sources, heads, queries,
-  dim]` against `[sources, heads, source length, dim]` padded on the right (masked). So beams
-  share their article's keys and values (FastSeq's "attention cache" idea) and a beam reorder
-  never touches them.
+  `cross_kv`) and never copied per row: the rows that read one source (its summary's and its
+  headline's beams) are that source's queries in one attention call, `[1, heads, queries, dim]`
+  against `[1, heads, source length, dim]`. So beams share their article's keys and values
+  (FastSeq's "attention cache" idea) and a beam reorder never touches them.
+
+Batch invariance: no attention call pads, masks or mixes rows of different articles. Attention
+runs per `Layout` run: self-attention per run of rows with the same history length, on exactly
+their own columns (a [rows x heads] batch of one query each: the batch size does not change a
+row's result); cross-attention per run of rows reading one source, at the source's own length,
+with the queries of that source only (how many there are is the article's own business: its
+live beams). The kernels' reduction orders then depend on the article alone, never on the set it
+decodes in; the int8 linear layers (int8.py) are row-wise, norms and embeddings are per row. So an
+int8 article decodes bit for bit as it does alone (tests/test_continuous_exact.py). Padding (the
+former layout: one call over every source, padded to the longest, and one masked call over every
+row) changed the last bits with the set, and at a near-tie a token.
 
 Supported: BART and PEGASUS (`BartLike`), T5 and mT5 (`T5Like`). `adapter_for` says which.
 """
@@ -29,27 +40,33 @@ KV = tuple[torch.Tensor, torch.Tensor]
 """Keys and values of one layer: [rows (or sources), heads, length, head_dim] each."""
 
 
-class CrossLayout:
-    """Where each row's query goes in the per-source cross-attention call: row r is query
-    `slot[r] % width` of source `slot[r] // width`."""
+class Layout:
+    """Which rows attend together in one step (rows are in group order):
 
-    def __init__(self, slot: torch.Tensor, sources: int, width: int) -> None:
-        self.slot = slot
-        self.sources = sources
-        self.width = width
+    - `self_runs`: (first row, end row, history length) of consecutive rows that hold the same
+      number of tokens in the self-attention cache;
+    - `cross_runs`: (first row, end row, source index) of consecutive rows that read the same
+      source (an article's rows are consecutive)."""
 
-    def gather(self, q: torch.Tensor) -> torch.Tensor:
-        """[rows, heads, 1, dim] -> [sources, heads, width, dim] (unused slots zero)."""
-        rows, heads, _, dim = q.shape
-        out = q.new_zeros((self.sources * self.width, heads, dim))
-        out.index_copy_(0, self.slot, q[:, :, 0])
-        return out.view(self.sources, self.width, heads, dim).transpose(1, 2)
+    def __init__(self, self_runs: list[tuple[int, int, int]],
+                 cross_runs: list[tuple[int, int, int]]) -> None:
+        self.self_runs = self_runs
+        self.cross_runs = cross_runs
 
-    def scatter(self, out: torch.Tensor) -> torch.Tensor:
-        """[sources, heads, width, dim] -> [rows, heads, 1, dim]"""
-        sources, heads, width, dim = out.shape
-        flat = out.transpose(1, 2).reshape(sources * width, heads, dim)
-        return flat.index_select(0, self.slot)[:, :, None]
+
+def runs(values: list[Any], widths: list[int]) -> list[tuple[int, int, Any]]:
+    """(first row, end row, value) of each run of consecutive equal `values`, item i being
+    `widths[i]` rows."""
+    out: list[tuple[int, int, Any]] = []
+    row = 0
+    for value, width in zip(values, widths, strict=True):
+        if out and out[-1][2] == value and out[-1][1] == row:
+            out[-1] = (out[-1][0], row + width, value)
+        else:
+            out.append((row, row + width, value))
+        row += width
+    return out
+
 
 SUPPORTED_TYPES = frozenset({"bart", "pegasus", "t5", "mt5"})
 
@@ -82,14 +99,15 @@ class Adapter:
         raise NotImplementedError
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, self_kv: list[KV],
-             self_valid: torch.Tensor, cross: list[KV], cross_valid: torch.Tensor,
-             layout: CrossLayout) -> tuple[torch.Tensor, list[KV]]:
+             self_valid: torch.Tensor, cross: list[list[KV]],
+             layout: Layout) -> tuple[torch.Tensor, list[KV]]:
         """Decode one token per row. `tokens`, `positions`: [rows]; `self_kv`: the cache before
         this step: either length T (possibly 0), or length T + 1 whose last column is a free
         slot for this step's keys/values (a preallocated cache: the step writes the slot in
         place instead of concatenating the whole cache); `self_valid`: [rows, T + 1] bool, True
-        where a row attends, this step's column included; `cross`: per source; `cross_valid`:
-        [sources, S] bool; `layout`: which source each row reads.
+        where a row attends, this step's column included (each row's last `positions + 1`
+        columns: `layout.self_runs` says the same per run); `cross`: per source, each decoder
+        layer's keys/values [1, heads, length, dim]; `layout`: which rows attend together.
         Returns float logits [rows, vocab] and each layer's self-attention keys/values with this
         step's column ([rows, heads, T + 1, head_dim]: the slotted tensors themselves, or new
         ones); nothing else passed in is mutated."""
@@ -110,9 +128,36 @@ def adapter_for(model: Any) -> Adapter:
     raise ValueError(f"continuous batching does not support model type {model_type!r}")
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-            scale: float) -> torch.Tensor:
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+def _self_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout,
+                 scale: float, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Self-attention of one new token per row, [rows, heads, 1, dim], against the right-aligned
+    cache `k`, `v` [rows, heads, T + 1, dim], per run of rows with the same history: each run
+    reads exactly its own last `history + 1` columns (no mask, no padding). `bias`: T5's position
+    bias [1, heads, 1, T + 1] (it depends on the distance to the newest column only)."""
+    out = torch.empty_like(q)
+    total = k.shape[2]
+    for start, end, history in layout.self_runs:
+        first = total - history - 1
+        scores = torch.matmul(q[start:end], k[start:end, :, first:].transpose(-1, -2))
+        if scale != 1.0:
+            scores.mul_(scale)
+        if bias is not None:
+            scores.add_(bias[..., first:])
+        out[start:end] = torch.matmul(torch.softmax(scores, dim=-1), v[start:end, :, first:])
+    return out
+
+
+def _cross_attend(q: torch.Tensor, sources: list[KV], layout: Layout,
+                  scale: float) -> torch.Tensor:
+    """Cross-attention of [rows, heads, 1, dim] queries, one call per run of rows that read one
+    source: [1, heads, queries, dim] against that source's [1, heads, length, dim]."""
+    out = torch.empty_like(q)
+    for start, end, source in layout.cross_runs:
+        k, v = sources[source]
+        queries = q[start:end, :, 0].transpose(0, 1)[None]
+        attended = F.scaled_dot_product_attention(queries, k, v, scale=scale)
+        out[start:end, :, 0] = attended[0].transpose(0, 1)
+    return out
 
 
 def _with_column(past: KV | None, new: KV, length: int) -> KV:
@@ -152,15 +197,7 @@ class BartLike(Adapter):
                         _heads(attn.v_proj(hidden), self.head_dim)))
         return out
 
-    def _attention(self, attn: Any, h: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                   mask: torch.Tensor, layout: CrossLayout | None = None) -> torch.Tensor:
-        q = _heads(attn.q_proj(h), self.head_dim)
-        if layout is None:
-            return attn.out_proj(_merge(_attend(q, k, v, mask, self.scaling)))
-        out = _attend(layout.gather(q), k, v, mask, self.scaling)
-        return attn.out_proj(_merge(layout.scatter(out)))
-
-    def step(self, tokens, positions, self_kv, self_valid, cross, cross_valid, layout):
+    def step(self, tokens, positions, self_kv, self_valid, cross, layout):
         decoder = self.decoder
         h = decoder.embed_tokens(tokens[:, None])
         if self.embed_scale is not None:
@@ -169,8 +206,6 @@ class BartLike(Adapter):
                             decoder.embed_positions.weight)
         if getattr(decoder, "layernorm_embedding", None) is not None:
             h = decoder.layernorm_embedding(h)
-        self_mask = self_valid[:, None, None, :]
-        cross_mask = cross_valid[:, None, None, :]
         new_kv = []
         for i, layer in enumerate(decoder.layers):
             sa = layer.self_attn
@@ -179,13 +214,16 @@ class BartLike(Adapter):
             column = (_heads(sa.k_proj(x), self.head_dim), _heads(sa.v_proj(x), self.head_dim))
             k, v = _with_column(self_kv[i] if self_kv else None, column, self_valid.shape[1])
             new_kv.append((k, v))
-            h = residual + self._attention(sa, x, k, v, self_mask)
+            q = _heads(sa.q_proj(x), self.head_dim)
+            h = residual + sa.out_proj(_merge(_self_attend(q, k, v, layout, self.scaling)))
             if not self.pre_norm:
                 h = layer.self_attn_layer_norm(h)
             residual = h
             x = layer.encoder_attn_layer_norm(h) if self.pre_norm else h
-            h = residual + self._attention(layer.encoder_attn, x, cross[i][0], cross[i][1],
-                                           cross_mask, layout)
+            ca = layer.encoder_attn
+            q = _heads(ca.q_proj(x), self.head_dim)
+            attended = _cross_attend(q, [source[i] for source in cross], layout, self.scaling)
+            h = residual + ca.out_proj(_merge(attended))
             if not self.pre_norm:
                 h = layer.encoder_attn_layer_norm(h)
             residual = h
@@ -225,14 +263,7 @@ class T5Like(Adapter):
                         _heads(attn.v(hidden), self.head_dim)))
         return out
 
-    def _attention(self, attn: Any, h: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                   mask: torch.Tensor, layout: CrossLayout | None = None) -> torch.Tensor:
-        q = _heads(attn.q(h), self.head_dim)
-        if layout is None:
-            return attn.o(_merge(_attend(q, k, v, mask, 1.0)))
-        return attn.o(_merge(layout.scatter(_attend(layout.gather(q), k, v, mask, 1.0))))
-
-    def step(self, tokens, positions, self_kv, self_valid, cross, cross_valid, layout):
+    def step(self, tokens, positions, self_kv, self_valid, cross, layout):
         decoder = self.decoder
         h = decoder.embed_tokens(tokens[:, None])
         length = self_valid.shape[1]
@@ -241,10 +272,6 @@ class T5Like(Adapter):
         first = decoder.block[0].layer[0].SelfAttention
         bias = first.compute_bias(1, length, device=h.device, past_seen_tokens=length - 1)
         bias = bias.to(h.dtype)
-        low = torch.finfo(h.dtype).min
-        self_mask = bias.masked_fill(~self_valid[:, None, None, :], low)
-        cross_mask = torch.zeros(cross_valid.shape, dtype=h.dtype, device=h.device)
-        cross_mask = cross_mask.masked_fill(~cross_valid, low)[:, None, None, :]
         new_kv = []
         for i, block in enumerate(decoder.block):
             sa_layer, ca_layer, ff_layer = block.layer[0], block.layer[1], block.layer[2]
@@ -253,10 +280,12 @@ class T5Like(Adapter):
             column = (_heads(sa.k(x), self.head_dim), _heads(sa.v(x), self.head_dim))
             k, v = _with_column(self_kv[i] if self_kv else None, column, self_valid.shape[1])
             new_kv.append((k, v))
-            h = _clamp(h + self._attention(sa, x, k, v, self_mask))
-            x = ca_layer.layer_norm(h)
-            h = _clamp(h + self._attention(ca_layer.EncDecAttention, x, cross[i][0], cross[i][1],
-                                           cross_mask, layout))
+            q = _heads(sa.q(x), self.head_dim)
+            h = _clamp(h + sa.o(_merge(_self_attend(q, k, v, layout, 1.0, bias))))
+            ca = ca_layer.EncDecAttention
+            q = _heads(ca.q(ca_layer.layer_norm(h)), self.head_dim)
+            attended = _cross_attend(q, [source[i] for source in cross], layout, 1.0)
+            h = _clamp(h + ca.o(_merge(attended)))
             h = _clamp(h + ff_layer.DenseReluDense(ff_layer.layer_norm(h)))
         h = decoder.final_layer_norm(h)
         if self.scale_output:

@@ -16,10 +16,11 @@ knows neither search (session.py and search.py pick tokens and parents) nor fail
 Layout: a group is `width` consecutive rows (its beams); rows are in group order. Each row's
 self-attention keys/values sit in one tensor per layer, [rows, heads, T, dim], right-aligned
 (a row with `length` tokens of history holds the last `length` columns; the columns left of them
-are masked). A group reads one `Source` (an encoded input: each decoder layer's cross-attention
-keys/values, [1, heads, length, dim]); groups that read the same source share it, and the step's
-cross-attention tensor holds each source once, padded to the longest (`CrossLayout` says which
-source and query slot each row uses).
+belong to longer rows). A group reads one `Source` (an encoded input: each decoder layer's
+cross-attention keys/values, [1, heads, length, dim]); groups that read the same source share it
+and sit next to each other. A step reads every source as it is (never padded or copied into one
+tensor), and `decoders.Layout` says which rows attend together: runs of rows with the same
+history length, runs of rows that read the same source.
 
 Copies: after a step the kept rows are gathered once per layer into a cache one column wider
 whose last column (the "slot") the next step writes in place, so the cache is copied once per
@@ -38,7 +39,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import torch
 
-from .decoders import KV, CrossLayout
+from .decoders import KV, Layout, runs
 
 
 @dataclass(eq=False)
@@ -63,9 +64,9 @@ class Rows(Protocol):
 
 
 G = TypeVar("G", bound=Rows)
-Cross = tuple[list[KV], torch.Tensor, CrossLayout]
-"""Cross-attention keys/values per layer (sources padded into one tensor), their mask, and where
-each row's query goes."""
+Cross = tuple[list[list[KV]], list[tuple[int, int, int]]]
+"""The sources the rows read (each one's keys/values per layer) and the runs of rows that read
+each (`Layout.cross_runs`)."""
 
 
 @dataclass(frozen=True)
@@ -76,13 +77,12 @@ class StepInputs:
     lengths: torch.Tensor
     self_kv: list[KV]
     self_valid: torch.Tensor
-    cross: list[KV]
-    cross_valid: torch.Tensor
-    layout: CrossLayout
+    cross: list[list[KV]]
+    layout: Layout
 
     def args(self) -> tuple[Any, ...]:
         return (self.tokens, self.lengths, self.self_kv, self.self_valid, self.cross,
-                self.cross_valid, self.layout)
+                self.layout)
 
 
 class RunningSet(Generic[G]):
@@ -190,7 +190,9 @@ class RunningSet(Generic[G]):
         columns = torch.arange(history + 1, device=self.device)
         self_valid = columns[None, :] >= (history - lengths)[:, None]
         tokens = torch.cat([g.tokens for g in groups])
-        return StepInputs(tokens, lengths, self_kv or [], self_valid, *cross)
+        widths = [g.width for g in groups]
+        layout = Layout(runs([g.length for g in groups], widths), cross[1])
+        return StepInputs(tokens, lengths, self_kv or [], self_valid, cross[0], layout)
 
     def after_step(self, new_kv: list[KV], stepped: Sequence[int],
                    kept: dict[int, torch.Tensor | None]) -> None:
@@ -233,30 +235,16 @@ class RunningSet(Generic[G]):
         return starts
 
     def _cross_inputs(self, groups: list[G]) -> Cross:
-        """The sources these groups read, padded into one tensor per layer, their masks, and
-        where each row's query goes."""
-        sources: list[Source] = []
-        slots: list[tuple[int, int]] = []  # (source index, query index) per row
-        used: dict[int, int] = {}
-        taken: list[int] = []  # queries per source so far
+        """The sources these groups read, each once, as they are (no padding, no copy), and the
+        runs of rows that read each."""
+        index: dict[int, int] = {}
+        sources: list[list[KV]] = []
         for group in groups:
-            index = used.get(id(group.source))
-            if index is None:
-                index = used[id(group.source)] = len(sources)
-                sources.append(group.source)
-                taken.append(0)
-            slots += [(index, taken[index] + j) for j in range(group.width)]
-            taken[index] += group.width
-        width = max(j for _, j in slots) + 1
-        longest = max(s.length for s in sources)
-        layers = len(sources[0].kv)
-        cross = [(torch.cat([_pad_to(s.kv[i][0], longest) for s in sources]),
-                  torch.cat([_pad_to(s.kv[i][1], longest) for s in sources]))
-                 for i in range(layers)]
-        lengths = torch.tensor([s.length for s in sources], device=self.device)
-        valid = torch.arange(longest, device=self.device)[None, :] < lengths[:, None]
-        slot = torch.tensor([s * width + j for s, j in slots], device=self.device)
-        return cross, valid, CrossLayout(slot, len(sources), width)
+            if id(group.source) not in index:
+                index[id(group.source)] = len(sources)
+                sources.append(group.source.kv)
+        read = [index[id(group.source)] for group in groups]
+        return sources, runs(read, [g.width for g in groups])
 
     def _write_stepped_rows(self, new_kv: list[KV], stepped: Sequence[int],
                             kept: dict[int, torch.Tensor | None]) -> bool:
@@ -349,10 +337,3 @@ def _gather_slotted(x: torch.Tensor, order: torch.Tensor, start: int) -> torch.T
     out = x.new_empty((order.shape[0], x.shape[1], width + 1, x.shape[3]))
     torch.index_select(x[:, :, start:], 0, order, out=out[:, :, :width])
     return out
-
-
-def _pad_to(x: torch.Tensor, length: int) -> torch.Tensor:
-    if x.shape[2] == length:
-        return x
-    pad = x.new_zeros((x.shape[0], x.shape[1], length - x.shape[2], x.shape[3]))
-    return torch.cat((x, pad), 2)

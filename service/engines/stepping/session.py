@@ -7,11 +7,12 @@ back to back; see service/serving/continuous.py):
 2. queue new articles; refuse at once one whose cache could never fit the budget (`too_large`);
 3. admit waiting articles, most urgent class first (`Admit.priority`), then in arrival order,
    while the budget has room and the encoder slice (`max_encode_tokens_per_step`) is not used up
-   (at least one article per call): one batched encoder
-   pass for all of them; an article's encoder output and each decoder layer's cross-attention keys
-   and values (a "source") are computed once and serve every beam of its summary and of its
-   headline (when both read the same input); each (article, output) becomes a group of `beams`
-   rows that joins the running set, and the rows of one source are kept next to each other;
+   (at least one article per call): each distinct input is encoded on its own (unpadded, so its
+   encoding does not depend on what is encoded beside it); an article's encoder output and each
+   decoder layer's cross-attention keys and values (a "source") are computed once and serve
+   every beam of its summary and of its headline (when both read the same input); each
+   (article, output) becomes a group of `beams` rows that joins the running set, and the rows of
+   one source are kept next to each other;
 4. decode one step for every row of every group in one forward pass (rows at different lengths,
    with different options: see decoders.py), except the rows of paused tickets (`StepIn.pause`):
    they sit the step out, their caches and search state untouched (see running.py);
@@ -29,10 +30,9 @@ flight, waiting or decoding; it lives in the worker process and mirrors what the
 `StepOut.active + waiting` must equal what the executor holds (`--check-invariants`).
 
 Memory: each row holds its self-attention keys/values, padded to the longest row (right-aligned);
-each source holds its cross-attention keys/values once, padded to the longest source. The budget
-counts the padded worst case of the set, for what is decoding plus the article being admitted:
-(rows x longest max length + sources x longest source) x bytes per token; the article waits until
-that fits.
+each source holds its cross-attention keys/values once, at its own length. The budget counts the
+worst case of the set, for what is decoding plus the article being admitted: (rows x longest max
+length + the sources' tokens) x bytes per token; the article waits until that fits.
 
 Pausing: a paused article produces exactly the tokens it would produce unpaused (running.py says
 how its caches are kept). A paused article that is still waiting is not admitted (its encoding
@@ -40,11 +40,11 @@ sits the step out too).
 
 Encoder slicing: a burst of long articles is encoded a slice at a time, one slice per call, so
 the rows already decoding step between slices instead of stalling behind the whole burst, and the
-most urgent articles are encoded first. A slice holds articles while their padded encoder tokens
-(distinct inputs x longest input) stay within `max_encode_tokens_per_step`; 0: no cap.
+most urgent articles are encoded first. A slice holds articles while their encoder tokens
+(the distinct inputs' lengths added up) stay within `max_encode_tokens_per_step`; 0: no cap.
 
-Failure isolation: a group whose search raises fails its article only; if the batched encoder or
-decoder pass raises, each article is run alone to find which one fails, the others go on.
+Failure isolation: a group whose search raises fails its article only; if an encoder pass or the
+batched decoder pass raises, each article is run alone to find which one fails, the others go on.
 """
 
 from __future__ import annotations
@@ -72,8 +72,9 @@ OUTPUTS = ("summary", "headline")
 
 
 class _Reserve(NamedTuple):
-    """What a set of groups needs of the cache, padded: `rows` of `self_len` tokens of
-    self-attention, `sources` of `source_len` tokens of cross-attention."""
+    """What an article's groups need of the cache: `rows` of `self_len` tokens of self-attention
+    (padded to the set's longest when counted for a set), `sources` of `source_len` tokens of
+    cross-attention (at most: each source is held at its own length)."""
 
     rows: int
     self_len: int
@@ -121,7 +122,7 @@ class TorchSession:
                  max_encode_tokens_per_step: int = 0) -> None:
         """`generation_config(output, params)`: the config the static engine would pass to
         generate for that output; `decode(ids, output)`: text and token count;
-        `max_encode_tokens_per_step`: the encoder slice (padded tokens; 0: no cap)."""
+        `max_encode_tokens_per_step`: the encoder slice (input tokens; 0: no cap)."""
         if max_encode_tokens_per_step < 0:
             raise ValueError("max_encode_tokens_per_step must not be negative (0: no cap)")
         self.adapter = adapter
@@ -239,13 +240,11 @@ class TorchSession:
         return failed
 
     def _within_encode_slice(self, articles: list[_Article]) -> bool:
-        """Whether one encoder pass over `articles` stays within the slice: padded tokens
-        (distinct inputs x longest input), as `_encode_batch` pads them."""
+        """Whether encoding `articles` stays within the slice: their distinct inputs' tokens."""
         if not self.max_encode_tokens_per_step:
             return True
         inputs = {ids for article in articles for ids in article.inputs.values()}
-        longest = max((len(ids) for ids in inputs), default=0)
-        return len(inputs) * longest <= self.max_encode_tokens_per_step
+        return sum(len(ids) for ids in inputs) <= self.max_encode_tokens_per_step
 
     def _count_with_room(self, joining: list[_Article], rest: list[_Article]) -> int:
         """How many of `rest`, in line order, the budget would also have admitted: the
@@ -265,8 +264,8 @@ class TorchSession:
         needs = [a.reserve for a in articles.values()]
         return self._bytes(_Reserve(rows=sum(n.rows for n in needs),
                                     self_len=max((n.self_len for n in needs), default=0),
-                                    sources=sum(n.sources for n in needs),
-                                    source_len=max((n.source_len for n in needs), default=0)))
+                                    sources=1,
+                                    source_len=sum(n.sources * n.source_len for n in needs)))
 
     def _encode(self, articles: list[_Article]
                 ) -> tuple[dict[int, dict[tuple[int, ...], Source]], list[StepFailure]]:
@@ -288,27 +287,21 @@ class TorchSession:
         return encoded, failed
 
     def _encode_batch(self, articles: list[_Article]) -> dict[int, dict[tuple, Source]]:
-        inputs = []
+        """Each distinct input encoded alone (no padding: its keys and values, and so its
+        article's tokens, do not depend on the inputs encoded beside it)."""
+        sources: dict[tuple[int, ...], Source] = {}
         for article in articles:
-            for source_ids in article.inputs.values():
-                if source_ids not in inputs:
-                    inputs.append(source_ids)
-        width = max(len(ids) for ids in inputs)
-        pad = self.model.config.pad_token_id or 0
-        ids = torch.full((len(inputs), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(inputs), width), dtype=torch.long)
-        for i, row in enumerate(inputs):
-            ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
-            mask[i, :len(row)] = 1
-        hidden = self.adapter.encode(ids.to(self.device), mask.to(self.device))
-        kv = self.adapter.cross_kv(hidden)
-        sources = [Source(kv=[(k[i:i + 1, :, :len(row)].contiguous(),
-                                v[i:i + 1, :, :len(row)].contiguous()) for k, v in kv],
-                           length=len(row))
-                   for i, row in enumerate(inputs)]
-        return {article.ticket: {row: sources[inputs.index(row)]
-                                 for row in article.inputs.values()}
+            for row in article.inputs.values():
+                if row not in sources:
+                    sources[row] = self._encode_one(row)
+        return {article.ticket: {row: sources[row] for row in article.inputs.values()}
                 for article in articles}
+
+    def _encode_one(self, row: tuple[int, ...]) -> Source:
+        ids = torch.tensor([row], dtype=torch.long, device=self.device)
+        hidden = self.adapter.encode(ids, torch.ones_like(ids))
+        kv = self.adapter.cross_kv(hidden)
+        return Source(kv=[(k.contiguous(), v.contiguous()) for k, v in kv], length=len(row))
 
     def _join_groups(self, article: _Article, sources: dict[tuple, Source]) -> None:
         """The article's groups join the running set, one per output, reading `sources`."""
