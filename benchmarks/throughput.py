@@ -294,10 +294,9 @@ def run_server(work: Work, engine: str, compute_type: str, cache: str, clients: 
 
 
 def in_child(function: Any, *args: Any) -> Result:
-    """Run one phase in a fresh process (spawned: no memory shared with this one), with OpenMP
-    threads that sleep when idle, as `summarizer serve` runs them (see service/cli.py): the
-    baseline and the in-process runs get the same treatment as the server."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    """Run one phase in a fresh process (spawned: no memory shared with this one), with the
+    OpenMP runtime's default wait policy, as the server's worker processes run the model (see
+    service/cli.py): the baseline and the in-process runs get the same treatment as the server."""
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         return pool.apply(function, args)
 

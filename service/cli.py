@@ -258,12 +258,17 @@ def _serve(args: argparse.Namespace) -> int:
     # Before the port is bound: a misspelt path or name, or a hub that cannot be reached, is
     # reported at once instead of after a NOT_SERVING start.
     check_model_refs(settings)
-    # Before torch or ctranslate2 load their OpenMP runtimes (they read it once, at load): idle
-    # OpenMP threads that spin keep the cores from the server's other threads and from the other
-    # runtime (torch and ctranslate2 each bundle one). Spinning made the server 4x (torch) to 10x
-    # (ctranslate2) slower than the same engine in-process on a 2-core machine under load; an
-    # explicit OMP_WAIT_POLICY is left alone.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # OpenMP's wait policy, before torch or ctranslate2 load their runtimes (read once, at load).
+    # The model runs in worker processes (--workers >= 1) that do nothing else: they keep the
+    # runtime's default (threads spin briefly between parallel regions, then sleep). A step is
+    # hundreds of small parallel operations; with PASSIVE every one of them woke its threads
+    # through the kernel, and a worker ran a torch int8 step at half its in-process speed
+    # (docs/performance.md, "OpenMP wait policy"). Only a model run inside the server process
+    # (--workers 0) sleeps at once (PASSIVE): there, spinning threads took the cores from gRPC's
+    # threads and the other bundled runtime, 4x (torch) to 10x (ctranslate2) slower under load.
+    # An explicit OMP_WAIT_POLICY is left alone, for both.
+    if not config_module.worker_devices(settings):
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if asyncio.run(run(settings)):
         # A batch abandoned after the grace period still runs in the model thread; Python would
         # wait for it at exit. Nobody needs its results: exit now, as the grace period promised.

@@ -481,3 +481,22 @@ def test_repeated_sigkills_while_work_runs_lose_and_double_nothing(
     assert health(server) == SERVING
     log = "".join(server.log)
     assert "Traceback" not in log and "InvariantViolation" not in log
+
+
+def _wait_policy_of_worker(server: ServerProcess) -> list[str]:
+    """The OMP_WAIT_POLICY entries of the worker's environment (as it was started with)."""
+    [pid] = worker_pids(server).values()
+    environ = Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0")
+    return [entry for entry in environ if entry.startswith("OMP_WAIT_POLICY=")]
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads /proc")
+def test_workers_keep_openmps_default_wait_policy_unless_one_is_given(serve, monkeypatch) -> None:
+    """The model's OpenMP threads in a worker spin briefly between parallel operations (the
+    runtime's default): the server no longer starts its workers with OMP_WAIT_POLICY=PASSIVE,
+    which woke the threads through the kernel for each of a step's hundreds of small operations
+    and ran a torch int8 step at half its speed. A policy the user gives reaches the workers."""
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert _wait_policy_of_worker(serve("fast")) == []
+    assert _wait_policy_of_worker(serve("fast", OMP_WAIT_POLICY="ACTIVE")) == [
+        "OMP_WAIT_POLICY=ACTIVE"]

@@ -54,7 +54,6 @@ def build(settings: Settings) -> Engine:
 def main(conn: Connection, settings: Settings, parent_pid: int) -> None:
     die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server decides when workers stop
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     logging.basicConfig(level=settings.log_level,
                         format=f"%(asctime)s %(levelname)s worker {os.getpid()}: %(message)s")
     started = time.perf_counter()
