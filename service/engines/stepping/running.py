@@ -315,9 +315,19 @@ class RunningSet(Generic[G]):
             self._slotted = False
         else:
             # One copy per layer: the kept rows, in their new order, into a cache with a free
-            # last column that the next step writes in place.
-            self._self_kv = [(_gather_slotted(k, rows, start), _gather_slotted(v, rows, start))
-                             for k, v in new_kv]
+            # last column that the next step writes in place. Layer by layer, each layer's old
+            # tensors let go as soon as its copy exists (here and in `new_kv`, which the caller
+            # passes on): the step holds one layer twice at a time, not the whole cache.
+            old, self._self_kv = self._self_kv, None
+            gathered: list[KV] = []
+            for layer in range(len(new_kv)):
+                k, v = new_kv[layer]
+                new_kv[layer] = _RELEASED
+                if old is not None:
+                    old[layer] = _RELEASED
+                gathered.append((_gather_slotted(k, rows, start), _gather_slotted(v, rows, start)))
+                del k, v
+            self._self_kv = gathered
             self._slotted = True
         if len(surviving) != len(self.groups):
             self._cross = None  # sources are per source, not per row: rebuilt for who is left
@@ -328,6 +338,10 @@ class RunningSet(Generic[G]):
         """The cache without its free slot column (views, nothing copied)."""
         self._self_kv = self.self_kv()
         self._slotted = False
+
+
+_RELEASED: KV = (torch.empty(0), torch.empty(0))
+"""What a cache layer is replaced by once it has been copied (its tensors let go)."""
 
 
 def _gather_slotted(x: torch.Tensor, order: torch.Tensor, start: int) -> torch.Tensor:
