@@ -26,8 +26,9 @@ the same length. Reported:
   the busy fraction is calls x unloaded interactive latency / window (the machine time the
   interactive calls need themselves).
 
-Configurations (`--configs`): `default` (`--engine auto`: ctranslate2 int8, static batches) and
-`torch` (`--engine torch`: continuous batching). Targets (issue 20): interactive worst <= 2.5x,
+Configurations (`--configs`): `default` (`--engine auto`: ctranslate2 int8, static batches),
+`torch` (`--engine torch`: continuous batching, float32) and `torch-int8` (`--engine torch
+--compute-type int8`: continuous batching in int8). Targets (issue 20): interactive worst <= 2.5x,
 median <= 1.5x, bulk >= 90% of its work-conserving share.
 
 Priorities: where the client's generated stubs have a `priority` field on SummarizeRequest,
@@ -75,8 +76,10 @@ from continuous import (
 from throughput import make_articles, percentile
 from plots import latency_by_class_svg
 
-CONFIGS = {"default": ["--engine", "auto"], "torch": ["--engine", "torch"]}
-LABELS = {"default": "default (--engine auto)", "torch": "--engine torch (continuous)"}
+CONFIGS = {"default": ["--engine", "auto"], "torch": ["--engine", "torch"],
+           "torch-int8": ["--engine", "torch", "--compute-type", "int8"]}
+LABELS = {"default": "default (--engine auto)", "torch": "--engine torch (continuous)",
+          "torch-int8": "--engine torch --compute-type int8 (continuous)"}
 BULK = OptionSet("bulk", 48, 4)
 INTERACTIVE = OptionSet("interactive", 16, 2)
 
