@@ -95,3 +95,32 @@ def test_the_request_and_the_idle_watch_never_both_replace() -> None:
     """Race the two for the same death, many times: exactly one of them wins each time."""
     for _ in range(300):
         assert sorted(race_for_one_death()) == [False, True]
+
+
+class _ReapedElsewhere:
+    """A worker killed by SIGKILL that another thread is reaping: `exitcode` reads None until
+    that thread has stored the code (what multiprocessing's `poll` answers the loser of two
+    `waitpid`s), then -9."""
+
+    def __init__(self, none_reads: int) -> None:
+        self.none_reads = none_reads
+
+    def join(self, timeout: float | None = None) -> None:
+        return None
+
+    @property
+    def exitcode(self) -> int | None:
+        if self.none_reads:
+            self.none_reads -= 1
+            return None
+        return -9
+
+
+def test_a_kill_reaped_by_another_thread_is_still_a_signal() -> None:
+    """`_cause` waited for nothing: when the idle watch and a request reaped the same killed
+    worker at once, one of them logged and counted the SIGKILL as an exit (seen in CI: 3
+    restarts by signal for 4 kills)."""
+    from service.workers.pool import _cause
+
+    assert _cause(_ReapedElsewhere(none_reads=3)) == "signal"  # type: ignore[arg-type]
+    assert _cause(_ReapedElsewhere(none_reads=0)) == "signal"  # type: ignore[arg-type]

@@ -100,9 +100,21 @@ class PoolStats:
     """Batches (or held sessions) sent again after their worker died."""
 
 
+_EXIT_CODE_WAIT_S = 1.0
+"""How long `_cause` waits for the exit code that another thread is storing (see there)."""
+
+
 def _cause(process: multiprocessing.process.BaseProcess) -> str:
+    """How a dead worker went: "signal" (killed: SIGKILL, a segfault) or "exit". Two threads may
+    reap it at once (the runner's request and the idle watch): multiprocessing's `poll` then
+    answers None to the one whose `waitpid` found the child already reaped, until the other has
+    stored the code; read it again for a moment instead of calling a kill an exit."""
     process.join(5)
+    deadline = time.monotonic() + _EXIT_CODE_WAIT_S
     code = process.exitcode
+    while code is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+        code = process.exitcode
     return "signal" if code is not None and code < 0 else "exit"
 
 
