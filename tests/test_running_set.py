@@ -188,3 +188,31 @@ def test_paused_rows_are_written_around_not_copied():
     assert after is not None and after[0][0].data_ptr() == cache[0][0].data_ptr()
     assert torch.equal(after[0][0][2:], paused)
     _check(running)
+
+
+def test_stepping_rows_that_outgrow_the_paused_ones_widen_the_cache_once_per_headroom():
+    """A young bulk set sits out while a later article decodes past the bulk rows' history: the
+    set's cache is widened on the left with WIDEN_COLUMNS to spare, then written in place for
+    that many steps (it was rebuilt, every paused row copied, at every step), and every row's
+    history stays exact."""
+    from service.engines.stepping.running import WIDEN_COLUMNS
+
+    random.seed(5)
+    running: RunningSet[_Rows] = RunningSet("cpu")
+    rng = random.Random(5)
+    running.join(_group(4))
+    running.join(_group(4))
+    for _ in range(2):
+        _step(running, [0, 1], set(), rng, trim=False)
+    running.join(_group(2))  # the late article: it decodes alone, the others paused
+    allocations = set()
+    for _ in range(2 * WIDEN_COLUMNS):
+        _step(running, [2], set(), rng, trim=True)
+        cache = running.self_kv()
+        assert cache is not None
+        allocations.add(cache[0][0].untyped_storage().data_ptr())
+        _check(running)
+    assert running.groups[2].length == 2 * WIDEN_COLUMNS
+    assert len(allocations) <= 3  # one widening per WIDEN_COLUMNS steps (it was one per step)
+    _step(running, [0, 1, 2], set(), rng, trim=False)  # everyone again
+    _check(running)

@@ -26,9 +26,10 @@ Copies: after a step the kept rows are gathered once per layer into a cache one 
 whose last column (the "slot") the next step writes in place, so the cache is copied once per
 step. Pausing: when some groups sit a step out, the stepping rows' new caches are written back
 into the set's cache in place (`after_step`), so the paused rows' caches are not even copied;
-only when a group left, or the stepping rows outgrew the cache, is it rebuilt once with the
-paused rows copied as they were. A paused row therefore sees exactly the same inputs whenever it
-steps as it would have unpaused.
+only when a group left is it rebuilt once with the paused rows copied as they were. When the
+stepping rows outgrow the cache, it is widened on the left with `WIDEN_COLUMNS` to spare (one copy
+for that many steps). A paused row therefore sees exactly the same inputs whenever it steps as it
+would have unpaused.
 """
 
 from __future__ import annotations
@@ -250,14 +251,17 @@ class RunningSet(Generic[G]):
                             kept: dict[int, torch.Tensor | None]) -> bool:
         """After a step that left some groups out and where no group left: write the stepping
         rows' new caches (beam reordering applied) into the set's cache in place, right-aligned,
-        so the paused rows' caches are not even copied. False (nothing written) when the
-        stepping rows need more columns than the set's cache has. Columns left of a row's
-        history may keep stale values: they are masked."""
+        so the paused rows' caches are not even copied. When the stepping rows need more
+        columns than the set's cache has (they outgrew the paused rows' history), the cache is
+        first widened on the left with `WIDEN_COLUMNS` to spare, once for that many steps,
+        instead of rebuilt at every step. False (nothing written) only without a cache.
+        Columns left of a row's history may keep stale values: no row reads them."""
         if self._self_kv is None or not stepped:
             return False
         width, total = new_kv[0][0].shape[2], self._self_kv[0][0].shape[2]
         if width > total:
-            return False
+            self._widen(width + WIDEN_COLUMNS)
+            total = self._self_kv[0][0].shape[2]
         parents, local = [], 0
         for i in stepped:
             own = kept[i]
@@ -270,6 +274,15 @@ class RunningSet(Generic[G]):
             k[rows, :, total - width:] = k_new.index_select(0, order)
             v[rows, :, total - width:] = v_new.index_select(0, order)
         return True
+
+    def _widen(self, columns: int) -> None:
+        """The set's cache, `columns` wide: zero columns added on the left (older than any row's
+        history, so never read), one layer at a time."""
+        assert self._self_kv is not None
+        self._unslot()
+        cache = self._self_kv
+        for layer, (k, v) in enumerate(cache):
+            cache[layer] = (_left_padded(k, columns), _left_padded(v, columns))
 
     def _with_paused_rows(self, new_kv: list[KV], stepped: Sequence[int]) -> list[KV]:
         """The whole set's caches after a step that left some groups out: the stepping rows'
@@ -340,6 +353,11 @@ class RunningSet(Generic[G]):
         self._slotted = False
 
 
+WIDEN_COLUMNS = 16
+"""Columns to spare when stepping rows outgrow the set's cache while others sit out: the paused
+rows' caches are copied once every this many steps, not at every step (a 16-article bulk set
+behind one interactive article: its steps 17 ms instead of 40 ms, in process)."""
+
 _RELEASED: KV = (torch.empty(0), torch.empty(0))
 """What a cache layer is replaced by once it has been copied (its tensors let go)."""
 
@@ -350,4 +368,11 @@ def _gather_slotted(x: torch.Tensor, order: torch.Tensor, start: int) -> torch.T
     width = x.shape[2] - start
     out = x.new_empty((order.shape[0], x.shape[1], width + 1, x.shape[3]))
     torch.index_select(x[:, :, start:], 0, order, out=out[:, :, :width])
+    return out
+
+
+def _left_padded(x: torch.Tensor, columns: int) -> torch.Tensor:
+    """`x` [rows, heads, T, dim] right-aligned in `columns` >= T columns, zeros on the left."""
+    out = x.new_zeros((x.shape[0], x.shape[1], columns, x.shape[3]))
+    out[:, :, columns - x.shape[2]:] = x
     return out
