@@ -169,16 +169,23 @@ def test_random_joins_leaves_pauses_and_reorders_keep_every_rows_cache(seed):
         _check(running)
 
 
+def _two_groups_stepped(seed: int, width: int, steps: int
+                        ) -> tuple[RunningSet[_Rows], random.Random]:
+    """A running set of two groups of `width` rows that have stepped `steps` times together."""
+    random.seed(seed)
+    running: RunningSet[_Rows] = RunningSet("cpu")
+    rng = random.Random(seed)
+    running.join(_group(width))
+    running.join(_group(width))
+    for _ in range(steps):
+        _step(running, [0, 1], set(), rng, trim=False)
+    return running, rng
+
+
 def test_paused_rows_are_written_around_not_copied():
     """A step that leaves a group out and where nobody leaves writes the stepping rows in place:
     the paused rows' cache is the same tensor, its values untouched."""
-    random.seed(4)
-    running: RunningSet[_Rows] = RunningSet("cpu")
-    rng = random.Random(4)
-    running.join(_group(2))
-    running.join(_group(2))
-    for _ in range(3):
-        _step(running, [0, 1], set(), rng, trim=False)
+    running, rng = _two_groups_stepped(seed=4, width=2, steps=3)
     _step(running, [1], set(), rng, trim=True)  # group 1 is now a column ahead of group 0
     cache = running.self_kv()
     assert cache is not None
@@ -197,13 +204,7 @@ def test_stepping_rows_that_outgrow_the_paused_ones_widen_the_cache_once_per_hea
     history stays exact."""
     from service.engines.stepping.running import WIDEN_COLUMNS
 
-    random.seed(5)
-    running: RunningSet[_Rows] = RunningSet("cpu")
-    rng = random.Random(5)
-    running.join(_group(4))
-    running.join(_group(4))
-    for _ in range(2):
-        _step(running, [0, 1], set(), rng, trim=False)
+    running, rng = _two_groups_stepped(seed=5, width=4, steps=2)
     running.join(_group(2))  # the late article: it decodes alone, the others paused
     allocations = set()
     for _ in range(2 * WIDEN_COLUMNS):
