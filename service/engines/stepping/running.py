@@ -97,11 +97,6 @@ class RunningSet(Generic[G]):
         self._self_kv: list[KV] | None = None  # [rows, heads, T, dim] per layer
         self._slotted = False
         """Whether `_self_kv`'s last column is a free slot for the next step's keys/values."""
-        self._cross: Cross | None = None
-        """The whole set's sources as a full step reads them; None: rebuild."""
-        self._paused_cross: tuple[tuple[G, ...], Cross] | None = None
-        """The sources of the groups that stepped while others were paused, kept while the same
-        groups step (pauses tend to last): rebuilt when they change, dropped at a full step."""
 
     # ----- sizes -----
     @property
@@ -128,7 +123,6 @@ class RunningSet(Generic[G]):
                               torch.cat((v, v.new_zeros((width, *v.shape[1:]))), 0))
                              for k, v in self._self_kv]
         self.groups.append(group)
-        self._cross = None
 
     def filter(self, keep: Callable[[G], bool]) -> None:
         """Keep the groups that pass `keep`, with their rows' caches as they were; the others
@@ -147,20 +141,17 @@ class RunningSet(Generic[G]):
             self._self_kv = [(k.index_select(0, rows)[:, :, k.shape[2] - history:],
                               v.index_select(0, rows)[:, :, v.shape[2] - history:])
                              for k, v in self._self_kv] if history else None
-        self._cross = None
-        self._paused_cross = None
         self.groups = groups
 
     def clear(self) -> None:
         self.groups, self._self_kv, self._slotted = [], None, False
-        self._cross = self._paused_cross = None
 
     # ----- one step -----
     def step_inputs(self, indices: Sequence[int], *, trim: bool = False) -> StepInputs:
         """The inputs of one forward pass over the rows of the groups `indices` (in order): all
         of them for a normal step, the groups not paused, or one article's when isolating a
         failure. `trim`: cut the caches to the columns these rows hold (the paused rows may hold
-        more) and keep their sources for the next such step."""
+        more)."""
         groups = [self.groups[i] for i in indices]
         everything = len(groups) == len(self.groups)
         if not everything:
@@ -173,18 +164,7 @@ class RunningSet(Generic[G]):
             start = end - max(g.length for g in groups) if trim else 0
             self_kv = [(k[:, :, start:end].index_select(0, rows),
                         v[:, :, start:end].index_select(0, rows)) for k, v in self_kv]
-        if everything:
-            self._paused_cross = None
-            if self._cross is None:
-                self._cross = self._cross_inputs(groups)
-            cross = self._cross
-        elif trim:
-            key = tuple(groups)
-            if self._paused_cross is None or self._paused_cross[0] != key:
-                self._paused_cross = (key, self._cross_inputs(groups))
-            cross = self._paused_cross[1]
-        else:
-            cross = self._cross_inputs(groups)
+        cross = self._cross_inputs(groups)
         history = 0 if self_kv is None else self_kv[0][0].shape[2] - slot
         lengths = torch.tensor([g.length for g in groups for _ in range(g.width)],
                                device=self.device)
@@ -278,8 +258,7 @@ class RunningSet(Generic[G]):
     def _widen(self, columns: int) -> None:
         """The set's cache, `columns` wide: zero columns added on the left (older than any row's
         history, so never read), one layer at a time."""
-        assert self._self_kv is not None
-        self._unslot()
+        assert self._self_kv is not None and not self._slotted  # a paused step unslotted it
         cache = self._self_kv
         for layer, (k, v) in enumerate(cache):
             cache[layer] = (_left_padded(k, columns), _left_padded(v, columns))
@@ -342,9 +321,6 @@ class RunningSet(Generic[G]):
                 del k, v
             self._self_kv = gathered
             self._slotted = True
-        if len(surviving) != len(self.groups):
-            self._cross = None  # sources are per source, not per row: rebuilt for who is left
-            self._paused_cross = None
         self.groups = surviving
 
     def _unslot(self) -> None:

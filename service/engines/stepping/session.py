@@ -73,13 +73,12 @@ OUTPUTS = ("summary", "headline")
 
 class _Reserve(NamedTuple):
     """What an article's groups need of the cache: `rows` of `self_len` tokens of self-attention
-    (padded to the set's longest when counted for a set), `sources` of `source_len` tokens of
-    cross-attention (at most: each source is held at its own length)."""
+    (padded to the set's longest when counted for a set) and `source_tokens` of cross-attention
+    (its sources x its longest input: each source is held at its own length)."""
 
     rows: int
     self_len: int
-    sources: int
-    source_len: int
+    source_tokens: int
 
 
 @dataclass(eq=False)
@@ -147,8 +146,7 @@ class TorchSession:
         return self.running.rows
 
     def _bytes(self, need: _Reserve) -> int:
-        return ((need.rows * need.self_len + need.sources * need.source_len)
-                * self.adapter.bytes_per_token())
+        return (need.rows * need.self_len + need.source_tokens) * self.adapter.bytes_per_token()
 
     def used_bytes(self) -> int:
         """What the running set may hold at most (its padded worst case)."""
@@ -196,7 +194,7 @@ class TorchSession:
         sources = len(set(inputs.values()))
         source = max((len(ids) for ids in inputs.values()), default=0)
         state = _Article(ticket=admit.ticket, params=params, article=article, inputs=inputs,
-                         reserve=_Reserve(rows, longest, sources, source),
+                         reserve=_Reserve(rows, longest, sources * source),
                          order=(admit.priority, next(self._arrivals)))
         need = self._bytes(state.reserve)
         if need > self.budget_bytes:
@@ -264,8 +262,7 @@ class TorchSession:
         needs = [a.reserve for a in articles.values()]
         return self._bytes(_Reserve(rows=sum(n.rows for n in needs),
                                     self_len=max((n.self_len for n in needs), default=0),
-                                    sources=1,
-                                    source_len=sum(n.sources * n.source_len for n in needs)))
+                                    source_tokens=sum(n.source_tokens for n in needs)))
 
     def _encode(self, articles: list[_Article]
                 ) -> tuple[dict[int, dict[tuple[int, ...], Source]], list[StepFailure]]:
