@@ -4,26 +4,18 @@ its own StepIn for the worker: it must carry the pause along)."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from pathlib import Path
 
-from service.config import Settings
-from service.domain import Outputs
-from service.engines.protocol import Admit, StepIn
+from service.engines.protocol import StepIn
 from service.workers.pool import WorkerPool
 
-from .worker_engines import stepping
+from .worker_engines import stepping_pool_setup
 
 
 async def test_a_pause_crosses_the_worker_pipe(tmp_path: Path) -> None:
-    (tmp_path / "config.json").write_text("{}")
-    settings = Settings(model=str(tmp_path), worker_engine="tests.worker_engines:stepping",
-                        workers=1, batching="continuous", threads=1)
-    engine = stepping(settings)  # the same engine the worker builds: to prepare articles
-    params = dataclasses.replace(engine.defaults, summary_max_tokens=4, num_beams=2,
-                                 outputs=Outputs.SUMMARY)
-    admits = tuple(Admit(t, params, engine.prepare([f"article {t}"], params)[0])
-                   for t in (1, 2))
+    settings, by_ticket = stepping_pool_setup(tmp_path, (1, 2), summary_max_tokens=4,
+                                              num_beams=2)
+    admits = tuple(by_ticket.values())
     pool = WorkerPool(settings)
     await pool.start()
     try:

@@ -106,11 +106,17 @@ def _step(running: RunningSet, stepped: list[int], leaving: set[int], rng: rando
     running.after_step(new_kv, stepped, kept)
 
 
-def test_join_adds_empty_rows_and_keeps_the_others():
-    random.seed(1)
+def _new_set(seed: int, *widths: int) -> tuple[RunningSet[_Rows], random.Random]:
+    """A running set of groups of these widths, joined and not stepped yet, and its rng."""
+    random.seed(seed)
     running: RunningSet[_Rows] = RunningSet("cpu")
-    running.join(_group(2))
-    rng = random.Random(1)
+    for width in widths:
+        running.join(_group(width))
+    return running, random.Random(seed)
+
+
+def test_join_adds_empty_rows_and_keeps_the_others():
+    running, rng = _new_set(1, 2)
     for _ in range(3):
         _step(running, [0], set(), rng, trim=False)
     before = [list(g.expected) for g in running.groups]
@@ -137,10 +143,7 @@ def test_filter_drops_a_group_and_keeps_the_others_caches():
 
 
 def test_reorder_by_beam_parents_moves_each_rows_history_with_it():
-    random.seed(3)
-    running: RunningSet[_Rows] = RunningSet("cpu")
-    running.join(_group(4))
-    rng = random.Random(3)
+    running, rng = _new_set(3, 4)
     for _ in range(5):
         _step(running, [0], set(), rng, trim=False)
         _check(running)
@@ -172,11 +175,7 @@ def test_random_joins_leaves_pauses_and_reorders_keep_every_rows_cache(seed):
 def _two_groups_stepped(seed: int, width: int, steps: int
                         ) -> tuple[RunningSet[_Rows], random.Random]:
     """A running set of two groups of `width` rows that have stepped `steps` times together."""
-    random.seed(seed)
-    running: RunningSet[_Rows] = RunningSet("cpu")
-    rng = random.Random(seed)
-    running.join(_group(width))
-    running.join(_group(width))
+    running, rng = _new_set(seed, width, width)
     for _ in range(steps):
         _step(running, [0, 1], set(), rng, trim=False)
     return running, rng

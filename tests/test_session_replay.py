@@ -5,28 +5,20 @@ its own; an article the caller removed meanwhile is not brought back."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import os
 import signal
 from pathlib import Path
 
-from service.config import Settings
-from service.domain import Outputs
-from service.engines.protocol import Admit, StepIn
+from service.engines.protocol import StepIn
 from service.workers.pool import WorkerPool
 
-from .worker_engines import stepping
+from .worker_engines import stepping_pool_setup
 
 
 async def test_a_lost_session_is_rebuilt_from_what_the_step_says_is_in_flight(
         tmp_path: Path) -> None:
-    (tmp_path / "config.json").write_text("{}")
-    settings = Settings(model=str(tmp_path), worker_engine="tests.worker_engines:stepping",
-                        workers=1, batching="continuous", threads=1)
-    engine = stepping(settings)  # the same engine the worker builds: to prepare articles
-    params = dataclasses.replace(engine.defaults, summary_max_tokens=6, num_beams=1,
-                                 outputs=Outputs.SUMMARY)
-    admits = {t: Admit(t, params, engine.prepare([f"article {t}"], params)[0]) for t in (1, 2, 3)}
+    settings, admits = stepping_pool_setup(tmp_path, (1, 2, 3), summary_max_tokens=6,
+                                           num_beams=1)
     pool = WorkerPool(settings)
     await pool.start()
     try:

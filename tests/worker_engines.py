@@ -9,16 +9,18 @@ Poison words in an article's text make a batch holding it misbehave the way a br
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import logging
 import os
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from service.config import Settings
-from service.domain import Generated, GenerationParams, PreparedArticle
+from service.domain import Generated, GenerationParams, Outputs, PreparedArticle
 
-from service.engines.protocol import StepIn, StepOut
+from service.engines.protocol import Admit, StepIn, StepOut
 
 from .fakes import FakeEngine, FakeSession, FakeSteppingEngine
 
@@ -164,3 +166,17 @@ def stepping(settings: Settings) -> FakeEngine:
     engine = _SteppingLogged(window=WINDOW)
     engine.step_delay_s = STEP_S
     return engine
+
+
+def stepping_pool_setup(model_dir: Path, tickets: Sequence[int], **options: int
+                        ) -> tuple[Settings, dict[int, Admit]]:
+    """For a test that drives a real `WorkerPool` of one `stepping` worker by hand: its settings,
+    and an `Admit` per ticket (summary only, `options` on the engine's defaults), prepared by the
+    same engine the worker builds."""
+    (model_dir / "config.json").write_text("{}")
+    settings = Settings(model=str(model_dir), worker_engine="tests.worker_engines:stepping",
+                        workers=1, batching="continuous", threads=1)
+    engine = stepping(settings)
+    params = dataclasses.replace(engine.defaults, outputs=Outputs.SUMMARY, **options)
+    return settings, {t: Admit(t, params, engine.prepare([f"article {t}"], params)[0])
+                      for t in tickets}
